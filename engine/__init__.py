@@ -1,0 +1,15 @@
+"""Email-delivery engine: HTTP ingest -> reliable Redis queue -> pooled SMTP senders, on Trio.
+
+Layers (imports point down only; enforced by import-linter in pyproject.toml):
+
+    cli -> service (composition root: the only place the whole task tree is visible)
+             -> api (HTTP ingest, status; never imports sender/transport)
+             -> sender, reaper, embedded
+                  -> queue (the only code that talks to Redis; Lua in queue/lua)
+                  -> transport (SMTP client pool, in-memory transport)
+                       -> policy (pure decisions: token bucket, backoff, classification)
+                            -> models, errors, config, keys, ids (leaves)
+    cli -> sink (asyncio/aiosmtpd in its own process, imported lazily)
+"""
+
+__version__ = "0.1.0"

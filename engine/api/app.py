@@ -1,0 +1,121 @@
+"""The ASGI application: fast-path router in front of a Quart-Trio app.
+
+The router answers the ingest, status and health routes itself; every other path goes
+to Quart (the place for the dashboard, websockets and admin routes of later issues).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from quart import Response
+from quart_trio import QuartTrio
+
+from engine.api.asgi import ASGIApp, Receive, Scope, Send, problem_body, send_json, send_problem
+from engine.api.ingest import Ingest
+from engine.config import Settings
+from engine.errors import QueueError
+from engine.queue import Queue
+
+_MESSAGES = "/v1/messages"
+_BATCH = "/v1/messages/batch"
+
+@dataclass(frozen=True, slots=True)
+class ApiBackend:
+    """What the API needs from the rest of the process."""
+
+    queue: Queue
+    senders_running: Callable[[], int]
+    # Set while shutting down: ingest answers 503 instead of accepting.
+    draining: Callable[[], bool]
+
+def _quart_app() -> QuartTrio:
+    app = QuartTrio("engine")
+
+    @app.get("/")
+    async def index() -> dict[str, Any]:
+        return {
+            "service": "engine",
+            "endpoints": ["POST /v1/messages", "POST /v1/messages/batch",
+                          "GET /v1/messages/{id}", "GET /healthz", "GET /readyz"],
+        }  # fmt: skip
+
+    @app.errorhandler(404)
+    async def not_found(_: Exception) -> Response:
+        return Response(
+            problem_body(404, "not-found", "Not Found", "no such route"),
+            status=404, content_type="application/problem+json",
+        )  # fmt: skip
+
+    @app.errorhandler(405)
+    async def not_allowed(_: Exception) -> Response:
+        return Response(
+            problem_body(405, "method-not-allowed", "Method Not Allowed"),
+            status=405, content_type="application/problem+json",
+        )  # fmt: skip
+
+    return app
+
+def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
+    ingest = Ingest(backend.queue, settings.http, settings.sender.default_from)
+    quart = _quart_app()
+
+    async def draining(send: Send) -> None:
+        await send_problem(send, 503, "draining", "Shutting down",
+                           "this instance is shutting down; retry on another",
+                           extra_headers=[(b"retry-after", b"1")])  # fmt: skip
+
+    async def readyz(send: Send) -> None:
+        redis_ok = False
+        with trio.move_on_after(1.0):
+            try:
+                redis_ok = await backend.queue.ping()
+            except QueueError:
+                redis_ok = False
+        senders = backend.senders_running()
+        ok = redis_ok and senders > 0 and not backend.draining()
+        await send_json(send, 200 if ok else 503, {
+            "ready": ok, "redis": "ok" if redis_ok else "unavailable",
+            "senders": senders, "draining": backend.draining(),
+        })  # fmt: skip
+
+    async def method_not_allowed(send: Send, allowed: bytes) -> None:
+        await send_problem(send, 405, "method-not-allowed", "Method Not Allowed",
+                           extra_headers=[(b"allow", allowed)])  # fmt: skip
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await quart(scope, receive, send)  # lifespan, websocket
+            return
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if path == _MESSAGES or path == _BATCH:
+            if method != "POST":
+                await method_not_allowed(send, b"POST")
+            elif backend.draining():
+                await draining(send)
+            elif path == _MESSAGES:
+                await ingest.post_message(scope, receive, send)
+            else:
+                await ingest.post_batch(scope, receive, send)
+            return
+        if path.startswith("/v1/messages/") and path.count("/") == 3:
+            if method != "GET":
+                await method_not_allowed(send, b"GET")
+            else:
+                await ingest.get_message(path.rsplit("/", 1)[1], send)
+            return
+        if path == "/healthz":
+            await send_json(send, 200, {"alive": True})
+            return
+        if path == "/readyz":
+            await readyz(send)
+            return
+        await quart(scope, receive, send)
+
+    return app
+
+HandlerT = Callable[[Scope, Receive, Send], Awaitable[None]]

@@ -1,0 +1,199 @@
+"""The ``engine`` command: ``serve``, ``sink`` and ``send``.
+
+The sink (asyncio/aiosmtpd) is imported only when its subcommand runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from engine import __version__
+from engine.config import Settings, load_settings
+from engine.errors import ConfigError
+
+EPILOG = """\
+Every serve flag has an environment twin (ENGINE_REDIS_URL, ENGINE_SMTP_URL, ENGINE_BIND,
+ENGINE_SENDERS, ENGINE_RATE; any setting as ENGINE_<SECTION>__<FIELD>, e.g.
+ENGINE_QUEUE__LEASE_S=15) and a TOML key (--config FILE, sections redis, http, smtp,
+sender, queue, sink). Precedence: flags > environment > file > defaults.
+"""
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve", help="run the engine (HTTP API + senders + reaper)",
+        description="Run one engine process. With no --redis-url it starts its own Redis "
+        "(data under ./var/redis); with no --smtp-url it starts a local SMTP sink.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--redis-url", help="redis://host:port/db (default: embedded Redis)")
+    p.add_argument("--smtp-url", help="smtp://[user:pass@]host:port or smtps://... "
+                   "(default: embedded sink)")  # fmt: skip
+    p.add_argument("--bind", help="HOST:PORT for the HTTP API (default 127.0.0.1:8080)")
+    p.add_argument("--senders", type=int, help="concurrent sender tasks (default 16)")
+    p.add_argument("--rate", type=float, metavar="MSGS_PER_S",
+                   help="global send rate limit, messages/second (default 0 = unlimited)")  # fmt: skip
+    p.add_argument("--config", metavar="FILE", help="TOML settings file")
+    p.add_argument("--log-level", default=os.environ.get("ENGINE_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"])  # fmt: skip
+
+
+def _send_parser(sub: Any) -> None:
+    p = sub.add_parser("send", help="enqueue one message through the HTTP API",
+                       description="POST one message to a running engine and print its id.")  # fmt: skip
+    p.add_argument("--to", action="append", required=True, help="recipient (repeatable)")
+    p.add_argument("--from", dest="sender", help="sender address")
+    p.add_argument("--cc", action="append", default=[])
+    p.add_argument("--bcc", action="append", default=[])
+    p.add_argument("--subject", default="")
+    p.add_argument("--text", help="plain-text body")
+    p.add_argument("--html", help="HTML body")
+    p.add_argument("--tag", action="append", default=[], dest="tags")
+    p.add_argument("--url", default=os.environ.get("ENGINE_URL", "http://127.0.0.1:8080"),
+                   help="engine base URL (default http://127.0.0.1:8080, env ENGINE_URL)")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="engine",
+        description="Email-delivery engine: HTTP ingest -> Redis reliable queue -> SMTP.",
+    )
+    parser.add_argument("--version", action="version", version=f"engine {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _serve_parser(sub)
+    sink = sub.add_parser("sink", help="run the SMTP sink (capture + fault injection)",
+                          description="An aiosmtpd SMTP server that counts and keeps what "
+                          "it receives; prints a one-line summary on exit.")  # fmt: skip
+    from engine.sink import add_arguments  # noqa: PLC0415 (asyncio stays out of serve)
+
+    add_arguments(sink)
+    _send_parser(sub)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, dict[str, Any]] = {}
+    pairs = [("redis", "url", args.redis_url), ("smtp", "url", args.smtp_url),
+             ("http", "bind", args.bind), ("sender", "senders", args.senders),
+             ("sender", "rate_per_s", args.rate)]  # fmt: skip
+    for section, field, value in pairs:
+        if value is not None:
+            out.setdefault(section, {})[field] = value
+    return out
+
+
+def _banner(settings: Settings, redis_url: str, smtp_url: str, embedded: list[str]) -> str:
+    host, _, port = settings.http.bind.rpartition(":")
+    base = f"http://{host}:{port}"
+    curl = (
+        f"curl -sS -X POST {base}/v1/messages -H 'Content-Type: application/json' \\\n"
+        "     -d '{\"to\":\"you@example.com\",\"subject\":\"Hello\",\"text\":\"It works.\"}'"
+    )
+    lines = [
+        f"engine {__version__} ready",
+        f"  API        {base}   (health {base}/healthz, ready {base}/readyz)",
+        f"  Redis      {redis_url}{'  (embedded)' if 'redis' in embedded else ''}",
+        f"  SMTP       {smtp_url}{'  (embedded sink)' if 'sink' in embedded else ''}",
+    ]
+    if "sink" in embedded and settings.sink.maildir:
+        lines.append(f"  Mail       {Path(settings.sink.maildir).resolve()}/new")
+    lines += ["", "Send a message:", curl, f"Then: curl -sS {base}/v1/messages/<id>", ""]
+    return "\n".join(lines)
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    settings = load_settings(config_file=args.config, overrides=_overrides(args))
+    import trio  # noqa: PLC0415
+
+    from engine.embedded import RedisServer, SinkProcess  # noqa: PLC0415
+    from engine.service import run_engine  # noqa: PLC0415
+
+    embedded: list[str] = []
+    redis_server: RedisServer | None = None
+    sink: SinkProcess | None = None
+    try:
+        redis_url = settings.redis.url
+        if redis_url is None:
+            redis_server = RedisServer(settings.redis.data_dir).start()
+            redis_url = redis_server.url
+            embedded.append("redis")
+        smtp_url = settings.smtp.url
+        if smtp_url is None:
+            sink = SinkProcess(settings.sink.bind, settings.sink.maildir).start()
+            smtp_url = sink.url
+            embedded.append("sink")
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(lambda task_status: run_engine(
+                    settings, redis_url=redis_url, smtp_url=smtp_url, task_status=task_status))  # fmt: skip
+                print(_banner(settings, redis_url, smtp_url, embedded), flush=True)
+
+        trio.run(main)
+    finally:
+        if sink is not None:
+            sink.stop()
+        if redis_server is not None:
+            redis_server.stop()
+    return 0
+
+
+def send(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"to": args.to if len(args.to) > 1 else args.to[0],
+                            "subject": args.subject}  # fmt: skip
+    for key, value in (("from", args.sender), ("text", args.text), ("html", args.html)):
+        if value is not None:
+            body[key] = value
+    if args.cc:
+        body["cc"] = args.cc
+    if args.bcc:
+        body["bcc"] = args.bcc
+    if args.tags:
+        body["tags"] = args.tags
+    if args.text is None and args.html is None:
+        body["text"] = ""
+    req = urllib.request.Request(
+        args.url.rstrip("/") + "/v1/messages", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"}, method="POST",
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            print(json.loads(resp.read())["id"])
+            return 0
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        print(f"error: the engine answered {exc.code}: {detail}", file=sys.stderr)
+        return 1
+    except urllib.error.URLError as exc:
+        print(f"error: cannot reach the engine at {args.url}: {exc.reason} "
+              "(is `engine serve` running? set --url or ENGINE_URL)", file=sys.stderr)  # fmt: skip
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+        if args.command == "send":
+            return send(args)
+        from engine.sink import run  # noqa: PLC0415
+
+        return run(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

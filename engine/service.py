@@ -1,0 +1,149 @@
+"""Composition root: builds every component and runs the task tree of one engine process.
+
+    run_engine
+    ├── queue.serve      group-commit flushers (enqueue, ack)
+    ├── serve_reaper     heartbeat + lease renewal, recovery, delayed promotion
+    ├── serve_senders    N sender tasks
+    └── serve_http       hypercorn (trio worker) running the API
+
+Shutdown (SIGTERM/SIGINT): stop intake (503), stop claiming, let in-flight sends
+finish within the grace period, hand claimed-but-unsent jobs back, exit. A second
+signal cancels at once (the reaper of any replica covers what is left).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+from dataclasses import dataclass
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from engine.api import ApiBackend, build_app
+from engine.api.asgi import ASGIApp
+from engine.config import HttpSettings, Settings
+from engine.errors import EngineError
+from engine.queue import Queue, open_redis
+from engine.reaper import Reaper
+from engine.sender import SenderPool
+from engine.transport.base import Transport
+from engine.transport.smtp import SmtpPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """Handed to ``task_status.started`` once the engine serves."""
+
+    instance: str
+    http_binds: list[str]
+    queue: Queue
+    senders: SenderPool
+
+
+def instance_id(settings: Settings) -> str:
+    if settings.instance:
+        return settings.instance
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+async def serve_http(
+    app: ASGIApp,
+    settings: HttpSettings,
+    shutdown: trio.Event,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    config = HypercornConfig()
+    config.bind = [settings.bind]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("engine.http")
+    config.keep_alive_timeout = 75
+    config.graceful_timeout = 5
+    await hypercorn_serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)  # type: ignore[arg-type]
+
+
+async def run_engine(
+    settings: Settings,
+    *,
+    redis_url: str,
+    smtp_url: str,
+    transport: Transport | None = None,
+    shutdown_grace_s: float = 10.0,
+    handle_signals: bool = True,
+    stop: trio.Event | None = None,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one engine process until SIGTERM/SIGINT (or ``stop`` is set)."""
+    instance = instance_id(settings)
+    stop = stop or trio.Event()
+    async with open_redis(
+        redis_url,
+        connect_timeout_s=settings.redis.connect_timeout_s,
+        command_timeout_s=settings.redis.command_timeout_s,
+    ) as client:
+        queue = Queue(client, settings.queue, instance)
+        transport = transport or SmtpPool(settings.smtp, smtp_url)
+        pool = SenderPool(queue, transport, settings.sender, settings.queue)
+        reaper = Reaper(queue, pool.holding, settings.queue)
+        draining = False
+        backend = ApiBackend(queue, lambda: pool.statistics().running, lambda: draining)
+        app = build_app(backend, settings)
+        http_stop = trio.Event()
+        try:
+            async with trio.open_nursery() as root:
+                if handle_signals:
+                    root.start_soon(_watch_signals, stop, root.cancel_scope)
+                await root.start(queue.serve)
+                await root.start(reaper.serve)
+                senders = trio.CancelScope()
+                senders_done = trio.Event()
+
+                async def run_senders() -> None:
+                    try:
+                        with senders:
+                            await pool.serve()
+                    finally:
+                        senders_done.set()
+
+                root.start_soon(run_senders)
+                binds = await root.start(serve_http, app, settings.http, http_stop)
+                log.info("engine.started instance=%s http=%s", instance, binds)
+                task_status.started(Running(instance, binds, queue, pool))
+
+                await stop.wait()
+                log.info("engine.stopping grace=%.1fs in_flight=%d", shutdown_grace_s,
+                         pool.statistics().in_flight)  # fmt: skip
+                draining = True
+                pool.stop_claiming()
+                with trio.move_on_after(shutdown_grace_s):
+                    await senders_done.wait()
+                senders.cancel()
+                await senders_done.wait()
+                with trio.move_on_after(2):
+                    try:
+                        await queue.leave()
+                    except EngineError as exc:
+                        log.warning("engine.leave.failed error=%s", exc)
+                http_stop.set()
+                root.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await transport.aclose()
+    log.info("engine.stopped instance=%s", instance)
+
+
+async def _watch_signals(stop: trio.Event, root: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            if stop.is_set():
+                log.warning("engine.stop.forced second signal: exiting now")
+                root.cancel()
+                return
+            stop.set()
