@@ -82,7 +82,7 @@ async def run_engine(
 ) -> None:
     """Run one engine process until SIGTERM/SIGINT (or ``stop`` is set)."""
     instance = instance_id(settings)
-    stop = stop or trio.Event()
+    stop = stop if stop is not None else trio.Event()
     async with open_redis(
         redis_url,
         connect_timeout_s=settings.redis.connect_timeout_s,

@@ -118,4 +118,3 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
 
     return app
 
-HandlerT = Callable[[Scope, Receive, Send], Awaitable[None]]

@@ -53,6 +53,7 @@ class SenderPool:
         self.limiter = RateLimiter(settings.rate_per_s, settings.burst)
         self._holding: set[str] = set()
         self._stopping = trio.Event()
+        self._claim_scopes: set[trio.CancelScope] = set()
         self._running = 0
         self._sent = self._retried = self._failed = self._released = 0
 
@@ -65,6 +66,8 @@ class SenderPool:
     def stop_claiming(self) -> None:
         """Graceful shutdown: finish the message in hand, hand the rest back, exit."""
         self._stopping.set()
+        for scope in self._claim_scopes:
+            scope.cancel()
 
     def statistics(self) -> SenderStatistics:
         return SenderStatistics(
@@ -101,23 +104,20 @@ class SenderPool:
             self._running -= 1
 
     async def _claim(self) -> list[ClaimedJob]:
-        # Block in BLMOVE only up to claim_block_s, and stop blocking as soon as we
-        # are told to stop (a cancelled BLMOVE may still move an id: renew/reap cover it).
+        # Block in BLMOVE only up to claim_block_s, and stop blocking as soon as we are
+        # told to stop (a cancelled BLMOVE may still move an id: renew/reap cover it).
         with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
-
-                async def cancel_on_stop() -> None:
-                    await self._stopping.wait()
-                    scope.cancel()
-
-                nursery.start_soon(cancel_on_stop)
-                try:
-                    jobs = await self.queue.claim(
-                        self.settings.claim_batch, block_s=self.settings.claim_block_s
-                    )
-                finally:
-                    nursery.cancel_scope.cancel()
-            return jobs
+            self._claim_scopes.add(scope)
+            try:
+                return await self.queue.claim(
+                    self.settings.claim_batch, block_s=self.settings.claim_block_s
+                )
+            except QueueUnavailable:
+                if self._stopping.is_set():
+                    return []  # coredis reports a connect cancelled by us as a failure
+                raise
+            finally:
+                self._claim_scopes.discard(scope)
         return []
 
     async def _work(self, jobs: list[ClaimedJob]) -> None:

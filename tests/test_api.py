@@ -1,0 +1,192 @@
+"""HTTP API against a real engine (in-process, real Redis, real TCP), in-memory transport."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import trio
+
+from engine.config import HttpSettings, Settings, load_settings
+from engine.embedded import free_port
+from engine.ids import is_id
+from engine.service import Running, run_engine
+from engine.transport.memory import MemoryTransport
+from fixtures.redis import RedisServer
+
+
+@dataclass
+class Engine:
+    base: str
+    running: Running
+    transport: MemoryTransport
+    stop: trio.Event
+
+
+@pytest.fixture
+async def engine(redis_server: RedisServer) -> AsyncIterator[Engine]:
+    from engine.queue import open_redis
+
+    async with open_redis(redis_server.url) as r:
+        await r.flushall()
+    bind = f"127.0.0.1:{free_port()}"
+    settings = load_settings(environ={}, overrides={"http": {"bind": bind, "max_body_bytes": 20_000}})
+    transport = MemoryTransport()
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        running = await nursery.start(lambda task_status: run_engine(
+            settings, redis_url=redis_server.url, smtp_url="smtp://unused:25", transport=transport,
+            handle_signals=False, stop=stop, task_status=task_status))
+        yield Engine(f"http://{bind}", running, transport, stop)
+        stop.set()
+
+
+@pytest.fixture
+async def client(engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=engine.base, timeout=10) as c:
+        yield c
+
+
+MSG = {"to": "ann@example.com", "subject": "Hello", "text": "Hi Ann"}
+
+
+async def _wait_state(client: httpx.AsyncClient, job_id: str, state: str) -> dict[str, object]:
+    with trio.fail_after(10):
+        while True:
+            r = await client.get(f"/v1/messages/{job_id}")
+            body: dict[str, object] = r.json()
+            if body["state"] == state:
+                return body
+            await trio.sleep(0.02)
+
+
+async def test_post_message_is_accepted_and_delivered(client: httpx.AsyncClient, engine: Engine) -> None:
+    r = await client.post("/v1/messages", json=MSG)
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert body["state"] == "queued" and is_id(body["id"])
+    assert r.headers["location"] == f"/v1/messages/{body['id']}"
+    status = await _wait_state(client, body["id"], "sent")
+    assert status["attempts"] == 1 and status["last_error"] is None
+    assert status["created_at"].endswith("Z")  # type: ignore[union-attr]
+    (mail,) = engine.transport.sent
+    assert mail.job_id == body["id"] and mail.recipients == ["ann@example.com"]
+    assert f"Message-ID: <{body['id']}@".encode() in mail.data
+
+
+async def test_batch_is_accepted_whole(client: httpx.AsyncClient, engine: Engine) -> None:
+    msgs = [{**MSG, "to": f"u{i}@example.com"} for i in range(50)]
+    r = await client.post("/v1/messages/batch", json={"messages": msgs})
+    assert r.status_code == 202, r.text
+    ids = r.json()["ids"]
+    assert len(ids) == 50 == len(set(ids))
+    for job_id in ids:
+        await _wait_state(client, job_id, "sent")
+    assert sorted(m.job_id for m in engine.transport.sent) == sorted(ids)
+
+
+async def test_batch_with_one_bad_message_is_rejected_whole(client: httpx.AsyncClient, engine: Engine) -> None:
+    msgs = [MSG, {**MSG, "to": "broken"}, MSG]
+    r = await client.post("/v1/messages/batch", json={"messages": msgs})
+    assert r.status_code == 422
+    assert r.json()["field"] == "messages[1].to"
+    counts = await engine.running.queue.counts()
+    assert counts.enqueued_total == 0
+
+
+async def test_batch_limits(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/messages/batch", json={"messages": []})
+    assert r.status_code == 422 and r.json()["field"] == "messages"
+
+
+def _problem(r: httpx.Response, status: int) -> dict[str, object]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    body: dict[str, object] = r.json()
+    assert body["status"] == status and body["title"]
+    return body
+
+
+async def test_malformed_json_is_400(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/messages", content=b'{"to": ', headers={"content-type": "application/json"})
+    _problem(r, 400)
+
+
+async def test_wrong_content_type_is_415(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/messages", content=b"to=a", headers={"content-type": "application/x-www-form-urlencoded"})
+    _problem(r, 415)
+    r = await client.post("/v1/messages", content=b"{}")
+    _problem(r, 415)
+
+
+async def test_body_over_limit_is_413(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/messages", json={**MSG, "text": "x" * 30_000})
+    body = _problem(r, 413)
+    assert "20000" in str(body["detail"])
+
+
+async def test_body_over_limit_without_content_length_is_413(client: httpx.AsyncClient) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(30):
+            yield b" " * 1000
+
+    r = await client.post("/v1/messages", content=chunks(), headers={"content-type": "application/json"})
+    _problem(r, 413)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({**MSG, "to": "nope"}, "to"),
+        ({**MSG, "to": []}, "to"),
+        ({"subject": "x", "text": "y"}, "to"),
+        ({**MSG, "subject": "a\r\nBcc: x@y.z"}, "subject"),
+        ({**MSG, "headers": {"X-A": "1\n2"}}, "headers.X-A"),
+        ({**MSG, "to": 42}, "to"),
+        ({**MSG, "unknown": 1}, "unknown"),
+    ],
+)
+async def test_invalid_input_is_422_naming_the_field(client: httpx.AsyncClient, body: dict[str, object], field: str) -> None:
+    assert _problem(await client.post("/v1/messages", json=body), 422)["field"] == field
+
+
+async def test_unknown_message_is_404(client: httpx.AsyncClient) -> None:
+    _problem(await client.get("/v1/messages/01ARZ3NDEKTSV4RRFFQ69G5FAV"), 404)
+    _problem(await client.get("/v1/messages/not-an-id"), 404)
+
+
+async def test_wrong_method_is_405(client: httpx.AsyncClient) -> None:
+    r = await client.get("/v1/messages")
+    _problem(r, 405)
+    assert r.headers["allow"] == "POST"
+
+
+async def test_unknown_route_is_problem_404(client: httpx.AsyncClient) -> None:
+    _problem(await client.get("/v2/nothing"), 404)
+
+
+async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"alive": True}
+    r = await client.get("/readyz")
+    assert r.status_code == 200 and r.json()["redis"] == "ok" and r.json()["senders"] == 16
+
+
+async def test_draining_answers_503(client: httpx.AsyncClient, engine: Engine) -> None:
+    engine.stop.set()
+    with trio.fail_after(5):
+        while True:
+            try:
+                r = await client.post("/v1/messages", json=MSG)
+            except httpx.TransportError:
+                return  # already closed: also never a 202
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "1"
+                return
+            await trio.sleep(0.01)
+
+
+def test_http_settings_default_limit() -> None:
+    assert HttpSettings().max_body_bytes >= 1_000_000
+    assert Settings().http.max_batch_messages == 1000
