@@ -29,26 +29,44 @@ sender, queue, sink). Precedence: flags > environment > file > defaults.
 
 def _serve_parser(sub: Any) -> None:
     p = sub.add_parser(
-        "serve", help="run the engine (HTTP API + senders + reaper)",
+        "serve",
+        help="run the engine (HTTP API + senders + reaper)",
         description="Run one engine process. With no --redis-url it starts its own Redis "
         "(data under ./var/redis); with no --smtp-url it starts a local SMTP sink.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--redis-url", help="redis://host:port/db (default: embedded Redis)")
-    p.add_argument("--smtp-url", help="smtp://[user:pass@]host:port or smtps://... "
-                   "(default: embedded sink)")  # fmt: skip
+    p.add_argument(
+        "--smtp-url", help="smtp://[user:pass@]host:port or smtps://... (default: embedded sink)"
+    )
     p.add_argument("--bind", help="HOST:PORT for the HTTP API (default 127.0.0.1:8080)")
     p.add_argument("--senders", type=int, help="concurrent sender tasks (default 16)")
-    p.add_argument("--rate", type=float, metavar="MSGS_PER_S",
-                   help="global send rate limit, messages/second (default 0 = unlimited)")  # fmt: skip
+    p.add_argument(
+        "--rate",
+        type=float,
+        metavar="MSGS_PER_S",
+        help="global send rate limit, messages/second (default 0 = unlimited)",
+    )
+    p.add_argument(
+        "--role",
+        choices=["all", "api", "sender"],
+        help="all (default): API + senders; api: ingest only; sender: senders only",
+    )
     p.add_argument("--config", metavar="FILE", help="TOML settings file")
-    p.add_argument("--log-level", default=os.environ.get("ENGINE_LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"])  # fmt: skip
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("ENGINE_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
 
 
 def _send_parser(sub: Any) -> None:
-    p = sub.add_parser("send", help="enqueue one message through the HTTP API",
-                       description="POST one message to a running engine and print its id.")  # fmt: skip
+    p = sub.add_parser(
+        "send",
+        help="enqueue one message through the HTTP API",
+        description="POST one message to a running engine and print its id.",
+    )
     p.add_argument("--to", action="append", required=True, help="recipient (repeatable)")
     p.add_argument("--from", dest="sender", help="sender address")
     p.add_argument("--cc", action="append", default=[])
@@ -57,8 +75,11 @@ def _send_parser(sub: Any) -> None:
     p.add_argument("--text", help="plain-text body")
     p.add_argument("--html", help="HTML body")
     p.add_argument("--tag", action="append", default=[], dest="tags")
-    p.add_argument("--url", default=os.environ.get("ENGINE_URL", "http://127.0.0.1:8080"),
-                   help="engine base URL (default http://127.0.0.1:8080, env ENGINE_URL)")  # fmt: skip
+    p.add_argument(
+        "--url",
+        default=os.environ.get("ENGINE_URL", "http://127.0.0.1:8080"),
+        help="engine base URL (default http://127.0.0.1:8080, env ENGINE_URL)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,10 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"engine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve_parser(sub)
-    sink = sub.add_parser("sink", help="run the SMTP sink (capture + fault injection)",
-                          description="An aiosmtpd SMTP server that counts and keeps what "
-                          "it receives; prints a one-line summary on exit.")  # fmt: skip
-    from engine.sink import add_arguments  # noqa: PLC0415 (asyncio stays out of serve)
+    sink = sub.add_parser(
+        "sink",
+        help="run the SMTP sink (capture + fault injection)",
+        description="An aiosmtpd SMTP server that counts and keeps what "
+        "it receives; prints a one-line summary on exit.",
+    )
+    from engine.sink import add_arguments
 
     add_arguments(sink)
     _send_parser(sub)
@@ -80,13 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, dict[str, Any]] = {}
-    pairs = [("redis", "url", args.redis_url), ("smtp", "url", args.smtp_url),
-             ("http", "bind", args.bind), ("sender", "senders", args.senders),
-             ("sender", "rate_per_s", args.rate)]  # fmt: skip
+    out: dict[str, Any] = {}
+    pairs = [
+        ("redis", "url", args.redis_url),
+        ("smtp", "url", args.smtp_url),
+        ("http", "bind", args.bind),
+        ("sender", "senders", args.senders),
+        ("sender", "rate_per_s", args.rate),
+        ("", "role", args.role),
+    ]
     for section, field, value in pairs:
-        if value is not None:
+        if value is not None and section:
             out.setdefault(section, {})[field] = value
+        elif value is not None:
+            out[field] = value
     return out
 
 
@@ -95,7 +126,7 @@ def _banner(settings: Settings, redis_url: str, smtp_url: str, embedded: list[st
     base = f"http://{host}:{port}"
     curl = (
         f"curl -sS -X POST {base}/v1/messages -H 'Content-Type: application/json' \\\n"
-        "     -d '{\"to\":\"you@example.com\",\"subject\":\"Hello\",\"text\":\"It works.\"}'"
+        '     -d \'{"to":"you@example.com","subject":"Hello","text":"It works."}\''
     )
     lines = [
         f"engine {__version__} ready",
@@ -113,11 +144,13 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    # coredis logs every NOSCRIPT retry and reconnect at INFO.
+    logging.getLogger("coredis").setLevel(max(logging.WARNING, logging.getLogger().level))
     settings = load_settings(config_file=args.config, overrides=_overrides(args))
-    import trio  # noqa: PLC0415
+    import trio
 
-    from engine.embedded import RedisServer, SinkProcess  # noqa: PLC0415
-    from engine.service import run_engine  # noqa: PLC0415
+    from engine.embedded import RedisServer, SinkProcess
+    from engine.service import run_engine
 
     embedded: list[str] = []
     redis_server: RedisServer | None = None
@@ -136,8 +169,11 @@ def serve(args: argparse.Namespace) -> int:
 
         async def main() -> None:
             async with trio.open_nursery() as nursery:
-                await nursery.start(lambda task_status: run_engine(
-                    settings, redis_url=redis_url, smtp_url=smtp_url, task_status=task_status))  # fmt: skip
+                await nursery.start(
+                    lambda task_status: run_engine(
+                        settings, redis_url=redis_url, smtp_url=smtp_url, task_status=task_status
+                    )
+                )
                 print(_banner(settings, redis_url, smtp_url, embedded), flush=True)
 
         trio.run(main)
@@ -150,8 +186,10 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def send(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"to": args.to if len(args.to) > 1 else args.to[0],
-                            "subject": args.subject}  # fmt: skip
+    body: dict[str, Any] = {
+        "to": args.to if len(args.to) > 1 else args.to[0],
+        "subject": args.subject,
+    }
     for key, value in (("from", args.sender), ("text", args.text), ("html", args.html)):
         if value is not None:
             body[key] = value
@@ -164,9 +202,11 @@ def send(args: argparse.Namespace) -> int:
     if args.text is None and args.html is None:
         body["text"] = ""
     req = urllib.request.Request(
-        args.url.rstrip("/") + "/v1/messages", data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"}, method="POST",
-    )  # fmt: skip
+        args.url.rstrip("/") + "/v1/messages",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             print(json.loads(resp.read())["id"])
@@ -176,8 +216,11 @@ def send(args: argparse.Namespace) -> int:
         print(f"error: the engine answered {exc.code}: {detail}", file=sys.stderr)
         return 1
     except urllib.error.URLError as exc:
-        print(f"error: cannot reach the engine at {args.url}: {exc.reason} "
-              "(is `engine serve` running? set --url or ENGINE_URL)", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: cannot reach the engine at {args.url}: {exc.reason} "
+            "(is `engine serve` running? set --url or ENGINE_URL)",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -189,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args)
         if args.command == "send":
             return send(args)
-        from engine.sink import run  # noqa: PLC0415
+        from engine.sink import run
 
         return run(args)
     except ConfigError as exc:

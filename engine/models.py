@@ -21,11 +21,22 @@ MAX_TAGS: Final = 20
 # Header names the engine writes itself; user headers may not replace them.
 RESERVED_HEADERS: Final = frozenset(
     {
-        "from", "to", "cc", "bcc", "reply-to", "subject", "date", "message-id",
-        "mime-version", "content-type", "content-transfer-encoding", "x-engine-job-id",
-        "sender", "return-path",
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "reply-to",
+        "subject",
+        "date",
+        "message-id",
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+        "x-engine-job-id",
+        "sender",
+        "return-path",
     }
-)  # fmt: skip
+)
 
 JobState = Literal["queued", "processing", "sent", "retrying", "failed", "scheduled", "cancelled"]
 
@@ -106,7 +117,8 @@ class Problem(msgspec.Struct, omit_defaults=True):
 # -- validation -------------------------------------------------------------------------
 
 _LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-_DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = rf"(?:{_LABEL}\.)*{_LABEL}"
 _ADDR_RE: Final = re.compile(rf"^{_LOCAL}@{_DOMAIN}$")
 _NAMED_RE: Final = re.compile(r"^\s*(?P<name>[^<>\r\n]*?)\s*<(?P<addr>[^<>\s]+)>\s*$")
 _HEADER_NAME_RE: Final = re.compile(r"^[!-9;-~]+$")
@@ -197,8 +209,9 @@ def _normalize(msg: MessageIn, default_from: str) -> Message:
         if not tag or len(tag) > 64:
             raise ValidationError(f"tags[{i}]", "tags are 1 to 64 characters")
         _no_newlines(f"tags[{i}]", tag)
-    return Message(sender, to, cc, bcc, msg.subject, msg.text, msg.html, headers, reply_to,
-                   list(msg.tags))  # fmt: skip
+    return Message(
+        sender, to, cc, bcc, msg.subject, msg.text, msg.html, headers, reply_to, list(msg.tags)
+    )
 
 
 def ms_to_iso(ms: int) -> str:

@@ -42,8 +42,8 @@ def backoff_s(
 ) -> float:
     """Delay before retry number ``attempt`` (1-based): exponential, capped, full jitter
     on the upper half so retries of a burst spread out but never come back at once."""
-    ceiling = min(max_s, base_s * (2 ** max(0, attempt - 1)))
-    r = (rng or random).random()
+    ceiling: float = min(max_s, base_s * 2.0 ** max(0, attempt - 1))
+    r: float = (rng or random).random()
     return ceiling / 2 + r * ceiling / 2
 
 

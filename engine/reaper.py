@@ -45,7 +45,9 @@ class Reaper:
         self.reap_interval_s = reap_interval_s
         self.stats = ReaperStatistics()
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+    async def serve(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
         try:
             await self.renew_once()
         except QueueError as exc:  # Redis may come up later; keep going
@@ -67,7 +69,9 @@ class Reaper:
         self.stats.requeued += r.requeued
         self.stats.instances_removed += r.instances_removed
         if r.requeued or r.instances_removed:
-            log.warning("reaper.requeued jobs=%d dead_instances=%d", r.requeued, r.instances_removed)
+            log.warning(
+                "reaper.requeued jobs=%d dead_instances=%d", r.requeued, r.instances_removed
+            )
 
     async def _renew_loop(self) -> NoReturn:
         while True:

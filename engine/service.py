@@ -89,11 +89,19 @@ async def run_engine(
         command_timeout_s=settings.redis.command_timeout_s,
     ) as client:
         queue = Queue(client, settings.queue, instance)
+        try:
+            await queue.load_scripts()
+        except EngineError as exc:  # Redis may be down now; EVALSHA reloads later
+            log.warning("engine.scripts.not_loaded error=%s", exc)
         transport = transport or SmtpPool(settings.smtp, smtp_url)
         pool = SenderPool(queue, transport, settings.sender, settings.queue)
         reaper = Reaper(queue, pool.holding, settings.queue)
         draining = False
-        backend = ApiBackend(queue, lambda: pool.statistics().running, lambda: draining)
+        with_senders = settings.role in ("all", "sender")
+        with_http = settings.role in ("all", "api")
+        backend = ApiBackend(
+            queue, lambda: pool.statistics().running, with_senders, lambda: draining
+        )
         app = build_app(backend, settings)
         http_stop = trio.Event()
         try:
@@ -112,14 +120,24 @@ async def run_engine(
                     finally:
                         senders_done.set()
 
-                root.start_soon(run_senders)
-                binds = await root.start(serve_http, app, settings.http, http_stop)
-                log.info("engine.started instance=%s http=%s", instance, binds)
+                if with_senders:
+                    root.start_soon(run_senders)
+                else:
+                    senders_done.set()
+                binds: list[str] = []
+                if with_http:
+                    binds = await root.start(serve_http, app, settings.http, http_stop)
+                log.info(
+                    "engine.started instance=%s role=%s http=%s", instance, settings.role, binds
+                )
                 task_status.started(Running(instance, binds, queue, pool))
 
                 await stop.wait()
-                log.info("engine.stopping grace=%.1fs in_flight=%d", shutdown_grace_s,
-                         pool.statistics().in_flight)  # fmt: skip
+                log.info(
+                    "engine.stopping grace=%.1fs in_flight=%d",
+                    shutdown_grace_s,
+                    pool.statistics().in_flight,
+                )
                 draining = True
                 pool.stop_claiming()
                 with trio.move_on_after(shutdown_grace_s):

@@ -32,13 +32,23 @@ async def engine(redis_server: RedisServer) -> AsyncIterator[Engine]:
     async with open_redis(redis_server.url) as r:
         await r.flushall()
     bind = f"127.0.0.1:{free_port()}"
-    settings = load_settings(environ={}, overrides={"http": {"bind": bind, "max_body_bytes": 20_000}})
+    settings = load_settings(
+        environ={}, overrides={"http": {"bind": bind, "max_body_bytes": 20_000}}
+    )
     transport = MemoryTransport()
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        running = await nursery.start(lambda task_status: run_engine(
-            settings, redis_url=redis_server.url, smtp_url="smtp://unused:25", transport=transport,
-            handle_signals=False, stop=stop, task_status=task_status))
+        running = await nursery.start(
+            lambda task_status: run_engine(
+                settings,
+                redis_url=redis_server.url,
+                smtp_url="smtp://unused:25",
+                transport=transport,
+                handle_signals=False,
+                stop=stop,
+                task_status=task_status,
+            )
+        )
         yield Engine(f"http://{bind}", running, transport, stop)
         stop.set()
 
@@ -62,7 +72,9 @@ async def _wait_state(client: httpx.AsyncClient, job_id: str, state: str) -> dic
             await trio.sleep(0.02)
 
 
-async def test_post_message_is_accepted_and_delivered(client: httpx.AsyncClient, engine: Engine) -> None:
+async def test_post_message_is_accepted_and_delivered(
+    client: httpx.AsyncClient, engine: Engine
+) -> None:
     r = await client.post("/v1/messages", json=MSG)
     assert r.status_code == 202, r.text
     body = r.json()
@@ -87,7 +99,9 @@ async def test_batch_is_accepted_whole(client: httpx.AsyncClient, engine: Engine
     assert sorted(m.job_id for m in engine.transport.sent) == sorted(ids)
 
 
-async def test_batch_with_one_bad_message_is_rejected_whole(client: httpx.AsyncClient, engine: Engine) -> None:
+async def test_batch_with_one_bad_message_is_rejected_whole(
+    client: httpx.AsyncClient, engine: Engine
+) -> None:
     msgs = [MSG, {**MSG, "to": "broken"}, MSG]
     r = await client.post("/v1/messages/batch", json={"messages": msgs})
     assert r.status_code == 422
@@ -110,12 +124,18 @@ def _problem(r: httpx.Response, status: int) -> dict[str, object]:
 
 
 async def test_malformed_json_is_400(client: httpx.AsyncClient) -> None:
-    r = await client.post("/v1/messages", content=b'{"to": ', headers={"content-type": "application/json"})
+    r = await client.post(
+        "/v1/messages", content=b'{"to": ', headers={"content-type": "application/json"}
+    )
     _problem(r, 400)
 
 
 async def test_wrong_content_type_is_415(client: httpx.AsyncClient) -> None:
-    r = await client.post("/v1/messages", content=b"to=a", headers={"content-type": "application/x-www-form-urlencoded"})
+    r = await client.post(
+        "/v1/messages",
+        content=b"to=a",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
     _problem(r, 415)
     r = await client.post("/v1/messages", content=b"{}")
     _problem(r, 415)
@@ -132,7 +152,9 @@ async def test_body_over_limit_without_content_length_is_413(client: httpx.Async
         for _ in range(30):
             yield b" " * 1000
 
-    r = await client.post("/v1/messages", content=chunks(), headers={"content-type": "application/json"})
+    r = await client.post(
+        "/v1/messages", content=chunks(), headers={"content-type": "application/json"}
+    )
     _problem(r, 413)
 
 
@@ -148,7 +170,9 @@ async def test_body_over_limit_without_content_length_is_413(client: httpx.Async
         ({**MSG, "unknown": 1}, "unknown"),
     ],
 )
-async def test_invalid_input_is_422_naming_the_field(client: httpx.AsyncClient, body: dict[str, object], field: str) -> None:
+async def test_invalid_input_is_422_naming_the_field(
+    client: httpx.AsyncClient, body: dict[str, object], field: str
+) -> None:
     assert _problem(await client.post("/v1/messages", json=body), 422)["field"] == field
 
 

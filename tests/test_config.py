@@ -21,7 +21,11 @@ def test_precedence(tmp_path: Path) -> None:
     f.write_text('[sender]\nsenders = 4\nrate_per_s = 10.0\n[http]\nbind = "127.0.0.1:9000"\n')
     s = load_settings(
         config_file=f,
-        environ={"ENGINE_SENDERS": "6", "ENGINE_QUEUE__LEASE_S": "15", "ENGINE_SMTP_URL": "smtp://h:25"},
+        environ={
+            "ENGINE_SENDERS": "6",
+            "ENGINE_QUEUE__LEASE_S": "15",
+            "ENGINE_SMTP_URL": "smtp://h:25",
+        },
         overrides={"sender": {"senders": 8}},
     )
     assert s.sender.senders == 8  # flag beats env beats file

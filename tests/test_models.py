@@ -29,7 +29,12 @@ def test_minimal_message_gets_default_sender() -> None:
 def test_string_or_list_recipients_and_named_addresses() -> None:
     m = _norm(to=["Ann <ann@example.com>", "bob@example.org"], cc="c@example.net", bcc=["d@x.io"])
     assert m.to == ["Ann <ann@example.com>", "bob@example.org"]
-    assert m.envelope_recipients() == ["ann@example.com", "bob@example.org", "c@example.net", "d@x.io"]
+    assert m.envelope_recipients() == [
+        "ann@example.com",
+        "bob@example.org",
+        "c@example.net",
+        "d@x.io",
+    ]
 
 
 def test_envelope_recipients_are_deduplicated() -> None:
@@ -65,7 +70,9 @@ def test_too_many_recipients() -> None:
 
 
 def test_batch_prefix() -> None:
-    batch = msgspec.json.decode(b'{"messages":[{"to":"a@b.co","text":"x"},{"to":"bad","text":"x"}]}', type=BatchIn)
+    batch = msgspec.json.decode(
+        b'{"messages":[{"to":"a@b.co","text":"x"},{"to":"bad","text":"x"}]}', type=BatchIn
+    )
     normalize(batch.messages[0], default_from="e@l")
     with pytest.raises(ValidationError) as info:
         normalize(batch.messages[1], default_from="e@l", field_prefix="messages[1].")

@@ -40,8 +40,10 @@ def test_backoff_grows_and_is_capped() -> None:
     assert all(30 <= d <= 60 for d in delays[6:])
 
 
-@pytest.mark.parametrize(("code", "outcome"), [(None, "retry"), (421, "retry"), (451, "retry"),
-                                               (550, "dead"), (554, "dead")])
+@pytest.mark.parametrize(
+    ("code", "outcome"),
+    [(None, "retry"), (421, "retry"), (451, "retry"), (550, "dead"), (554, "dead")],
+)
 def test_classify(code: int | None, outcome: str) -> None:
     assert classify_smtp(code) == outcome
 

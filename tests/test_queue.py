@@ -83,7 +83,9 @@ async def test_ack_marks_sent_and_cleans_up(queue: Queue, redis: Redis) -> None:
     await queue.ack(jobs[0].id)
     rec = await queue.get(ids[0])
     assert rec is not None and rec.state == "sent"
-    assert [x.decode() for x in await redis.lrange(queue.keys.processing("test-instance"), 0, -1)] == [ids[1]]
+    assert [
+        x.decode() for x in await redis.lrange(queue.keys.processing("test-instance"), 0, -1)
+    ] == [ids[1]]
     assert await redis.zscore(queue.keys.leases, ids[0]) is None
     assert await redis.ttl(queue.keys.job(ids[0])) > 0
     counts = await queue.counts()
@@ -133,7 +135,11 @@ async def test_release_returns_unsent_jobs_to_front(queue: Queue, redis: Redis) 
     ids = await _enqueue(queue, 3)
     jobs = await queue.claim(2)
     assert await queue.release([j.id for j in jobs]) == 2
-    assert [x.decode() for x in await redis.lrange(queue.keys.ready(), 0, -1)] == [ids[1], ids[0], ids[2]]
+    assert [x.decode() for x in await redis.lrange(queue.keys.ready(), 0, -1)] == [
+        ids[1],
+        ids[0],
+        ids[2],
+    ]
     rec = await queue.get(ids[0])
     assert rec is not None and rec.state == "queued" and rec.attempts == 0
     assert await redis.zcard(queue.keys.leases) == 0

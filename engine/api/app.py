@@ -23,14 +23,18 @@ from engine.queue import Queue
 _MESSAGES = "/v1/messages"
 _BATCH = "/v1/messages/batch"
 
+
 @dataclass(frozen=True, slots=True)
 class ApiBackend:
     """What the API needs from the rest of the process."""
 
     queue: Queue
     senders_running: Callable[[], int]
+    # False for an ingest-only replica (role "api"): readiness does not wait for senders.
+    expects_senders: bool
     # Set while shutting down: ingest answers 503 instead of accepting.
     draining: Callable[[], bool]
+
 
 def _quart_app() -> QuartTrio:
     app = QuartTrio("engine")
@@ -39,34 +43,47 @@ def _quart_app() -> QuartTrio:
     async def index() -> dict[str, Any]:
         return {
             "service": "engine",
-            "endpoints": ["POST /v1/messages", "POST /v1/messages/batch",
-                          "GET /v1/messages/{id}", "GET /healthz", "GET /readyz"],
-        }  # fmt: skip
+            "endpoints": [
+                "POST /v1/messages",
+                "POST /v1/messages/batch",
+                "GET /v1/messages/{id}",
+                "GET /healthz",
+                "GET /readyz",
+            ],
+        }
 
     @app.errorhandler(404)
     async def not_found(_: Exception) -> Response:
         return Response(
             problem_body(404, "not-found", "Not Found", "no such route"),
-            status=404, content_type="application/problem+json",
-        )  # fmt: skip
+            status=404,
+            content_type="application/problem+json",
+        )
 
     @app.errorhandler(405)
     async def not_allowed(_: Exception) -> Response:
         return Response(
             problem_body(405, "method-not-allowed", "Method Not Allowed"),
-            status=405, content_type="application/problem+json",
-        )  # fmt: skip
+            status=405,
+            content_type="application/problem+json",
+        )
 
     return app
 
+
 def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
     ingest = Ingest(backend.queue, settings.http, settings.sender.default_from)
-    quart = _quart_app()
+    quart: Any = _quart_app()  # ASGI; typed with its own scope TypedDicts
 
     async def draining(send: Send) -> None:
-        await send_problem(send, 503, "draining", "Shutting down",
-                           "this instance is shutting down; retry on another",
-                           extra_headers=[(b"retry-after", b"1")])  # fmt: skip
+        await send_problem(
+            send,
+            503,
+            "draining",
+            "Shutting down",
+            "this instance is shutting down; retry on another",
+            extra_headers=[(b"retry-after", b"1")],
+        )
 
     async def readyz(send: Send) -> None:
         redis_ok = False
@@ -76,15 +93,27 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
             except QueueError:
                 redis_ok = False
         senders = backend.senders_running()
-        ok = redis_ok and senders > 0 and not backend.draining()
-        await send_json(send, 200 if ok else 503, {
-            "ready": ok, "redis": "ok" if redis_ok else "unavailable",
-            "senders": senders, "draining": backend.draining(),
-        })  # fmt: skip
+        senders_ok = senders > 0 or not backend.expects_senders
+        ok = redis_ok and senders_ok and not backend.draining()
+        await send_json(
+            send,
+            200 if ok else 503,
+            {
+                "ready": ok,
+                "redis": "ok" if redis_ok else "unavailable",
+                "senders": senders,
+                "draining": backend.draining(),
+            },
+        )
 
     async def method_not_allowed(send: Send, allowed: bytes) -> None:
-        await send_problem(send, 405, "method-not-allowed", "Method Not Allowed",
-                           extra_headers=[(b"allow", allowed)])  # fmt: skip
+        await send_problem(
+            send,
+            405,
+            "method-not-allowed",
+            "Method Not Allowed",
+            extra_headers=[(b"allow", allowed)],
+        )
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -92,7 +121,7 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
             return
         path: str = scope["path"]
         method: str = scope["method"]
-        if path == _MESSAGES or path == _BATCH:
+        if path in (_MESSAGES, _BATCH):
             if method != "POST":
                 await method_not_allowed(send, b"POST")
             elif backend.draining():
@@ -117,4 +146,3 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         await quart(scope, receive, send)
 
     return app
-

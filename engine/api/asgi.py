@@ -73,7 +73,9 @@ async def send_json(
     await send_bytes(send, status, _encode(obj), b"application/json", extra_headers)
 
 
-def problem_body(status: int, slug: str, title: str, detail: str = "", field: str | None = None) -> bytes:
+def problem_body(
+    status: int, slug: str, title: str, detail: str = "", field: str | None = None
+) -> bytes:
     return _encode(Problem(PROBLEM_BASE + slug, title, status, detail, field))
 
 
@@ -87,6 +89,9 @@ async def send_problem(
     extra_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     await send_bytes(
-        send, status, problem_body(status, slug, title, detail, field),
-        b"application/problem+json", extra_headers,
-    )  # fmt: skip
+        send,
+        status,
+        problem_body(status, slug, title, detail, field),
+        b"application/problem+json",
+        extra_headers,
+    )

@@ -71,17 +71,23 @@ class Ingest:
     async def _json_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
         if not _is_json(header(scope, b"content-type")):
             await send_problem(
-                send, 415, "unsupported-media-type", "Unsupported Media Type",
+                send,
+                415,
+                "unsupported-media-type",
+                "Unsupported Media Type",
                 "send the body as JSON with Content-Type: application/json",
-            )  # fmt: skip
+            )
             return None
         try:
             return await read_body(scope, receive, self.http.max_body_bytes)
         except BodyTooLarge:
             await send_problem(
-                send, 413, "body-too-large", "Request body too large",
+                send,
+                413,
+                "body-too-large",
+                "Request body too large",
                 f"the body limit is {self.http.max_body_bytes} bytes (http.max_body_bytes)",
-            )  # fmt: skip
+            )
             return None
 
     async def post_message(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -124,15 +130,20 @@ class Ingest:
         limit = self.http.max_batch_messages
         if not batch.messages or len(batch.messages) > limit:
             await send_problem(
-                send, 422, "invalid-field", "Invalid field",
-                f"a batch holds 1 to {limit} messages", "messages",
-            )  # fmt: skip
+                send,
+                422,
+                "invalid-field",
+                "Invalid field",
+                f"a batch holds 1 to {limit} messages",
+                "messages",
+            )
             return
         jobs: list[tuple[str, bytes]] = []
         try:
             for i, incoming in enumerate(batch.messages):
-                message = normalize(incoming, default_from=self.default_from,
-                                    field_prefix=f"messages[{i}].")  # fmt: skip
+                message = normalize(
+                    incoming, default_from=self.default_from, field_prefix=f"messages[{i}]."
+                )
                 jobs.append((new_id(), _encode_msgpack(message)))
         except ValidationError as exc:
             await send_problem(send, 422, "invalid-field", "Invalid field", exc.detail, exc.field)
@@ -146,13 +157,23 @@ class Ingest:
             await self.queue.enqueue(jobs)
         except QueueUnavailable:
             await send_problem(
-                send, 503, "queue-unavailable", "Queue unavailable",
-                "the message was NOT accepted; retry shortly", extra_headers=_RETRY_AFTER,
-            )  # fmt: skip
+                send,
+                503,
+                "queue-unavailable",
+                "Queue unavailable",
+                "the message was NOT accepted; retry shortly",
+                extra_headers=_RETRY_AFTER,
+            )
             return False
         except QueueError as exc:
-            await send_problem(send, 503, "queue-error", "Queue error",
-                               f"the message was NOT accepted: {exc}", extra_headers=_RETRY_AFTER)  # fmt: skip
+            await send_problem(
+                send,
+                503,
+                "queue-error",
+                "Queue error",
+                f"the message was NOT accepted: {exc}",
+                extra_headers=_RETRY_AFTER,
+            )
             return False
         return True
 
@@ -163,14 +184,24 @@ class Ingest:
         try:
             rec = await self.queue.get(job_id)
         except QueueError as exc:
-            await send_problem(send, 503, "queue-unavailable", "Queue unavailable", str(exc),
-                               extra_headers=_RETRY_AFTER)  # fmt: skip
+            await send_problem(
+                send,
+                503,
+                "queue-unavailable",
+                "Queue unavailable",
+                str(exc),
+                extra_headers=_RETRY_AFTER,
+            )
             return
         if rec is None:
             await send_problem(send, 404, "not-found", "No such message", f"unknown id {job_id!r}")
             return
         view = JobView(
-            rec.id, rec.state, rec.attempts, ms_to_iso(rec.created_at_ms),
-            ms_to_iso(rec.updated_at_ms), rec.last_error,
-        )  # fmt: skip
+            rec.id,
+            rec.state,
+            rec.attempts,
+            ms_to_iso(rec.created_at_ms),
+            ms_to_iso(rec.updated_at_ms),
+            rec.last_error,
+        )
         await send_json(send, 200, view)

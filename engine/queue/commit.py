@@ -7,8 +7,8 @@ latency: an idle committer flushes a lone item at once.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, NoReturn, TypeVar
 
@@ -62,7 +62,9 @@ class GroupCommitter(Generic[T]):
         if waiter.error is not None:
             raise waiter.error
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+    async def serve(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
         self._running = True
         task_status.started()
         try:
@@ -81,7 +83,9 @@ class GroupCommitter(Generic[T]):
     async def _flush_some(self) -> None:
         take: list[tuple[list[T], _Waiter]] = []
         items: list[T] = []
-        while self._pending and (not items or len(items) + len(self._pending[0][0]) <= self._max_items):
+        while self._pending and (
+            not items or len(items) + len(self._pending[0][0]) <= self._max_items
+        ):
             entry = self._pending.popleft()
             take.append(entry)
             items.extend(entry[0])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import trio
 from coredis import PureToken
@@ -95,10 +95,15 @@ class Queue:
         )
         self._acker: GroupCommitter[str] = GroupCommitter(self._flush_ack, max_items=1000)
 
+    async def load_scripts(self) -> None:
+        await self._scripts.load(self.client)
+
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+    async def serve(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
         async with trio.open_nursery() as nursery:
             await nursery.start(self._enqueuer.serve)
             await nursery.start(self._acker.serve)
@@ -113,7 +118,11 @@ class Queue:
         await self._enqueuer.submit(jobs)
 
     async def _flush_enqueue(self, jobs: list[tuple[str, bytes]]) -> None:
-        args: list[str | bytes | int] = [self.keys.job_prefix, self.now_ms(), self.settings.events_maxlen]
+        args: list[str | bytes | int] = [
+            self.keys.job_prefix,
+            self.now_ms(),
+            self.settings.events_maxlen,
+        ]
         for job_id, payload in jobs:
             args.append(job_id)
             args.append(payload)
@@ -127,9 +136,9 @@ class Queue:
                 self.keys.job(job_id),
                 ["state", "attempts", "created_at", "updated_at", "last_error", "next_attempt_at"],
             )
-        if rec[0] is None:
-            return None
         state, attempts, created, updated, error, next_at = rec
+        if state is None:
+            return None
         return JobRecord(
             id=job_id,
             state=state.decode(),
@@ -162,11 +171,16 @@ class Queue:
         now = self.now_ms()
         k = self.keys
         args: list[str | int] = [
-            k.job_prefix, now, now + int(self.settings.lease_s * 1000),
-            self.settings.events_maxlen, self.instance, more, *moved,
-        ]  # fmt: skip
+            k.job_prefix,
+            now,
+            now + int(self.settings.lease_s * 1000),
+            self.settings.events_maxlen,
+            self.instance,
+            more,
+            *moved,
+        ]
         with translate_errors():
-            out = await self._scripts["claim"](
+            out: Any = await self._scripts["claim"](
                 keys=[k.ready(), self._processing, k.leases, k.events], args=args
             )
         assert isinstance(out, list)
@@ -180,8 +194,13 @@ class Queue:
 
     async def _flush_ack(self, ids: list[str]) -> None:
         k = self.keys
-        args: list[str | int] = [k.job_prefix, self.now_ms(), self.settings.events_maxlen,
-                                 self._keep_sent_s, *ids]  # fmt: skip
+        args: list[str | int] = [
+            k.job_prefix,
+            self.now_ms(),
+            self.settings.events_maxlen,
+            self._keep_sent_s,
+            *ids,
+        ]
         with translate_errors():
             await self._scripts["ack"](
                 keys=[self._processing, k.leases, k.events, k.stats], args=args
@@ -190,16 +209,20 @@ class Queue:
     async def fail(self, failures: Sequence[Failure]) -> int:
         """Schedule retries or dead-letter jobs whose attempt failed."""
         k = self.keys
-        args: list[str | int] = [k.job_prefix, self.now_ms(), self.settings.events_maxlen,
-                                 self._keep_failed_s]  # fmt: skip
+        args: list[str | int] = [
+            k.job_prefix,
+            self.now_ms(),
+            self.settings.events_maxlen,
+            self._keep_failed_s,
+        ]
         for f in failures:
             args += [f.job_id, f.outcome, f.due_ms, f.error]
         with translate_errors():
-            n = await self._scripts["fail"](
+            n: Any = await self._scripts["fail"](
                 keys=[self._processing, k.leases, k.delayed, k.dead, k.events, k.stats],
                 args=args,
             )
-        return int(n)  # type: ignore[arg-type]
+        return int(n)
 
     async def release(self, ids: Iterable[str]) -> int:
         """Hand claimed-but-unsent jobs back to the front of the ready lane."""
@@ -209,10 +232,10 @@ class Queue:
         k = self.keys
         args: list[str | int] = [k.job_prefix, self.now_ms(), self.settings.events_maxlen, *ids]
         with translate_errors():
-            n = await self._scripts["release"](
+            n: Any = await self._scripts["release"](
                 keys=[k.ready(), self._processing, k.leases, k.events], args=args
             )
-        return int(n)  # type: ignore[arg-type]
+        return int(n)
 
     # -- leases and the reaper ---------------------------------------------------------
 
@@ -221,12 +244,18 @@ class Queue:
         now = self.now_ms()
         lease_ms = int(self.settings.lease_s * 1000)
         k = self.keys
-        args: list[str | int] = [self.instance, now + lease_ms, now + lease_ms, k.job_prefix, *holding]
+        args: list[str | int] = [
+            self.instance,
+            now + lease_ms,
+            now + lease_ms,
+            k.job_prefix,
+            *holding,
+        ]
         with translate_errors():
-            n = await self._scripts["renew"](
+            n: Any = await self._scripts["renew"](
                 keys=[k.instances, k.leases, self._processing], args=args
             )
-        return int(n)  # type: ignore[arg-type]
+        return int(n)
 
     async def leave(self) -> None:
         """Forget this instance's heartbeat (after a clean shutdown released its jobs)."""
@@ -236,9 +265,15 @@ class Queue:
     async def reap(self, *, limit: int = 1000) -> ReapResult:
         """Promote due delayed jobs; requeue jobs of expired leases and dead instances."""
         k = self.keys
-        args: list[str | int] = [k.prefix, k.job_prefix, self.now_ms(), self.settings.events_maxlen, limit]
+        args: list[str | int] = [
+            k.prefix,
+            k.job_prefix,
+            self.now_ms(),
+            self.settings.events_maxlen,
+            limit,
+        ]
         with translate_errors():
-            out = await self._scripts["reap"](
+            out: Any = await self._scripts["reap"](
                 keys=[k.ready(), k.delayed, k.leases, k.instances, k.events, k.stats], args=args
             )
         assert isinstance(out, list)
@@ -262,7 +297,12 @@ class Queue:
                 stats = p.hgetall(k.stats)
         s = {key.decode(): int(v) for key, v in (await stats).items()}
         return QueueCounts(
-            ready=await ready, processing=await leases, delayed=await delayed, dead=await dead,
-            instances=await instances, enqueued_total=s.get("enqueued", 0),
-            sent_total=s.get("sent", 0), failed_total=s.get("failed", 0),
-        )  # fmt: skip
+            ready=await ready,
+            processing=await leases,
+            delayed=await delayed,
+            dead=await dead,
+            instances=await instances,
+            enqueued_total=s.get("enqueued", 0),
+            sent_total=s.get("sent", 0),
+            failed_total=s.get("failed", 0),
+        )

@@ -61,6 +61,12 @@ class Scripts:
     def __getitem__(self, name: str) -> Script[bytes]:
         return self._by_name[name]
 
+    async def load(self, client: Redis) -> None:
+        """SCRIPT LOAD every script up front, so many first calls don't all hit NOSCRIPT."""
+        with translate_errors():
+            for script in self._by_name.values():
+                await client.script_load(script.script)
+
 
 @asynccontextmanager
 async def open_redis(

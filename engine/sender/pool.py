@@ -71,9 +71,14 @@ class SenderPool:
 
     def statistics(self) -> SenderStatistics:
         return SenderStatistics(
-            self.settings.senders, self._running, len(self._holding),
-            self._sent, self._retried, self._failed, self._released,
-        )  # fmt: skip
+            self.settings.senders,
+            self._running,
+            len(self._holding),
+            self._sent,
+            self._retried,
+            self._failed,
+            self._released,
+        )
 
     # -- tasks -------------------------------------------------------------------------
 
@@ -94,7 +99,9 @@ class SenderPool:
                 except QueueUnavailable as exc:
                     failures += 1
                     delay = min(5.0, 0.1 * 2**failures)
-                    log.warning("sender.claim.failed sender=%d retry_in=%.1fs error=%s", n, delay, exc)
+                    log.warning(
+                        "sender.claim.failed sender=%d retry_in=%.1fs error=%s", n, delay, exc
+                    )
                     with trio.move_on_after(delay):
                         await self._stopping.wait()
                     continue
@@ -146,9 +153,11 @@ class SenderPool:
         try:
             message = _decode_message(job.payload)
             mail = compose(
-                job.id, message, message_id_domain=self.settings.message_id_domain,
+                job.id,
+                message,
+                message_id_domain=self.settings.message_id_domain,
                 now=time.time(),
-            )  # fmt: skip
+            )
         except (msgspec.DecodeError, ValueError) as exc:
             await self._record_failure(job, PermanentFailure(f"undecodable job: {exc}"))
             return
@@ -186,13 +195,22 @@ class SenderPool:
         )
         due_ms = self.queue.now_ms()
         if outcome == "retry":
-            due_ms += int(1000 * backoff_s(
-                job.attempt, base_s=self.queue_settings.backoff_base_s,
-                max_s=self.queue_settings.backoff_max_s,
-            ))  # fmt: skip
+            due_ms += int(
+                1000
+                * backoff_s(
+                    job.attempt,
+                    base_s=self.queue_settings.backoff_base_s,
+                    max_s=self.queue_settings.backoff_max_s,
+                )
+            )
         error = f"{code} {exc}" if code else str(exc)
-        log.info("sender.send.failed job=%s attempt=%d outcome=%s error=%s",
-                 job.id, job.attempt, outcome, error)  # fmt: skip
+        log.info(
+            "sender.send.failed job=%s attempt=%d outcome=%s error=%s",
+            job.id,
+            job.attempt,
+            outcome,
+            error,
+        )
         with trio.CancelScope(shield=True), trio.move_on_after(10):
             try:
                 await self.queue.fail([Failure(job.id, outcome, due_ms, error[:500])])

@@ -1,0 +1,154 @@
+"""``SinkSMTP``: aiosmtpd's SMTP protocol with the sink's hot-path shortcuts.
+
+1. Plain ``<local@domain>`` addresses skip the ``email`` header parser (``fast_addr``).
+2. DATA is read in blocks up to the lone dot, not line by line; ``unstuff`` (pure)
+   checks line lengths and removes transparency dots exactly as aiosmtpd does.
+3. Replies to pipelined commands are written together: while another complete command
+   is already buffered, a reply is held and goes out with the next one (one send per
+   group instead of one per command; order is unchanged).
+Imports asyncio (directly and through aiosmtpd); only ``server`` uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any, Final
+
+from aiosmtpd.smtp import MISSING, SMTP
+
+# Longest DATA line in bytes, CRLF included (aiosmtpd's limit; RFC 5321 4.5.3.1.6).
+DATA_LINE_LIMIT: Final = 1001
+# Dot-atom local part and a plain (ASCII) domain; anything else takes aiosmtpd's path.
+_ATEXT: Final = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_ANGLE_ADDR: Final = re.compile(
+    rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>\s*(.*)", re.DOTALL
+)
+# Replies after which aiosmtpd may close the connection in the same step: never held.
+_FINAL_CODES: Final = (b"221", b"421")
+
+
+def fast_addr(arg: str) -> tuple[str, str] | None:
+    """``(address, rest)`` for a plain ``<local@domain> params``, else None (use aiosmtpd)."""
+    match = _PLAIN_ANGLE_ADDR.fullmatch(arg)
+    return None if match is None else (match.group(1), match.group(2))
+
+
+def unstuff(lines: bytes, *, line_limit: int = DATA_LINE_LIMIT) -> bytes | str:
+    """Message content from DATA lines as received (each ends in CRLF; no final dot line).
+
+    Removes the transparency dot of each line (RFC 5321 4.5.2); returns an error reply
+    instead when a line is longer than ``line_limit`` bytes.
+    """
+    if len(lines) > line_limit - 2 and max(map(len, lines.split(b"\r\n"))) > line_limit - 2:
+        return "500 Line too long (see RFC5321 4.5.3.1.6)"
+    if lines.startswith(b"."):
+        lines = lines[1:]
+    if b"\r\n." in lines:
+        lines = lines.replace(b"\r\n.", b"\r\n")
+    return lines
+
+
+async def read_data_lines(reader: asyncio.StreamReader, size_limit: int | None) -> bytes | None:
+    """Consume DATA up to and including the lone dot line; return the lines before it.
+
+    None when they exceed ``size_limit`` bytes (the excess is read and dropped). Reads in
+    blocks of up to the reader's limit instead of line by line.
+    """
+    data = bytearray()
+    dropped = 0
+    while True:
+        try:
+            # Every lone dot ends in ".\r\n"; whether it starts a line is checked below.
+            data += await reader.readuntil(b".\r\n")
+        except asyncio.LimitOverrunError as exc:
+            # No ".\r\n" can start within the first exc.consumed bytes.
+            data += await reader.read(exc.consumed)
+        else:
+            end = len(data) - 3
+            if (end == 0 and dropped == 0) or (end >= 2 and data[end - 2 : end] == b"\r\n"):
+                break
+        if size_limit and dropped + len(data) > size_limit + 3:
+            # Over the limit: keep only what the line-start check needs.
+            dropped += len(data) - 2
+            del data[:-2]
+    if size_limit and dropped + end > size_limit:
+        return None
+    return bytes(data[:end])
+
+
+class SinkSMTP(SMTP):
+    """aiosmtpd's SMTP with a fast address parse, block DATA reads and coalesced replies."""
+
+    # The stream reader's limit: DATA is read in blocks of up to this many bytes.
+    # Command lines stay limited by aiosmtpd's command_size_limits, DATA lines by unstuff.
+    line_length_limit = 64 * 1024
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._held: list[bytes] = []
+        self._flush_scheduled = False
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        parsed = fast_addr(arg)
+        if parsed is None or (
+            self.local_part_limit and len(parsed[0].rpartition("@")[0]) > self.local_part_limit
+        ):
+            return super()._getaddr(arg)
+        return parsed
+
+    async def push(self, status: str | bytes) -> None:
+        response = (
+            status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+            if isinstance(status, str)
+            else status
+        )
+        self._held.append(response + b"\r\n")
+        # StreamReader keeps unread bytes in _buffer (aiosmtpd reads it the same way).
+        buffered: bytearray = self._reader._buffer  # type: ignore[attr-defined]
+        if b"\n" in buffered and not response.startswith(_FINAL_CODES):
+            # The next pipelined command is already here; its reply carries this one.
+            # The callback makes sure a reply is never held while this task waits.
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self.loop.call_soon(self.flush_replies)
+            return
+        self.flush_replies()
+        await self._writer.drain()
+
+    def flush_replies(self) -> None:
+        """Send every held reply now (a hook that is about to wait should call this)."""
+        self._flush_scheduled = False
+        if self._held:
+            data = b"".join(self._held)
+            self._held.clear()
+            if not self._writer.transport.is_closing():
+                self._writer.write(data)
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        # The checks and replies of aiosmtpd's smtp_DATA; only the reading differs.
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            lines = await read_data_lines(self._reader, self.data_size_limit)
+        except asyncio.CancelledError:
+            self._writer.close()  # the connection went away during DATA
+            raise
+        content = unstuff(lines) if lines is not None else "552 Error: Too much mail data"
+        if isinstance(content, str):
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(content)
+            return
+        self.envelope.content = content
+        self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)

@@ -1,0 +1,185 @@
+"""The sink process: an aiosmtpd server on a uvloop event loop, stopped by SIGINT/SIGTERM.
+
+With ``protocol``, the only code in the engine that imports asyncio, aiosmtpd and uvloop.
+Decisions come from ``faults`` and ``headers`` (pure); this module acts on them and records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import uvloop
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from engine.sink.cli import SinkOptions
+from engine.sink.faults import decide_rcpt
+from engine.sink.headers import scan_ids
+from engine.sink.protocol import SinkSMTP
+from engine.sink.record import Counters, Maildir, MessageLog, Received, write_atomic
+
+logger = logging.getLogger(__name__)
+
+# Generous: the sink must never be the reason a large test message fails.
+DATA_SIZE_LIMIT = 64 * 1024 * 1024
+LOG_FLUSH_S = 0.2
+STATS_WRITE_S = 0.25
+IDENT = "engine-sink"
+
+
+class SinkHandler:
+    """aiosmtpd handler: advertises PIPELINING, applies ``decide_rcpt``, records DATA."""
+
+    def __init__(self, counters: Counters, log: MessageLog | None, maildir: Maildir | None) -> None:
+        self.counters = counters
+        self.log = log
+        self.maildir = maildir
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        # With the 5-argument hook aiosmtpd leaves recording the client's name to us.
+        session.host_name = hostname
+        # aiosmtpd's last line is "250 HELP"; PIPELINING goes just before it.
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        reply = decide_rcpt(address)
+        if reply is not None:
+            return str(reply)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content
+        assert content is not None  # aiosmtpd sets it before calling this hook
+        ids = scan_ids(content)
+        self.counters.record(ids.message_id, len(content))
+        if self.maildir is not None:
+            self.maildir.deliver(content)
+        if self.log is not None:
+            self.log.append(
+                Received(
+                    at=time.time(),
+                    message_id=_text(ids.message_id),
+                    job_id=_text(ids.job_id),
+                    mail_from=envelope.mail_from,
+                    rcpt_tos=list(envelope.rcpt_tos),
+                    size=len(content),
+                )
+            )
+        return "250 OK"
+
+    async def handle_exception(self, error: Exception) -> str:
+        # A local failure (disk full, bad maildir) is temporary from the client's view.
+        logger.error("sink.handler.failed: %r", error, exc_info=error)
+        return f"451 4.3.0 sink error: {type(error).__name__}"
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("utf-8", "replace")
+
+
+def _hostport(sockname: Any) -> str:
+    host, port = sockname[0], sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _every(period_s: float, action: Callable[[], None]) -> None:
+    while True:
+        await asyncio.sleep(period_s)
+        action()
+
+
+async def serve_sink(options: SinkOptions, counters: Counters) -> None:
+    """Listen, announce readiness, record messages until SIGINT/SIGTERM, then flush."""
+    loop = asyncio.get_running_loop()
+    log = MessageLog(options.log) if options.log is not None else None
+    maildir = Maildir(options.maildir) if options.maildir is not None else None
+    handler = SinkHandler(counters, log, maildir)
+    # Explicit: aiosmtpd would otherwise call socket.getfqdn() (DNS) per connection.
+    hostname = socket.gethostname()
+
+    def write_stats() -> None:
+        if options.stats is not None:
+            write_atomic(options.stats, msgspec.json.encode(counters.statistics()))
+
+    def new_connection() -> SinkSMTP:
+        counters.connections += 1
+        return SinkSMTP(
+            handler,
+            hostname=hostname,
+            ident=IDENT,
+            decode_data=False,
+            enable_SMTPUTF8=True,
+            data_size_limit=DATA_SIZE_LIMIT,
+            loop=loop,
+        )
+
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    server: asyncio.AbstractServer | None = None
+    try:
+        server = await loop.create_server(
+            new_connection, options.host, options.port, reuse_address=True, backlog=1024
+        )
+        bound = _hostport(server.sockets[0].getsockname())
+        write_stats()
+        if options.ready_file is not None:
+            write_atomic(options.ready_file, bound.encode())
+        if not options.quiet:
+            print(f"sink listening on {bound}", flush=True)
+        async with asyncio.TaskGroup() as tasks:
+            periodic = [tasks.create_task(_every(STATS_WRITE_S, write_stats))]
+            if log is not None:
+                periodic.append(tasks.create_task(_every(LOG_FLUSH_S, log.flush)))
+            await stop.wait()
+            for task in periodic:
+                task.cancel()
+    finally:
+        # Open connections are cancelled when the loop shuts down; nothing acked is lost:
+        # handle_DATA records a message before its 250 is sent.
+        if server is not None:
+            server.close()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        if log is not None:
+            log.close()
+        write_stats()
+
+
+def run_sink(options: SinkOptions) -> int:
+    """Run the sink on uvloop; print the summary line; return 0 after SIGINT/SIGTERM."""
+    # aiosmtpd logs every command at INFO; keep its cost to a level check.
+    logging.getLogger("mail.log").setLevel(logging.ERROR if options.quiet else logging.WARNING)
+    counters = Counters()
+    try:
+        uvloop.run(serve_sink(options, counters))
+    except OSError as exc:
+        print(f"sink: {exc}", file=sys.stderr)
+        return 1
+    if not options.quiet:
+        print(counters.summary_line(), flush=True)
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,393 @@
+"""Benchmark the engine against ceilings measured in the same run.
+
+Phases (each prints progress; a table comes at the end):
+  1. HTTP ceiling: bare ASGI hello on hypercorn-trio, single POSTs by wrk.
+  2. Ingest: the engine (role api) under the same wrk load: req/s, p50, p99.
+  3. Batch ingest: POST /v1/messages/batch with BATCH messages each: accepted msgs/s.
+  4. Sink ceiling: the sink fed directly by one pipelined SMTP client.
+  5. End to end: N messages posted in batches to one engine (role all); delivered
+     msgs/s = N / (last message received by the sink - first POST).
+Everything runs on 127.0.0.1: Redis (AOF everysec, as the embedded default), engine,
+sink and load generator share this machine's cores, so compare ratios, not absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+
+from engine.embedded import RedisServer, free_port  # noqa: E402
+from fixtures.sink import SinkProcess  # noqa: E402
+
+MESSAGE = {
+    "to": "bench@example.com",
+    "subject": "Benchmark",
+    "text": "Hello from the benchmark. " * 10,
+}
+
+
+def say(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+@dataclass
+class WrkResult:
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+    requests: int
+
+
+_UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    assert m, text
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def run_wrk(url: str, body: bytes, seconds: float, connections: int, tmp: Path) -> WrkResult:
+    body_file = tmp / f"body-{len(body)}.json"
+    body_file.write_bytes(body)
+    script = tmp / f"post-{len(body)}.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'local f = io.open("{body_file}", "rb"); wrk.body = f:read("*a"); f:close()\n'
+    )
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    non = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return WrkResult(rps, p50, p99, int(non.group(1)) if non else 0, total)
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"process exited early with {proc.returncode}: {proc.args}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 300:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"{url} not ready after {timeout}s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def start_engine(
+    redis_url: str, smtp_url: str, role: str, senders: int, log: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "serve",
+            "--redis-url",
+            redis_url,
+            "--smtp-url",
+            smtp_url,
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--role",
+            role,
+            "--senders",
+            str(senders),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "ab"),  # noqa: SIM115 (the child keeps it)
+        cwd=ROOT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    return proc, base
+
+
+def flush(redis: RedisServer) -> None:
+    import trio
+
+    from engine.queue import open_redis
+
+    async def go() -> None:
+        async with open_redis(redis.url) as r:
+            await r.flushall()
+
+    trio.run(go)
+
+
+def phase_ceiling(args: argparse.Namespace, tmp: Path) -> WrkResult:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fixtures.hello_app", "--bind", f"127.0.0.1:{port}"], cwd=ROOT
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/", proc)
+        say(
+            f"1/5 HTTP ceiling: bare hypercorn-trio hello, wrk -c{args.connections} for {args.seconds}s"
+        )
+        res = run_wrk(
+            f"http://127.0.0.1:{port}/v1/messages",
+            json.dumps(MESSAGE).encode(),
+            args.seconds,
+            args.connections,
+            tmp,
+        )
+    finally:
+        stop(proc)
+    say(f"    {res.requests_per_s:,.0f} req/s  p50 {res.p50_ms:.1f} ms  p99 {res.p99_ms:.1f} ms")
+    return res
+
+
+def phase_ingest(args: argparse.Namespace, redis: RedisServer, tmp: Path) -> WrkResult:
+    flush(redis)
+    proc, base = start_engine(
+        redis.url, "smtp://127.0.0.1:9", "api", args.senders, tmp / "engine-ingest.log"
+    )
+    try:
+        wait_http(base + "/readyz", proc)
+        say(
+            f"2/5 single-message ingest: engine (role api), wrk -c{args.connections} for {args.seconds}s"
+        )
+        res = run_wrk(
+            base + "/v1/messages", json.dumps(MESSAGE).encode(), args.seconds, args.connections, tmp
+        )
+        stored = httpx.get(base + "/readyz").status_code  # still healthy after the run
+    finally:
+        stop(proc)
+    say(
+        f"    {res.requests_per_s:,.0f} req/s  p50 {res.p50_ms:.1f} ms  p99 {res.p99_ms:.1f} ms  non-2xx {res.non_2xx}  readyz {stored}"
+    )
+    return res
+
+
+def phase_batch(args: argparse.Namespace, redis: RedisServer, tmp: Path) -> tuple[WrkResult, float]:
+    flush(redis)
+    proc, base = start_engine(
+        redis.url, "smtp://127.0.0.1:9", "api", args.senders, tmp / "engine-batch.log"
+    )
+    body = json.dumps({"messages": [MESSAGE] * args.batch}).encode()
+    try:
+        wait_http(base + "/readyz", proc)
+        say(
+            f"3/5 batch ingest: {args.batch} messages per POST ({len(body) // 1024} KiB), wrk -c4 for {args.seconds}s"
+        )
+        res = run_wrk(base + "/v1/messages/batch", body, args.seconds, 4, tmp)
+    finally:
+        stop(proc)
+    rate = res.requests_per_s * args.batch
+    say(
+        f"    {rate:,.0f} messages/s ({res.requests_per_s:,.1f} batches/s)  p99 {res.p99_ms:.0f} ms  non-2xx {res.non_2xx}"
+    )
+    return res, rate
+
+
+def phase_sink_ceiling(args: argparse.Namespace) -> float:
+    say(f"4/5 sink ceiling: one pipelined SMTP client straight into the sink for {args.seconds}s")
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "sink_ceiling.py"),
+            "--seconds",
+            str(args.seconds),
+            "--no-log",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    rate = float(json.loads(out.strip().splitlines()[-1])["sink_direct_msgs_per_s"])
+    say(f"    {rate:,.0f} messages/s")
+    return rate
+
+
+def phase_e2e(
+    args: argparse.Namespace, redis: RedisServer, tmp: Path
+) -> tuple[float, dict[str, Any]]:
+    flush(redis)
+    n = args.messages
+    with SinkProcess(workdir=tmp / "sink-e2e", log=False) as sink:
+        proc, base = start_engine(redis.url, sink.url, "all", args.senders, tmp / "engine-e2e.log")
+        try:
+            wait_http(base + "/readyz", proc)
+            say(
+                f"5/5 end to end: {n:,} messages posted in batches of {args.batch}, delivered to the sink "
+                f"by {args.senders} senders"
+            )
+            body = json.dumps({"messages": [MESSAGE] * args.batch}).encode()
+            t0 = time.monotonic()
+            posted = 0
+            with httpx.Client(
+                base_url=base, timeout=30, headers={"content-type": "application/json"}
+            ) as c:
+                while posted < n:
+                    r = c.post("/v1/messages/batch", content=body)
+                    r.raise_for_status()
+                    posted += args.batch
+            t_posted = time.monotonic() - t0
+            last = 0
+            deadline = time.monotonic() + max(120.0, n / 50)
+            while True:
+                stats = sink.stats()
+                got = int(stats.get("received", 0))
+                if got >= posted:
+                    break
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"end-to-end stalled at {got}/{posted}")
+                if time.monotonic() - last >= 1:
+                    say(f"    delivered {got:,}/{posted:,}")
+                    last = time.monotonic()
+                time.sleep(0.05)
+            elapsed = time.monotonic() - t0
+        finally:
+            stop(proc)
+        final = sink.wait_stats(timeout=5)
+    rate = posted / elapsed
+    say(
+        f"    {rate:,.0f} messages/s end to end ({posted:,} in {elapsed:.1f}s; all posted after {t_posted:.1f}s)"
+        f"  duplicates {final.get('duplicates')}"
+    )
+    return rate, {"posted": posted, "elapsed_s": elapsed, "duplicates": final.get("duplicates")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=10, help="duration of each wrk/sink phase (default 10)"
+    )
+    parser.add_argument(
+        "--connections", type=int, default=32, help="wrk connections for single POSTs (default 32)"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=1000, help="messages per batch POST (default 1000)"
+    )
+    parser.add_argument(
+        "--messages",
+        type=int,
+        default=30_000,
+        help="messages in the end-to-end phase (default 30000)",
+    )
+    parser.add_argument("--senders", type=int, default=16, help="engine sender tasks (default 16)")
+    parser.add_argument(
+        "--out", default=str(ROOT / "bench-results"), help="directory for the JSON result"
+    )
+    args = parser.parse_args()
+
+    say(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}")
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-") as tmpdir,
+        RedisServer(Path(tmpdir) / "redis") as redis,
+    ):
+        tmp = Path(tmpdir)
+        hello = phase_ceiling(args, tmp)
+        ingest = phase_ingest(args, redis, tmp)
+        batch, batch_rate = phase_batch(args, redis, tmp)
+        sink_rate = phase_sink_ceiling(args)
+        e2e_rate, e2e = phase_e2e(args, redis, tmp)
+
+    rows = [
+        (
+            "HTTP ceiling: bare hypercorn-trio hello (req/s)",
+            f"{hello.requests_per_s:,.0f}",
+            f"p50 {hello.p50_ms:.1f} / p99 {hello.p99_ms:.1f} ms",
+            "",
+            "",
+        ),
+        (
+            "Single-message ingest (req/s)",
+            f"{ingest.requests_per_s:,.0f}",
+            f"p50 {ingest.p50_ms:.1f} / p99 {ingest.p99_ms:.1f} ms",
+            f"{ingest.requests_per_s / hello.requests_per_s:.2f} × HTTP ceiling",
+            "≥ 0.85",
+        ),
+        (
+            f"Batch ingest, {args.batch}/POST (msgs/s)",
+            f"{batch_rate:,.0f}",
+            f"p50 {batch.p50_ms:.0f} / p99 {batch.p99_ms:.0f} ms",
+            "",
+            "≥ 50,000",
+        ),
+        ("Sink ceiling: one pipelined client (msgs/s)", f"{sink_rate:,.0f}", "", "", ""),
+        (
+            f"End to end, {e2e['posted']:,} msgs (msgs/s)",
+            f"{e2e_rate:,.0f}",
+            f"dupes {e2e['duplicates']}",
+            f"{e2e_rate / sink_rate:.2f} × sink ceiling",
+            "≥ 0.70",
+        ),
+    ]
+    table = [
+        "| measurement | result | latency / notes | ratio | target |",
+        "|---|---:|---|---|---|",
+    ]
+    table += [f"| {' | '.join(r)} |" for r in rows]
+    print("\n" + "\n".join(table) + "\n", flush=True)
+    if ingest.non_2xx or batch.non_2xx:
+        say(f"WARNING: non-2xx answers: ingest {ingest.non_2xx}, batch {batch.non_2xx}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "cores": os.cpu_count(),
+        "args": vars(args),
+        "hello": vars(hello),
+        "ingest": vars(ingest),
+        "batch": {**vars(batch), "msgs_per_s": batch_rate},
+        "sink_ceiling_msgs_per_s": sink_rate,
+        "e2e": {**e2e, "msgs_per_s": e2e_rate},
+        "table": table,
+    }
+    (out / "latest.json").write_text(json.dumps(result, indent=2))
+    say(f"wrote {out / 'latest.json'}")
+
+
+if __name__ == "__main__":
+    main()
