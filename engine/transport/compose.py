@@ -6,6 +6,7 @@ Pure and hand-built for speed (no ``EmailMessage`` on the hot path). Imports onl
 from __future__ import annotations
 
 import binascii
+import functools
 import re
 from email.header import Header
 from email.utils import formataddr, formatdate
@@ -23,6 +24,12 @@ _NEWLINES_RE: Final = re.compile(r"\r\n|\r|\n")
 _CRLF: Final = "\r\n"
 
 
+@functools.lru_cache(maxsize=4)
+def _date_header(second: int) -> str:
+    # One formatted Date per second, not per message (formatdate showed in profiles).
+    return formatdate(second, usegmt=True)
+
+
 def compose(job_id: str, msg: Message, *, message_id_domain: str, now: float) -> OutgoingMail:
     """Build the wire form of ``msg``; the Message-ID depends only on the job id."""
     lines = [
@@ -35,7 +42,7 @@ def compose(job_id: str, msg: Message, *, message_id_domain: str, now: float) ->
         lines.append(_address_header("Reply-To", msg.reply_to))
     lines += [
         _unstructured_header("Subject", msg.subject),
-        f"Date: {formatdate(now, usegmt=True)}",
+        f"Date: {_date_header(int(now))}",
         f"Message-ID: <{job_id}@{message_id_domain}>",
         f"X-Engine-Job-Id: {job_id}",
         "MIME-Version: 1.0",
