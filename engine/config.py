@@ -93,7 +93,8 @@ class QueueSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     backoff_base_s: float = 2.0
     # Longest retry delay in seconds.
     backoff_max_s: float = 600.0
-    # Approximate length the event stream is trimmed to.
+    # Approximate number of entries the event stream is trimmed to (an enqueue's
+    # "queued" entry lists up to 100 jobs; other transitions are one entry per job).
     events_maxlen: int = 100_000
     # Most jobs written by one group-committed enqueue round-trip.
     enqueue_batch_max: int = 2000

@@ -1,6 +1,8 @@
-"""Job ids: 26-character, time-ordered, URL- and header-safe (ULID layout, Crockford base32).
+"""Job ids: 32 lowercase hex digits, time-ordered, URL- and header-safe.
 
-Imports nothing from the engine.
+48 bits of milliseconds then 80 random bits, so ids sort by creation time as plain
+strings. Hex because ``bytes.hex`` is C code: a base32 encoder in Python cost 3 µs an
+id, a tenth of the whole batch-ingest budget (profiled). Imports nothing from the engine.
 """
 
 from __future__ import annotations
@@ -9,19 +11,20 @@ import os
 import re
 import time
 
-_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_ID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
+_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def new_ids(n: int, now_ms: int | None = None) -> list[str]:
+    """``n`` new ids sharing one timestamp (one urandom call for all of them)."""
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    stamp = ms.to_bytes(6, "big")
+    rand = os.urandom(10 * n)
+    return [(stamp + rand[i : i + 10]).hex() for i in range(0, 10 * n, 10)]
 
 
 def new_id(now_ms: int | None = None) -> str:
-    """Return a new id: 48 bits of milliseconds then 80 random bits."""
-    ms = int(time.time() * 1000) if now_ms is None else now_ms
-    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
-    out = []
-    for _ in range(26):
-        out.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(out))
+    """One new id."""
+    return new_ids(1, now_ms)[0]
 
 
 def is_id(text: str) -> bool:

@@ -41,7 +41,9 @@ RESERVED_HEADERS: Final = frozenset(
 JobState = Literal["queued", "processing", "sent", "retrying", "failed", "scheduled", "cancelled"]
 
 
-class MessageIn(msgspec.Struct, forbid_unknown_fields=True):
+# gc=False: these never form reference cycles, and skipping GC tracking matters when
+# a batch decodes a thousand of them at once (profiled).
+class MessageIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """Body of POST /v1/messages (one item of a batch)."""
 
     to: str | list[str]
@@ -56,13 +58,13 @@ class MessageIn(msgspec.Struct, forbid_unknown_fields=True):
     tags: list[str] = []
 
 
-class BatchIn(msgspec.Struct, forbid_unknown_fields=True):
+class BatchIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """Body of POST /v1/messages/batch."""
 
     messages: list[MessageIn]
 
 
-class Message(msgspec.Struct, array_like=True):
+class Message(msgspec.Struct, array_like=True, gc=False):
     """A validated message as stored in the job record (msgpack, array-like = compact)."""
 
     sender: str

@@ -177,7 +177,7 @@ async def test_invalid_input_is_422_naming_the_field(
 
 
 async def test_unknown_message_is_404(client: httpx.AsyncClient) -> None:
-    _problem(await client.get("/v1/messages/01ARZ3NDEKTSV4RRFFQ69G5FAV"), 404)
+    _problem(await client.get("/v1/messages/0190f5a3c2e1000000000000000000ff"), 404)
     _problem(await client.get("/v1/messages/not-an-id"), 404)
 
 

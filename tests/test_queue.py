@@ -24,7 +24,9 @@ async def test_enqueue_stores_jobs_and_fills_ready(queue: Queue, redis: Redis) -
     assert rec is not None and rec.state == "queued" and rec.attempts == 0
     counts = await queue.counts()
     assert counts.ready == 3 and counts.enqueued_total == 3
-    assert await redis.xlen(queue.keys.events) == 3
+    # One "queued" entry lists all three ids.
+    (entry,) = await redis.xrange(queue.keys.events)
+    assert entry.field_values[b"ids"].decode().split(",") == ids
 
 
 async def test_enqueue_is_idempotent_per_id(queue: Queue, redis: Redis) -> None:

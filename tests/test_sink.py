@@ -365,4 +365,4 @@ def test_start_failure_reports_stderr(tmp_path: Path) -> None:
 
 
 def test_sink_command_is_the_engine_cli(sink: SinkProcess) -> None:
-    assert SINK_COMMAND == (sys.executable, "-m", "engine", "sink")
+    assert (sys.executable, "-m", "engine", "sink") == SINK_COMMAND

@@ -24,7 +24,7 @@ from engine.api.asgi import (
 )
 from engine.config import HttpSettings
 from engine.errors import QueueError, QueueUnavailable, ValidationError
-from engine.ids import is_id, new_id
+from engine.ids import is_id, new_id, new_ids
 from engine.models import Accepted, BatchAccepted, BatchIn, JobView, MessageIn, ms_to_iso, normalize
 from engine.queue import Queue
 
@@ -138,15 +138,16 @@ class Ingest:
                 "messages",
             )
             return
+        ids = new_ids(len(batch.messages))
         jobs: list[tuple[str, bytes]] = []
+        i = 0
         try:
             for i, incoming in enumerate(batch.messages):
-                message = normalize(
-                    incoming, default_from=self.default_from, field_prefix=f"messages[{i}]."
-                )
-                jobs.append((new_id(), _encode_msgpack(message)))
+                message = normalize(incoming, default_from=self.default_from)
+                jobs.append((ids[i], _encode_msgpack(message)))
         except ValidationError as exc:
-            await send_problem(send, 422, "invalid-field", "Invalid field", exc.detail, exc.field)
+            field = f"messages[{i}].{exc.field}"
+            await send_problem(send, 422, "invalid-field", "Invalid field", exc.detail, field)
             return
         if not await self._enqueue(send, jobs):
             return
