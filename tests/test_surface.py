@@ -1,0 +1,69 @@
+"""Pin the public surface: CLI verbs and flags, key names, Lua scripts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.cli import build_parser
+from engine.keys import Keys
+from engine.queue.redis import SCRIPT_NAMES, load_script_sources
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _flags(command: str) -> set[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return {opt for action in sub.choices[command]._actions for opt in action.option_strings}  # type: ignore[attr-defined]
+
+
+def test_cli_verbs_and_flags() -> None:
+    assert {
+        "--redis-url",
+        "--smtp-url",
+        "--bind",
+        "--senders",
+        "--rate",
+        "--config",
+        "--role",
+    } <= _flags("serve")
+    assert {"--bind", "--maildir"} <= _flags("sink")
+    assert {"--to", "--subject", "--text", "--html", "--url"} <= _flags("send")
+
+
+@pytest.mark.parametrize("verb", ["serve", "sink", "send"])
+def test_help_explains(verb: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "engine", verb, "--help"], capture_output=True,
+                         text=True, check=True, cwd=ROOT).stdout  # fmt: skip
+    assert "usage: engine " + verb in out
+
+
+def test_bad_setting_exits_2_with_a_message() -> None:
+    out = subprocess.run([sys.executable, "-m", "engine", "serve", "--bind", "nowhere"],
+                         capture_output=True, text=True, check=False, cwd=ROOT)  # fmt: skip
+    assert out.returncode == 2 and "http.bind must look like HOST:PORT" in out.stderr
+
+
+def test_key_names() -> None:
+    k = Keys("mail", 0)
+    assert k.job("abc") == "{mail:0}:job:abc"
+    assert k.ready() == "{mail:0}:ready:normal"
+    assert k.processing("i1") == "{mail:0}:processing:i1"
+    assert (k.leases, k.instances, k.delayed, k.dead, k.events, k.stats) == (
+        "{mail:0}:leases", "{mail:0}:instances", "{mail:0}:delayed", "{mail:0}:dead",
+        "{mail:0}:events", "{mail:0}:stats",
+    )  # fmt: skip
+    assert k.idem("x") == "{mail:0}:idem:x"
+
+
+def test_every_script_has_a_keys_argv_header() -> None:
+    sources = load_script_sources()
+    assert set(sources) == set(SCRIPT_NAMES)
+    for name, src in sources.items():
+        head = src.split("\n", 6)
+        assert head[0].startswith(f"-- {name}:"), name
+        assert "KEYS[1]" in src.split("local", 1)[0] and "ARGV[1]" in src.split("local", 1)[0], name
