@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import aclosing
+
 import pytest
 import trio
 import trio.testing
 
 from engine.errors import PermanentFailure, TemporaryFailure, TransportError
-from engine.transport.base import OutgoingMail, SendResult, Transport
+from engine.transport.base import OutgoingMail, SendOutcome, SendResult, Transport
 from engine.transport.memory import MemoryTransport
 
 
@@ -71,3 +73,73 @@ async def test_closed_transport_refuses() -> None:
     assert transport.statistics().closed
     with pytest.raises(TemporaryFailure):
         await transport.send(mail())
+
+
+async def collect(transport: Transport, mails: list[OutgoingMail]) -> list[SendOutcome]:
+    async with aclosing(transport.send_many(mails)) as outcomes:
+        return [item async for item in outcomes]
+
+
+async def test_send_many_yields_each_outcome_in_order() -> None:
+    def fail(m: OutgoingMail) -> TransportError | None:
+        return PermanentFailure("no such user", code=550) if "bad" in m.recipients[0] else None
+
+    transport = MemoryTransport(fail=fail)
+    custom = SendResult(250, "queued as X")
+    transport.script(custom, TemporaryFailure("busy", code=451))
+    mails = [mail("J1"), mail("J2"), mail("J3", to="bad@example.com"), mail("J4")]
+    outcomes = await collect(transport, mails)
+    assert [m for m, _ in outcomes] == mails
+    assert outcomes[0][1] is custom
+    assert [(type(o).__name__, o.code) for _, o in outcomes[1:]] == [
+        ("TemporaryFailure", 451),
+        ("PermanentFailure", 550),
+        ("SendResult", 250),
+    ]
+    assert [m.job_id for m in transport.sent] == ["J1", "J4"]
+    assert [m.job_id for m in transport.attempts] == ["J1", "J2", "J3", "J4"]
+    stats = transport.statistics()
+    assert (stats.sends, stats.failures, stats.in_flight) == (2, 2, 0)
+    assert await collect(transport, []) == []
+
+
+async def test_send_many_outcome_yielded_before_next_attempt() -> None:
+    transport = MemoryTransport()
+    async with aclosing(transport.send_many([mail("J1"), mail("J2")])) as outcomes:
+        async for m, _ in outcomes:
+            # The consumer acks each mail before the next one is tried.
+            assert transport.attempts[-1] is m
+
+
+async def test_send_many_stopped_early_leaves_the_rest_unattempted() -> None:
+    transport = MemoryTransport()
+    mails = [mail(f"J{i}") for i in range(5)]
+    async with aclosing(transport.send_many(mails)) as outcomes:
+        async for m, _ in outcomes:
+            if m.job_id == "J1":
+                break
+    assert [m.job_id for m in transport.attempts] == ["J0", "J1"]
+    assert transport.statistics().in_flight == 0
+
+
+async def test_send_many_cancelled_mid_batch(autojump_clock: trio.testing.MockClock) -> None:
+    transport = MemoryTransport(delay_s=1.0)
+    seen: list[SendOutcome] = []
+    with trio.move_on_after(2.5) as scope:
+        async with aclosing(transport.send_many([mail(f"J{i}") for i in range(5)])) as outcomes:
+            async for item in outcomes:
+                seen.append(item)
+    assert scope.cancelled_caught
+    assert [m.job_id for m, _ in seen] == ["J0", "J1"]
+    assert [m.job_id for m in transport.sent] == ["J0", "J1"]
+    assert transport.statistics().in_flight == 0
+
+
+async def test_send_many_on_closed_transport_fails_every_mail() -> None:
+    transport = MemoryTransport()
+    await transport.aclose()
+    mails = [mail("J1"), mail("J2")]
+    outcomes = await collect(transport, mails)
+    assert [m for m, _ in outcomes] == mails
+    assert all(isinstance(o, TemporaryFailure) for _, o in outcomes)
+    assert transport.attempts == []

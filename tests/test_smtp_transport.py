@@ -10,7 +10,8 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,10 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from engine.config import SmtpSettings
 from engine.errors import ConfigError, PermanentFailure, TemporaryFailure
 from engine.models import Message
-from engine.transport.base import OutgoingMail
+from engine.transport.base import OutgoingMail, SendOutcome, SendResult
 from engine.transport.compose import compose
 from engine.transport.smtp import (
+    ConnectionDropped,
     ReplyParser,
     SmtpConnection,
     SmtpPool,
@@ -58,6 +60,10 @@ class Handler:
     data_reply: str | None = None
     drop_at_data: bool = False
     stall_at_data_s: float = 0.0
+    # The same, only for messages to the given recipient.
+    data_replies: dict[str, str] = field(default_factory=dict)
+    drop_at_data_for: str | None = None
+    stall_at_data_for: str | None = None
     received: list[Received] = field(default_factory=list)
     peers: set[Any] = field(default_factory=set)
     servers: list[Any] = field(default_factory=list)
@@ -86,13 +92,18 @@ class Handler:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
-        if self.drop_at_data:
+        if self.drop_at_data or self.drop_at_data_for in envelope.rcpt_tos:
             server.transport.abort()
             return "250 never delivered"
-        if self.stall_at_data_s:
+        if self.stall_at_data_s and (
+            self.stall_at_data_for is None or self.stall_at_data_for in envelope.rcpt_tos
+        ):
             await asyncio.sleep(self.stall_at_data_s)
         if self.data_reply is not None:
             return self.data_reply
+        for rcpt in envelope.rcpt_tos:
+            if rcpt in self.data_replies:
+                return self.data_replies[rcpt]
         self.received.append(
             Received(
                 envelope.mail_from,
@@ -616,6 +627,317 @@ async def test_closed_pool_refuses(server: Server, pools: Callable[..., SmtpPool
     assert pool.statistics().open == 0
     with pytest.raises(TemporaryFailure):
         await pool.send(mail(job_id="J2"))
+
+
+# -- send_many --------------------------------------------------------------------------
+
+
+def batch(n: int, *, text: str = "Hello\n.dot line\n..two\n.") -> list[OutgoingMail]:
+    """``n`` mails, the i-th to ``r{i}@example.com``, with bodies that need dot-stuffing."""
+    return [mail(f"r{i}@example.com", job_id=f"J{i:03d}", text=f"{text}\n{i}") for i in range(n)]
+
+
+async def collect(outcomes: AsyncGenerator[SendOutcome, None]) -> list[SendOutcome]:
+    async with aclosing(outcomes):
+        return [item async for item in outcomes]
+
+
+def kinds(outcomes: list[SendOutcome]) -> list[tuple[str, str, int | None]]:
+    """(job id, outcome class, code) per outcome, for compact assertions."""
+    return [
+        (m.job_id, type(o).__name__, o.code)
+        for m, o in outcomes  # SendResult and TransportError both carry .code
+    ]
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_send_many_delivers_in_order_exactly_once(
+    start_server: Callable[..., Server], pools: Callable[..., SmtpPool], pipelining: bool
+) -> None:
+    server = start_server(Handler(pipelining=pipelining))
+    pool = pools(server.url(), starttls="never")
+    mails = batch(25)
+    outcomes = await collect(pool.send_many(mails))
+    assert [m for m, _ in outcomes] == mails
+    assert all(isinstance(o, SendResult) and o.code == 250 for _, o in outcomes)
+    received = server.handler.received
+    assert [r.rcpt_tos for r in received] == [m.recipients for m in mails]
+    assert [r.data for r in received] == [m.data for m in mails]  # dot-stuffing undone
+    stats = pool.statistics()
+    assert (stats.connects, stats.open, stats.idle, stats.sends) == (1, 1, 1, 25)
+    assert len(server.handler.peers) == 1
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_send_many_pipelines_across_messages(
+    start_server: Callable[..., Server], pipelining: bool
+) -> None:
+    server = start_server(Handler(pipelining=pipelining))
+    conn = await SmtpConnection.open(
+        SmtpUrl.parse(server.url()), SmtpSettings(starttls="never"), None
+    )
+    try:
+        writes = conn.writes
+        outcomes = await collect(conn.send_many(batch(10)))
+        assert all(isinstance(o, SendResult) for _, o in outcomes)
+        if pipelining:
+            # The first envelope alone, then each content with the next envelope behind it.
+            assert conn.writes - writes == 11
+            assert conn.pipelined_sends == 10
+        else:
+            assert conn.writes - writes == 10 * 4  # MAIL, RCPT, DATA, content
+        assert conn.messages == 10
+        assert not conn.broken
+    finally:
+        await conn.aclose()
+    assert len(server.handler.received) == 10
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_send_many_mixed_outcomes(
+    start_server: Callable[..., Server], pools: Callable[..., SmtpPool], pipelining: bool
+) -> None:
+    handler = Handler(
+        pipelining=pipelining,
+        rcpt_replies={"nobody@example.com": "550 5.1.1 No such user"},
+        mail_replies={"spam@example.org": "553 5.7.1 Sender rejected"},
+        data_replies={"later@example.com": "451 4.3.0 Try again later"},
+    )
+    server = start_server(handler, data_size_limit=20_000)
+    pool = pools(server.url(), starttls="never")
+    mails = [
+        mail("r0@example.com", job_id="J0"),
+        mail("r1@example.com", job_id="J1"),
+        mail("nobody@example.com", job_id="J2"),  # every recipient refused: RSET
+        mail("r3@example.com", job_id="J3", sender="spam@example.org"),  # MAIL refused
+        mail("r4@example.com", job_id="J4", text="x" * 30_000),  # over SIZE: never sent
+        mail("later@example.com", job_id="J5"),  # 451 after the content
+        mail("r6@example.com", job_id="J6"),
+        mail("nobody@example.com", "r7@example.com", job_id="J7"),  # one refused
+    ]
+    outcomes = await collect(pool.send_many(mails))
+    assert kinds(outcomes) == [
+        ("J0", "SendResult", 250),
+        ("J1", "SendResult", 250),
+        ("J2", "PermanentFailure", 550),
+        ("J3", "PermanentFailure", 553),
+        ("J4", "PermanentFailure", None),
+        ("J5", "TemporaryFailure", 451),
+        ("J6", "SendResult", 250),
+        ("J7", "SendResult", 250),
+    ]
+    last = outcomes[-1][1]
+    assert isinstance(last, SendResult)
+    assert [(r.address, r.code) for r in last.rejected] == [("nobody@example.com", 550)]
+    assert [r.rcpt_tos for r in handler.received] == [
+        ["r0@example.com"],
+        ["r1@example.com"],
+        ["r6@example.com"],
+        ["r7@example.com"],
+    ]
+    assert [r.data for r in handler.received] == [mails[i].data for i in (0, 1, 6, 7)]
+    # Refusals left the connection in a known state: it carried the whole batch, and more.
+    await pool.send(mail(job_id="J8"))
+    stats = pool.statistics()
+    assert (stats.connects, stats.open, stats.sends) == (1, 1, 5)
+
+
+async def test_send_many_refused_envelope_at_batch_end(
+    start_server: Callable[..., Server], pools: Callable[..., SmtpPool]
+) -> None:
+    """A refused envelope pipelined behind the last good content: RSET, then clean."""
+    handler = Handler(
+        pipelining=True, rcpt_replies={"nobody@example.com": "550 5.1.1 No such user"}
+    )
+    server = start_server(handler)
+    pool = pools(server.url(), starttls="never")
+    mails = [mail(job_id="J0"), mail("nobody@example.com", job_id="J1")]
+    assert kinds(await collect(pool.send_many(mails))) == [
+        ("J0", "SendResult", 250),
+        ("J1", "PermanentFailure", 550),
+    ]
+    assert kinds(await collect(pool.send_many([mail(job_id="J2")]))) == [("J2", "SendResult", 250)]
+    assert len(handler.received) == 2
+    assert pool.statistics().connects == 1
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+@pytest.mark.parametrize("failure", ["drop", "timeout"])
+async def test_send_many_connection_failure_mid_batch(
+    start_server: Callable[..., Server],
+    pools: Callable[..., SmtpPool],
+    pipelining: bool,
+    failure: str,
+) -> None:
+    handler = Handler(pipelining=pipelining)
+    if failure == "drop":
+        handler.drop_at_data_for = "r3@example.com"
+    else:
+        handler.stall_at_data_s, handler.stall_at_data_for = 2.0, "r3@example.com"
+    server = start_server(handler)
+    pool = pools(server.url(), starttls="never", command_timeout_s=0.3)
+    mails = batch(8)
+    outcomes = await collect(pool.send_many(mails))
+    assert [m for m, _ in outcomes] == mails, "each mail exactly once, in order"
+    assert all(isinstance(o, SendResult) for _, o in outcomes[:3])
+    for _, o in outcomes[3:]:
+        assert isinstance(o, ConnectionDropped)
+        assert o.code is None
+    # The content of J003 went out, so the server may have taken it; the rest never did.
+    in_flight = outcomes[3][1]
+    assert isinstance(in_flight, ConnectionDropped) and not in_flight.before_reply
+    assert all(isinstance(o, ConnectionDropped) and o.before_reply for _, o in outcomes[4:])
+    if failure == "timeout":
+        assert "0.3" in str(in_flight)
+    # (A stalled server may still record J003 after we gave up on it.)
+    received = [r.rcpt_tos for r in handler.received if r.rcpt_tos != ["r3@example.com"]]
+    assert received == [m.recipients for m in mails[:3]]
+    stats = pool.statistics()
+    assert (stats.open, stats.in_use, stats.sends) == (0, 0, 3), "broken connection dropped"
+    # The pool recovers: the unsent mails go over a new connection.
+    handler.drop_at_data_for = handler.stall_at_data_for = None
+    handler.stall_at_data_s = 0.0
+    again = await collect(pool.send_many(mails[4:]))
+    assert all(isinstance(o, SendResult) for _, o in again)
+    assert pool.statistics().connects == 2
+    received = [r.rcpt_tos for r in handler.received if r.rcpt_tos != ["r3@example.com"]]
+    assert received == [m.recipients for m in mails[:3] + mails[4:]]
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+@pytest.mark.parametrize("close", ["aclosing", "garbage-collected"])
+@pytest.mark.filterwarnings("ignore:Async generator:ResourceWarning")
+async def test_send_many_stopped_early_leaves_pool_usable(
+    start_server: Callable[..., Server],
+    pools: Callable[..., SmtpPool],
+    pipelining: bool,
+    close: str,
+) -> None:
+    handler = Handler(pipelining=pipelining)
+    server = start_server(handler)
+    pool = pools(server.url(), starttls="never", pool_size=1)
+    mails = batch(10)
+    seen: list[SendOutcome] = []
+    if close == "aclosing":
+        async with aclosing(pool.send_many(mails)) as outcomes:
+            async for item in outcomes:
+                seen.append(item)
+                if len(seen) == 3:
+                    break
+        assert pool.statistics().in_use == 0, "closing gave the connection back at once"
+    else:
+        async for item in pool.send_many(mails):
+            seen.append(item)
+            if len(seen) == 3:
+                break  # trio closes the abandoned generator soon after
+    assert all(isinstance(o, SendResult) for _, o in seen)
+    # pool_size=1: this waits until the abandoned batch gave its slot back.
+    with trio.fail_after(5):
+        rest = await collect(pool.send_many(mails[3:]))
+    assert all(isinstance(o, SendResult) for _, o in rest)
+    assert [r.rcpt_tos for r in handler.received] == [m.recipients for m in mails]
+    # J003's envelope was already on the wire when the consumer stopped: only closing
+    # the connection could abort it. Without pipelining the connection stayed clean.
+    assert pool.statistics().connects == (2 if pipelining else 1)
+    assert pool.statistics().in_use == 0
+
+
+async def test_send_many_stopped_after_last_mail_keeps_connection(
+    start_server: Callable[..., Server], pools: Callable[..., SmtpPool]
+) -> None:
+    server = start_server(Handler(pipelining=True))
+    pool = pools(server.url(), starttls="never")
+    async with aclosing(pool.send_many(batch(2))) as outcomes:
+        async for _, outcome in outcomes:
+            assert isinstance(outcome, SendResult)
+        await pool.send(mail(job_id="J9"))  # the connection is already back
+    assert pool.statistics().connects == 1
+    assert len(server.handler.received) == 3
+
+
+async def test_send_many_cancelled_mid_batch(
+    start_server: Callable[..., Server], pools: Callable[..., SmtpPool]
+) -> None:
+    handler = Handler(pipelining=True, stall_at_data_s=2.0, stall_at_data_for="r2@example.com")
+    server = start_server(handler)
+    pool = pools(server.url(), starttls="never", pool_size=1)
+    seen: list[SendOutcome] = []
+    with trio.move_on_after(0.5) as scope:
+        async with aclosing(pool.send_many(batch(5))) as outcomes:
+            async for item in outcomes:
+                seen.append(item)
+    assert scope.cancelled_caught, "Cancelled was not swallowed"
+    assert [m.job_id for m, _ in seen] == ["J000", "J001"]
+    stats = pool.statistics()
+    assert (stats.open, stats.in_use, stats.sends) == (0, 0, 2)
+    handler.stall_at_data_for = "none"
+    await pool.send(mail(job_id="J9"))  # the slot was given back
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_send_many_retries_stale_idle_connection(
+    start_server: Callable[..., Server],
+    pools: Callable[..., SmtpPool],
+    caplog: pytest.LogCaptureFixture,
+    pipelining: bool,
+) -> None:
+    caplog.set_level(logging.INFO, logger="engine.transport.smtp")
+    server = start_server(Handler(pipelining=pipelining), data_size_limit=20_000)
+    pool = pools(server.url(), starttls="never")
+    await pool.send(mail(job_id="J0"))
+    server.close_all_connections()
+    await trio.sleep(0.2)  # let the FIN arrive
+    too_big = mail(job_id="J1", text="x" * 30_000)
+    mails = [too_big, *batch(3)]  # refused before the wire, so nothing was written yet
+    outcomes = await collect(pool.send_many(mails))
+    assert [m for m, _ in outcomes] == mails
+    assert isinstance(outcomes[0][1], PermanentFailure)
+    assert all(isinstance(o, SendResult) for _, o in outcomes[1:])
+    assert len(server.handler.received) == 4
+    stats = pool.statistics()
+    assert (stats.connects, stats.open, stats.sends) == (2, 1, 4)
+    assert "smtp.send_many.stale_retry" in caplog.text
+
+
+async def test_send_many_of_one_is_send(
+    start_server: Callable[..., Server], pools: Callable[..., SmtpPool]
+) -> None:
+    handler = Handler(
+        pipelining=True, rcpt_replies={"nobody@example.com": "550 5.1.1 No such user"}
+    )
+    server = start_server(handler)
+    pool = pools(server.url(), starttls="never")
+    m = mail("bob@example.com", "nobody@example.com")
+    sent = await pool.send(m)
+    [(same, batched)] = await collect(pool.send_many([m]))
+    assert same is m
+    assert isinstance(batched, SendResult)
+    assert (batched.code, batched.rejected) == (sent.code, sent.rejected)
+    with pytest.raises(PermanentFailure) as info:
+        await pool.send(mail("nobody@example.com"))
+    [(_, refused)] = await collect(pool.send_many([mail("nobody@example.com")]))
+    assert type(refused) is type(info.value)
+    assert (refused.code, str(refused)) == (info.value.code, str(info.value))
+    assert [r.data for r in handler.received] == [m.data, m.data]
+    stats = pool.statistics()
+    assert (stats.connects, stats.open, stats.sends) == (1, 1, 2)
+    assert await collect(pool.send_many([])) == []
+
+
+async def test_send_many_connect_failure_and_closed_pool(
+    server: Server, pools: Callable[..., SmtpPool]
+) -> None:
+    dead = pools(f"smtp://{HOST}:{free_port()}", starttls="never")
+    mails = batch(3)
+    outcomes = await collect(dead.send_many(mails))
+    assert [m for m, _ in outcomes] == mails
+    assert all(isinstance(o, TemporaryFailure) and o.code is None for _, o in outcomes)
+    assert dead.statistics().open == 0
+    pool = pools(server.url(), starttls="never")
+    await pool.aclose()
+    outcomes = await collect(pool.send_many(mails))
+    assert all(isinstance(o, TemporaryFailure) for _, o in outcomes)
+    assert server.handler.received == []
 
 
 # -- pure parts -------------------------------------------------------------------------

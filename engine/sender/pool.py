@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import msgspec
@@ -17,7 +19,7 @@ from engine.policy import after_failure, backoff_s, classify_smtp
 from engine.queue import ClaimedJob, Queue
 from engine.queue.jobs import Failure
 from engine.sender.ratelimit import RateLimiter
-from engine.transport.base import Transport
+from engine.transport.base import OutgoingMail, Transport
 from engine.transport.compose import compose
 
 log = logging.getLogger(__name__)
@@ -128,15 +130,61 @@ class SenderPool:
         return []
 
     async def _work(self, jobs: list[ClaimedJob]) -> None:
+        """Deliver claimed jobs over one pipelined SMTP connection, in claim order.
+
+        Acks and failure records go to their own tasks so the connection never waits
+        for Redis (they are group-committed; _work returns once all are recorded).
+        """
         self._holding.update(j.id for j in jobs)
-        pending = list(jobs)
+        mails: list[OutgoingMail] = []
+        by_id: dict[str, ClaimedJob] = {}
+        async with trio.open_nursery() as records:
+            for job in jobs:
+                try:
+                    mail = compose(
+                        job.id,
+                        _decode_message(job.payload),
+                        message_id_domain=self.settings.message_id_domain,
+                        now=time.time(),
+                    )
+                except (msgspec.DecodeError, ValueError) as exc:
+                    failure = PermanentFailure(f"undecodable job: {exc}")
+                    records.start_soon(self._record_failure, job, failure)
+                    continue
+                mails.append(mail)
+                by_id[job.id] = job
+            await self._deliver(mails, by_id, records)
+
+    async def _deliver(
+        self, mails: list[OutgoingMail], by_id: dict[str, ClaimedJob], records: trio.Nursery
+    ) -> None:
+        pending = deque(mails)  # pending[0] is on the wire once iteration has started
+        started = False
         try:
-            while pending and not self._stopping.is_set():
-                job = pending.pop(0)
-                await self._deliver(job)
+            if not pending or self._stopping.is_set():
+                return
+            await self.limiter.acquire()
+            async with aclosing(self.transport.send_many(mails)) as outcomes:
+                started = True
+                async for mail, outcome in outcomes:
+                    pending.popleft()
+                    job = by_id[mail.job_id]
+                    if isinstance(outcome, TransportError):
+                        records.start_soon(self._record_failure, job, outcome)
+                    else:
+                        records.start_soon(self._ack, job)
+                    if not pending or self._stopping.is_set():
+                        break  # stop: the next message's content was not sent yet
+                    # Pace here: the next content is written when iteration resumes.
+                    await self.limiter.acquire()
+            started = False  # left normally: nothing of pending reached the server
         finally:
             if pending:
-                await self._release(pending)
+                # Cancelled mid-send: pending[0] may have reached the server, so it stays
+                # leased (the reaper decides); the rest were never written.
+                unsent = list(pending)[1:] if started else list(pending)
+                if unsent:
+                    await self._release([by_id[m.job_id] for m in unsent])
 
     async def _release(self, jobs: list[ClaimedJob]) -> None:
         ids = [j.id for j in jobs]
@@ -147,26 +195,6 @@ class SenderPool:
                 # The leases will expire and the reaper will return them.
                 log.warning("sender.release.failed jobs=%d error=%s", len(ids), exc)
         self._holding.difference_update(ids)
-
-    async def _deliver(self, job: ClaimedJob) -> None:
-        await self.limiter.acquire()
-        try:
-            message = _decode_message(job.payload)
-            mail = compose(
-                job.id,
-                message,
-                message_id_domain=self.settings.message_id_domain,
-                now=time.time(),
-            )
-        except (msgspec.DecodeError, ValueError) as exc:
-            await self._record_failure(job, PermanentFailure(f"undecodable job: {exc}"))
-            return
-        try:
-            await self.transport.send(mail)
-        except TransportError as exc:
-            await self._record_failure(job, exc)
-            return
-        await self._ack(job)
 
     async def _ack(self, job: ClaimedJob) -> None:
         # The message is with the server: the duplicate window is open until Redis has

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeAlias
+
+from engine.errors import TransportError
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,10 @@ class SendResult:
     rejected: list[RecipientRejected] = field(default_factory=list)
 
 
+# One mail's outcome in a batch: what ``send`` would have returned or raised.
+SendOutcome: TypeAlias = tuple[OutgoingMail, SendResult | TransportError]
+
+
 class Transport(Protocol):
     """Hands messages to a mail server.
 
@@ -46,5 +53,30 @@ class Transport(Protocol):
     """
 
     async def send(self, mail: OutgoingMail) -> SendResult: ...
+
+    def send_many(self, mails: Sequence[OutgoingMail]) -> AsyncGenerator[SendOutcome, None]:
+        """Deliver ``mails`` in order over one connection; yield each ``(mail, outcome)``.
+
+        An async generator. Each outcome is yielded as soon as that mail's final reply
+        is read (ack it right away: that keeps the duplicate window short); it is the
+        ``SendResult`` ``send`` would return or the ``TransportError`` it would raise.
+        Every mail is yielded exactly once, in order; nothing is skipped. Refusals never
+        raise. A connection-level failure (I/O error, timeout, dropped connection,
+        failed connect) yields a ``TemporaryFailure`` for the mail in flight (which
+        the server may or may not have taken, as with ``send``) and then for every
+        mail not yet sent. The generator raises only ``Cancelled`` (never swallowed)
+        and bugs.
+
+        Stopping early (``break``, or an exception or cancellation in the consumer's
+        loop body) is safe: a mail that was not yielded was not delivered. Close the
+        generator promptly, ideally ``async with contextlib.aclosing(t.send_many(m))``;
+        until it is closed it holds its connection (trio closes it when garbage
+        collected otherwise). Closing aborts what is already on the wire without
+        delivering it (for SMTP that costs the connection: the next envelope is already
+        pipelined); a connection goes back to a pool only in a known state.
+        Cancelling the generator while it waits for the server is like cancelling
+        ``send``: the mail in flight may have been taken and is not yielded.
+        """
+        ...
 
     async def aclose(self) -> None: ...

@@ -6,13 +6,13 @@ Imports only the leaves and ``transport.base``.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
 
 from engine.errors import TemporaryFailure, TransportError
-from engine.transport.base import OutgoingMail, SendResult
+from engine.transport.base import OutgoingMail, SendOutcome, SendResult
 
 FailRule = Callable[[OutgoingMail], TransportError | None]
 
@@ -20,8 +20,8 @@ FailRule = Callable[[OutgoingMail], TransportError | None]
 @dataclass(frozen=True, slots=True)
 class MemoryTransportStatistics:
     sends: int  # messages accepted
-    failures: int  # send calls that raised a TransportError
-    in_flight: int  # send calls currently running (e.g. inside the delay)
+    failures: int  # attempts refused by the script or ``fail`` (raised or yielded)
+    in_flight: int  # attempts currently running (e.g. inside the delay)
     closed: bool
 
 
@@ -31,6 +31,7 @@ class MemoryTransport:
     Outcomes are decided in this order: the next scripted outcome (``script``), else
     ``fail(mail)``, else success. ``delay_s`` is slept before deciding, so cancellation
     mid-send can be tested. Accepted mail lands in ``sent``; every attempt in ``attempts``.
+    ``send_many`` decides each mail the same way, one after the other.
     """
 
     def __init__(self, *, fail: FailRule | None = None, delay_s: float = 0.0) -> None:
@@ -62,8 +63,23 @@ class MemoryTransport:
         await event.wait()
 
     async def send(self, mail: OutgoingMail) -> SendResult:
+        outcome = await self._attempt(mail)
+        if isinstance(outcome, TransportError):
+            raise outcome
+        return outcome
+
+    async def send_many(self, mails: Sequence[OutgoingMail]) -> AsyncGenerator[SendOutcome, None]:
+        """``Transport.send_many``: each mail decided as ``send`` would, yielded at once.
+
+        Stopping early leaves the rest unattempted. A mail refused with a scripted
+        TemporaryFailure does not fail the ones after it (there is no connection to lose).
+        """
+        for mail in mails:
+            yield mail, await self._attempt(mail)
+
+    async def _attempt(self, mail: OutgoingMail) -> SendResult | TransportError:
         if self._closed:
-            raise TemporaryFailure("the memory transport is closed")
+            return TemporaryFailure("the memory transport is closed")
         self._in_flight += 1
         try:
             if self.delay_s > 0:
@@ -76,7 +92,7 @@ class MemoryTransport:
                 outcome = self.fail(mail)
             if isinstance(outcome, TransportError):
                 self._failures += 1
-                raise outcome
+                return outcome
             self.sent.append(mail)
             self._wake()
             return outcome or SendResult(250, f"2.0.0 Ok: queued as {mail.job_id}")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import base64
 import logging
 import ssl
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncGenerator, Iterator, Sequence
+from contextlib import aclosing, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import unquote, urlsplit
@@ -19,7 +19,7 @@ import trio
 
 from engine.config import SmtpSettings
 from engine.errors import ConfigError, PermanentFailure, TemporaryFailure, TransportError
-from engine.transport.base import OutgoingMail, RecipientRejected, SendResult
+from engine.transport.base import OutgoingMail, RecipientRejected, SendOutcome, SendResult
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,33 @@ class _StaleConnection(Exception):
     """A reused idle connection was dead before any reply (pool-internal; never escapes)."""
 
 
+@dataclass(slots=True)
+class _Batch:
+    """Where a pipelined ``send_many`` stands.
+
+    At most one mail's content and the next mail's envelope are on the wire; their
+    replies come in that order (the final reply, then MAIL, RCPT..., DATA).
+    """
+
+    mails: Sequence[OutgoingMail]
+    # ``_replies`` when the batch began, if a dead connection must raise _StaleConnection
+    # rather than yield; None otherwise.
+    stale_mark: int | None
+    next: int = 0  # index of the first mail not yet looked at
+    body: tuple[OutgoingMail, list[RecipientRejected]] | None = None  # content written
+    envelope: OutgoingMail | None = None  # MAIL/RCPT/DATA written, replies not read
+    # Refused before reaching the wire; yielded after ``body``'s outcome, in order.
+    skipped: list[SendOutcome] = field(default_factory=list)
+
+    @property
+    def on_wire(self) -> bool:
+        return self.body is not None or self.envelope is not None
+
+    @property
+    def done(self) -> bool:
+        return self.next >= len(self.mails) and not self.on_wire and not self.skipped
+
+
 # -- one connection ---------------------------------------------------------------------
 
 
@@ -197,13 +224,16 @@ class SmtpConnection:
         self._settings = settings
         self._parser = ReplyParser()
         self._closed = False
-        self._replies_in_send = 0
+        self._replies = 0  # replies read on this connection
+        self._send_mark = 0  # ``_replies`` when the current ``send`` began
         self._scope: trio.CancelScope | None = None
         self.extensions: dict[str, str] = {}
         self.tls = url.implicit_tls
         self.broken = False
         self.messages = 0  # transactions finished (accepted or refused) on this connection
-        self.pipelined_sends = 0
+        self.pipelined_sends = 0  # transactions whose MAIL/RCPT/DATA went in one write
+        self.writes = 0  # send_all calls
+        self.reads = 0  # receive_some calls
         self.idle_since = 0.0
 
     @property
@@ -331,15 +361,16 @@ class SmtpConnection:
         except (*_IO_ERRORS, SmtpProtocolError) as exc:
             self.broken = True
             raise ConnectionDropped(
-                f"{what}: {exc!r}", before_reply=self._replies_in_send == 0
+                f"{what}: {exc!r}", before_reply=self._replies == self._send_mark
             ) from exc
 
-    # Inside ``send`` one cancel scope covers the whole transaction and its deadline is
-    # pushed forward before each I/O step: a scope and an error-mapping context per step
-    # cost ~15 % of the sender's CPU (profiled). Outside ``send`` (greeting, EHLO, AUTH)
-    # each step gets its own.
+    # Inside ``send`` one cancel scope covers the whole transaction (inside ``send_many``
+    # one covers the I/O between two outcomes) and its deadline is pushed forward before
+    # each I/O step: a scope and an error-mapping context per step cost ~15 % of the
+    # sender's CPU (profiled). Outside them (greeting, EHLO, AUTH) each step gets its own.
 
     async def _write(self, data: bytes) -> None:
+        self.writes += 1
         scope = self._scope
         if scope is None:
             with self._io("write"), trio.fail_after(self._settings.command_timeout_s):
@@ -351,7 +382,7 @@ class SmtpConnection:
     async def _read_reply(self) -> Reply:
         reply = self._parser.next_reply()
         if reply is not None:
-            self._replies_in_send += 1
+            self._replies += 1
             return reply
         scope = self._scope
         if scope is None:
@@ -362,13 +393,14 @@ class SmtpConnection:
 
     async def _receive_reply(self) -> Reply:
         while True:
+            self.reads += 1
             data = await self._stream.receive_some(_RECV_BYTES)
             if not data:
                 raise trio.BrokenResourceError("server closed the connection")
             self._parser.feed(data)
             reply = self._parser.next_reply()
             if reply is not None:
-                self._replies_in_send += 1
+                self._replies += 1
                 return reply
 
     async def _command(self, line: bytes) -> Reply:
@@ -384,7 +416,7 @@ class SmtpConnection:
         """
         if self.broken or self._closed:
             raise ConnectionDropped("connection is not usable", before_reply=True)
-        self._replies_in_send = 0
+        self._send_mark = self._replies
         outcome: SendResult | TransportError | None = None
         try:
             with trio.CancelScope() as scope:
@@ -422,56 +454,74 @@ class SmtpConnection:
             params += " SMTPUTF8"
         return params
 
-    async def _transaction(self, mail: OutgoingMail) -> SendResult | TransportError:
-        """Run MAIL/RCPT/DATA; return the result or the refusal (raise only on I/O errors)."""
-        body = _dot_stuff(mail.data)
+    def _envelope(self, mail: OutgoingMail) -> list[bytes] | TransportError:
+        """The MAIL, RCPT... and DATA lines for ``mail``, or why it cannot go to this server."""
+        if not mail.recipients:
+            return PermanentFailure("message has no recipients")
         params = self._mail_params(mail, len(mail.data))
         if isinstance(params, TransportError):
             return params
-        mail_cmd = f"MAIL FROM:<{mail.sender}>{params}\r\n".encode()
-        rcpt_cmds = [f"RCPT TO:<{r}>\r\n".encode() for r in mail.recipients]
+        return [
+            f"MAIL FROM:<{mail.sender}>{params}\r\n".encode(),
+            *[f"RCPT TO:<{r}>\r\n".encode() for r in mail.recipients],
+            b"DATA\r\n",
+        ]
 
+    async def _transaction(self, mail: OutgoingMail) -> SendResult | TransportError:
+        """Run MAIL/RCPT/DATA; return the result or the refusal (raise only on I/O errors)."""
+        envelope = self._envelope(mail)
+        if isinstance(envelope, TransportError):
+            return envelope
         if self.pipelining:
             # RFC 2920: MAIL, every RCPT and DATA go in one write; replies come in order.
             self.pipelined_sends += 1
-            await self._write(b"".join((mail_cmd, *rcpt_cmds, b"DATA\r\n")))
-            mail_reply = await self._read_reply()
-            rcpt_replies = [await self._read_reply() for _ in rcpt_cmds]
-            data_reply = await self._read_reply()
+            await self._write(b"".join(envelope))
+            accepted = await self._read_envelope(mail)
         else:
-            mail_reply = await self._command(mail_cmd)
-            if not mail_reply.ok:
-                return await self._abort(_failure("MAIL FROM", mail_reply))
-            rcpt_replies = [await self._command(cmd) for cmd in rcpt_cmds]
-            data_reply = None
+            accepted = await self._sequential_envelope(mail, envelope)
+        if isinstance(accepted, TransportError):
+            return accepted
+        final = await self._command(_dot_stuff(mail.data))
+        return _final_outcome(mail, final, accepted)
 
-        rejected = [
-            RecipientRejected(addr, reply.code, reply.text)
-            for addr, reply in zip(mail.recipients, rcpt_replies, strict=True)
-            if not reply.ok
-        ]
-        refusal: TransportError | None = None
+    async def _read_envelope(self, mail: OutgoingMail) -> list[RecipientRejected] | TransportError:
+        """Read the replies to a pipelined envelope.
+
+        The refused recipients when the server now waits for the content; else the refusal,
+        after RSET.
+        """
+        mail_reply = await self._read_reply()
+        rcpt_replies = [await self._read_reply() for _ in mail.recipients]
+        data_reply = await self._read_reply()
+        rejected = _rejected(mail, rcpt_replies)
         if not mail_reply.ok:
             refusal = _failure("MAIL FROM", mail_reply)
         elif len(rejected) == len(mail.recipients):
             refusal = _all_rejected(rejected)
-        if data_reply is None and refusal is None:
-            data_reply = await self._command(b"DATA\r\n")
-        if data_reply is not None and data_reply.code == 354 and refusal is not None:
+        elif data_reply.code != 354:
+            refusal = _failure("DATA", data_reply)
+        else:
+            return rejected
+        if data_reply.code == 354:
             # Pipelined DATA was accepted although nothing may be sent: end it empty.
             await self._command(b".\r\n")
-        if refusal is not None:
-            return await self._abort(refusal)
-        assert data_reply is not None
+        return await self._abort(refusal)
+
+    async def _sequential_envelope(
+        self, mail: OutgoingMail, envelope: list[bytes]
+    ) -> list[RecipientRejected] | TransportError:
+        """``_read_envelope`` for a server without PIPELINING: one command at a time."""
+        mail_reply = await self._command(envelope[0])
+        if not mail_reply.ok:
+            return await self._abort(_failure("MAIL FROM", mail_reply))
+        rcpt_replies = [await self._command(cmd) for cmd in envelope[1:-1]]
+        rejected = _rejected(mail, rcpt_replies)
+        if len(rejected) == len(mail.recipients):
+            return await self._abort(_all_rejected(rejected))
+        data_reply = await self._command(envelope[-1])
         if data_reply.code != 354:
             return await self._abort(_failure("DATA", data_reply))
-
-        final = await self._command(body)
-        if not final.ok:
-            return _failure("end of DATA", final)
-        for r in rejected:
-            log.info("smtp.rcpt.rejected job=%s rcpt=%s code=%d", mail.job_id, r.address, r.code)
-        return SendResult(final.code, final.text, rejected)
+        return rejected
 
     async def _abort(self, refusal: TransportError) -> TransportError:
         """RSET after a refused transaction so the connection can carry the next one."""
@@ -479,6 +529,128 @@ class SmtpConnection:
         if not reply.ok:
             self.broken = True
         return refusal
+
+    # -- batches ------------------------------------------------------------------------
+
+    def send_many(self, mails: Sequence[OutgoingMail]) -> AsyncGenerator[SendOutcome, None]:
+        """``Transport.send_many`` over this connection (read the contract there).
+
+        With PIPELINING, pipelines across messages (RFC 2920): each mail's content goes
+        in one write with the next mail's MAIL/RCPT/DATA, and the final reply, which
+        is yielded at once, usually arrives in one read with the replies to that
+        envelope. Without PIPELINING, ``send`` one by one. After a connection-level
+        failure ``broken`` is True, as it is when the consumer stopped early while an
+        envelope was on the wire.
+        """
+        return self._send_many(mails, stale=False)
+
+    async def _send_many(
+        self, mails: Sequence[OutgoingMail], *, stale: bool
+    ) -> AsyncGenerator[SendOutcome, None]:
+        """``send_many``; with ``stale``, a connection that fails before giving any reply
+        raises _StaleConnection instead (nothing was accepted: the pool tries another).
+        """
+        stale_mark = self._replies if stale else None
+        if not self.pipelining:
+            for mail in mails:
+                outcome: SendResult | TransportError
+                try:
+                    outcome = await self.send(mail)
+                except ConnectionDropped as exc:
+                    if exc.before_reply and stale_mark == self._replies:
+                        raise _StaleConnection from exc
+                    outcome = exc
+                except TransportError as exc:
+                    outcome = exc
+                yield mail, outcome
+            return
+        batch = _Batch(mails, stale_mark)
+        try:
+            while not batch.done:
+                # No cancel scope may be open across a yield (it would cover the consumer).
+                for item in await self._batch_step(batch):
+                    yield item
+        finally:
+            if batch.on_wire:
+                # Stopped early: the server may already wait for the next mail's content,
+                # and only closing the connection aborts that without delivering it.
+                self.broken = True
+
+    async def _batch_step(self, batch: _Batch) -> list[SendOutcome]:
+        """Advance ``batch`` to its next outcomes, in one cancel scope; map I/O errors."""
+        if self.broken or self._closed:
+            return _dropped(batch, "connection is not usable")
+        outcomes: list[SendOutcome] | None = None
+        try:
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                outcomes = await self._batch_advance(batch)
+        except (*_IO_ERRORS, SmtpProtocolError) as exc:
+            self.broken = True
+            if batch.stale_mark == self._replies:
+                raise _StaleConnection from exc
+            return _dropped(batch, repr(exc))
+        except BaseException:
+            self.broken = True  # state unknown mid-transaction (includes Cancelled)
+            raise
+        finally:
+            self._scope = None
+        if outcomes is None:  # our deadline expired
+            self.broken = True
+            return _dropped(batch, f"no reply within {self._settings.command_timeout_s}s")
+        return outcomes
+
+    async def _batch_advance(self, batch: _Batch) -> list[SendOutcome]:
+        """Run the I/O up to the next outcomes: one write and one read in steady state.
+
+        Raises on I/O errors, leaving in ``batch`` what is on the wire.
+        """
+        if batch.body is None:
+            if batch.envelope is None:
+                # Nothing on the wire (start of batch, or after a refused envelope).
+                envelope = self._take_next(batch)
+                if envelope:
+                    await self._write(envelope)
+                if batch.skipped or batch.envelope is None:
+                    outcomes, batch.skipped = batch.skipped, []
+                    return outcomes
+            mail = batch.envelope
+            assert mail is not None
+            accepted = await self._read_envelope(mail)  # RSET after a refusal
+            if isinstance(accepted, TransportError):
+                batch.envelope = None
+                self.messages += 1
+                return [(mail, accepted)]
+            batch.body, batch.envelope = (mail, accepted), None
+            # RFC 2920 3.1: the content may open a group, and DATA end it.
+            await self._write(_dot_stuff(mail.data, self._take_next(batch)))
+        mail, rejected = batch.body
+        final = await self._read_reply()
+        batch.body = None
+        self.messages += 1
+        outcomes = [(mail, _final_outcome(mail, final, rejected))]
+        if batch.skipped:
+            outcomes += batch.skipped
+            batch.skipped = []
+        return outcomes
+
+    def _take_next(self, batch: _Batch) -> bytes:
+        """The envelope of the next mail that may go to this server, marked on the wire.
+
+        Mails refused before the wire (SIZE, SMTPUTF8) go to ``batch.skipped`` on the way.
+        """
+        while batch.next < len(batch.mails):
+            mail = batch.mails[batch.next]
+            batch.next += 1
+            envelope = self._envelope(mail)
+            if isinstance(envelope, TransportError):
+                self.messages += 1
+                batch.skipped.append((mail, envelope))
+                continue
+            batch.envelope = mail
+            self.pipelined_sends += 1
+            return b"".join(envelope)
+        return b""
 
     async def aclose(self) -> None:
         """Send QUIT (best effort, shielded, short timeout), then close the stream."""
@@ -494,6 +666,42 @@ class SmtpConnection:
                 await self._stream.aclose()
 
 
+def _dropped(batch: _Batch, reason: str) -> list[SendOutcome]:
+    """The connection failed: the outcome of every mail of ``batch`` not yet yielded."""
+    outcomes: list[SendOutcome] = []
+    if batch.body is not None:
+        # The content was (perhaps partly) written: the server may have taken it.
+        outcomes.append((batch.body[0], ConnectionDropped(f"send: {reason}", before_reply=False)))
+    outcomes += batch.skipped
+    unsent = [] if batch.envelope is None else [batch.envelope]
+    unsent += batch.mails[batch.next :]
+    # No content went out for these: the server cannot have taken them.
+    outcomes += [(m, ConnectionDropped(f"not sent: {reason}", before_reply=True)) for m in unsent]
+    batch.body = batch.envelope = None
+    batch.skipped = []
+    batch.next = len(batch.mails)
+    return outcomes
+
+
+def _rejected(mail: OutgoingMail, rcpt_replies: list[Reply]) -> list[RecipientRejected]:
+    return [
+        RecipientRejected(addr, reply.code, reply.text)
+        for addr, reply in zip(mail.recipients, rcpt_replies, strict=True)
+        if not reply.ok
+    ]
+
+
+def _final_outcome(
+    mail: OutgoingMail, final: Reply, rejected: list[RecipientRejected]
+) -> SendResult | TransportError:
+    """The outcome once the server answered the content."""
+    if not final.ok:
+        return _failure("end of DATA", final)
+    for r in rejected:
+        log.info("smtp.rcpt.rejected job=%s rcpt=%s code=%d", mail.job_id, r.address, r.code)
+    return SendResult(final.code, final.text, rejected)
+
+
 def _all_rejected(rejected: list[RecipientRejected]) -> TransportError:
     """Every recipient refused: temporary if any refusal was, since a retry may then work."""
     temporary = [r for r in rejected if not 500 <= r.code < 600]
@@ -506,14 +714,14 @@ def _all_rejected(rejected: list[RecipientRejected]) -> TransportError:
     return PermanentFailure(message, code=first.code)
 
 
-def _dot_stuff(data: bytes) -> bytes:
-    """RFC 5321 4.5.2 transparency, CRLF-terminated, plus the ``.`` end-of-data line."""
+def _dot_stuff(data: bytes, then: bytes = b"") -> bytes:
+    """RFC 5321 4.5.2 transparency, CRLF-terminated, the ``.`` end-of-data line, ``then``."""
     stuffed = data.replace(b"\r\n.", b"\r\n..")
     if stuffed.startswith(b"."):
         stuffed = b"." + stuffed
     if stuffed and not stuffed.endswith(b"\r\n"):
         stuffed += b"\r\n"
-    return stuffed + b".\r\n"
+    return b"".join((stuffed, b".\r\n", then))
 
 
 # -- the pool ---------------------------------------------------------------------------
@@ -562,14 +770,7 @@ class SmtpPool:
             return result
 
     async def _send_once(self, mail: OutgoingMail, *, reuse: bool) -> SendResult:
-        if self._closed:
-            raise TemporaryFailure("the SMTP pool is closed")
-        conn, expired = self._checkout() if reuse else (None, [])
-        for old in expired:
-            await self._discard(old)
-        reused = conn is not None
-        if conn is None:
-            conn = await self._connect()
+        conn, reused = await self._acquire(reuse=reuse)
         try:
             return await conn.send(mail)
         except ConnectionDropped as exc:
@@ -579,6 +780,67 @@ class SmtpPool:
             raise
         finally:
             await self._checkin(conn)
+
+    async def send_many(self, mails: Sequence[OutgoingMail]) -> AsyncGenerator[SendOutcome, None]:
+        """``Transport.send_many`` over one connection of the pool (contract there).
+
+        The connection is held, with a pool slot, until the generator finishes or is
+        closed. A reused connection found dead before it gave any reply is replaced
+        once, transparently, as in ``send``.
+        """
+        if not mails:
+            return
+        async with self._slots:
+            done = 0  # mails yielded so far
+            reuse = True
+            while True:
+                try:
+                    conn, reused = await self._acquire(reuse=reuse)
+                except TransportError as exc:  # pool closed, or connect failed
+                    failure = exc
+                    break
+                dropped = False
+                try:
+                    outcomes = conn._send_many(mails[done:] if done else mails, stale=reused)
+                    async with aclosing(outcomes):
+                        async for mail, outcome in outcomes:
+                            done += 1
+                            if isinstance(outcome, SendResult):
+                                self._sends += 1
+                            elif isinstance(outcome, ConnectionDropped) and not dropped:
+                                dropped = True
+                                log.warning(
+                                    "smtp.send_many.failed job=%s unsent=%d error=%s",
+                                    mail.job_id,
+                                    len(mails) - done,
+                                    outcome,
+                                )
+                            yield mail, outcome
+                    return
+                except _StaleConnection as stale:
+                    # The server had closed this idle connection: nothing was accepted.
+                    log.info(
+                        "smtp.send_many.stale_retry job=%s unsent=%d error=%s",
+                        mails[done].job_id,
+                        len(mails) - done,
+                        stale.__cause__,
+                    )
+                    reuse = False
+                finally:
+                    await self._checkin(conn)
+            for mail in mails[done:]:
+                yield mail, failure
+
+    async def _acquire(self, *, reuse: bool) -> tuple[SmtpConnection, bool]:
+        """A live connection, and whether it was reused; raise TemporaryFailure if none."""
+        if self._closed:
+            raise TemporaryFailure("the SMTP pool is closed")
+        conn, expired = self._checkout() if reuse else (None, [])
+        for old in expired:
+            await self._discard(old)
+        if conn is not None:
+            return conn, True
+        return await self._connect(), False
 
     def _checkout(self) -> tuple[SmtpConnection | None, list[SmtpConnection]]:
         """Pop the most recently used live connection; also hand back the expired ones."""
