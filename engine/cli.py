@@ -6,6 +6,7 @@ The sink (asyncio/aiosmtpd) is imported only when its subcommand runs.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -176,13 +177,33 @@ def serve(args: argparse.Namespace) -> int:
                 )
                 print(_banner(settings, redis_url, smtp_url, embedded), flush=True)
 
-        trio.run(main)
+        try:
+            trio.run(main)
+        except BaseExceptionGroup as group:
+            in_use = _find_oserror(group, errno.EADDRINUSE)
+            if in_use is None:
+                raise
+            raise ConfigError(
+                f"cannot listen on {settings.http.bind}: address already in use "
+                "(is another engine running? choose another with --bind)"
+            ) from None
     finally:
         if sink is not None:
             sink.stop()
         if redis_server is not None:
             redis_server.stop()
     return 0
+
+
+def _find_oserror(exc: BaseException, code: int) -> OSError | None:
+    if isinstance(exc, OSError) and exc.errno == code:
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find_oserror(inner, code)
+            if found is not None:
+                return found
+    return None
 
 
 def send(args: argparse.Namespace) -> int:

@@ -68,8 +68,9 @@ class SenderSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rate_per_s: float = 0.0
     # Token-bucket capacity (messages that may go at once); 0 means max(1, rate_per_s).
     burst: int = 0
-    # Most jobs one sender claims in one round-trip when the queue is busy.
-    claim_batch: int = 16
+    # Most jobs one sender claims in one round-trip when the queue is busy; they go out
+    # pipelined over one SMTP connection (32 measured best here with 16 senders).
+    claim_batch: int = 32
     # Seconds a sender blocks in BLMOVE waiting for work when the queue is empty.
     claim_block_s: float = 1.0
     # "from" address used when a request does not give one.

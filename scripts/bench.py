@@ -1,7 +1,8 @@
 """Benchmark the engine against ceilings measured in the same run.
 
 Phases (each prints progress; a table comes at the end):
-  1. HTTP ceiling: bare ASGI hello on hypercorn-trio, single POSTs by wrk.
+  1. HTTP ceiling: bare ASGI hello on hypercorn-trio, single POSTs by wrk (measured
+     before and after phase 2; the higher one counts).
   2. Ingest: the engine (role api) under the same wrk load: req/s, p50, p99.
   3. Batch ingest: POST /v1/messages/batch with BATCH messages each: accepted msgs/s.
   4. Sink ceiling: the sink fed directly by one pipelined SMTP client.
@@ -327,8 +328,12 @@ def main() -> None:
         RedisServer(Path(tmpdir) / "redis") as redis,
     ):
         tmp = Path(tmpdir)
-        hello = phase_ceiling(args, tmp)
+        first = phase_ceiling(args, tmp)
         ingest = phase_ingest(args, redis, tmp)
+        # The ceiling again, after: the better of the two is the one we compare with,
+        # so a machine that warmed up (or cooled down) mid-run cannot flatter the ratio.
+        second = phase_ceiling(args, tmp)
+        hello = max(first, second, key=lambda r: r.requests_per_s)
         batch, batch_rate = phase_batch(args, redis, tmp)
         sink_rate = phase_sink_ceiling(args)
         e2e_rate, e2e = phase_e2e(args, redis, tmp)

@@ -67,3 +67,22 @@ def test_every_script_has_a_keys_argv_header() -> None:
         head = src.split("\n", 6)
         assert head[0].startswith(f"-- {name}:"), name
         assert "KEYS[1]" in src.split("local", 1)[0] and "ARGV[1]" in src.split("local", 1)[0], name
+
+
+def test_busy_port_is_a_clear_error(redis_server: object, tmp_path: Path) -> None:
+    import socket
+
+    from fixtures.redis import RedisServer
+
+    assert isinstance(redis_server, RedisServer)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "engine", "serve", "--redis-url", redis_server.url,
+             "--smtp-url", "smtp://127.0.0.1:9", "--bind", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, check=False, cwd=ROOT, timeout=60,
+        )  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "address already in use" in out.stderr and "Traceback" not in out.stderr
