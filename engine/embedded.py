@@ -186,13 +186,14 @@ class SinkProcess:
 
     def start(self, timeout_s: float = 15.0) -> SinkProcess:
         host, _, port = self.bind.rpartition(":")
-        args = [sys.executable, "-m", "engine", "sink", "--bind", self.bind, "--quiet"]
+        # Not --quiet: its "listening" line and exit summary go to the engine's stdout.
+        args = [sys.executable, "-m", "engine", "sink", "--bind", self.bind]
         if self.maildir:
             Path(self.maildir).mkdir(parents=True, exist_ok=True)
             args += ["--maildir", self.maildir]
         self.proc = subprocess.Popen(
             args,
-            stdout=subprocess.DEVNULL,
+            stdout=None,
             stderr=subprocess.PIPE,
             preexec_fn=_die_with_parent,  # noqa: PLW1509 (no threads yet at start-up),
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
