@@ -6,7 +6,6 @@ import email
 import email.policy
 import mailbox
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.embedded import free_port
+from fixtures.engine import EngineProcess
 from fixtures.redis import RedisServer
 from fixtures.sink import SinkProcess
 
@@ -39,53 +38,6 @@ def _flush(url: str) -> None:
             await r.flushall()
 
     trio.run(go)
-
-
-class EngineProcess:
-    def __init__(self, redis_url: str, smtp_url: str, workdir: Path, *extra: str) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = open(workdir / f"engine-{self.port}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "engine",
-                "serve",
-                "--redis-url",
-                redis_url,
-                "--smtp-url",
-                smtp_url,
-                "--bind",
-                f"127.0.0.1:{self.port}",
-                *extra,
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            cwd=workdir,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if httpx.get(self.base + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError("engine did not become ready:\n" + self.output())
-
-    def output(self) -> str:
-        if not self.log.closed:
-            self.log.flush()
-        return Path(self.log.name).read_text(errors="replace")
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(20)
-        self.log.close()
-        return code
 
 
 @pytest.fixture
