@@ -35,6 +35,8 @@ class HttpSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_body_bytes: int = 10 * 1024 * 1024
     # Messages allowed in one POST /v1/messages/batch.
     max_batch_messages: int = 1000
+    # Seconds ingest waits for Redis to confirm an enqueue before answering 503.
+    enqueue_timeout_s: float = 2.0
 
 
 class SmtpSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -94,6 +96,15 @@ class QueueSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     backoff_base_s: float = 2.0
     # Longest retry delay in seconds.
     backoff_max_s: float = 600.0
+    # Times a job may be returned by the reaper (its sender died or hung) before it is
+    # dead-lettered instead: a message that crashes senders must not crash them forever.
+    max_stalls: int = 3
+    # Seconds a sent job's record is kept (then it expires; 0 = forever).
+    keep_sent_s: int = 24 * 3600
+    # Seconds a failed (dead-lettered) job's record is kept (0 = forever).
+    keep_failed_s: int = 7 * 24 * 3600
+    # Seconds an Idempotency-Key remembers the ids it was first used for.
+    idempotency_ttl_s: int = 24 * 3600
     # Approximate number of entries the event stream is trimmed to (an enqueue's
     # "queued" entry lists up to 100 jobs; other transitions are one entry per job).
     events_maxlen: int = 100_000

@@ -17,6 +17,7 @@ from engine.errors import ValidationError
 MAX_RECIPIENTS: Final = 100
 MAX_SUBJECT_CHARS: Final = 998
 MAX_TAGS: Final = 20
+MAX_ATTEMPTS: Final = 50
 
 # Header names the engine writes itself; user headers may not replace them.
 RESERVED_HEADERS: Final = frozenset(
@@ -56,6 +57,8 @@ class MessageIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     headers: dict[str, str] = {}
     reply_to: str | list[str] | None = None
     tags: list[str] = []
+    # Delivery attempts before the message is dead-lettered (default queue.max_attempts).
+    max_attempts: int | None = None
 
 
 class BatchIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -77,6 +80,7 @@ class Message(msgspec.Struct, array_like=True, gc=False):
     headers: list[tuple[str, str]]
     reply_to: list[str]
     tags: list[str]
+    max_attempts: int | None = None
 
     def envelope_recipients(self) -> list[str]:
         """Bare addresses for RCPT TO, in order, without duplicates."""
@@ -104,6 +108,7 @@ class JobView(msgspec.Struct):
     created_at: str
     updated_at: str
     last_error: str | None
+    next_attempt_at: str | None = None  # set while retrying
 
 
 class Problem(msgspec.Struct, omit_defaults=True):
@@ -211,9 +216,12 @@ def _normalize(msg: MessageIn, default_from: str) -> Message:
         if not tag or len(tag) > 64:
             raise ValidationError(f"tags[{i}]", "tags are 1 to 64 characters")
         _no_newlines(f"tags[{i}]", tag)
+    if msg.max_attempts is not None and not 1 <= msg.max_attempts <= MAX_ATTEMPTS:
+        raise ValidationError("max_attempts", f"must be 1 to {MAX_ATTEMPTS}")
     return Message(
-        sender, to, cc, bcc, msg.subject, msg.text, msg.html, headers, reply_to, list(msg.tags)
-    )
+        sender, to, cc, bcc, msg.subject, msg.text, msg.html, headers, reply_to,
+        list(msg.tags), msg.max_attempts,
+    )  # fmt: skip
 
 
 def ms_to_iso(ms: int) -> str:

@@ -214,3 +214,116 @@ async def test_draining_answers_503(client: httpx.AsyncClient, engine: Engine) -
 def test_http_settings_default_limit() -> None:
     assert HttpSettings().max_body_bytes >= 1_000_000
     assert Settings().http.max_batch_messages == 1000
+
+
+# -- idempotency -------------------------------------------------------------------------
+
+
+async def test_idempotency_key_returns_the_first_id(
+    client: httpx.AsyncClient, engine: Engine
+) -> None:
+    headers = {"Idempotency-Key": "order-42"}
+    first = await client.post("/v1/messages", json=MSG, headers=headers)
+    assert first.status_code == 202
+    again = await client.post("/v1/messages", json=MSG, headers=headers)
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert (await engine.running.queue.counts()).enqueued_total == 1
+
+
+async def test_idempotency_key_with_other_body_is_409(client: httpx.AsyncClient) -> None:
+    headers = {"Idempotency-Key": "order-43"}
+    assert (await client.post("/v1/messages", json=MSG, headers=headers)).status_code == 202
+    r = await client.post("/v1/messages", json={**MSG, "subject": "changed"}, headers=headers)
+    assert _problem(r, 409)["field"] == "Idempotency-Key"
+
+
+async def test_idempotency_key_on_batches(client: httpx.AsyncClient, engine: Engine) -> None:
+    headers = {"Idempotency-Key": "batch-1"}
+    body = {"messages": [MSG, MSG, MSG]}
+    first = await client.post("/v1/messages/batch", json=body, headers=headers)
+    again = await client.post("/v1/messages/batch", json=body, headers=headers)
+    assert first.status_code == 202 and again.status_code == 200
+    assert again.json()["ids"] == first.json()["ids"]
+    # The same key on the single endpoint is a different request: conflict.
+    r = await client.post("/v1/messages", json=MSG, headers=headers)
+    assert r.status_code == 409
+    assert (await engine.running.queue.counts()).enqueued_total == 3
+
+
+async def test_concurrent_requests_with_one_key_make_one_job(
+    client: httpx.AsyncClient, engine: Engine
+) -> None:
+    headers = {"Idempotency-Key": "race"}
+    answers: list[httpx.Response] = []
+
+    async def post() -> None:
+        answers.append(await client.post("/v1/messages", json=MSG, headers=headers))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(post)
+    assert len({r.json()["id"] for r in answers}) == 1
+    assert sorted(r.status_code for r in answers) == [200] * 9 + [202]
+
+
+async def test_bad_idempotency_key_is_400(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/messages", json=MSG, headers={"Idempotency-Key": "x" * 300})
+    assert _problem(r, 400)["field"] == "Idempotency-Key"
+
+
+# -- dead-letter API ---------------------------------------------------------------------
+
+
+async def test_dead_letter_list_retry_delete(client: httpx.AsyncClient, engine: Engine) -> None:
+    from engine.errors import PermanentFailure
+
+    engine.transport.script(*[PermanentFailure("550 no such user", code=550)] * 3)
+    ids = [(await client.post("/v1/messages", json=MSG)).json()["id"] for _ in range(3)]
+    for job_id in ids:
+        await _wait_state(client, job_id, "failed")
+    page = (await client.get("/v1/dead", params={"limit": 2})).json()
+    assert page["total"] == 3 and len(page["items"]) == 2 and page["next_offset"] == 2
+    assert all("550" in item["last_error"] for item in page["items"])
+
+    r = await client.post(f"/v1/dead/{ids[0]}/retry")
+    assert r.status_code == 202
+    status = await _wait_state(client, ids[0], "sent")
+    assert status["attempts"] == 1  # attempts start afresh
+    assert (await client.post(f"/v1/dead/{ids[0]}/retry")).status_code == 404
+
+    assert (await client.delete(f"/v1/dead/{ids[1]}")).status_code == 204
+    assert (await client.get(f"/v1/messages/{ids[1]}")).status_code == 404
+    assert (await client.delete(f"/v1/dead/{ids[1]}")).status_code == 404
+
+    r = await client.post("/v1/dead/retry", json={"error_contains": "no such USER"})
+    assert r.json() == {"retried": 1, "ids": [ids[2]]}
+    await _wait_state(client, ids[2], "sent")
+    assert (await client.get("/v1/dead")).json()["total"] == 0
+
+
+async def test_dead_retry_all_with_empty_body(client: httpx.AsyncClient, engine: Engine) -> None:
+    from engine.errors import PermanentFailure
+
+    engine.transport.script(*[PermanentFailure("554 rejected", code=554)] * 2)
+    ids = [(await client.post("/v1/messages", json=MSG)).json()["id"] for _ in range(2)]
+    for job_id in ids:
+        await _wait_state(client, job_id, "failed")
+    r = await client.post("/v1/dead/retry")
+    assert r.status_code == 202 and sorted(r.json()["ids"]) == sorted(ids)
+
+
+async def test_dead_list_rejects_bad_paging(client: httpx.AsyncClient) -> None:
+    r = await client.get("/v1/dead", params={"limit": 0})
+    assert _problem(r, 422)["field"] == "limit"
+
+
+async def test_retrying_message_shows_next_attempt(
+    client: httpx.AsyncClient, engine: Engine
+) -> None:
+    from engine.errors import TemporaryFailure
+
+    engine.transport.script(TemporaryFailure("451 later", code=451))
+    job_id = (await client.post("/v1/messages", json=MSG)).json()["id"]
+    status = await _wait_state(client, job_id, "retrying")
+    assert status["next_attempt_at"] and "451" in str(status["last_error"])

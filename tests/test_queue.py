@@ -7,7 +7,7 @@ import trio
 from engine.config import QueueSettings
 from engine.ids import new_id
 from engine.queue import Queue
-from engine.queue.jobs import Failure
+from engine.queue.jobs import EnqueueRequest, Failure
 from engine.queue.redis import Redis
 
 
@@ -163,7 +163,7 @@ async def test_orphan_in_processing_gets_a_lease_and_is_reaped(redis: Redis) -> 
     clock = [1000.0]
     q = Queue(redis, QueueSettings(lease_s=2, heartbeat_s=1), "i1", clock=lambda: clock[0])
     job_id = new_id()
-    await q._flush_enqueue([(job_id, b"x")])
+    await q._flush_enqueue([EnqueueRequest([(job_id, b"x")])])
     await redis.lmove(q.keys.ready(), q.keys.processing("i1"), "LEFT", "RIGHT")
     await q.renew([])
     assert await redis.zscore(q.keys.leases, job_id) is not None
@@ -182,7 +182,7 @@ async def test_expired_lease_is_requeued_once_by_concurrent_reapers(redis: Redis
     worker = Queue(redis, settings, "worker", clock=lambda: clock[0])
     reapers = [Queue(redis, settings, f"r{i}", clock=lambda: clock[0]) for i in range(4)]
     ids = [new_id() for _ in range(50)]
-    await worker._flush_enqueue([(i, b"x") for i in ids])
+    await worker._flush_enqueue([EnqueueRequest([(i, b"x") for i in ids])])
     await worker._claim(50, [])
     clock[0] += 3  # the worker hung: leases expire
     results: list[int] = []
@@ -205,7 +205,7 @@ async def test_dead_instance_processing_list_is_recovered(redis: Redis) -> None:
     dead = Queue(redis, settings, "dead", clock=lambda: clock[0])
     live = Queue(redis, settings, "live", clock=lambda: clock[0])
     ids = [new_id() for _ in range(3)]
-    await dead._flush_enqueue([(i, b"x") for i in ids])
+    await dead._flush_enqueue([EnqueueRequest([(i, b"x") for i in ids])])
     await dead._claim(2, [])
     await dead.renew([ids[0], ids[1]])
     clock[0] += 3
@@ -213,3 +213,63 @@ async def test_dead_instance_processing_list_is_recovered(redis: Redis) -> None:
     assert result.requeued == 2 and result.instances_removed == 1
     assert await redis.exists([dead.keys.processing("dead")]) == 0
     assert await redis.llen(dead.keys.ready()) == 3
+
+
+async def test_job_that_stalls_too_often_is_dead_lettered(redis: Redis) -> None:
+    clock = [1000.0]
+    q = Queue(
+        redis, QueueSettings(lease_s=2, heartbeat_s=1, max_stalls=2), "i1", clock=lambda: clock[0]
+    )
+    job_id = new_id()
+    await q._flush_enqueue([EnqueueRequest([(job_id, b"x")])])
+    for stall in range(1, 4):
+        assert [j.id for j in await q._claim(1, [])] == [job_id]
+        clock[0] += 3  # the sender hangs: the lease expires
+        result = await q.reap()
+        if stall <= 2:
+            assert result.requeued == 1
+        else:
+            assert result.dead_lettered == 1
+    rec = await q.get(job_id)
+    assert rec is not None and rec.state == "failed"
+    assert rec.last_error is not None and "stalled 3 times" in rec.last_error
+    assert await redis.lrange(q.keys.dead, 0, -1) == [job_id.encode()]
+
+
+async def test_retry_of_some_recipients_only(queue: Queue) -> None:
+    (job_id,) = await _enqueue(queue, 1)
+    await queue.claim(1)
+    await queue.fail([Failure(job_id, "retry", queue.now_ms() - 1, "451", ["b@x.org"])])
+    await queue.reap()
+    (job,) = await queue.claim(1)
+    assert job.recipients == ["b@x.org"] and job.attempt == 2
+    await queue.ack(job_id, "delivered in part")
+    rec = await queue.get(job_id)
+    assert rec is not None and rec.state == "sent" and rec.last_error == "delivered in part"
+
+
+async def test_dead_retry_and_delete(queue: Queue, redis: Redis) -> None:
+    ids = await _enqueue(queue, 3)
+    await queue.claim(3)
+    await queue.fail([Failure(i, "dead", 0, "550") for i in ids])
+    assert await queue.dead_retry([ids[0], "0" * 32]) == [ids[0]]
+    rec = await queue.get(ids[0])
+    assert rec is not None and rec.state == "queued" and rec.attempts == 0
+    assert await redis.ttl(queue.keys.job(ids[0])) == -1  # no longer expiring
+    assert await queue.dead_delete([ids[1]]) == [ids[1]]
+    assert await queue.get(ids[1]) is None
+    total, records = await queue.dead_page(0, 10)
+    assert total == 1 and [r.id for r in records] == [ids[2]]
+    # A dead-lettered id whose record expired is pruned from the list when listed.
+    await redis.delete([queue.keys.job(ids[2])])
+    assert await queue.dead_page(0, 10) == (0, [])
+    assert await redis.llen(queue.keys.dead) == 0
+
+
+async def test_idempotent_enqueue(queue: Queue) -> None:
+    a = await queue.enqueue([(new_id(), b"a")], idempotency_key="k", fingerprint="f1")
+    b = await queue.enqueue([(new_id(), b"b")], idempotency_key="k", fingerprint="f1")
+    c = await queue.enqueue([(new_id(), b"c")], idempotency_key="k", fingerprint="f2")
+    assert a.outcome == "stored" and b.outcome == "replayed" and b.ids == a.ids
+    assert c.outcome == "conflict"
+    assert (await queue.counts()).enqueued_total == 1

@@ -163,3 +163,54 @@ async def test_cancel_mid_send_leaves_job_leased_for_the_reaper(q: Queue, redis:
     # Unknown whether the server got it: never acked, never lost -- still leased.
     assert await _state(q, job_id) == "processing"
     assert await redis.zscore(q.keys.leases, job_id) is not None
+
+
+async def test_partial_delivery_retries_only_refused_recipients(q: Queue) -> None:
+    from engine.transport.base import RecipientRejected, SendResult
+
+    (job_id,) = await _enqueue(q, 1)
+    transport = MemoryTransport()
+    transport.script(SendResult(250, "ok", [RecipientRejected("ann@example.com", 451, "later")]))
+    pool = SenderPool(q, transport, SenderSettings(senders=1), q.settings)
+
+    async def done() -> bool:
+        await q.reap()
+        return await _state(q, job_id) == "sent"
+
+    await _run_until(pool, done)
+    # The retry went to the refused recipient only.
+    assert [m.recipients for m in transport.attempts] == [["ann@example.com"], ["ann@example.com"]]
+
+
+async def test_permanent_refusal_of_some_recipients_still_counts_as_sent(q: Queue) -> None:
+    from engine.transport.base import RecipientRejected, SendResult
+
+    (job_id,) = await _enqueue(q, 1)
+    transport = MemoryTransport()
+    transport.script(SendResult(250, "ok", [RecipientRejected("x@example.com", 550, "unknown")]))
+    pool = SenderPool(q, transport, SenderSettings(senders=1), q.settings)
+
+    async def done() -> bool:
+        return await _state(q, job_id) == "sent"
+
+    await _run_until(pool, done)
+    rec = await q.get(job_id)
+    assert rec is not None and rec.last_error is not None and "x@example.com: 550" in rec.last_error
+
+
+async def test_per_message_max_attempts(q: Queue) -> None:
+    msg = Message("e@localhost", ["a@example.com"], [], [], "S", "b", None, [], [], [], 1)
+    (job_id,) = new_ids(1)
+    await q.enqueue([(job_id, msgspec.msgpack.encode(msg))])
+
+    def busy(mail: OutgoingMail) -> TemporaryFailure:
+        return TemporaryFailure("451 later", code=451)
+
+    pool = SenderPool(q, MemoryTransport(fail=busy), SenderSettings(senders=1), q.settings)
+
+    async def done() -> bool:
+        return await _state(q, job_id) == "failed"
+
+    await _run_until(pool, done)
+    rec = await q.get(job_id)
+    assert rec is not None and rec.attempts == 1

@@ -15,6 +15,7 @@ from quart import Response
 from quart_trio import QuartTrio
 
 from engine.api.asgi import ASGIApp, Receive, Scope, Send, problem_body, send_json, send_problem
+from engine.api.dead import register_dead_routes
 from engine.api.ingest import Ingest
 from engine.config import Settings
 from engine.errors import QueueError
@@ -36,8 +37,9 @@ class ApiBackend:
     draining: Callable[[], bool]
 
 
-def _quart_app() -> QuartTrio:
+def _quart_app(queue: Queue) -> QuartTrio:
     app = QuartTrio("engine")
+    register_dead_routes(app, queue)
 
     @app.get("/")
     async def index() -> dict[str, Any]:
@@ -49,6 +51,10 @@ def _quart_app() -> QuartTrio:
                 "GET /v1/messages/{id}",
                 "GET /healthz",
                 "GET /readyz",
+                "GET /v1/dead",
+                "POST /v1/dead/{id}/retry",
+                "POST /v1/dead/retry",
+                "DELETE /v1/dead/{id}",
             ],
         }
 
@@ -73,7 +79,7 @@ def _quart_app() -> QuartTrio:
 
 def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
     ingest = Ingest(backend.queue, settings.http, settings.sender.default_from)
-    quart: Any = _quart_app()  # ASGI; typed with its own scope TypedDicts
+    quart: Any = _quart_app(backend.queue)  # ASGI; typed with its own scope TypedDicts
 
     async def draining(send: Send) -> None:
         await send_problem(

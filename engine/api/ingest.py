@@ -6,11 +6,13 @@ request/response machinery costs ~20 % of a request on its own (measured; README
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Final
 
 import msgspec
+import trio
 
 from engine.api.asgi import (
     BodyTooLarge,
@@ -27,6 +29,7 @@ from engine.errors import QueueError, QueueUnavailable, ValidationError
 from engine.ids import is_id, new_id, new_ids
 from engine.models import Accepted, BatchAccepted, BatchIn, JobView, MessageIn, ms_to_iso, normalize
 from engine.queue import Queue
+from engine.queue.jobs import EnqueueResult
 
 _decode_one = msgspec.json.Decoder(MessageIn).decode
 _decode_batch = msgspec.json.Decoder(BatchIn).decode
@@ -36,6 +39,7 @@ _encode_msgpack = msgspec.msgpack.Encoder().encode
 _AT_RE: Final = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _UNKNOWN_RE: Final = re.compile(r"unknown field `(?P<name>[^`]+)`")
 _RETRY_AFTER: Final = [(b"retry-after", b"1")]
+_REPLAYED: Final = (b"idempotent-replayed", b"true")
 
 
 def error_field(exc: msgspec.ValidationError) -> tuple[str, str]:
@@ -91,6 +95,9 @@ class Ingest:
             return None
 
     async def post_message(self, scope: Scope, receive: Receive, send: Send) -> None:
+        idem = await self._idempotency_key(scope, send)
+        if idem is None:
+            return
         body = await self._json_body(scope, receive, send)
         if body is None:
             return
@@ -107,14 +114,20 @@ class Ingest:
         except ValidationError as exc:
             await send_problem(send, 422, "invalid-field", "Invalid field", exc.detail, exc.field)
             return
-        job_id = new_id()
-        if not await self._enqueue(send, [(job_id, _encode_msgpack(message))]):
+        result = await self._enqueue(send, [(new_id(), _encode_msgpack(message))], idem, body)
+        if result is None:
             return
-        await send_json(
-            send, 202, Accepted(job_id), [(b"location", f"/v1/messages/{job_id}".encode())]
-        )
+        job_id = result.ids[0]
+        headers = [(b"location", f"/v1/messages/{job_id}".encode())]
+        if result.outcome == "replayed":
+            await send_json(send, 200, Accepted(job_id), [*headers, _REPLAYED])
+        else:
+            await send_json(send, 202, Accepted(job_id), headers)
 
     async def post_batch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        idem = await self._idempotency_key(scope, send)
+        if idem is None:
+            return
         body = await self._json_body(scope, receive, send)
         if body is None:
             return
@@ -149,13 +162,40 @@ class Ingest:
             field = f"messages[{i}].{exc.field}"
             await send_problem(send, 422, "invalid-field", "Invalid field", exc.detail, field)
             return
-        if not await self._enqueue(send, jobs):
+        result = await self._enqueue(send, jobs, idem, b"batch:" + body)
+        if result is None:
             return
-        await send_json(send, 202, BatchAccepted([job_id for job_id, _ in jobs]))
+        if result.outcome == "replayed":
+            await send_json(send, 200, BatchAccepted(result.ids), [_REPLAYED])
+        else:
+            await send_json(send, 202, BatchAccepted(result.ids))
 
-    async def _enqueue(self, send: Send, jobs: list[tuple[str, bytes]]) -> bool:
+    async def _idempotency_key(self, scope: Scope, send: Send) -> str | None:
+        """The request's Idempotency-Key ('' when absent); None after answering 400."""
+        raw = header(scope, b"idempotency-key")
+        if raw is None:
+            return ""
+        key = raw.decode("latin-1").strip()
+        if not 1 <= len(key) <= 255 or not key.isprintable() or not key.isascii():
+            await send_problem(
+                send, 400, "invalid-header", "Invalid Idempotency-Key",
+                "the Idempotency-Key header takes 1 to 255 printable ASCII characters",
+                "Idempotency-Key",
+            )  # fmt: skip
+            return None
+        return key
+
+    async def _enqueue(
+        self, send: Send, jobs: list[tuple[str, bytes]], idem: str, body: bytes
+    ) -> EnqueueResult | None:
+        """Enqueue; on failure answer the problem and return None."""
+        fingerprint = hashlib.blake2b(body, digest_size=16).hexdigest() if idem else ""
+        result: EnqueueResult | None = None
         try:
-            await self.queue.enqueue(jobs)
+            with trio.move_on_after(self.http.enqueue_timeout_s):
+                result = await self.queue.enqueue(
+                    jobs, idempotency_key=idem, fingerprint=fingerprint
+                )
         except QueueUnavailable:
             await send_problem(
                 send,
@@ -165,7 +205,7 @@ class Ingest:
                 "the message was NOT accepted; retry shortly",
                 extra_headers=_RETRY_AFTER,
             )
-            return False
+            return None
         except QueueError as exc:
             await send_problem(
                 send,
@@ -175,8 +215,23 @@ class Ingest:
                 f"the message was NOT accepted: {exc}",
                 extra_headers=_RETRY_AFTER,
             )
-            return False
-        return True
+            return None
+        if result is None:
+            await send_problem(
+                send, 503, "queue-timeout", "Queue did not answer in time",
+                f"Redis did not confirm within {self.http.enqueue_timeout_s}s: the message may "
+                "or may not have been stored; retry with the same Idempotency-Key to be safe",
+                extra_headers=_RETRY_AFTER,
+            )  # fmt: skip
+            return None
+        if result.outcome == "conflict":
+            await send_problem(
+                send, 409, "idempotency-conflict", "Idempotency-Key reused",
+                "this Idempotency-Key was used for a different request body in the last "
+                "24 h; use a new key for a new request", "Idempotency-Key",
+            )  # fmt: skip
+            return None
+        return result
 
     async def get_message(self, job_id: str, send: Send) -> None:
         if not is_id(job_id):
@@ -197,6 +252,9 @@ class Ingest:
         if rec is None:
             await send_problem(send, 404, "not-found", "No such message", f"unknown id {job_id!r}")
             return
+        next_attempt_at = None
+        if rec.state == "retrying" and rec.next_attempt_at_ms:
+            next_attempt_at = ms_to_iso(rec.next_attempt_at_ms)
         view = JobView(
             rec.id,
             rec.state,
@@ -204,5 +262,6 @@ class Ingest:
             ms_to_iso(rec.created_at_ms),
             ms_to_iso(rec.updated_at_ms),
             rec.last_error,
+            next_attempt_at,
         )
         await send_json(send, 200, view)

@@ -1,7 +1,7 @@
 """Group commit: many concurrent callers, one round-trip.
 
-Callers ``submit`` a list of items and wait; a flusher task sends everything that
-accumulated while the previous flush was in flight as one call. No timer adds
+Callers ``submit`` an item and wait for its result; a flusher task sends everything
+that accumulated while the previous flush was in flight as one call. No timer adds
 latency: an idle committer flushes a lone item at once.
 """
 
@@ -9,19 +9,19 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Generic, NoReturn, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, NoReturn, TypeVar
 
 import trio
 
 T = TypeVar("T")
-
-Flush = Callable[[list[T]], Awaitable[None]]
+R = TypeVar("R")
 
 
 @dataclass(slots=True)
 class _Waiter:
-    done: trio.Event
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Any = None
     error: BaseException | None = None
 
 
@@ -32,18 +32,17 @@ class CommitStatistics:
     pending: int
 
 
-class GroupCommitter(Generic[T]):
-    """Coalesces ``submit`` calls into batched ``flush`` calls of at most ``max_items``.
-
-    All items of one ``submit`` go into the same flush (so a batch that the flush
-    writes atomically is all-or-nothing). If the flush raises, every submitter in
-    that flush gets the exception.
+class GroupCommitter(Generic[T, R]):
+    """Coalesces ``submit`` calls into ``flush(items) -> results`` calls (one result per
+    item, in order) carrying at most ``max_weight`` (an item's weight is given at submit,
+    e.g. its number of jobs; one item always fits on its own). If a flush raises, every
+    submitter in it gets the exception.
     """
 
-    def __init__(self, flush: Flush[T], *, max_items: int) -> None:
+    def __init__(self, flush: Callable[[list[T]], Awaitable[list[R]]], *, max_weight: int) -> None:
         self._flush = flush
-        self._max_items = max_items
-        self._pending: deque[tuple[list[T], _Waiter]] = deque()
+        self._max_weight = max_weight
+        self._pending: deque[tuple[T, int, _Waiter]] = deque()
         self._wakeup = trio.Event()
         self._flushes = 0
         self._items = 0
@@ -52,15 +51,17 @@ class GroupCommitter(Generic[T]):
     def statistics(self) -> CommitStatistics:
         return CommitStatistics(self._flushes, self._items, len(self._pending))
 
-    async def submit(self, items: list[T]) -> None:
+    async def submit(self, item: T, weight: int = 1) -> R:
         if not self._running:
-            raise RuntimeError("GroupCommitter.serve() is not running")
-        waiter = _Waiter(trio.Event())
-        self._pending.append((items, waiter))
+            raise trio.ClosedResourceError("group committer is not running")
+        waiter = _Waiter()
+        self._pending.append((item, weight, waiter))
         self._wakeup.set()
         await waiter.done.wait()
         if waiter.error is not None:
             raise waiter.error
+        result: R = waiter.result
+        return result
 
     async def serve(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -75,34 +76,36 @@ class GroupCommitter(Generic[T]):
                     await self._flush_some()
         finally:
             self._running = False
-            for _, waiter in self._pending:
+            for _, _, waiter in self._pending:
                 waiter.error = trio.ClosedResourceError("group committer stopped")
                 waiter.done.set()
             self._pending.clear()
 
     async def _flush_some(self) -> None:
-        take: list[tuple[list[T], _Waiter]] = []
+        take: list[_Waiter] = []
         items: list[T] = []
-        while self._pending and (
-            not items or len(items) + len(self._pending[0][0]) <= self._max_items
-        ):
-            entry = self._pending.popleft()
-            take.append(entry)
-            items.extend(entry[0])
-        error: BaseException | None = None
+        weight = 0
+        while self._pending and (not items or weight + self._pending[0][1] <= self._max_weight):
+            item, w, waiter = self._pending.popleft()
+            items.append(item)
+            take.append(waiter)
+            weight += w
         try:
-            await self._flush(items)
+            results = await self._flush(items)
         except trio.Cancelled:
             # Shutting down mid-flush: the callers learn it failed (their work may or
             # may not have been written; the scripts are idempotent per id).
-            for _, waiter in take:
+            for waiter in take:
                 waiter.error = trio.ClosedResourceError("group committer stopped")
                 waiter.done.set()
             raise
         except Exception as exc:
-            error = exc
+            for waiter in take:
+                waiter.error = exc
+                waiter.done.set()
+        else:
+            for waiter, result in zip(take, results, strict=True):
+                waiter.result = result
+                waiter.done.set()
         self._flushes += 1
         self._items += len(items)
-        for _, waiter in take:
-            waiter.error = error
-            waiter.done.set()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import trio
 from coredis import PureToken
@@ -25,6 +25,23 @@ class ClaimedJob:
     id: str
     payload: bytes  # msgpack-encoded engine.models.Message
     attempt: int  # 1 for the first delivery attempt
+    # Recipients still to try after a partial delivery; None means all of the message's.
+    recipients: list[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueRequest:
+    """One API request's jobs; with an idempotency key, a repeat returns the first ids."""
+
+    jobs: list[tuple[str, bytes]]  # (job id, msgpack message)
+    idempotency_key: str = ""
+    fingerprint: str = ""  # of the request body: same key + other body is a conflict
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    outcome: Literal["stored", "replayed", "conflict"]
+    ids: list[str]  # stored: the request's ids; replayed: the first request's ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +60,7 @@ class ReapResult:
     promoted: int
     requeued: int
     instances_removed: int
+    dead_lettered: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +81,8 @@ class Failure:
     outcome: str  # "retry" | "dead"
     due_ms: int
     error: str
+    # On retry, only these recipients are tried again (the others got the message).
+    recipients: list[str] | None = None
 
 
 class Queue:
@@ -77,8 +97,6 @@ class Queue:
         settings: QueueSettings,
         instance: str,
         *,
-        keep_sent_s: int = 7 * 24 * 3600,
-        keep_failed_s: int = 30 * 24 * 3600,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
@@ -87,13 +105,15 @@ class Queue:
         self.keys = Keys(settings.name, settings.shard)
         self._scripts = Scripts(client)
         self._clock = clock
-        self._keep_sent_s = keep_sent_s
-        self._keep_failed_s = keep_failed_s
+        self._keep_sent_s = settings.keep_sent_s
+        self._keep_failed_s = settings.keep_failed_s
         self._processing = self.keys.processing(instance)
-        self._enqueuer: GroupCommitter[tuple[str, bytes]] = GroupCommitter(
-            self._flush_enqueue, max_items=settings.enqueue_batch_max
+        self._enqueuer: GroupCommitter[EnqueueRequest, EnqueueResult] = GroupCommitter(
+            self._flush_enqueue, max_weight=settings.enqueue_batch_max
         )
-        self._acker: GroupCommitter[str] = GroupCommitter(self._flush_ack, max_items=1000)
+        self._acker: GroupCommitter[tuple[str, str], None] = GroupCommitter(
+            self._flush_ack, max_weight=1000
+        )
 
     async def load_scripts(self) -> None:
         await self._scripts.load(self.client)
@@ -113,22 +133,43 @@ class Queue:
 
     # -- ingest ------------------------------------------------------------------------
 
-    async def enqueue(self, jobs: list[tuple[str, bytes]]) -> None:
-        """Store ``(id, payload)`` jobs and queue them; returns once Redis has them."""
-        await self._enqueuer.submit(jobs)
+    async def enqueue(
+        self, jobs: list[tuple[str, bytes]], *, idempotency_key: str = "", fingerprint: str = ""
+    ) -> EnqueueResult:
+        """Store ``(id, payload)`` jobs and queue them; returns once Redis has them.
 
-    async def _flush_enqueue(self, jobs: list[tuple[str, bytes]]) -> None:
-        args: list[str | bytes | int] = [
-            self.keys.job_prefix,
-            self.now_ms(),
-            self.settings.events_maxlen,
-        ]
-        for job_id, payload in jobs:
-            args.append(job_id)
-            args.append(payload)
+        With an ``idempotency_key`` already used (within idempotency_ttl_s) nothing is
+        stored: the result is the first request's ids, or a conflict when ``fingerprint``
+        differs from the first request's.
+        """
+        request = EnqueueRequest(jobs, idempotency_key, fingerprint)
+        return await self._enqueuer.submit(request, len(jobs))
+
+    async def _flush_enqueue(self, requests: list[EnqueueRequest]) -> list[EnqueueResult]:
         k = self.keys
+        args: list[str | bytes | int] = [
+            k.job_prefix, self.now_ms(), self.settings.events_maxlen,
+            k.idem(""), self.settings.idempotency_ttl_s,
+        ]  # fmt: skip
+        for request in requests:
+            args += [request.idempotency_key, request.fingerprint, len(request.jobs)]
+            for job_id, payload in request.jobs:
+                args.append(job_id)
+                args.append(payload)
         with translate_errors():
-            await self._scripts["enqueue"](keys=[k.ready(), k.events, k.stats], args=args)
+            out: Any = await self._scripts["enqueue"](
+                keys=[k.ready(), k.events, k.stats], args=args
+            )
+        results: list[EnqueueResult] = []
+        for request, entry in zip(requests, out, strict=True):
+            code = int(entry[0])
+            if code == 0:
+                results.append(EnqueueResult("stored", [job_id for job_id, _ in request.jobs]))
+            elif code == 1:
+                results.append(EnqueueResult("replayed", entry[1].decode().split(",")))
+            else:
+                results.append(EnqueueResult("conflict", []))
+        return results
 
     async def get(self, job_id: str) -> JobRecord | None:
         with translate_errors():
@@ -185,26 +226,32 @@ class Queue:
             )
         assert isinstance(out, list)
         return [
-            ClaimedJob(out[i].decode(), out[i + 1], int(out[i + 2])) for i in range(0, len(out), 3)
-        ]
+            ClaimedJob(
+                out[i].decode(), out[i + 1], int(out[i + 2]),
+                out[i + 3].decode().split(",") if out[i + 3] else None,
+            )
+            for i in range(0, len(out), 4)
+        ]  # fmt: skip
 
-    async def ack(self, job_id: str) -> None:
-        """Record the job as sent (group-committed); returns once Redis has it."""
-        await self._acker.submit([job_id])
+    async def ack(self, job_id: str, note: str = "") -> None:
+        """Record the job as sent (group-committed); returns once Redis has it.
 
-    async def _flush_ack(self, ids: list[str]) -> None:
+        ``note`` is kept as the job's last_error (e.g. recipients refused for good).
+        """
+        await self._acker.submit((job_id, note))
+
+    async def _flush_ack(self, acks: list[tuple[str, str]]) -> list[None]:
         k = self.keys
         args: list[str | int] = [
-            k.job_prefix,
-            self.now_ms(),
-            self.settings.events_maxlen,
-            self._keep_sent_s,
-            *ids,
-        ]
+            k.job_prefix, self.now_ms(), self.settings.events_maxlen, self._keep_sent_s,
+        ]  # fmt: skip
+        for job_id, note in acks:
+            args += [job_id, note]
         with translate_errors():
             await self._scripts["ack"](
                 keys=[self._processing, k.leases, k.events, k.stats], args=args
             )
+        return [None] * len(acks)
 
     async def fail(self, failures: Sequence[Failure]) -> int:
         """Schedule retries or dead-letter jobs whose attempt failed."""
@@ -216,7 +263,8 @@ class Queue:
             self._keep_failed_s,
         ]
         for f in failures:
-            args += [f.job_id, f.outcome, f.due_ms, f.error]
+            rcpts = ",".join(f.recipients) if f.recipients else ""
+            args += [f.job_id, f.outcome, f.due_ms, f.error, rcpts]
         with translate_errors():
             n: Any = await self._scripts["fail"](
                 keys=[self._processing, k.leases, k.delayed, k.dead, k.events, k.stats],
@@ -263,21 +311,66 @@ class Queue:
             await self.client.zrem(self.keys.instances, [self.instance])
 
     async def reap(self, *, limit: int = 1000) -> ReapResult:
-        """Promote due delayed jobs; requeue jobs of expired leases and dead instances."""
+        """Promote due delayed jobs; requeue jobs of expired leases and dead instances
+        (dead-lettering a job that stalled more than max_stalls times)."""
         k = self.keys
         args: list[str | int] = [
-            k.prefix,
-            k.job_prefix,
-            self.now_ms(),
-            self.settings.events_maxlen,
-            limit,
-        ]
+            k.prefix, k.job_prefix, self.now_ms(), self.settings.events_maxlen, limit,
+            self.settings.max_stalls, self._keep_failed_s,
+        ]  # fmt: skip
         with translate_errors():
             out: Any = await self._scripts["reap"](
-                keys=[k.ready(), k.delayed, k.leases, k.instances, k.events, k.stats], args=args
+                keys=[k.ready(), k.delayed, k.leases, k.instances, k.events, k.stats, k.dead],
+                args=args,
             )
-        assert isinstance(out, list)
-        return ReapResult(int(out[0]), int(out[1]), int(out[2]))
+        return ReapResult(int(out[0]), int(out[1]), int(out[2]), int(out[3]))
+
+    # -- dead-letter queue -------------------------------------------------------------
+
+    async def dead_page(self, offset: int, limit: int) -> tuple[int, list[JobRecord]]:
+        """(total, records) of the dead-letter list from ``offset``, oldest first.
+
+        Ids whose record has expired (keep_failed_s) are dropped from the list as met.
+        """
+        k = self.keys
+        with translate_errors():
+            total = await self.client.llen(k.dead)
+            raw = await self.client.lrange(k.dead, offset, offset + limit - 1)
+        records: list[JobRecord] = []
+        for item in raw:
+            rec = await self.get(item.decode())
+            if rec is None:
+                with translate_errors():
+                    await self.client.lrem(k.dead, 1, item)
+                total -= 1
+                continue
+            records.append(rec)
+        return total, records
+
+    async def dead_ids(self) -> list[str]:
+        with translate_errors():
+            return [x.decode() for x in await self.client.lrange(self.keys.dead, 0, -1)]
+
+    async def dead_retry(self, ids: Sequence[str]) -> list[str]:
+        """Re-queue dead-lettered jobs with fresh attempts; returns the ids re-queued."""
+        k = self.keys
+        return await self._dead_op("dead_retry", [k.dead, k.ready(), k.events], ids)
+
+    async def dead_delete(self, ids: Sequence[str]) -> list[str]:
+        """Delete dead-lettered jobs and their records; returns the ids deleted."""
+        return await self._dead_op("dead_delete", [self.keys.dead, self.keys.events], ids)
+
+    async def _dead_op(self, script: str, keys: list[str], ids: Sequence[str]) -> list[str]:
+        done: list[str] = []
+        for start in range(0, len(ids), 500):
+            args: list[str | int] = [
+                self.keys.job_prefix, self.now_ms(), self.settings.events_maxlen,
+                *ids[start : start + 500],
+            ]  # fmt: skip
+            with translate_errors():
+                out: Any = await self._scripts[script](keys=keys, args=args)
+            done += [x.decode() for x in out]
+        return done
 
     # -- observation -------------------------------------------------------------------
 

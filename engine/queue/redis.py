@@ -21,7 +21,17 @@ from engine.errors import QueueError, QueueUnavailable
 
 log = logging.getLogger(__name__)
 
-SCRIPT_NAMES = ("enqueue", "claim", "ack", "fail", "release", "renew", "reap")
+SCRIPT_NAMES = (
+    "enqueue",
+    "claim",
+    "ack",
+    "fail",
+    "release",
+    "renew",
+    "reap",
+    "dead_retry",
+    "dead_delete",
+)
 
 Redis = coredis.Redis[bytes]
 

@@ -3,6 +3,7 @@ counters, and the stop signal used by graceful shutdown."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -13,13 +14,19 @@ import msgspec
 import trio
 
 from engine.config import QueueSettings, SenderSettings
-from engine.errors import EngineError, PermanentFailure, QueueUnavailable, TransportError
+from engine.errors import (
+    EngineError,
+    PermanentFailure,
+    QueueUnavailable,
+    TemporaryFailure,
+    TransportError,
+)
 from engine.models import Message
 from engine.policy import after_failure, backoff_s, classify_smtp
 from engine.queue import ClaimedJob, Queue
 from engine.queue.jobs import Failure
 from engine.sender.ratelimit import RateLimiter
-from engine.transport.base import OutgoingMail, Transport
+from engine.transport.base import OutgoingMail, SendResult, Transport
 from engine.transport.compose import compose
 
 log = logging.getLogger(__name__)
@@ -56,6 +63,7 @@ class SenderPool:
         self._holding: set[str] = set()
         self._stopping = trio.Event()
         self._claim_scopes: set[trio.CancelScope] = set()
+        self._max_attempts: dict[str, int] = {}
         self._running = 0
         self._sent = self._retried = self._failed = self._released = 0
 
@@ -141,18 +149,25 @@ class SenderPool:
         async with trio.open_nursery() as records:
             for job in jobs:
                 try:
+                    message = _decode_message(job.payload)
                     mail = compose(
                         job.id,
-                        _decode_message(job.payload),
+                        message,
                         message_id_domain=self.settings.message_id_domain,
                         now=time.time(),
                     )
                 except (msgspec.DecodeError, ValueError) as exc:
                     failure = PermanentFailure(f"undecodable job: {exc}")
-                    records.start_soon(self._record_failure, job, failure)
+                    records.start_soon(self._record_failure, job, failure, 1)
                     continue
+                if job.recipients is not None:
+                    # A retry after a partial delivery: only those still owed it.
+                    mail = dataclasses.replace(mail, recipients=job.recipients)
                 mails.append(mail)
                 by_id[job.id] = job
+                self._max_attempts[job.id] = (
+                    message.max_attempts or self.queue_settings.max_attempts
+                )
             await self._deliver(mails, by_id, records)
 
     async def _deliver(
@@ -169,10 +184,11 @@ class SenderPool:
                 async for mail, outcome in outcomes:
                     pending.popleft()
                     job = by_id[mail.job_id]
+                    max_attempts = self._max_attempts.pop(job.id, 1)
                     if isinstance(outcome, TransportError):
-                        records.start_soon(self._record_failure, job, outcome)
+                        records.start_soon(self._record_failure, job, outcome, max_attempts)
                     else:
-                        records.start_soon(self._ack, job)
+                        records.start_soon(self._delivered, job, outcome, max_attempts)
                     if not pending or self._stopping.is_set():
                         break  # stop: the next message's content was not sent yet
                     # Pace here: the next content is written when iteration resumes.
@@ -196,14 +212,26 @@ class SenderPool:
                 log.warning("sender.release.failed jobs=%d error=%s", len(ids), exc)
         self._holding.difference_update(ids)
 
-    async def _ack(self, job: ClaimedJob) -> None:
+    async def _delivered(self, job: ClaimedJob, result: SendResult, max_attempts: int) -> None:
+        """The server took the message; per-recipient refusals decide what is left."""
+        temporary = [r for r in result.rejected if r.code < 500]
+        note = "; ".join(f"{r.address}: {r.code} {r.text}" for r in result.rejected)
+        if temporary:
+            # Delivered to some; the temporarily refused are retried, and only they.
+            failure = TemporaryFailure(f"delivered in part; refused {note}", code=temporary[0].code)
+            retry = [r.address for r in temporary]
+            await self._record_failure(job, failure, max_attempts, recipients=retry)
+            return
+        await self._ack(job, f"delivered in part; refused {note}" if note else "")
+
+    async def _ack(self, job: ClaimedJob, note: str = "") -> None:
         # The message is with the server: the duplicate window is open until Redis has
         # the ack, so keep trying (shielded: shutdown must not widen the window).
         delay = 0.05
         with trio.CancelScope(shield=True):
             while True:
                 try:
-                    await self.queue.ack(job.id)
+                    await self.queue.ack(job.id, note)
                     break
                 except (QueueUnavailable, trio.ClosedResourceError) as exc:
                     if delay > 5:
@@ -215,33 +243,32 @@ class SenderPool:
         self._holding.discard(job.id)
         self._sent += 1
 
-    async def _record_failure(self, job: ClaimedJob, exc: TransportError) -> None:
-        code = exc.code
-        outcome = "dead" if isinstance(exc, PermanentFailure) else classify_smtp(code)
-        outcome = after_failure(
-            outcome, attempts=job.attempt, max_attempts=self.queue_settings.max_attempts
-        )
+    async def _record_failure(
+        self,
+        job: ClaimedJob,
+        exc: TransportError,
+        max_attempts: int,
+        *,
+        recipients: list[str] | None = None,
+    ) -> None:
+        outcome = "dead" if isinstance(exc, PermanentFailure) else classify_smtp(exc.code)
+        outcome = after_failure(outcome, attempts=job.attempt, max_attempts=max_attempts)
         due_ms = self.queue.now_ms()
         if outcome == "retry":
-            due_ms += int(
-                1000
-                * backoff_s(
-                    job.attempt,
-                    base_s=self.queue_settings.backoff_base_s,
-                    max_s=self.queue_settings.backoff_max_s,
-                )
-            )
-        error = f"{code} {exc}" if code else str(exc)
+            q = self.queue_settings
+            delay = backoff_s(job.attempt, base_s=q.backoff_base_s, max_s=q.backoff_max_s)
+            due_ms += int(1000 * delay)
+        error = str(exc)
+        if exc.code is not None and str(exc.code) not in error:
+            error = f"{exc.code} {error}"
         log.info(
             "sender.send.failed job=%s attempt=%d outcome=%s error=%s",
-            job.id,
-            job.attempt,
-            outcome,
-            error,
-        )
+            job.id, job.attempt, outcome, error,
+        )  # fmt: skip
+        failure = Failure(job.id, outcome, due_ms, error[:500], recipients)
         with trio.CancelScope(shield=True), trio.move_on_after(10):
             try:
-                await self.queue.fail([Failure(job.id, outcome, due_ms, error[:500])])
+                await self.queue.fail([failure])
             except EngineError as err:
                 log.warning("sender.fail.unrecorded job=%s error=%s", job.id, err)
         self._holding.discard(job.id)

@@ -1,19 +1,21 @@
 -- ack: record jobs as sent right after the server's final 250.
 -- KEYS[1] processing:<instance>   KEYS[2] leases zset   KEYS[3] events   KEYS[4] stats
 -- ARGV[1] job key prefix   ARGV[2] now (ms)   ARGV[3] events MAXLEN
--- ARGV[4] seconds to keep a sent record (0 = forever)   ARGV[5..] job ids
+-- ARGV[4] seconds to keep a sent record (0 = forever)
+-- ARGV[5..] pairs: job id, note ('' or e.g. the recipients the server refused for good)
 -- Idempotent: an id already 'sent' is only removed from processing again.
 local prefix, now, maxlen, keep = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local n = 0
-for i = 5, #ARGV do
-  local id = ARGV[i]
+for i = 5, #ARGV, 2 do
+  local id, note = ARGV[i], ARGV[i + 1]
   local key = prefix .. id
   redis.call('LREM', KEYS[1], 1, id)
   redis.call('ZREM', KEYS[2], id)
   local rec = redis.call('HMGET', key, 'state', 'attempts')
   if rec[1] and rec[1] ~= 'sent' then
     redis.call('HSET', key, 'state', 'sent', 'updated_at', now)
-    redis.call('HDEL', key, 'owner')
+    redis.call('HDEL', key, 'owner', 'rcpts')
+    if note ~= '' then redis.call('HSET', key, 'last_error', note) end
     if keep > 0 then redis.call('EXPIRE', key, keep) end
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*',
       'type', 'sent', 'id', id, 'at', now, 'attempt', rec[2], 'state', 'sent')

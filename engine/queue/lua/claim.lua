@@ -3,14 +3,15 @@
 -- ARGV[1] job key prefix   ARGV[2] now (ms)   ARGV[3] lease deadline (ms)
 -- ARGV[4] events MAXLEN    ARGV[5] instance id   ARGV[6] how many more to LMOVE from ready
 -- ARGV[7..] ids already moved into processing by BLMOVE (blocking path)
--- Returns a flat array: id, msgpack message, attempt number, ... for every job claimed.
+-- Returns a flat array: id, msgpack message, attempt number, recipients override
+-- ('' = all; else the comma-separated recipients still to try), ... per job claimed.
 -- A moved id whose record is gone or already finished (sent/failed/cancelled) is
 -- dropped from processing: redelivery of a finished job is skipped, never re-sent.
 local prefix, now, deadline, maxlen, instance = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local out = {}
 local function mark(id)
   local key = prefix .. id
-  local rec = redis.call('HMGET', key, 'state', 'attempts', 'msg')
+  local rec = redis.call('HMGET', key, 'state', 'attempts', 'msg', 'rcpts')
   local state = rec[1]
   if (not state) or state == 'sent' or state == 'failed' or state == 'cancelled' then
     redis.call('LREM', KEYS[2], -1, id)
@@ -25,6 +26,7 @@ local function mark(id)
   out[#out + 1] = id
   out[#out + 1] = rec[3]
   out[#out + 1] = attempt
+  out[#out + 1] = rec[4] or ''
 end
 for i = 7, #ARGV do
   mark(ARGV[i])

@@ -3,12 +3,13 @@
 -- KEYS[5] events   KEYS[6] stats
 -- ARGV[1] job key prefix   ARGV[2] now (ms)   ARGV[3] events MAXLEN
 -- ARGV[4] seconds to keep a failed record (0 = forever)
--- ARGV[5..] quadruples: job id, 'retry' | 'dead', retry due time (ms), error text
+-- ARGV[5..] quintuples: job id, 'retry' | 'dead', retry due time (ms), error text,
+--           recipients still to try on retry ('' = all of them)
 -- Returns the number of jobs moved.
 local prefix, now, maxlen, keep = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local n, dead = 0, 0
-for i = 5, #ARGV, 4 do
-  local id, outcome, due, err = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+for i = 5, #ARGV, 5 do
+  local id, outcome, due, err, rcpts = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local key = prefix .. id
   redis.call('LREM', KEYS[1], 1, id)
   redis.call('ZREM', KEYS[2], id)
@@ -17,6 +18,7 @@ for i = 5, #ARGV, 4 do
     if outcome == 'retry' then
       redis.call('HSET', key, 'state', 'retrying', 'updated_at', now, 'last_error', err,
         'next_attempt_at', due)
+      if rcpts ~= '' then redis.call('HSET', key, 'rcpts', rcpts) end
       redis.call('ZADD', KEYS[3], due, id)
       redis.call('XADD', KEYS[5], 'MAXLEN', '~', maxlen, '*', 'type', 'retrying', 'id', id,
         'at', now, 'attempt', rec[2], 'state', 'retrying', 'error', err)

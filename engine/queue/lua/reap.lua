@@ -3,10 +3,13 @@
 -- KEYS[5] events       KEYS[6] stats
 -- ARGV[1] key prefix of the shard (processing lists are ARGV[1]..'processing:'..owner)
 -- ARGV[2] job key prefix   ARGV[3] now (ms)   ARGV[4] events MAXLEN   ARGV[5] batch limit
--- Returns {promoted, requeued, instances_removed}. Safe to run from many replicas at
+-- ARGV[6] stalls allowed: a job returned more often than this is dead-lettered
+-- ARGV[7] seconds to keep a failed record (0 = forever)   KEYS[7] dead list
+-- Returns {promoted, requeued, instances_removed, dead_lettered}. Safe to run from many replicas at
 -- once: each job is moved by whichever call sees it first, inside one atomic script.
 local shard, prefix, now, maxlen, limit = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local promoted, requeued, gone = 0, 0, 0
+local max_stalls, keep = tonumber(ARGV[6]), tonumber(ARGV[7])
+local promoted, requeued, gone, dead_lettered = 0, 0, 0, 0
 
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
 for _, id in ipairs(due) do
@@ -29,13 +32,23 @@ local function requeue(id, owner)
   local rec = redis.call('HMGET', key, 'state', 'attempts')
   if rec[1] == 'processing' or rec[1] == 'queued' then
     -- queued: moved by a BLMOVE whose claim never ran; it never reached the server.
-    redis.call('HSET', key, 'state', 'queued', 'updated_at', now)
     redis.call('HDEL', key, 'owner')
-    redis.call('HINCRBY', key, 'stalls', 1)
-    redis.call('LPUSH', KEYS[1], id)
-    redis.call('XADD', KEYS[5], 'MAXLEN', '~', maxlen, '*', 'type', 'queued', 'id', id,
-      'at', now, 'attempt', rec[2], 'state', 'queued', 'error', 'lease expired')
-    requeued = requeued + 1
+    local stalls = redis.call('HINCRBY', key, 'stalls', 1)
+    if stalls > max_stalls then
+      local err = 'stalled ' .. stalls .. ' times: its sender stopped renewing the lease'
+      redis.call('HSET', key, 'state', 'failed', 'updated_at', now, 'last_error', err)
+      redis.call('RPUSH', KEYS[7], id)
+      if keep > 0 then redis.call('EXPIRE', key, keep) end
+      redis.call('XADD', KEYS[5], 'MAXLEN', '~', maxlen, '*', 'type', 'failed', 'id', id,
+        'at', now, 'attempt', rec[2], 'state', 'failed', 'error', err)
+      dead_lettered = dead_lettered + 1
+    else
+      redis.call('HSET', key, 'state', 'queued', 'updated_at', now)
+      redis.call('LPUSH', KEYS[1], id)
+      redis.call('XADD', KEYS[5], 'MAXLEN', '~', maxlen, '*', 'type', 'queued', 'id', id,
+        'at', now, 'attempt', rec[2], 'state', 'queued', 'error', 'lease expired')
+      requeued = requeued + 1
+    end
   end
 end
 
@@ -57,4 +70,5 @@ for _, inst in ipairs(dead) do
   gone = gone + 1
 end
 if requeued > 0 then redis.call('HINCRBY', KEYS[6], 'reaped', requeued) end
-return {promoted, requeued, gone}
+if dead_lettered > 0 then redis.call('HINCRBY', KEYS[6], 'failed', dead_lettered) end
+return {promoted, requeued, gone, dead_lettered}

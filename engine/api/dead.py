@@ -1,0 +1,124 @@
+"""Dead-letter queue routes (Quart): list, retry one / many / all, delete.
+
+Not on the hot path, so they use Quart's routing and request objects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from engine.api.asgi import problem_body
+from engine.errors import QueueError
+from engine.ids import is_id
+from engine.models import JobView, ms_to_iso
+from engine.queue import JobRecord, Queue
+
+_encode = msgspec.json.Encoder().encode
+MAX_PAGE = 500
+
+
+class RetryFilter(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of POST /v1/dead/retry; empty body or {} retries everything."""
+
+    ids: list[str] | None = None
+    error_contains: str | None = None
+
+
+def _json(status: int, obj: object) -> Response:
+    return Response(_encode(obj), status=status, content_type="application/json")
+
+
+def _problem(
+    status: int, slug: str, title: str, detail: str = "", field: str | None = None
+) -> Response:
+    return Response(
+        problem_body(status, slug, title, detail, field),
+        status=status,
+        content_type="application/problem+json",
+    )
+
+
+def _view(rec: JobRecord) -> JobView:
+    return JobView(
+        rec.id, rec.state, rec.attempts, ms_to_iso(rec.created_at_ms),
+        ms_to_iso(rec.updated_at_ms), rec.last_error,
+    )  # fmt: skip
+
+
+def _int_arg(name: str, default: int, low: int, high: int) -> int | Response:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        return _problem(422, "invalid-field", "Invalid query parameter",
+                        f"{name} must be an integer from {low} to {high}", name)  # fmt: skip
+    return int(raw)
+
+
+def register_dead_routes(app: QuartTrio, queue: Queue) -> None:
+    @app.get("/v1/dead")
+    async def list_dead() -> Response:
+        offset = _int_arg("offset", 0, 0, 10**9)
+        limit = _int_arg("limit", 50, 1, MAX_PAGE)
+        if isinstance(offset, Response):
+            return offset
+        if isinstance(limit, Response):
+            return limit
+        try:
+            total, records = await queue.dead_page(offset, limit)
+        except QueueError as exc:
+            return _problem(503, "queue-unavailable", "Queue unavailable", str(exc))
+        following = offset + limit if offset + limit < total else None
+        body: dict[str, Any] = {
+            "total": total, "offset": offset, "limit": limit, "next_offset": following,
+            "items": [_view(r) for r in records],
+        }  # fmt: skip
+        return _json(200, body)
+
+    @app.post("/v1/dead/<job_id>/retry")
+    async def retry_one(job_id: str) -> Response:
+        try:
+            done = await queue.dead_retry([job_id]) if is_id(job_id) else []
+        except QueueError as exc:
+            return _problem(503, "queue-unavailable", "Queue unavailable", str(exc))
+        if not done:
+            return _problem(404, "not-found", "Not in the dead-letter queue", f"id {job_id!r}")
+        return _json(202, {"id": job_id, "state": "queued"})
+
+    @app.post("/v1/dead/retry")
+    async def retry_many() -> Response:
+        raw = await request.get_data()
+        try:
+            flt = msgspec.json.decode(raw, type=RetryFilter) if raw.strip() else RetryFilter()
+        except msgspec.ValidationError as exc:
+            return _problem(422, "invalid-field", "Invalid field", str(exc))
+        except msgspec.DecodeError as exc:
+            return _problem(400, "malformed-json", "Malformed JSON", str(exc))
+        try:
+            ids = flt.ids if flt.ids is not None else await queue.dead_ids()
+            if flt.error_contains:
+                needle = flt.error_contains.lower()
+                matching = []
+                for job_id in ids:
+                    rec = await queue.get(job_id)
+                    if rec and rec.last_error and needle in rec.last_error.lower():
+                        matching.append(job_id)
+                ids = matching
+            done = await queue.dead_retry([i for i in ids if is_id(i)])
+        except QueueError as exc:
+            return _problem(503, "queue-unavailable", "Queue unavailable", str(exc))
+        return _json(202, {"retried": len(done), "ids": done})
+
+    @app.delete("/v1/dead/<job_id>")
+    async def delete_one(job_id: str) -> Response:
+        try:
+            done = await queue.dead_delete([job_id]) if is_id(job_id) else []
+        except QueueError as exc:
+            return _problem(503, "queue-unavailable", "Queue unavailable", str(exc))
+        if not done:
+            return _problem(404, "not-found", "Not in the dead-letter queue", f"id {job_id!r}")
+        return Response(b"", status=204)

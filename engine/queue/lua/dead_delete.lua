@@ -1,0 +1,16 @@
+-- dead_delete: drop dead-lettered jobs for good (record included).
+-- KEYS[1] dead list   KEYS[2] events
+-- ARGV[1] job key prefix   ARGV[2] now (ms)   ARGV[3] events MAXLEN   ARGV[4..] job ids
+-- Returns the ids deleted (only ids that were in the dead list).
+local prefix, now, maxlen = ARGV[1], ARGV[2], ARGV[3]
+local out = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  if redis.call('LREM', KEYS[1], 1, id) > 0 then
+    redis.call('DEL', prefix .. id)
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'deleted', 'id', id,
+      'at', now, 'state', 'deleted')
+    out[#out + 1] = id
+  end
+end
+return out
