@@ -77,6 +77,8 @@ class SenderSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     claim_block_s: float = 1.0
     # "from" address used when a request does not give one.
     default_from: str = "engine@localhost"
+    # Seconds in-flight sends get to finish after SIGTERM before they are cancelled.
+    shutdown_grace_s: float = 10.0
     # Right-hand side of the Message-ID the engine gives each job.
     message_id_domain: str = "engine.localhost"
 

@@ -75,13 +75,15 @@ async def run_engine(
     redis_url: str,
     smtp_url: str,
     transport: Transport | None = None,
-    shutdown_grace_s: float = 10.0,
+    shutdown_grace_s: float | None = None,
     handle_signals: bool = True,
     stop: trio.Event | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run one engine process until SIGTERM/SIGINT (or ``stop`` is set)."""
     instance = instance_id(settings)
+    if shutdown_grace_s is None:
+        shutdown_grace_s = settings.sender.shutdown_grace_s
     stop = stop if stop is not None else trio.Event()
     async with open_redis(
         redis_url,
