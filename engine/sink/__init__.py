@@ -6,10 +6,11 @@ The only part of the engine that may import asyncio, aiosmtpd or uvloop, and onl
     cli      flags -> SinkOptions; ``add_arguments`` and ``run`` for ``engine sink``
     server   asyncio/aiosmtpd/uvloop: the SMTP handler and the process's main loop
     protocol aiosmtpd's SMTP with hot-path shortcuts (fast addresses, block DATA reads,
-             coalesced pipelined replies)
+             coalesced pipelined replies) and ``hang_up`` for faults that close
     record   counters, statistics, the JSON-lines log, the Maildir, atomic files
     headers  cheap bytes scan for Message-ID and X-Engine-Job-Id
-    faults   pure: what to answer a recipient (``decide_rcpt``), grows into fault injection
+    faults   pure fault injection: recipient tags (``decide_rcpt``) and flags plus random
+             draws (``decide_data``) -> verdicts the server acts on
 """
 
 from engine.sink.cli import SinkOptions, add_arguments, run

@@ -6,6 +6,8 @@
 3. Replies to pipelined commands are written together: while another complete command
    is already buffered, a reply is held and goes out with the next one (one send per
    group instead of one per command; order is unchanged).
+4. For fault injection, ``hang_up`` closes the connection from inside a hook (after a
+   421, or mid-DATA with no reply), and ``SinkEnvelope`` carries a transaction's faults.
 Imports asyncio (directly and through aiosmtpd); only ``server`` uses it.
 """
 
@@ -13,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
-from aiosmtpd.smtp import MISSING, SMTP
+from aiosmtpd.smtp import MISSING, SMTP, Envelope
+
+from engine.sink.faults import DataVerdict
 
 # Longest DATA line in bytes, CRLF included (aiosmtpd's limit; RFC 5321 4.5.3.1.6).
 DATA_LINE_LIMIT: Final = 1001
@@ -26,6 +30,13 @@ _PLAIN_ANGLE_ADDR: Final = re.compile(
 )
 # Replies after which aiosmtpd may close the connection in the same step: never held.
 _FINAL_CODES: Final = (b"221", b"421")
+
+
+class SinkEnvelope(Envelope):
+    """aiosmtpd's Envelope plus the end-of-DATA faults its accepted recipients asked for."""
+
+    # A class attribute: untagged transactions never pay for setting it.
+    faults: DataVerdict | None = None
 
 
 def fast_addr(arg: str) -> tuple[str, str] | None:
@@ -89,6 +100,9 @@ class SinkSMTP(SMTP):
         self._held: list[bytes] = []
         self._flush_scheduled = False
 
+    def _create_envelope(self) -> SinkEnvelope:
+        return SinkEnvelope()
+
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         parsed = fast_addr(arg)
         if parsed is None or (
@@ -115,6 +129,21 @@ class SinkSMTP(SMTP):
             return
         self.flush_replies()
         await self._writer.drain()
+
+    async def hang_up(self) -> NoReturn:
+        """Send held replies, close the connection and end its task: nothing more is read
+        or answered. For hooks; raises CancelledError, which aiosmtpd's client loop
+        treats as a lost connection.
+        """
+        self.flush_replies()
+        # close(), not abort(): what was written still goes out before the FIN.
+        self._writer.transport.close()
+        assert self._handler_coroutine is not None
+        self._handler_coroutine.cancel()
+        # Land the cancellation now: a pipelined command already buffered would
+        # otherwise be read and handled without ever waiting.
+        await asyncio.sleep(0)
+        raise AssertionError("hang_up: the task was not cancelled")  # pragma: no cover
 
     def flush_replies(self) -> None:
         """Send every held reply now (a hook that is about to wait should call this)."""

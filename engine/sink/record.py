@@ -27,6 +27,13 @@ class SinkStatistics(msgspec.Struct, frozen=True):
     started_at: float
     # Messages per second over about the last second.
     rate_last_s: float
+    # Messages answered with a code other than 250 at the end of DATA (fault injection),
+    # by code; they are not in "received". JSON object keys are the codes as strings.
+    refused: dict[int, int] = {}
+    # Messages whose connection the sink cut after the content (+drop, --drop-ratio).
+    dropped: int = 0
+    # Recipients refused at RCPT (+550, +451, +421), by code.
+    rcpt_refused: dict[int, int] = {}
 
 
 class Received(msgspec.Struct, frozen=True):
@@ -48,8 +55,11 @@ class Counters:
         "_seen",
         "bytes",
         "connections",
+        "dropped",
         "duplicates",
+        "rcpt_refused",
         "received",
+        "refused",
         "started_at",
         "started_mono",
     )
@@ -59,6 +69,10 @@ class Counters:
         self.bytes = 0
         self.connections = 0
         self.duplicates = 0
+        # Only fault injection touches these: code -> count, and cut connections.
+        self.refused: dict[int, int] = {}
+        self.rcpt_refused: dict[int, int] = {}
+        self.dropped = 0
         # Message-IDs seen so far (raw bytes: no decoding on the hot path).
         self._seen: set[bytes] = set()
         self.started_at = time.time()
@@ -84,15 +98,29 @@ class Counters:
             connections=self.connections,
             started_at=self.started_at,
             rate_last_s=round(self._rate.sample(time.monotonic(), self.received), 1),
+            refused=dict(self.refused),
+            dropped=self.dropped,
+            rcpt_refused=dict(self.rcpt_refused),
         )
+
+    def refuse(self, code: int) -> None:
+        """Count one message answered ``code`` instead of 250 at the end of DATA."""
+        self.refused[code] = self.refused.get(code, 0) + 1
+
+    def refuse_rcpt(self, code: int) -> None:
+        """Count one recipient refused with ``code`` at RCPT."""
+        self.rcpt_refused[code] = self.rcpt_refused.get(code, 0) + 1
 
     def summary_line(self) -> str:
         elapsed = time.monotonic() - self.started_mono
-        return (
+        line = (
             f"sink summary: received={self.received} unique={len(self._seen)}"
             f" duplicates={self.duplicates} bytes={self.bytes}"
             f" connections={self.connections} elapsed={elapsed:.1f}s"
         )
+        if self.refused or self.dropped:  # only after fault injection
+            line += f" refused={sum(self.refused.values())} dropped={self.dropped}"
+        return line
 
 
 class RateMeter:

@@ -1,13 +1,15 @@
 """The sink process: an aiosmtpd server on a uvloop event loop, stopped by SIGINT/SIGTERM.
 
 With ``protocol``, the only code in the engine that imports asyncio, aiosmtpd and uvloop.
-Decisions come from ``faults`` and ``headers`` (pure); this module acts on them and records.
+Decisions come from ``faults`` and ``headers`` (pure); this module draws the random
+numbers the fault ratios need, acts on the verdicts (wait, refuse, hang up) and records.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import signal
 import socket
 import sys
@@ -20,9 +22,9 @@ import uvloop
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from engine.sink.cli import SinkOptions
-from engine.sink.faults import decide_rcpt
+from engine.sink.faults import DataVerdict, FaultOptions, Reply, decide_data, decide_rcpt
 from engine.sink.headers import scan_ids
-from engine.sink.protocol import SinkSMTP
+from engine.sink.protocol import SinkEnvelope, SinkSMTP
 from engine.sink.record import Counters, Maildir, MessageLog, Received, write_atomic
 
 logger = logging.getLogger(__name__)
@@ -35,12 +37,24 @@ IDENT = "engine-sink"
 
 
 class SinkHandler:
-    """aiosmtpd handler: advertises PIPELINING, applies ``decide_rcpt``, records DATA."""
+    """aiosmtpd handler: advertises PIPELINING, acts on the fault verdicts, records DATA."""
 
-    def __init__(self, counters: Counters, log: MessageLog | None, maildir: Maildir | None) -> None:
+    def __init__(
+        self,
+        counters: Counters,
+        log: MessageLog | None,
+        maildir: Maildir | None,
+        faults: FaultOptions,
+    ) -> None:
         self.counters = counters
         self.log = log
         self.maildir = maildir
+        self.faults = faults
+        # Whether every transaction is decided, or only those with tagged recipients.
+        self._every_transaction = faults.active
+        self._draws = faults.draws
+        # One generator for the process: with a seed, the n-th transaction's fate is fixed.
+        self._random = random.Random(faults.seed)
 
     async def handle_EHLO(
         self,
@@ -57,20 +71,42 @@ class SinkHandler:
 
     async def handle_RCPT(
         self,
-        server: SMTP,
+        server: SinkSMTP,
         session: Session,
-        envelope: Envelope,
+        envelope: SinkEnvelope,
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        reply = decide_rcpt(address)
-        if reply is not None:
-            return str(reply)
+        if "+" in address:  # the only fault work an untagged recipient costs
+            verdict = decide_rcpt(address)
+            if isinstance(verdict, Reply):
+                self.counters.refuse_rcpt(verdict.code)
+                if verdict.closes:
+                    await server.push(str(verdict))
+                    await server.hang_up()
+                return str(verdict)
+            if verdict is not None:
+                tagged = envelope.faults
+                envelope.faults = verdict if tagged is None else tagged.merge(verdict)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 OK"
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+    async def handle_DATA(self, server: SinkSMTP, session: Session, envelope: SinkEnvelope) -> str:
+        if envelope.faults is not None or self._every_transaction:
+            verdict = self._data_verdict(envelope.faults)
+            if verdict.delay_s > 0:
+                server.flush_replies()  # nothing held while this transaction waits
+                await asyncio.sleep(verdict.delay_s)
+            if verdict.drop:
+                self.counters.dropped += 1
+                await server.hang_up()
+            if verdict.reply is not None:
+                self.counters.refuse(verdict.reply.code)
+                if verdict.reply.closes:
+                    await server.push(str(verdict.reply))
+                    await server.hang_up()
+                return str(verdict.reply)
         content = envelope.original_content
         assert content is not None  # aiosmtpd sets it before calling this hook
         ids = scan_ids(content)
@@ -89,6 +125,13 @@ class SinkHandler:
                 )
             )
         return "250 OK"
+
+    def _data_verdict(self, tagged: DataVerdict | None) -> DataVerdict:
+        """The end-of-DATA verdict; draws for every transaction when a ratio is set."""
+        if not self._draws:
+            return decide_data(tagged, self.faults)
+        draw = self._random.random
+        return decide_data(tagged, self.faults, drop_draw=draw(), fail_draw=draw())
 
     async def handle_exception(self, error: Exception) -> str:
         # A local failure (disk full, bad maildir) is temporary from the client's view.
@@ -116,7 +159,7 @@ async def serve_sink(options: SinkOptions, counters: Counters) -> None:
     loop = asyncio.get_running_loop()
     log = MessageLog(options.log) if options.log is not None else None
     maildir = Maildir(options.maildir) if options.maildir is not None else None
-    handler = SinkHandler(counters, log, maildir)
+    handler = SinkHandler(counters, log, maildir, options.faults)
     # Explicit: aiosmtpd would otherwise call socket.getfqdn() (DNS) per connection.
     hostname = socket.gethostname()
 
@@ -159,7 +202,7 @@ async def serve_sink(options: SinkOptions, counters: Counters) -> None:
                 task.cancel()
     finally:
         # Open connections are cancelled when the loop shuts down; nothing acked is lost:
-        # handle_DATA records a message before its 250 is sent.
+        # handle_DATA records a message before its 250 is sent (and only then).
         if server is not None:
             server.close()
         for signum in (signal.SIGINT, signal.SIGTERM):
