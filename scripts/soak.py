@@ -53,28 +53,44 @@ async def sample(url: str) -> dict[str, int]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--seconds", type=float, default=60, help="length of the run (default 60)")
-    p.add_argument("--rate", type=int, default=1000, help="messages posted per second (default 1000)")
-    p.add_argument("--keep-s", type=int, default=10, help="seconds a sent record is kept (default 10)")
+    p.add_argument(
+        "--rate", type=int, default=1000, help="messages posted per second (default 1000)"
+    )
+    p.add_argument(
+        "--keep-s", type=int, default=10, help="seconds a sent record is kept (default 10)"
+    )
     p.add_argument("--events", type=int, default=10_000, help="event stream length (default 10000)")
     args = p.parse_args()
 
     batch = max(1, args.rate // 10)
     body = json.dumps({"messages": [MESSAGE] * batch})
     samples: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="soak-") as tmp, RedisServer(Path(tmp) / "redis") as redis:
+    with (
+        tempfile.TemporaryDirectory(prefix="soak-") as tmp,
+        RedisServer(Path(tmp) / "redis") as redis,
+    ):
         base_mem = trio.run(sample, redis.url)["used_memory"]
         with SinkProcess(workdir=Path(tmp) / "sink", log=False) as sink:
-            env = {"ENGINE_QUEUE__KEEP_SENT_S": str(args.keep_s), "ENGINE_QUEUE__EVENTS_MAXLEN": str(args.events)}
-            engine = EngineProcess(redis.url, sink.url, Path(tmp), "--log-level", "warning", env=env)
+            env = {
+                "ENGINE_QUEUE__KEEP_SENT_S": str(args.keep_s),
+                "ENGINE_QUEUE__EVENTS_MAXLEN": str(args.events),
+            }
+            engine = EngineProcess(
+                redis.url, sink.url, Path(tmp), "--log-level", "warning", env=env
+            )
             try:
                 say(f"posting {args.rate} msgs/s for {args.seconds:.0f}s; sent records kept {args.keep_s}s; "
                     f"stream trimmed to ~{args.events} entries")  # fmt: skip
                 t0 = time.monotonic()
                 posted = 0
                 next_sample = t0
-                with httpx.Client(base_url=engine.base, timeout=30, headers={"content-type": "application/json"}) as c:
+                with httpx.Client(
+                    base_url=engine.base, timeout=30, headers={"content-type": "application/json"}
+                ) as c:
                     while (now := time.monotonic()) - t0 < args.seconds:
                         due = int((now - t0) * args.rate)
                         while posted < due:
@@ -82,7 +98,11 @@ def main() -> None:
                             posted += batch
                         if now >= next_sample:
                             s = trio.run(sample, redis.url)
-                            s.update(t=round(now - t0, 1), posted=posted, delivered=int(sink.stats().get("received", 0)))
+                            s.update(
+                                t=round(now - t0, 1),
+                                posted=posted,
+                                delivered=int(sink.stats().get("received", 0)),
+                            )
                             samples.append(s)
                             if len(samples) % 5 == 1:
                                 say(f"t={s['t']:>5}s posted={posted:>7} delivered={s['delivered']:>7} "
@@ -104,7 +124,9 @@ def main() -> None:
               f"{s['used_memory'] / 2**20:.1f} MiB |")  # fmt: skip
     print(f"\nbytes per live job record (incl. its share of stream and lists): {per_job:,.0f}")
     growth = (mem4 - mem3) / mem3 if mem3 else 0.0
-    print(f"memory, 3rd vs 4th quarter of the run: {mem3 / 2**20:.1f} -> {mem4 / 2**20:.1f} MiB ({growth:+.1%})")
+    print(
+        f"memory, 3rd vs 4th quarter of the run: {mem3 / 2**20:.1f} -> {mem4 / 2**20:.1f} MiB ({growth:+.1%})"
+    )
     if growth > 0.10:
         say("FAIL: Redis memory kept growing")
         raise SystemExit(1)
