@@ -120,8 +120,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def start_engine(
-    redis_url: str, smtp_url: str, role: str, senders: int, log: Path
+    redis_url: str, smtp_url: str, role: str, senders: int, log: Path, src: Path = ROOT
 ) -> tuple[subprocess.Popen[bytes], str]:
+    """`engine serve` from the source tree ``src`` (another checkout for --compare-ref)."""
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -144,7 +145,8 @@ def start_engine(
         ],
         stdout=subprocess.DEVNULL,
         stderr=open(log, "ab"),  # noqa: SIM115 (the child keeps it)
-        cwd=ROOT,
+        cwd=src,
+        env={**os.environ, "PYTHONPATH": str(src)},
     )
     base = f"http://127.0.0.1:{port}"
     return proc, base
@@ -249,12 +251,14 @@ def phase_sink_ceiling(args: argparse.Namespace) -> float:
 
 
 def phase_e2e(
-    args: argparse.Namespace, redis: RedisServer, tmp: Path
+    args: argparse.Namespace, redis: RedisServer, tmp: Path, src: Path = ROOT
 ) -> tuple[float, dict[str, Any]]:
     flush(redis)
     n = args.messages
     with SinkProcess(workdir=tmp / "sink-e2e", log=False) as sink:
-        proc, base = start_engine(redis.url, sink.url, "all", args.senders, tmp / "engine-e2e.log")
+        proc, base = start_engine(
+            redis.url, sink.url, "all", args.senders, tmp / "engine-e2e.log", src
+        )
         try:
             wait_http(base + "/readyz", proc)
             say(
@@ -297,6 +301,34 @@ def phase_e2e(
     return rate, {"posted": posted, "elapsed_s": elapsed, "duplicates": final.get("duplicates")}
 
 
+def phase_compare(
+    args: argparse.Namespace, redis: RedisServer, tmp: Path, first: float
+) -> dict[str, Any]:
+    """End to end of this tree against an older commit, alternating, in this same run."""
+    ref_dir = tmp / "ref-tree"
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(ref_dir), args.compare_ref],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    try:
+        current, ref = [first], []
+        for i in range(args.compare_rounds):
+            say(f"compare {i + 1}/{args.compare_rounds}: `{args.compare_ref}`")
+            ref.append(phase_e2e(args, redis, tmp, ref_dir)[0])
+            if i + 1 < args.compare_rounds:
+                say(f"compare {i + 1}/{args.compare_rounds}: this tree")
+                current.append(phase_e2e(args, redis, tmp)[0])
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(ref_dir)],
+                       check=False, capture_output=True)  # fmt: skip
+    best_current, best_ref = max(current), max(ref)
+    say(
+        f"    this tree {[round(x) for x in current]}  {args.compare_ref} {[round(x) for x in ref]}"
+    )
+    return {"current": best_current, "ref": best_ref, "ratio": best_current / best_ref,
+            "runs_current": current, "runs_ref": ref}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -318,6 +350,13 @@ def main() -> None:
     )
     parser.add_argument("--senders", type=int, default=16, help="engine sender tasks (default 16)")
     parser.add_argument(
+        "--compare-ref",
+        metavar="GIT_REF",
+        help="also run the end-to-end phase on this commit (a git worktree), alternating "
+        "with this tree, and report the ratio (e.g. a release tag or an earlier issue's commit)",
+    )
+    parser.add_argument("--compare-rounds", type=int, default=2, help="alternations (default 2)")
+    parser.add_argument(
         "--out", default=str(ROOT / "bench-results"), help="directory for the JSON result"
     )
     args = parser.parse_args()
@@ -337,6 +376,9 @@ def main() -> None:
         batch, batch_rate = phase_batch(args, redis, tmp)
         sink_rate = phase_sink_ceiling(args)
         e2e_rate, e2e = phase_e2e(args, redis, tmp)
+        compare: dict[str, Any] | None = None
+        if args.compare_ref:
+            compare = phase_compare(args, redis, tmp, e2e_rate)
 
     rows = [
         (
@@ -374,6 +416,12 @@ def main() -> None:
         "|---|---:|---|---|---|",
     ]
     table += [f"| {' | '.join(r)} |" for r in rows]
+    if compare is not None:
+        table.append(
+            f"| End to end, this tree vs `{args.compare_ref}` (msgs/s) | "
+            f"{compare['current']:,.0f} vs {compare['ref']:,.0f} | alternating runs, best of each | "
+            f"{compare['ratio']:.2f} × `{args.compare_ref}` | ≥ 0.90 |"
+        )
     print("\n" + "\n".join(table) + "\n", flush=True)
     if ingest.non_2xx or batch.non_2xx:
         say(f"WARNING: non-2xx answers: ingest {ingest.non_2xx}, batch {batch.non_2xx}")
@@ -387,6 +435,7 @@ def main() -> None:
         "ingest": vars(ingest),
         "batch": {**vars(batch), "msgs_per_s": batch_rate},
         "sink_ceiling_msgs_per_s": sink_rate,
+        "compare": compare,
         "e2e": {**e2e, "msgs_per_s": e2e_rate},
         "table": table,
     }
