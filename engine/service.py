@@ -146,8 +146,14 @@ async def run_engine(
                     await senders_done.wait()
                 senders.cancel()
                 await senders_done.wait()
-                with trio.move_on_after(2):
+                with trio.move_on_after(5):
                     try:
+                        # Jobs whose claim we never learned of, and BLMOVE leftovers,
+                        # go back now rather than after a lease; sends cut off by the
+                        # grace period stay leased (they may have reached the server).
+                        released = await queue.release_unheld(pool.holding())
+                        if released:
+                            log.info("engine.released_unheld jobs=%d", released)
                         await queue.leave()
                     except EngineError as exc:
                         log.warning("engine.leave.failed error=%s", exc)

@@ -15,6 +15,7 @@ import trio
 from coredis import PureToken
 
 from engine.config import QueueSettings
+from engine.errors import QueueUnavailable
 from engine.keys import Keys
 from engine.queue.commit import GroupCommitter
 from engine.queue.redis import Redis, Scripts, translate_errors
@@ -194,8 +195,12 @@ class Queue:
 
     async def claim(self, n: int, *, block_s: float = 0.0) -> list[ClaimedJob]:
         """Claim up to ``n`` jobs. When none is ready and ``block_s`` > 0, wait up to
-        ``block_s`` seconds in BLMOVE for one (then claim it plus up to n-1 more)."""
-        jobs = await self._claim(n, [])
+        ``block_s`` seconds in BLMOVE for one (then claim it plus up to n-1 more).
+
+        Only the wait is cancellable. The claim script runs shielded: cancelled after
+        Redis ran it, its jobs would be claimed in Redis but unknown to the caller.
+        """
+        jobs = await self._claim_shielded(n, [])
         if jobs or block_s <= 0:
             return jobs
         with translate_errors():
@@ -204,9 +209,19 @@ class Queue:
             )
         if moved is None:
             return []
-        # If we are cancelled right here the id sits in processing without a lease;
-        # renew gives it one that is never extended, and the reaper returns it.
-        return await self._claim(n - 1, [moved.decode()])
+        # A BLMOVE cancelled mid-block may still have moved an id: it sits in processing
+        # unclaimed; renew leases it (never extended) and the reaper returns it, and a
+        # clean shutdown hands it back at once (release_unheld).
+        return await self._claim_shielded(n - 1, [moved.decode()])
+
+    async def _claim_shielded(self, more: int, moved: list[str]) -> list[ClaimedJob]:
+        jobs: list[ClaimedJob] = []
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + self.settings.lease_s
+            jobs = await self._claim(more, moved)
+        if scope.cancelled_caught:
+            raise QueueUnavailable(f"claim got no answer within {self.settings.lease_s}s")
+        return jobs
 
     async def _claim(self, more: int, moved: list[str]) -> list[ClaimedJob]:
         now = self.now_ms()
@@ -222,7 +237,7 @@ class Queue:
         ]
         with translate_errors():
             out: Any = await self._scripts["claim"](
-                keys=[k.ready(), self._processing, k.leases, k.events], args=args
+                keys=[k.ready(), self._processing, k.leases, k.events, k.instances], args=args
             )
         assert isinstance(out, list)
         return [
@@ -305,10 +320,22 @@ class Queue:
             )
         return int(n)
 
-    async def leave(self) -> None:
-        """Forget this instance's heartbeat (after a clean shutdown released its jobs)."""
+    async def release_unheld(self, holding: Iterable[str]) -> int:
+        """Clean shutdown: hand back every job in this instance's processing list that is
+        not in ``holding`` (claims whose result never reached us, BLMOVE leftovers)."""
         with translate_errors():
-            await self.client.zrem(self.keys.instances, [self.instance])
+            listed = await self.client.lrange(self._processing, 0, -1)
+        held = set(holding)
+        return await self.release(i for i in (x.decode() for x in listed) if i not in held)
+
+    async def leave(self) -> None:
+        """Mark this instance's heartbeat as expired (after a clean shutdown).
+
+        Not a ZREM: a blocking claim cancelled during shutdown can still move an id into
+        our processing list; as a dead instance, any replica's reaper returns it.
+        """
+        with translate_errors():
+            await self.client.zadd(self.keys.instances, {self.instance: self.now_ms() - 1})
 
     async def reap(self, *, limit: int = 1000) -> ReapResult:
         """Promote due delayed jobs; requeue jobs of expired leases and dead instances

@@ -9,8 +9,7 @@ local n = 0
 for i = 5, #ARGV, 2 do
   local id, note = ARGV[i], ARGV[i + 1]
   local key = prefix .. id
-  redis.call('LREM', KEYS[1], 1, id)
-  redis.call('ZREM', KEYS[2], id)
+  if redis.call('LREM', KEYS[1], 1, id) > 0 then redis.call('ZREM', KEYS[2], id) end
   local rec = redis.call('HMGET', key, 'state', 'attempts')
   if rec[1] and rec[1] ~= 'sent' then
     redis.call('HSET', key, 'state', 'sent', 'updated_at', now)

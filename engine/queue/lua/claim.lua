@@ -1,5 +1,7 @@
 -- claim: mark jobs as processing by this instance and return their payloads.
 -- KEYS[1] ready list   KEYS[2] processing:<instance>   KEYS[3] leases zset   KEYS[4] events
+-- KEYS[5] instances zset (a claimer is alive: re-register it if a reaper dropped it, so
+--         a later BLMOVE leftover in its list has an owner the reaper can find)
 -- ARGV[1] job key prefix   ARGV[2] now (ms)   ARGV[3] lease deadline (ms)
 -- ARGV[4] events MAXLEN    ARGV[5] instance id   ARGV[6] how many more to LMOVE from ready
 -- ARGV[7..] ids already moved into processing by BLMOVE (blocking path)
@@ -9,6 +11,7 @@
 -- dropped from processing: redelivery of a finished job is skipped, never re-sent.
 local prefix, now, deadline, maxlen, instance = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local out = {}
+redis.call('ZADD', KEYS[5], 'GT', deadline, instance)
 local function mark(id)
   local key = prefix .. id
   local rec = redis.call('HMGET', key, 'state', 'attempts', 'msg', 'rcpts')

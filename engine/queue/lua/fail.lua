@@ -11,10 +11,14 @@ local n, dead = 0, 0
 for i = 5, #ARGV, 5 do
   local id, outcome, due, err, rcpts = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local key = prefix .. id
-  redis.call('LREM', KEYS[1], 1, id)
-  redis.call('ZREM', KEYS[2], id)
   local rec = redis.call('HMGET', key, 'state', 'attempts')
-  if rec[1] == 'processing' then
+  -- Act only on a job this instance still holds: after its lease lapsed the job may
+  -- have been requeued and claimed elsewhere (leave that claim and lease alone), or be
+  -- back in our list as a 'queued' BLMOVE leftover (leave it for claim/reap).
+  local removed = 0
+  if rec[1] ~= 'queued' then removed = redis.call('LREM', KEYS[1], 1, id) end
+  if removed > 0 then redis.call('ZREM', KEYS[2], id) end
+  if removed > 0 and rec[1] == 'processing' then
     if outcome == 'retry' then
       redis.call('HSET', key, 'state', 'retrying', 'updated_at', now, 'last_error', err,
         'next_attempt_at', due)

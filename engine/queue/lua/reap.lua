@@ -33,7 +33,9 @@ local function requeue(id, owner)
   if rec[1] == 'processing' or rec[1] == 'queued' then
     -- queued: moved by a BLMOVE whose claim never ran; it never reached the server.
     redis.call('HDEL', key, 'owner')
-    local stalls = redis.call('HINCRBY', key, 'stalls', 1)
+    -- Only a job that was handed to a sender stalled; a 'queued' one never started.
+    local stalls = 0
+    if rec[1] == 'processing' then stalls = redis.call('HINCRBY', key, 'stalls', 1) end
     if stalls > max_stalls then
       local err = 'stalled ' .. stalls .. ' times: its sender stopped renewing the lease'
       redis.call('HSET', key, 'state', 'failed', 'updated_at', now, 'last_error', err)
