@@ -187,8 +187,12 @@ class SenderPool:
                     max_attempts = self._max_attempts.pop(job.id, 1)
                     if isinstance(outcome, TransportError):
                         records.start_soon(self._record_failure, job, outcome, max_attempts)
-                    else:
+                    elif self.settings.overlap_acks:
                         records.start_soon(self._delivered, job, outcome, max_attempts)
+                    else:
+                        # The next message's content waits until Redis has this
+                        # ack: a crash duplicates at most one message per sender.
+                        await self._delivered(job, outcome, max_attempts)
                     if not pending or self._stopping.is_set():
                         break  # stop: the next message's content was not sent yet
                     # Pace here: the next content is written when iteration resumes.
