@@ -72,6 +72,21 @@ def _wait_port(
     raise ConfigError(f"{what} did not start listening on {host}:{port} within {timeout_s}s")
 
 
+def _stop(proc: subprocess.Popen[bytes] | None, timeout_s: float) -> None:
+    """SIGTERM, wait up to ``timeout_s``, then SIGKILL; close the stderr pipe."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
+
+
 class RedisServer:
     """A Redis server child process on loopback with AOF (appendfsync everysec) on.
 
@@ -148,15 +163,7 @@ class RedisServer:
             self.proc.wait()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc and self.proc.stderr:
-            self.proc.stderr.close()
+        _stop(self.proc, timeout_s)
 
     def close(self) -> None:
         self.stop()
@@ -202,12 +209,4 @@ class SinkProcess:
         return self
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc and self.proc.stderr:
-            self.proc.stderr.close()
+        _stop(self.proc, timeout_s)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 import msgspec
 import trio
@@ -30,6 +31,8 @@ from engine.ids import is_id, new_id, new_ids
 from engine.models import Accepted, BatchAccepted, BatchIn, JobView, MessageIn, ms_to_iso, normalize
 from engine.queue import Queue
 from engine.queue.jobs import EnqueueResult
+
+D = TypeVar("D")
 
 _decode_one = msgspec.json.Decoder(MessageIn).decode
 _decode_batch = msgspec.json.Decoder(BatchIn).decode
@@ -64,6 +67,19 @@ def _is_json(content_type: bytes | None) -> bool:
         return False
     mime = content_type.split(b";", 1)[0].strip().lower()
     return mime == b"application/json" or mime.endswith(b"+json")
+
+
+async def _decode(decode: Callable[[bytes], D], body: bytes, send: Send) -> D | None:
+    """Decode a JSON body; answer 400 (malformed) or 422 (naming the field) and return
+    None when it does not fit."""
+    try:
+        return decode(body)
+    except msgspec.ValidationError as exc:
+        field, detail = error_field(exc)
+        await send_problem(send, 422, "invalid-field", "Invalid field", detail, field)
+    except msgspec.DecodeError as exc:
+        await send_problem(send, 400, "malformed-json", "Malformed JSON", str(exc))
+    return None
 
 
 @dataclass(slots=True)
@@ -101,16 +117,11 @@ class Ingest:
         body = await self._json_body(scope, receive, send)
         if body is None:
             return
+        incoming = await _decode(_decode_one, body, send)
+        if incoming is None:
+            return
         try:
-            incoming = _decode_one(body)
             message = normalize(incoming, default_from=self.default_from)
-        except msgspec.ValidationError as exc:
-            field, detail = error_field(exc)
-            await send_problem(send, 422, "invalid-field", "Invalid field", detail, field)
-            return
-        except msgspec.DecodeError as exc:
-            await send_problem(send, 400, "malformed-json", "Malformed JSON", str(exc))
-            return
         except ValidationError as exc:
             await send_problem(send, 422, "invalid-field", "Invalid field", exc.detail, exc.field)
             return
@@ -131,14 +142,8 @@ class Ingest:
         body = await self._json_body(scope, receive, send)
         if body is None:
             return
-        try:
-            batch = _decode_batch(body)
-        except msgspec.ValidationError as exc:
-            field, detail = error_field(exc)
-            await send_problem(send, 422, "invalid-field", "Invalid field", detail, field)
-            return
-        except msgspec.DecodeError as exc:
-            await send_problem(send, 400, "malformed-json", "Malformed JSON", str(exc))
+        batch = await _decode(_decode_batch, body, send)
+        if batch is None:
             return
         limit = self.http.max_batch_messages
         if not batch.messages or len(batch.messages) > limit:
