@@ -6,6 +6,7 @@ import email
 import email.policy
 import mailbox
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -195,3 +196,23 @@ def test_engine_send_cli_reports_validation_errors(engine: EngineProcess) -> Non
 def test_sigterm_exits_zero(engine: EngineProcess) -> None:
     assert engine.stop() == 0
     assert "engine.stopped" in engine.output()
+
+
+def test_second_signal_exits_at_once(redis_server: RedisServer, tmp_path: Path) -> None:
+    _flush(redis_server.url)
+    # The sink holds every final reply for 5 s: the engine is mid-send when signalled.
+    with SinkProcess(workdir=tmp_path / "slow-sink", extra_args=["--delay-ms", "5000"]) as slow:
+        e = EngineProcess(redis_server.url, slow.url, tmp_path / "e2")
+        r = httpx.post(e.base + "/v1/messages", json={"to": "a@example.com", "text": "x"})
+        assert r.status_code == 202
+        deadline = time.monotonic() + 5
+        while httpx.get(e.base + f"/v1/messages/{r.json()['id']}").json()["state"] != "processing":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        e.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        start = time.monotonic()
+        e.proc.send_signal(signal.SIGTERM)  # impatient operator: stop now
+        code = e.proc.wait(10)
+        assert code == 0 and time.monotonic() - start < 2.0, e.output()
+        assert "second signal" in e.output()
