@@ -64,6 +64,7 @@ class SenderPool:
         self._stopping = trio.Event()
         self._claim_scopes: set[trio.CancelScope] = set()
         self._max_attempts: dict[str, int] = {}
+        self._redis_down = False
         self._running = 0
         self._sent = self._retried = self._failed = self._released = 0
 
@@ -109,12 +110,16 @@ class SenderPool:
                 except QueueUnavailable as exc:
                     failures += 1
                     delay = min(5.0, 0.1 * 2**failures)
-                    log.warning(
-                        "sender.claim.failed sender=%d retry_in=%.1fs error=%s", n, delay, exc
-                    )
+                    if not self._redis_down:  # one line per outage, not one per sender
+                        self._redis_down = True
+                        log.warning("sender.claim.failed senders back off: %s", exc)
+                    log.debug("sender.claim.failed sender=%d retry_in=%.1fs", n, delay)
                     with trio.move_on_after(delay):
                         await self._stopping.wait()
                     continue
+                if self._redis_down:
+                    self._redis_down = False
+                    log.warning("sender.claim.recovered senders claim again")
                 failures = 0
                 await self._work(jobs)
         finally:
