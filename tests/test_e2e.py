@@ -216,3 +216,14 @@ def test_second_signal_exits_at_once(redis_server: RedisServer, tmp_path: Path) 
         code = e.proc.wait(10)
         assert code == 0 and time.monotonic() - start < 2.0, e.output()
         assert "second signal" in e.output()
+
+
+def test_admin_routes_answer_503_while_redis_is_down(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "own-redis") as own:
+        e = EngineProcess(own.url, "smtp://127.0.0.1:9", tmp_path / "e3", "--role", "api")
+        assert httpx.get(e.base + "/v1/dead").status_code == 200
+        own.kill()
+        for r in (httpx.get(e.base + "/v1/dead"), httpx.post(e.base + "/v1/dead/retry")):
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.headers["content-type"] == "application/problem+json"
+        assert e.stop() == 0

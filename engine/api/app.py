@@ -58,6 +58,16 @@ def _quart_app(queue: Queue) -> QuartTrio:
             ],
         }
 
+    @app.errorhandler(QueueError)
+    async def queue_unavailable(exc: QueueError) -> Response:
+        # One answer for every Quart route that cannot reach Redis.
+        return Response(
+            problem_body(503, "queue-unavailable", "Queue unavailable", str(exc)),
+            status=503,
+            content_type="application/problem+json",
+            headers={"Retry-After": "1"},
+        )
+
     @app.errorhandler(404)
     async def not_found(_: Exception) -> Response:
         return Response(

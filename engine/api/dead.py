@@ -12,7 +12,6 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from engine.api.asgi import problem_body
-from engine.errors import QueueError
 from engine.ids import is_id
 from engine.models import JobView, ms_to_iso
 from engine.queue import JobRecord, Queue
@@ -68,10 +67,7 @@ def register_dead_routes(app: QuartTrio, queue: Queue) -> None:
             return offset
         if isinstance(limit, Response):
             return limit
-        try:
-            total, records = await queue.dead_page(offset, limit)
-        except QueueError as exc:
-            return _problem(503, "queue-unavailable", "Queue unavailable", str(exc))
+        total, records = await queue.dead_page(offset, limit)
         following = offset + limit if offset + limit < total else None
         body: dict[str, Any] = {
             "total": total, "offset": offset, "limit": limit, "next_offset": following,
@@ -81,10 +77,7 @@ def register_dead_routes(app: QuartTrio, queue: Queue) -> None:
 
     @app.post("/v1/dead/<job_id>/retry")
     async def retry_one(job_id: str) -> Response:
-        try:
-            done = await queue.dead_retry([job_id]) if is_id(job_id) else []
-        except QueueError as exc:
-            return _problem(503, "queue-unavailable", "Queue unavailable", str(exc))
+        done = await queue.dead_retry([job_id]) if is_id(job_id) else []
         if not done:
             return _problem(404, "not-found", "Not in the dead-letter queue", f"id {job_id!r}")
         return _json(202, {"id": job_id, "state": "queued"})
@@ -98,27 +91,17 @@ def register_dead_routes(app: QuartTrio, queue: Queue) -> None:
             return _problem(422, "invalid-field", "Invalid field", str(exc))
         except msgspec.DecodeError as exc:
             return _problem(400, "malformed-json", "Malformed JSON", str(exc))
-        try:
-            ids = flt.ids if flt.ids is not None else await queue.dead_ids()
-            if flt.error_contains:
-                needle = flt.error_contains.lower()
-                matching = []
-                for job_id in ids:
-                    rec = await queue.get(job_id)
-                    if rec and rec.last_error and needle in rec.last_error.lower():
-                        matching.append(job_id)
-                ids = matching
-            done = await queue.dead_retry([i for i in ids if is_id(i)])
-        except QueueError as exc:
-            return _problem(503, "queue-unavailable", "Queue unavailable", str(exc))
+        ids = [i for i in (flt.ids if flt.ids is not None else await queue.dead_ids()) if is_id(i)]
+        if flt.error_contains:
+            needle = flt.error_contains.lower()
+            records = await queue.get_many(ids)
+            ids = [r.id for r in records if r and r.last_error and needle in r.last_error.lower()]
+        done = await queue.dead_retry(ids)
         return _json(202, {"retried": len(done), "ids": done})
 
     @app.delete("/v1/dead/<job_id>")
     async def delete_one(job_id: str) -> Response:
-        try:
-            done = await queue.dead_delete([job_id]) if is_id(job_id) else []
-        except QueueError as exc:
-            return _problem(503, "queue-unavailable", "Queue unavailable", str(exc))
+        done = await queue.dead_delete([job_id]) if is_id(job_id) else []
         if not done:
             return _problem(404, "not-found", "Not in the dead-letter queue", f"id {job_id!r}")
         return Response(b"", status=204)

@@ -174,22 +174,16 @@ class Queue:
 
     async def get(self, job_id: str) -> JobRecord | None:
         with translate_errors():
-            rec = await self.client.hmget(
-                self.keys.job(job_id),
-                ["state", "attempts", "created_at", "updated_at", "last_error", "next_attempt_at"],
-            )
-        state, attempts, created, updated, error, next_at = rec
-        if state is None:
-            return None
-        return JobRecord(
-            id=job_id,
-            state=state.decode(),
-            attempts=int(attempts or 0),
-            created_at_ms=int(created or 0),
-            updated_at_ms=int(updated or 0),
-            last_error=error.decode() if error else None,
-            next_attempt_at_ms=int(next_at) if next_at else None,
-        )
+            row = await self.client.hmget(self.keys.job(job_id), _RECORD_FIELDS)
+        return _record(job_id, row)
+
+    async def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        """Records of ``job_ids`` in one pipelined round trip (None where there is none)."""
+        with translate_errors():
+            async with self.client.pipeline(transaction=False) as p:
+                replies = [p.hmget(self.keys.job(job_id), _RECORD_FIELDS) for job_id in job_ids]
+            rows = [await reply for reply in replies]
+        return [_record(job_id, row) for job_id, row in zip(job_ids, rows, strict=True)]
 
     # -- senders -----------------------------------------------------------------------
 
@@ -363,9 +357,9 @@ class Queue:
         with translate_errors():
             total = await self.client.llen(k.dead)
             raw = await self.client.lrange(k.dead, offset, offset + limit - 1)
+        found = await self.get_many([item.decode() for item in raw])
         records: list[JobRecord] = []
-        for item in raw:
-            rec = await self.get(item.decode())
+        for item, rec in zip(raw, found, strict=True):
             if rec is None:
                 with translate_errors():
                     await self.client.lrem(k.dead, 1, item)
@@ -426,3 +420,21 @@ class Queue:
             sent_total=s.get("sent", 0),
             failed_total=s.get("failed", 0),
         )
+
+
+_RECORD_FIELDS = ["state", "attempts", "created_at", "updated_at", "last_error", "next_attempt_at"]
+
+
+def _record(job_id: str, row: Sequence[bytes | None]) -> JobRecord | None:
+    state, attempts, created, updated, error, next_at = row
+    if state is None:
+        return None
+    return JobRecord(
+        id=job_id,
+        state=state.decode(),
+        attempts=int(attempts or 0),
+        created_at_ms=int(created or 0),
+        updated_at_ms=int(updated or 0),
+        last_error=error.decode() if error else None,
+        next_attempt_at_ms=int(next_at) if next_at else None,
+    )

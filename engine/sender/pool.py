@@ -63,7 +63,6 @@ class SenderPool:
         self._holding: set[str] = set()
         self._stopping = trio.Event()
         self._claim_scopes: set[trio.CancelScope] = set()
-        self._max_attempts: dict[str, int] = {}
         self._redis_down = False
         self._running = 0
         self._sent = self._retried = self._failed = self._released = 0
@@ -145,12 +144,12 @@ class SenderPool:
     async def _work(self, jobs: list[ClaimedJob]) -> None:
         """Deliver claimed jobs over one pipelined SMTP connection, in claim order.
 
-        Acks and failure records go to their own tasks so the connection never waits
-        for Redis (they are group-committed; _work returns once all are recorded).
+        Failure records (and acks, with overlap_acks) go to their own tasks so the
+        connection does not wait for Redis; _work returns once all are recorded.
         """
         self._holding.update(j.id for j in jobs)
         mails: list[OutgoingMail] = []
-        by_id: dict[str, ClaimedJob] = {}
+        by_id: dict[str, tuple[ClaimedJob, int]] = {}  # job id -> (job, max attempts)
         async with trio.open_nursery() as records:
             for job in jobs:
                 try:
@@ -169,14 +168,14 @@ class SenderPool:
                     # A retry after a partial delivery: only those still owed it.
                     mail = dataclasses.replace(mail, recipients=job.recipients)
                 mails.append(mail)
-                by_id[job.id] = job
-                self._max_attempts[job.id] = (
-                    message.max_attempts or self.queue_settings.max_attempts
-                )
+                by_id[job.id] = (job, message.max_attempts or self.queue_settings.max_attempts)
             await self._deliver(mails, by_id, records)
 
     async def _deliver(
-        self, mails: list[OutgoingMail], by_id: dict[str, ClaimedJob], records: trio.Nursery
+        self,
+        mails: list[OutgoingMail],
+        by_id: dict[str, tuple[ClaimedJob, int]],
+        records: trio.Nursery,
     ) -> None:
         pending = deque(mails)  # pending[0] is on the wire once iteration has started
         started = False
@@ -188,8 +187,7 @@ class SenderPool:
                 started = True
                 async for mail, outcome in outcomes:
                     pending.popleft()
-                    job = by_id[mail.job_id]
-                    max_attempts = self._max_attempts.pop(job.id, 1)
+                    job, max_attempts = by_id[mail.job_id]
                     if isinstance(outcome, TransportError):
                         records.start_soon(self._record_failure, job, outcome, max_attempts)
                     elif self.settings.overlap_acks:
@@ -209,7 +207,7 @@ class SenderPool:
                 # leased (the reaper decides); the rest were never written.
                 unsent = list(pending)[1:] if started else list(pending)
                 if unsent:
-                    await self._release([by_id[m.job_id] for m in unsent])
+                    await self._release([by_id[m.job_id][0] for m in unsent])
 
     async def _release(self, jobs: list[ClaimedJob]) -> None:
         ids = [j.id for j in jobs]
