@@ -6,6 +6,7 @@ environment variables < command-line flags. Imports nothing from the engine but 
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -117,6 +118,77 @@ class QueueSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     events_maxlen: int = 100_000
     # Most jobs written by one group-committed enqueue round-trip.
     enqueue_batch_max: int = 2000
+    # Share of claims each priority lane gets while all three have work (an empty
+    # lane's share goes to the others, most urgent first): no lane starves.
+    lane_weights: dict[str, int] = msgspec.field(
+        default_factory=lambda: {"high": 6, "normal": 3, "low": 1}
+    )
+
+
+class LimitsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Send-rate limits kept in Redis, so they hold across all replicas (0 = none)."""
+
+    # Messages per second through the transport, all replicas together.
+    global_per_s: float = 0.0
+    # Per recipient domain, e.g. {"gmail.com" = 20}; other domains get the default,
+    # each its own bucket.
+    domains: dict[str, float] = {}
+    domain_default_per_s: float = 0.0
+    # Per tenant (the message's tenant field or its API key), e.g. {"acme" = 100}.
+    tenants: dict[str, float] = {}
+    tenant_default_per_s: float = 0.0
+    # A bucket holds this many seconds' worth of tokens (at least one): the burst.
+    burst_s: float = 0.5
+    # A claimed job waits in its sender up to this long for its slot; later slots are
+    # not waited for: the job is deferred (scheduled) to when its bucket has room.
+    max_wait_s: float = 1.0
+    # On a 421/451 reply a domain's rate halves (at most once per cooldown), down to
+    # floor x its limit, and regains recovery_per_s x its limit each second (AIMD).
+    slowdown_cooldown_s: float = 1.0
+    slowdown_floor: float = 0.05
+    recovery_per_s: float = 0.05
+
+    def configured(self) -> bool:
+        return bool(
+            self.global_per_s
+            or self.domains
+            or self.domain_default_per_s
+            or self.tenants
+            or self.tenant_default_per_s
+        )
+
+    def table(self) -> dict[str, str]:
+        """Bucket name -> "rate burst" as the claim script reads it from Redis."""
+        out: dict[str, str] = {}
+
+        def put(name: str, rate: float) -> None:
+            if rate > 0:
+                out[name] = f"{rate:g} {max(1.0, rate * self.burst_s):g}"
+
+        put("global", self.global_per_s)
+        put("domain:*", self.domain_default_per_s)
+        put("tenant:*", self.tenant_default_per_s)
+        for domain, rate in self.domains.items():
+            put("domain:" + domain.lower(), rate)
+        for tenant, rate in self.tenants.items():
+            put("tenant:" + tenant, rate)
+        return out
+
+
+class IngestSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Back-pressure at the door: per-client rates and a bound on the backlog."""
+
+    # Messages per second one client (API key, else IP address) may submit across all
+    # replicas; a batch counts each message. 0 = unlimited.
+    client_rate_per_s: float = 0.0
+    # Messages a client may submit at once; 0 = max(client_rate_per_s, 1000).
+    client_burst: int = 0
+    # Jobs waiting (ready + scheduled) beyond which new work gets 503 + Retry-After, so
+    # Redis memory stays bounded (~1 KB per waiting job). 0 = unbounded.
+    max_backlog: int = 1_000_000
+
+    def client_burst_or_default(self) -> int:
+        return self.client_burst or max(int(self.client_rate_per_s), 1000)
 
 
 class SinkSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -132,6 +204,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     smtp: SmtpSettings = SmtpSettings()
     sender: SenderSettings = SenderSettings()
     queue: QueueSettings = QueueSettings()
+    limits: LimitsSettings = LimitsSettings()
+    ingest: IngestSettings = IngestSettings()
     sink: SinkSettings = SinkSettings()
     # This process's instance id (names its processing list); "" picks host-pid-random.
     instance: str = ""
@@ -167,6 +241,12 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             _set(tree, section, field, value)
         elif name.startswith("ENGINE_") and "__" in name:
             section, _, field = name[len("ENGINE_") :].lower().partition("__")
+            if value.lstrip().startswith("{"):  # a table, e.g. {"gmail.com": 20}
+                try:
+                    _set(tree, section, field, json.loads(value))
+                except ValueError as exc:
+                    raise ConfigError(f"{name} is not a JSON object: {exc}") from exc
+                continue
             _set(tree, section, field, value)
     return tree
 
@@ -219,6 +299,18 @@ def _check(s: Settings) -> None:
         raise ConfigError("sender.rate_per_s must be >= 0 (0 means unlimited)")
     if s.smtp.starttls not in ("auto", "require", "never"):
         raise ConfigError("smtp.starttls must be one of auto, require, never")
+    if set(s.queue.lane_weights) != {"high", "normal", "low"} or any(
+        w < 1 for w in s.queue.lane_weights.values()
+    ):
+        raise ConfigError("queue.lane_weights needs high, normal and low, each at least 1")
+    limits = s.limits
+    rates = [limits.global_per_s, limits.domain_default_per_s, limits.tenant_default_per_s]
+    if any(r < 0 for r in [*rates, *limits.domains.values(), *limits.tenants.values()]):
+        raise ConfigError("limits: rates are messages per second, >= 0 (0 = unlimited)")
+    if limits.max_wait_s >= s.queue.lease_s:
+        raise ConfigError("limits.max_wait_s must be shorter than queue.lease_s")
+    if s.ingest.client_rate_per_s < 0 or s.ingest.max_backlog < 0:
+        raise ConfigError("ingest.client_rate_per_s and ingest.max_backlog must be >= 0")
     if s.queue.heartbeat_s >= s.queue.lease_s:
         raise ConfigError("queue.heartbeat_s must be shorter than queue.lease_s")
     for name, bind in (("http.bind", s.http.bind), ("sink.bind", s.sink.bind)):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Final
 
-PRIORITIES: Final = ("high", "normal", "low")
+LANES: Final = ("high", "normal", "low")
 
 
 class Keys:
@@ -30,8 +30,47 @@ class Keys:
     def job(self, job_id: str) -> str:
         return self.prefix + "job:" + job_id
 
-    def ready(self, priority: str = "normal") -> str:
-        return self.prefix + "ready:" + priority
+    def ready(self, lane: str = "normal", tenant: str = "default") -> str:
+        """Jobs of one tenant waiting in one lane (Lua scripts build these in-slot)."""
+        return self.prefix + "ready:" + lane + ":" + tenant
+
+    @property
+    def legacy_ready(self) -> str:
+        """The one ready list of versions before lanes (reap drains it into the lanes)."""
+        return self.prefix + "ready:normal"
+
+    def ring(self, lane: str) -> str:
+        """Round-robin ring of the tenants with jobs in ``lane`` (claim rotates it)."""
+        return self.prefix + "ring:" + lane
+
+    @property
+    def wake(self) -> str:
+        """Doorbell list idle senders BLPOP on; pushes to a ready list ring it."""
+        return self.prefix + "wake"
+
+    @property
+    def cursor(self) -> str:
+        """Counter of claim slots handed out: position in the weighted lane pattern."""
+        return self.prefix + "cursor"
+
+    @property
+    def limits(self) -> str:
+        """Hash of configured rate limits (bucket name -> "rate burst")."""
+        return self.prefix + "limits"
+
+    def bucket(self, name: str) -> str:
+        """State of one distributed token bucket (GCRA), e.g. ``domain:gmail.com``."""
+        return self.prefix + "bucket:" + name
+
+    @property
+    def schedules(self) -> str:
+        """Hash of recurring schedules: name -> msgpack definition."""
+        return self.prefix + "schedules"
+
+    @property
+    def schedules_due(self) -> str:
+        """Zset of recurring schedules: name -> next tick (ms)."""
+        return self.prefix + "schedules:due"
 
     def processing(self, instance: str) -> str:
         return self.prefix + "processing:" + instance

@@ -18,6 +18,13 @@ MAX_RECIPIENTS: Final = 100
 MAX_SUBJECT_CHARS: Final = 998
 MAX_TAGS: Final = 20
 MAX_ATTEMPTS: Final = 50
+# Furthest ahead a send_at / delay_s may schedule a message (one year).
+MAX_DELAY_S: Final = 366 * 24 * 3600
+# Priority lanes, most urgent first; ``priority`` 1-10 maps onto them (10 most urgent).
+LANES: Final = ("high", "normal", "low")
+DEFAULT_TENANT: Final = "default"
+# Tenant names become part of Redis key names: keep them short and plain.
+_TENANT_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 # Header names the engine writes itself; user headers may not replace them.
 RESERVED_HEADERS: Final = frozenset(
@@ -59,6 +66,14 @@ class MessageIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     tags: list[str] = []
     # Delivery attempts before the message is dead-lettered (default queue.max_attempts).
     max_attempts: int | None = None
+    # "high" | "normal" | "low", or 1-10 (8-10 high, 4-7 normal, 1-3 low).
+    priority: str | int | None = None
+    # Send no earlier than this RFC 3339 time, or this many seconds from now (not both).
+    send_at: str | None = None
+    delay_s: float | None = None
+    # Whose mail this is, for per-tenant rate limits and fair claiming; default: the
+    # request's API key, else "default".
+    tenant: str | None = None
 
 
 class BatchIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -108,7 +123,17 @@ class JobView(msgspec.Struct):
     created_at: str
     updated_at: str
     last_error: str | None
-    next_attempt_at: str | None = None  # set while retrying
+    next_attempt_at: str | None = None  # set while retrying or scheduled
+    priority: str = "normal"  # the lane
+    tenant: str = DEFAULT_TENANT
+
+
+class Routing(msgspec.Struct, frozen=True, gc=False):
+    """Where a validated message waits: its lane, tenant and due time (0 = now)."""
+
+    lane: str = "normal"
+    tenant: str = DEFAULT_TENANT
+    due_ms: int = 0
 
 
 class Problem(msgspec.Struct, omit_defaults=True):
@@ -222,6 +247,78 @@ def _normalize(msg: MessageIn, default_from: str) -> Message:
         sender, to, cc, bcc, msg.subject, msg.text, msg.html, headers, reply_to,
         list(msg.tags), msg.max_attempts,
     )  # fmt: skip
+
+
+def lane_of(priority: str | int | None) -> str:
+    """``priority`` (a lane name or 1-10, 10 most urgent) -> lane; raises ValidationError."""
+    if priority is None:
+        return "normal"
+    if isinstance(priority, str):
+        if priority in LANES:
+            return priority
+        raise ValidationError("priority", "must be high, normal, low or 1 to 10")
+    if isinstance(priority, bool) or not 1 <= priority <= 10:
+        raise ValidationError("priority", "must be high, normal, low or 1 to 10")
+    return "high" if priority >= 8 else "normal" if priority >= 4 else "low"
+
+
+def check_tenant(field: str, tenant: str) -> str:
+    if not _TENANT_RE.match(tenant):
+        raise ValidationError(field, "1 to 64 characters from A-Z a-z 0-9 . _ -")
+    return tenant
+
+
+def route(
+    msg: MessageIn, *, now_ms: int, default_tenant: str = DEFAULT_TENANT, field_prefix: str = ""
+) -> Routing:
+    """Validate the flow-control fields (priority, tenant, send_at, delay_s) of a request.
+
+    A ``send_at`` in the past means now. Raises ValidationError with ``field_prefix``.
+    """
+    try:
+        return _route(msg, now_ms, default_tenant)
+    except ValidationError as exc:
+        if field_prefix:
+            raise ValidationError(field_prefix + exc.field, exc.detail) from None
+        raise
+
+
+def _route(msg: MessageIn, now_ms: int, default_tenant: str) -> Routing:
+    lane = lane_of(msg.priority)
+    tenant = check_tenant("tenant", msg.tenant) if msg.tenant is not None else default_tenant
+    due_ms = 0
+    if msg.send_at is not None and msg.delay_s is not None:
+        raise ValidationError("send_at", "give send_at or delay_s, not both")
+    if msg.send_at is not None:
+        due_ms = parse_rfc3339_ms("send_at", msg.send_at)
+    elif msg.delay_s is not None:
+        if not 0 <= msg.delay_s <= MAX_DELAY_S:
+            raise ValidationError("delay_s", f"must be 0 to {MAX_DELAY_S} seconds")
+        due_ms = now_ms + int(msg.delay_s * 1000)
+    if due_ms > now_ms + MAX_DELAY_S * 1000:
+        raise ValidationError("send_at" if msg.send_at else "delay_s", "at most a year ahead")
+    if due_ms <= now_ms:
+        due_ms = 0
+    return Routing(lane, tenant, due_ms)
+
+
+def parse_rfc3339_ms(field: str, text: str) -> int:
+    """RFC 3339 date-time with an offset (``2026-11-22T10:00:00Z``) -> epoch ms."""
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValidationError(field, "must be an RFC 3339 time like 2026-11-22T10:00:00Z") from None
+    if dt.tzinfo is None or "T" not in text.upper():
+        raise ValidationError(field, "needs a date, a time and an offset (Z or +01:00)")
+    return int(dt.timestamp() * 1000)
+
+
+def recipient_domains(message: Message) -> str:
+    """Distinct lower-cased recipient domains, comma-separated (rate-limit buckets)."""
+    seen: dict[str, None] = {}
+    for addr in message.envelope_recipients():
+        seen.setdefault(addr.rpartition("@")[2].lower(), None)
+    return ",".join(seen)
 
 
 def ms_to_iso(ms: int) -> str:

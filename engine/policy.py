@@ -37,6 +37,23 @@ def bucket_take(
     return BucketState(tokens, now), wait
 
 
+def lane_pattern(weights: dict[str, int]) -> str:
+    """Claim-slot pattern for lane weights, one letter per slot (h, n, l), spread out by
+    smooth weighted round-robin: {high: 6, normal: 3, low: 1} -> 'hnhhlhnhhn'-like, so a
+    lane's turns are evenly spaced rather than bunched."""
+    lanes = [("h", weights["high"]), ("n", weights["normal"]), ("l", weights["low"])]
+    total = sum(w for _, w in lanes)
+    current = dict.fromkeys((c for c, _ in lanes), 0)
+    out: list[str] = []
+    for _ in range(total):
+        for c, w in lanes:
+            current[c] += w
+        best = max(lanes, key=lambda lane: current[lane[0]])[0]
+        current[best] -= total
+        out.append(best)
+    return "".join(out)
+
+
 def backoff_s(
     attempt: int, *, base_s: float, max_s: float, rng: random.Random | None = None
 ) -> float:

@@ -26,9 +26,10 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from engine.api import ApiBackend, build_app
 from engine.api.asgi import ASGIApp
+from engine.api.drain import DrainMeter
 from engine.config import HttpSettings, Settings
 from engine.errors import EngineError
-from engine.queue import Queue, open_redis
+from engine.queue import Queue, RateLimits, open_redis
 from engine.reaper import Reaper
 from engine.sender import SenderPool
 from engine.transport.base import Transport
@@ -90,19 +91,29 @@ async def run_engine(
         connect_timeout_s=settings.redis.connect_timeout_s,
         command_timeout_s=settings.redis.command_timeout_s,
     ) as client:
-        queue = Queue(client, settings.queue, instance)
+        queue = Queue(
+            client, settings.queue, instance, limits=settings.limits, ingest=settings.ingest
+        )
+        limits = RateLimits(client, queue.keys, settings.limits)
         try:
             await queue.load_scripts()
+            await limits.publish()
         except EngineError as exc:  # Redis may be down now; EVALSHA reloads later
             log.warning("engine.scripts.not_loaded error=%s", exc)
         transport = transport or SmtpPool(settings.smtp, smtp_url)
-        pool = SenderPool(queue, transport, settings.sender, settings.queue)
+        pool = SenderPool(queue, transport, settings.sender, settings.queue, limits)
         reaper = Reaper(queue, pool.holding, settings.queue)
         draining = False
         with_senders = settings.role in ("all", "sender")
         with_http = settings.role in ("all", "api")
+        drain = DrainMeter(queue)
         backend = ApiBackend(
-            queue, lambda: pool.statistics().running, with_senders, lambda: draining
+            queue,
+            lambda: pool.statistics().running,
+            with_senders,
+            lambda: draining,
+            limits,
+            drain.rate,
         )
         app = build_app(backend, settings)
         http_stop = trio.Event()
@@ -128,6 +139,7 @@ async def run_engine(
                     senders_done.set()
                 binds: list[str] = []
                 if with_http:
+                    await root.start(drain.serve)
                     binds = await root.start(serve_http, app, settings.http, http_stop)
                 log.info(
                     "engine.started instance=%s role=%s http=%s", instance, settings.role, binds

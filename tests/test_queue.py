@@ -7,13 +7,13 @@ import trio
 from engine.config import QueueSettings
 from engine.ids import new_id
 from engine.queue import Queue
-from engine.queue.jobs import EnqueueRequest, Failure
+from engine.queue.jobs import EnqueueRequest, Failure, NewJob
 from engine.queue.redis import Redis
 
 
 async def _enqueue(queue: Queue, n: int) -> list[str]:
     ids = [new_id() for _ in range(n)]
-    await queue.enqueue([(i, f"payload-{i}".encode()) for i in ids])
+    await queue.enqueue([NewJob(i, f"payload-{i}".encode()) for i in ids])
     return ids
 
 
@@ -31,8 +31,8 @@ async def test_enqueue_stores_jobs_and_fills_ready(queue: Queue, redis: Redis) -
 
 async def test_enqueue_is_idempotent_per_id(queue: Queue, redis: Redis) -> None:
     job_id = new_id()
-    await queue.enqueue([(job_id, b"a")])
-    await queue.enqueue([(job_id, b"b")])
+    await queue.enqueue([NewJob(job_id, b"a")])
+    await queue.enqueue([NewJob(job_id, b"b")])
     assert await redis.llen(queue.keys.ready()) == 1
     assert await redis.hget(queue.keys.job(job_id), "msg") == b"a"
 
@@ -163,7 +163,7 @@ async def test_orphan_in_processing_gets_a_lease_and_is_reaped(redis: Redis) -> 
     clock = [1000.0]
     q = Queue(redis, QueueSettings(lease_s=2, heartbeat_s=1), "i1", clock=lambda: clock[0])
     job_id = new_id()
-    await q._flush_enqueue([EnqueueRequest([(job_id, b"x")])])
+    await q._flush_enqueue([EnqueueRequest([NewJob(job_id, b"x")])])
     await redis.lmove(q.keys.ready(), q.keys.processing("i1"), "LEFT", "RIGHT")
     await q.renew([])
     assert await redis.zscore(q.keys.leases, job_id) is not None
@@ -182,8 +182,8 @@ async def test_expired_lease_is_requeued_once_by_concurrent_reapers(redis: Redis
     worker = Queue(redis, settings, "worker", clock=lambda: clock[0])
     reapers = [Queue(redis, settings, f"r{i}", clock=lambda: clock[0]) for i in range(4)]
     ids = [new_id() for _ in range(50)]
-    await worker._flush_enqueue([EnqueueRequest([(i, b"x") for i in ids])])
-    await worker._claim(50, [])
+    await worker._flush_enqueue([EnqueueRequest([NewJob(i, b"x") for i in ids])])
+    await worker._claim(50)
     clock[0] += 3  # the worker hung: leases expire
     results: list[int] = []
 
@@ -205,8 +205,8 @@ async def test_dead_instance_processing_list_is_recovered(redis: Redis) -> None:
     dead = Queue(redis, settings, "dead", clock=lambda: clock[0])
     live = Queue(redis, settings, "live", clock=lambda: clock[0])
     ids = [new_id() for _ in range(3)]
-    await dead._flush_enqueue([EnqueueRequest([(i, b"x") for i in ids])])
-    await dead._claim(2, [])
+    await dead._flush_enqueue([EnqueueRequest([NewJob(i, b"x") for i in ids])])
+    await dead._claim(2)
     await dead.renew([ids[0], ids[1]])
     clock[0] += 3
     result = await live.reap()
@@ -221,9 +221,9 @@ async def test_job_that_stalls_too_often_is_dead_lettered(redis: Redis) -> None:
         redis, QueueSettings(lease_s=2, heartbeat_s=1, max_stalls=2), "i1", clock=lambda: clock[0]
     )
     job_id = new_id()
-    await q._flush_enqueue([EnqueueRequest([(job_id, b"x")])])
+    await q._flush_enqueue([EnqueueRequest([NewJob(job_id, b"x")])])
     for stall in range(1, 4):
-        assert [j.id for j in await q._claim(1, [])] == [job_id]
+        assert [j.id for j in await q._claim(1)] == [job_id]
         clock[0] += 3  # the sender hangs: the lease expires
         result = await q.reap()
         if stall <= 2:
@@ -267,9 +267,9 @@ async def test_dead_retry_and_delete(queue: Queue, redis: Redis) -> None:
 
 
 async def test_idempotent_enqueue(queue: Queue) -> None:
-    a = await queue.enqueue([(new_id(), b"a")], idempotency_key="k", fingerprint="f1")
-    b = await queue.enqueue([(new_id(), b"b")], idempotency_key="k", fingerprint="f1")
-    c = await queue.enqueue([(new_id(), b"c")], idempotency_key="k", fingerprint="f2")
+    a = await queue.enqueue([NewJob(new_id(), b"a")], idempotency_key="k", fingerprint="f1")
+    b = await queue.enqueue([NewJob(new_id(), b"b")], idempotency_key="k", fingerprint="f1")
+    c = await queue.enqueue([NewJob(new_id(), b"c")], idempotency_key="k", fingerprint="f2")
     assert a.outcome == "stored" and b.outcome == "replayed" and b.ids == a.ids
     assert c.outcome == "conflict"
     assert (await queue.counts()).enqueued_total == 1

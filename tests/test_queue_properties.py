@@ -10,8 +10,10 @@ BLMOVE leaves in a processing list), dead-letter retry and delete, and ``recover
 After every step the test reads the whole shard back (one MULTI/EXEC) and checks that
 every job id is in exactly one place and that its state agrees with it (queued: ready,
 or an orphan in a processing list; processing: its owner's list, with a lease;
-retrying: delayed; failed: dead), that nothing is lost, duplicated or left over after a
-delete, that leases exist only for ids in a processing list, and that acked jobs stay
+retrying: delayed; failed: dead; cancelled: at most a stale copy in a ready list),
+that the backlog counter equals the ready lists' length, that every tenant with ready
+jobs is on its lane's ring exactly once, that nothing is lost, duplicated or left over
+after a delete, that leases exist only for ids in a processing list, and that acked jobs stay
 ``sent`` and are never claimed again. ``recover`` advances the clock past every lease
 with the live instances heartbeating, reaps, and checks that nothing held only by a
 crashed instance (or by nobody) is left in a processing list.
@@ -37,8 +39,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from engine.config import QueueSettings
-from engine.keys import PRIORITIES
-from engine.queue import Queue, open_redis
+from engine.keys import LANES
+from engine.queue import NewJob, Queue, open_redis
 from engine.queue.jobs import EnqueueRequest, Failure
 from engine.queue.redis import Redis
 from fixtures.redis import RedisServer
@@ -73,13 +75,14 @@ _STRATEGIES: dict[str, st.SearchStrategy[tuple[object, ...]]] = {
     "enqueue_again": st.tuples(st.just("enqueue_again"), _pick),
     "dead_retry": st.tuples(st.just("dead_retry"), _pick),
     "dead_delete": st.tuples(st.just("dead_delete"), _pick),
+    "cancel": st.tuples(st.just("cancel"), _pick),
     "recover": st.just(("recover",)),
 }
 # Relative frequencies: the common operations come up more often.
 _WEIGHTS = {
     "enqueue": 2, "claim": 4, "ack": 4, "fail": 3, "release": 1, "renew": 1, "advance": 2,
     "reap": 2, "hang": 2, "crash": 1, "restart": 1, "orphan": 1, "enqueue_again": 1,
-    "dead_retry": 1, "dead_delete": 1, "recover": 1,
+    "dead_retry": 1, "dead_delete": 1, "cancel": 1, "recover": 1,
 }  # fmt: skip
 OPERATION = st.sampled_from([n for n, w in _WEIGHTS.items() for _ in range(w)]).flatmap(
     _STRATEGIES.__getitem__
@@ -103,7 +106,9 @@ class Instance:
 
 @dataclass
 class Snapshot:
-    ready: list[str]
+    ready: list[str]  # all lanes and tenants
+    rings: dict[str, list[str]]  # lane -> tenants
+    nonempty: set[tuple[str, str]]  # (lane, tenant) of non-empty ready lists
     processing: dict[str, list[str]]  # instance id -> list
     delayed: dict[str, float]
     dead: list[str]
@@ -134,6 +139,7 @@ class Model:
         self.acked: set[str] = set()  # existing records that must say 'sent'
         self.sent_total = 0
         self.failed_dead: set[str] = set()
+        self.cancelled: set[str] = set()
         # ids held in memory by crashed incarnations, per instance id
         self.ghosts: dict[str, set[str]] = {}
         self.next_id = 0
@@ -158,21 +164,28 @@ class Model:
         """Everything of the shard, read in one MULTI/EXEC (a consistent picture)."""
         c, k = self.client, self.keys
         pkeys = sorted(_s(x) for x in await c.keys(k.prefix + "processing:*"))
+        rkeys = sorted(_s(x) for x in await c.keys(k.prefix + "ready:*"))
         ids = sorted(self.enqueued)
         fields = ["state", "owner", "msg", "stalls"]
         async with c.pipeline(transaction=True) as p:
-            other_lanes = [p.llen(k.ready(lane)) for lane in PRIORITIES if lane != "normal"]
+            rings = [p.lrange(k.ring(lane), 0, -1) for lane in LANES]
             plists = [p.lrange(key, 0, -1) for key in pkeys]
+            rlists = [p.lrange(key, 0, -1) for key in rkeys]
             recs = [p.hmget(k.job(job_id), fields) for job_id in ids]
-            ready = p.lrange(k.ready(), 0, -1)
             delayed = p.zrange(k.delayed, 0, -1, withscores=True)
             dead = p.lrange(k.dead, 0, -1)
             leases = p.zrange(k.leases, 0, -1, withscores=True)
             instances = p.zrange(k.instances, 0, -1, withscores=True)
             job_keys = p.keys(k.job_prefix + "*")
             stats = p.hgetall(k.stats)
-        for lane in other_lanes:
-            assert await lane == 0, "only the normal lane is used here"
+        ready_lists = {
+            key: [_s(x) for x in await fut] for key, fut in zip(rkeys, rlists, strict=True)
+        }
+        nonempty = set()
+        for key, lst in ready_lists.items():
+            if lst:
+                _, lane, tenant = key.removeprefix(k.prefix).split(":")
+                nonempty.add((lane, tenant))
         jobs: dict[str, dict[str, object]] = {}
         for job_id, fut in zip(ids, recs, strict=True):
             state, owner, msg, stalls = await fut
@@ -185,7 +198,11 @@ class Model:
                 rec["msg"] = msg
             jobs[job_id] = rec
         return Snapshot(
-            ready=[_s(x) for x in await ready],
+            ready=[job_id for lst in ready_lists.values() for job_id in lst],
+            rings={
+                lane: [_s(x) for x in await fut] for lane, fut in zip(LANES, rings, strict=True)
+            },
+            nonempty=nonempty,
             processing={
                 key.removeprefix(k.prefix + "processing:"): [_s(x) for x in await fut]
                 for key, fut in zip(pkeys, plists, strict=True)
@@ -263,6 +280,10 @@ class Model:
                 assert not leased and owner is None, ctx
                 stalled = int(rec["stalls"]) > SETTINGS.max_stalls  # type: ignore[call-overload]
                 assert job_id in self.failed_dead or stalled, ctx
+            elif state == "cancelled":
+                # Its id may linger in a ready list (claim drops it), or as a cancelled
+                # orphan in a processing list until renew + reap clear it.
+                assert job_id in self.cancelled and r + np <= 1 and d == 0 and dl == 0, ctx
             elif state == "sent":
                 # Acked by a holder whose lease had lapsed: a stale copy may linger
                 # (claim, promotion and reap skip it), but at most one.
@@ -274,6 +295,12 @@ class Model:
         assert sent == self.acked, "acked ids and 'sent' records differ"
         assert snap.stats.get("enqueued", 0) == len(ids) + len(self.deleted)
         assert snap.stats.get("sent", 0) == self.sent_total
+        assert snap.stats.get("backlog", 0) == len(snap.ready), "backlog counter drifted"
+        for lane, ring in snap.rings.items():
+            assert len(set(ring)) == len(ring), f"a tenant is twice on the {lane} ring"
+            for lane_, tenant in snap.nonempty:
+                if lane_ == lane:
+                    assert tenant in ring, f"{tenant} has {lane} jobs but is off the ring"
         return snap
 
     async def check_recovered(self) -> None:
@@ -393,10 +420,12 @@ class Model:
                 if registered is None:
                     return ""  # reaped as dead while stalled (see the regressions below)
             # Queue.claim runs the claim script (it found nothing) before every BLMOVE.
-            await q._claim(0, [])
+            await q._claim(0)
             moved = await self.client.lmove(
                 self.keys.ready(), self.keys.processing(inst.iid), PureToken.LEFT, PureToken.RIGHT
             )
+            if moved:
+                await self.client.hincrby(self.keys.stats, "backlog", -1)
             return name if moved else ""
         raise AssertionError(op)
 
@@ -419,18 +448,31 @@ class Model:
         if name == "enqueue":
             jobs = []
             for _ in range(int(op[1])):  # type: ignore[call-overload]
-                job_id = f"j{self.next_id:03d}"
+                n = self.next_id
+                job_id = f"j{n:03d}"
                 self.next_id += 1
-                jobs.append((job_id, f"payload-{job_id}".encode()))
+                # Mostly the default lane and tenant (the orphan op takes from there).
+                lane = LANES[n % 5] if n % 5 < 3 else "normal"
+                tenant = "default" if n % 4 else "t2"
+                jobs.append(NewJob(job_id, f"payload-{job_id}".encode(), lane, tenant))
             await q._flush_enqueue([EnqueueRequest(jobs)])
-            self.enqueued.update(jobs)
+            self.enqueued.update((j.id, j.payload) for j in jobs)
             return name
         if name == "enqueue_again":  # a client retry after a lost reply: no effect
             if not self.enqueued:
                 return ""
             job_id = sorted(self.enqueued)[int(op[1]) % len(self.enqueued)]  # type: ignore[call-overload]
-            await q._flush_enqueue([EnqueueRequest([(job_id, b"other")])])
+            await q._flush_enqueue([EnqueueRequest([NewJob(job_id, b"other")])])
             return name
+        if name == "cancel":
+            if not self.enqueued:
+                return ""
+            job_id = sorted(self.enqueued)[int(op[1]) % len(self.enqueued)]  # type: ignore[call-overload]
+            outcome, state = await q.cancel(job_id)
+            if outcome == "cancelled":
+                self.cancelled.add(job_id)
+                return f"cancel {state}"
+            return "cancel refused"
         if name in ("dead_retry", "dead_delete"):
             dead = sorted(set(await q.dead_ids()))
             if not dead:

@@ -12,7 +12,7 @@ from engine.config import QueueSettings, SenderSettings
 from engine.errors import PermanentFailure, TemporaryFailure
 from engine.ids import new_ids
 from engine.models import Message
-from engine.queue import Queue
+from engine.queue import NewJob, Queue
 from engine.queue.redis import Redis
 from engine.sender import SenderPool
 from engine.transport.base import OutgoingMail
@@ -36,7 +36,7 @@ async def q(redis: Redis) -> AsyncIterator[Queue]:
 
 async def _enqueue(q: Queue, n: int, to: str = "ann@example.com") -> list[str]:
     ids = new_ids(n)
-    await q.enqueue([(i, _payload(to)) for i in ids])
+    await q.enqueue([NewJob(i, _payload(to)) for i in ids])
     return ids
 
 
@@ -201,7 +201,7 @@ async def test_permanent_refusal_of_some_recipients_still_counts_as_sent(q: Queu
 async def test_per_message_max_attempts(q: Queue) -> None:
     msg = Message("e@localhost", ["a@example.com"], [], [], "S", "b", None, [], [], [], 1)
     (job_id,) = new_ids(1)
-    await q.enqueue([(job_id, msgspec.msgpack.encode(msg))])
+    await q.enqueue([NewJob(job_id, msgspec.msgpack.encode(msg))])
 
     def busy(mail: OutgoingMail) -> TemporaryFailure:
         return TemporaryFailure("451 later", code=451)

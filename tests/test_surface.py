@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,9 @@ def test_bad_setting_exits_2_with_a_message() -> None:
 def test_key_names() -> None:
     k = Keys("mail", 0)
     assert k.job("abc") == "{mail:0}:job:abc"
-    assert k.ready() == "{mail:0}:ready:normal"
+    assert k.ready() == "{mail:0}:ready:normal:default"
+    assert k.ready("high", "acme") == "{mail:0}:ready:high:acme"
+    assert k.ring("low") == "{mail:0}:ring:low"
     assert k.processing("i1") == "{mail:0}:processing:i1"
     assert (k.leases, k.instances, k.delayed, k.dead, k.events, k.stats) == (
         "{mail:0}:leases", "{mail:0}:instances", "{mail:0}:delayed", "{mail:0}:dead",
@@ -63,7 +66,10 @@ def test_key_names() -> None:
 def test_every_script_has_a_keys_argv_header() -> None:
     sources = load_script_sources()
     assert set(sources) == set(SCRIPT_NAMES)
-    for name, src in sources.items():
+    lib = (resources.files("engine.queue") / "lua" / "_lib.lua").read_text()
+    for name, full in sources.items():
+        assert full.startswith(lib), f"{name}: the shared functions are not prepended"
+        src = full.removeprefix(lib)
         head = src.split("\n", 6)
         assert head[0].startswith(f"-- {name}:"), name
         assert "KEYS[1]" in src.split("local", 1)[0] and "ARGV[1]" in src.split("local", 1)[0], name

@@ -17,9 +17,10 @@ from quart_trio import QuartTrio
 from engine.api.asgi import ASGIApp, Receive, Scope, Send, problem_body, send_json, send_problem
 from engine.api.dead import register_dead_routes
 from engine.api.ingest import Ingest
+from engine.api.limits import register_limit_routes
 from engine.config import Settings
 from engine.errors import QueueError
-from engine.queue import Queue
+from engine.queue import Queue, RateLimits
 
 _MESSAGES = "/v1/messages"
 _BATCH = "/v1/messages/batch"
@@ -35,11 +36,15 @@ class ApiBackend:
     expects_senders: bool
     # Set while shutting down: ingest answers 503 instead of accepting.
     draining: Callable[[], bool]
+    limits: RateLimits
+    # Jobs per second the queue drains at (all replicas): Retry-After when it is full.
+    drain_rate: Callable[[], float] = lambda: 0.0
 
 
-def _quart_app(queue: Queue) -> QuartTrio:
+def _quart_app(queue: Queue, limits: RateLimits) -> QuartTrio:
     app = QuartTrio("engine")
     register_dead_routes(app, queue)
+    register_limit_routes(app, limits)
 
     @app.get("/")
     async def index() -> dict[str, Any]:
@@ -49,6 +54,8 @@ def _quart_app(queue: Queue) -> QuartTrio:
                 "POST /v1/messages",
                 "POST /v1/messages/batch",
                 "GET /v1/messages/{id}",
+                "DELETE /v1/messages/{id}",
+                "GET /v1/limits",
                 "GET /healthz",
                 "GET /readyz",
                 "GET /v1/dead",
@@ -88,8 +95,16 @@ def _quart_app(queue: Queue) -> QuartTrio:
 
 
 def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
-    ingest = Ingest(backend.queue, settings.http, settings.sender.default_from)
-    quart: Any = _quart_app(backend.queue)  # ASGI; typed with its own scope TypedDicts
+    ingest = Ingest(
+        backend.queue,
+        settings.http,
+        settings.sender.default_from,
+        settings.ingest,
+        backend.drain_rate,
+    )
+    quart: Any = _quart_app(
+        backend.queue, backend.limits
+    )  # ASGI; typed with its own scope TypedDicts
 
     async def draining(send: Send) -> None:
         await send_problem(
@@ -148,10 +163,12 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
                 await ingest.post_batch(scope, receive, send)
             return
         if path.startswith("/v1/messages/") and path.count("/") == 3:
-            if method != "GET":
-                await method_not_allowed(send, b"GET")
-            else:
+            if method == "GET":
                 await ingest.get_message(path.rsplit("/", 1)[1], send)
+            elif method == "DELETE":
+                await ingest.cancel_message(path.rsplit("/", 1)[1], send)
+            else:
+                await method_not_allowed(send, b"GET, DELETE")
             return
         if path == "/healthz":
             await send_json(send, 200, {"alive": True})

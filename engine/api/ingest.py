@@ -1,4 +1,5 @@
-"""Hot-path handlers in raw ASGI: POST /v1/messages[/batch], GET /v1/messages/{id}.
+"""Hot-path handlers in raw ASGI: POST /v1/messages[/batch], GET and DELETE
+/v1/messages/{id}; the ingest's back-pressure answers (429 per client, 503 backlog).
 
 Raw ASGI rather than Quart routes because these run for every message: Quart's
 request/response machinery costs ~20 % of a request on its own (measured; README).
@@ -6,7 +7,9 @@ request/response machinery costs ~20 % of a request on its own (measured; README
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,11 +28,22 @@ from engine.api.asgi import (
     send_json,
     send_problem,
 )
-from engine.config import HttpSettings
+from engine.config import HttpSettings, IngestSettings
 from engine.errors import QueueError, QueueUnavailable, ValidationError
-from engine.ids import is_id, new_id, new_ids
-from engine.models import Accepted, BatchAccepted, BatchIn, JobView, MessageIn, ms_to_iso, normalize
-from engine.queue import Queue
+from engine.ids import is_id, new_ids
+from engine.models import (
+    DEFAULT_TENANT,
+    Accepted,
+    BatchAccepted,
+    BatchIn,
+    JobView,
+    MessageIn,
+    ms_to_iso,
+    normalize,
+    recipient_domains,
+    route,
+)
+from engine.queue import NewJob, Queue
 from engine.queue.jobs import EnqueueResult
 
 D = TypeVar("D")
@@ -82,11 +96,38 @@ async def _decode(decode: Callable[[bytes], D], body: bytes, send: Send) -> D | 
     return None
 
 
+def identify(scope: Scope) -> tuple[str, str]:
+    """(client id, default tenant) of a request: its API key (``Authorization: Bearer``
+    or ``X-API-Key``), hashed so no secret lands in Redis key names; else its address."""
+    raw = header(scope, b"x-api-key")
+    if raw is None:
+        auth = header(scope, b"authorization")
+        if auth is not None and auth[:7].lower() == b"bearer ":
+            raw = auth[7:].strip()
+    if raw:
+        name = "key-" + hashlib.blake2b(raw, digest_size=8).hexdigest()
+        return name, name
+    client = scope.get("client")
+    return ("ip-" + str(client[0]) if client else "ip-unknown"), DEFAULT_TENANT
+
+
+def _job(incoming: MessageIn, job_id: str, default_from: str, now_ms: int, tenant: str) -> NewJob:
+    routing = route(incoming, now_ms=now_ms, default_tenant=tenant)
+    message = normalize(incoming, default_from=default_from)
+    return NewJob(
+        job_id, _encode_msgpack(message), routing.lane, routing.tenant,
+        recipient_domains(message), routing.due_ms,
+    )  # fmt: skip
+
+
 @dataclass(slots=True)
 class Ingest:
     queue: Queue
     http: HttpSettings
     default_from: str
+    ingest: IngestSettings = dataclasses.field(default_factory=IngestSettings)
+    # Jobs per second the queue drains at (all replicas), for Retry-After when full.
+    drain_rate: Callable[[], float] = lambda: 0.0
 
     async def _json_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
         if not _is_json(header(scope, b"content-type")):
@@ -120,20 +161,23 @@ class Ingest:
         incoming = await _decode(_decode_one, body, send)
         if incoming is None:
             return
+        client, tenant = identify(scope)
+        now_ms = self.queue.now_ms()
         try:
-            message = normalize(incoming, default_from=self.default_from)
+            job = _job(incoming, new_ids(1, now_ms)[0], self.default_from, now_ms, tenant)
         except ValidationError as exc:
             await send_problem(send, 422, "invalid-field", "Invalid field", exc.detail, exc.field)
             return
-        result = await self._enqueue(send, [(new_id(), _encode_msgpack(message))], idem, body)
+        result = await self._enqueue(send, [job], idem, body, client)
         if result is None:
             return
         job_id = result.ids[0]
-        headers = [(b"location", f"/v1/messages/{job_id}".encode())]
+        headers = [(b"location", f"/v1/messages/{job_id}".encode()), *self._limit_headers(result)]
         if result.outcome == "replayed":
             await send_json(send, 200, Accepted(job_id), [*headers, _REPLAYED])
         else:
-            await send_json(send, 202, Accepted(job_id), headers)
+            accepted = Accepted(job_id, "scheduled" if job.due_ms else "queued")
+            await send_json(send, 202, accepted, headers)
 
     async def post_batch(self, scope: Scope, receive: Receive, send: Send) -> None:
         idem = await self._idempotency_key(scope, send)
@@ -156,24 +200,39 @@ class Ingest:
                 "messages",
             )
             return
-        ids = new_ids(len(batch.messages))
-        jobs: list[tuple[str, bytes]] = []
+        client, tenant = identify(scope)
+        now_ms = self.queue.now_ms()
+        ids = new_ids(len(batch.messages), now_ms)
+        jobs: list[NewJob] = []
         i = 0
         try:
             for i, incoming in enumerate(batch.messages):
-                message = normalize(incoming, default_from=self.default_from)
-                jobs.append((ids[i], _encode_msgpack(message)))
+                jobs.append(_job(incoming, ids[i], self.default_from, now_ms, tenant))
         except ValidationError as exc:
             field = f"messages[{i}].{exc.field}"
             await send_problem(send, 422, "invalid-field", "Invalid field", exc.detail, field)
             return
-        result = await self._enqueue(send, jobs, idem, b"batch:" + body)
+        result = await self._enqueue(send, jobs, idem, b"batch:" + body, client)
         if result is None:
             return
+        headers = self._limit_headers(result)
         if result.outcome == "replayed":
-            await send_json(send, 200, BatchAccepted(result.ids), [_REPLAYED])
+            await send_json(send, 200, BatchAccepted(result.ids), [*headers, _REPLAYED])
         else:
-            await send_json(send, 202, BatchAccepted(result.ids))
+            await send_json(send, 202, BatchAccepted(result.ids), headers)
+
+    def _limit_headers(self, result: EnqueueResult) -> list[tuple[bytes, bytes]]:
+        """RateLimit-* headers (IETF draft names) while per-client limits are on."""
+        rate = self.ingest.client_rate_per_s
+        if rate <= 0 or result.value < 0:
+            return []
+        burst = self.ingest.client_burst_or_default()
+        reset = math.ceil((burst - result.value) / rate)
+        return [
+            (b"ratelimit-limit", str(burst).encode()),
+            (b"ratelimit-remaining", str(result.value).encode()),
+            (b"ratelimit-reset", str(reset).encode()),
+        ]
 
     async def _idempotency_key(self, scope: Scope, send: Send) -> str | None:
         """The request's Idempotency-Key ('' when absent); None after answering 400."""
@@ -191,15 +250,17 @@ class Ingest:
         return key
 
     async def _enqueue(
-        self, send: Send, jobs: list[tuple[str, bytes]], idem: str, body: bytes
+        self, send: Send, jobs: list[NewJob], idem: str, body: bytes, client: str
     ) -> EnqueueResult | None:
         """Enqueue; on failure answer the problem and return None."""
         fingerprint = hashlib.blake2b(body, digest_size=16).hexdigest() if idem else ""
+        if self.ingest.client_rate_per_s <= 0:
+            client = ""  # not limited: skip the bucket
         result: EnqueueResult | None = None
         try:
             with trio.move_on_after(self.http.enqueue_timeout_s):
                 result = await self.queue.enqueue(
-                    jobs, idempotency_key=idem, fingerprint=fingerprint
+                    jobs, idempotency_key=idem, fingerprint=fingerprint, client=client
                 )
         except QueueUnavailable:
             await send_problem(
@@ -236,7 +297,42 @@ class Ingest:
                 "24 h; use a new key for a new request", "Idempotency-Key",
             )  # fmt: skip
             return None
+        if result.outcome == "limited":
+            await self._too_many(send, result.value, len(jobs))
+            return None
+        if result.outcome == "backlog":
+            await self._backlog_full(send, result.value)
+            return None
         return result
+
+    async def _too_many(self, send: Send, retry_ms: int, n: int) -> None:
+        rate, burst = self.ingest.client_rate_per_s, self.ingest.client_burst_or_default()
+        headers = [(b"ratelimit-limit", str(burst).encode()), (b"ratelimit-remaining", b"0")]
+        if retry_ms < 0:  # can never pass: larger than the whole burst
+            await send_problem(
+                send, 429, "rate-limited", "Too many messages",
+                f"{n} messages at once exceed this client's burst of {burst} "
+                "(ingest.client_burst); split the batch", "messages",
+                extra_headers=headers,
+            )  # fmt: skip
+            return
+        retry = str(max(1, math.ceil(retry_ms / 1000))).encode()
+        await send_problem(
+            send, 429, "rate-limited", "Too many messages",
+            f"this client may submit {rate:g} messages/s (ingest.client_rate_per_s); "
+            "nothing was stored: retry after Retry-After seconds",
+            extra_headers=[(b"retry-after", retry), *headers, (b"ratelimit-reset", retry)],
+        )  # fmt: skip
+
+    async def _backlog_full(self, send: Send, backlog: int) -> None:
+        high = self.ingest.max_backlog
+        retry = backlog_retry_after_s(backlog, high, self.drain_rate())
+        await send_problem(
+            send, 503, "backlog-full", "Backlog full",
+            f"{backlog} messages are waiting (ingest.max_backlog = {high}); nothing was "
+            "stored: retry after Retry-After seconds",
+            extra_headers=[(b"retry-after", str(retry).encode())],
+        )  # fmt: skip
 
     async def get_message(self, job_id: str, send: Send) -> None:
         if not is_id(job_id):
@@ -258,7 +354,7 @@ class Ingest:
             await send_problem(send, 404, "not-found", "No such message", f"unknown id {job_id!r}")
             return
         next_attempt_at = None
-        if rec.state == "retrying" and rec.next_attempt_at_ms:
+        if rec.state in ("retrying", "scheduled") and rec.next_attempt_at_ms:
             next_attempt_at = ms_to_iso(rec.next_attempt_at_ms)
         view = JobView(
             rec.id,
@@ -268,5 +364,40 @@ class Ingest:
             ms_to_iso(rec.updated_at_ms),
             rec.last_error,
             next_attempt_at,
+            rec.lane,
+            rec.tenant,
         )
         await send_json(send, 200, view)
+
+    async def cancel_message(self, job_id: str, send: Send) -> None:
+        """DELETE /v1/messages/{id}: 200 cancelled; 409 once processing or finished."""
+        if not is_id(job_id):
+            await send_problem(send, 404, "not-found", "No such message", f"unknown id {job_id!r}")
+            return
+        try:
+            outcome, state = await self.queue.cancel(job_id)
+        except QueueError as exc:
+            await send_problem(
+                send, 503, "queue-unavailable", "Queue unavailable", str(exc),
+                extra_headers=_RETRY_AFTER,
+            )  # fmt: skip
+            return
+        if outcome == "unknown":
+            await send_problem(send, 404, "not-found", "No such message", f"unknown id {job_id!r}")
+        elif outcome == "too_late":
+            await send_problem(
+                send, 409, "not-cancellable", "Too late to cancel",
+                f"the message is {state}; only queued, scheduled or retrying messages can be "
+                "cancelled",
+            )  # fmt: skip
+        else:
+            await send_json(send, 200, Accepted(job_id, "cancelled"))
+
+
+def backlog_retry_after_s(backlog: int, high_water: int, drain_per_s: float) -> int:
+    """Seconds until the backlog should be back under 90 % of its high-water mark at the
+    measured drain rate (1 to 300; 60 when nothing drains)."""
+    if drain_per_s <= 0:
+        return 60
+    excess = backlog - 0.9 * high_water
+    return max(1, min(300, math.ceil(excess / drain_per_s)))

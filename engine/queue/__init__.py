@@ -5,15 +5,19 @@ Imports the leaves and policy; never the API, senders or transports.
 """
 
 from engine.queue.commit import GroupCommitter
-from engine.queue.jobs import ClaimedJob, JobRecord, Queue, QueueCounts, ReapResult
+from engine.queue.jobs import ClaimedJob, JobRecord, NewJob, Queue, QueueCounts, ReapResult
+from engine.queue.limits import BucketState, RateLimits
 from engine.queue.redis import open_redis
 
 __all__ = [
+    "BucketState",
     "ClaimedJob",
     "GroupCommitter",
     "JobRecord",
+    "NewJob",
     "Queue",
     "QueueCounts",
+    "RateLimits",
     "ReapResult",
     "open_redis",
 ]

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
 import trio
-from coredis import PureToken
 
-from engine.config import QueueSettings
+from engine.config import IngestSettings, LimitsSettings, QueueSettings
 from engine.errors import QueueUnavailable
 from engine.keys import Keys
+from engine.policy import lane_pattern
 from engine.queue.commit import GroupCommitter
 from engine.queue.redis import Redis, Scripts, translate_errors
 
@@ -28,21 +28,39 @@ class ClaimedJob:
     attempt: int  # 1 for the first delivery attempt
     # Recipients still to try after a partial delivery; None means all of the message's.
     recipients: list[str] | None = None
+    # Seconds to wait before sending: the slot its rate-limit buckets reserved for it.
+    wait_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job to store: its id, message and where it waits."""
+
+    id: str
+    payload: bytes  # msgpack-encoded engine.models.Message
+    lane: str = "normal"
+    tenant: str = "default"
+    domains: str = ""  # distinct recipient domains, comma-separated (rate limits)
+    due_ms: int = 0  # later than now: scheduled until then
 
 
 @dataclass(frozen=True, slots=True)
 class EnqueueRequest:
     """One API request's jobs; with an idempotency key, a repeat returns the first ids."""
 
-    jobs: list[tuple[str, bytes]]  # (job id, msgpack message)
+    jobs: list[NewJob]
     idempotency_key: str = ""
     fingerprint: str = ""  # of the request body: same key + other body is a conflict
+    client: str = ""  # who sent it, for per-client ingest limits ('' = not limited)
 
 
 @dataclass(frozen=True, slots=True)
 class EnqueueResult:
-    outcome: Literal["stored", "replayed", "conflict"]
+    outcome: Literal["stored", "replayed", "conflict", "limited", "backlog"]
     ids: list[str]  # stored: the request's ids; replayed: the first request's ids
+    # stored: the client's tokens left (-1: no client limit); limited: ms until the
+    # request would pass (-1: never, it is larger than the burst); backlog: jobs waiting.
+    value: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +72,8 @@ class JobRecord:
     updated_at_ms: int
     last_error: str | None
     next_attempt_at_ms: int | None
+    lane: str = "normal"
+    tenant: str = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +86,7 @@ class ReapResult:
 
 @dataclass(frozen=True, slots=True)
 class QueueCounts:
-    ready: int
+    ready: int  # entries of all ready lists (cancelled ones included until claimed)
     processing: int  # jobs under a lease, all instances
     delayed: int
     dead: int
@@ -98,11 +118,17 @@ class Queue:
         settings: QueueSettings,
         instance: str,
         *,
+        limits: LimitsSettings | None = None,
+        ingest: IngestSettings | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
         self.settings = settings
+        self.limits = limits or LimitsSettings()
+        self.ingest = ingest or IngestSettings()
         self.instance = instance
+        self._lanes = lane_pattern(settings.lane_weights)
+        self._limits_on = "1" if self.limits.configured() else "0"
         self.keys = Keys(settings.name, settings.shard)
         self._scripts = Scripts(client)
         self._clock = clock
@@ -135,41 +161,55 @@ class Queue:
     # -- ingest ------------------------------------------------------------------------
 
     async def enqueue(
-        self, jobs: list[tuple[str, bytes]], *, idempotency_key: str = "", fingerprint: str = ""
+        self,
+        jobs: list[NewJob],
+        *,
+        idempotency_key: str = "",
+        fingerprint: str = "",
+        client: str = "",
     ) -> EnqueueResult:
-        """Store ``(id, payload)`` jobs and queue them; returns once Redis has them.
+        """Store jobs and queue (or schedule) them; returns once Redis has them.
 
         With an ``idempotency_key`` already used (within idempotency_ttl_s) nothing is
         stored: the result is the first request's ids, or a conflict when ``fingerprint``
-        differs from the first request's.
+        differs from the first request's. Nothing is stored either when ``client`` is
+        over ingest.client_rate_per_s ("limited") or the backlog is over
+        ingest.max_backlog ("backlog"); a batch counts once per message.
         """
-        request = EnqueueRequest(jobs, idempotency_key, fingerprint)
+        request = EnqueueRequest(jobs, idempotency_key, fingerprint, client)
         return await self._enqueuer.submit(request, len(jobs))
 
     async def _flush_enqueue(self, requests: list[EnqueueRequest]) -> list[EnqueueResult]:
         k = self.keys
-        args: list[str | bytes | int] = [
-            k.job_prefix, self.now_ms(), self.settings.events_maxlen,
-            k.idem(""), self.settings.idempotency_ttl_s,
+        ingest = self.ingest
+        args: list[str | bytes | int | float] = [
+            k.prefix, self.now_ms(), self.settings.events_maxlen,
+            self.settings.idempotency_ttl_s, ingest.max_backlog,
+            ingest.client_rate_per_s, ingest.client_burst_or_default(),
         ]  # fmt: skip
         for request in requests:
-            args += [request.idempotency_key, request.fingerprint, len(request.jobs)]
-            for job_id, payload in request.jobs:
-                args.append(job_id)
-                args.append(payload)
+            args += [request.idempotency_key, request.fingerprint, request.client]
+            args.append(len(request.jobs))
+            for job in request.jobs:
+                args += [job.id, job.payload, job.lane, job.tenant, job.domains, job.due_ms]
         with translate_errors():
             out: Any = await self._scripts["enqueue"](
-                keys=[k.ready(), k.events, k.stats], args=args
+                keys=[k.events, k.stats, k.delayed], args=args
             )
         results: list[EnqueueResult] = []
         for request, entry in zip(requests, out, strict=True):
             code = int(entry[0])
             if code == 0:
-                results.append(EnqueueResult("stored", [job_id for job_id, _ in request.jobs]))
+                ids = [job.id for job in request.jobs]
+                results.append(EnqueueResult("stored", ids, int(entry[1])))
             elif code == 1:
                 results.append(EnqueueResult("replayed", entry[1].decode().split(",")))
-            else:
+            elif code == 2:
                 results.append(EnqueueResult("conflict", []))
+            elif code == 3:
+                results.append(EnqueueResult("limited", [], int(entry[1])))
+            else:
+                results.append(EnqueueResult("backlog", [], int(entry[1])))
         return results
 
     async def get(self, job_id: str) -> JobRecord | None:
@@ -189,57 +229,63 @@ class Queue:
 
     async def claim(self, n: int, *, block_s: float = 0.0) -> list[ClaimedJob]:
         """Claim up to ``n`` jobs. When none is ready and ``block_s`` > 0, wait up to
-        ``block_s`` seconds in BLMOVE for one (then claim it plus up to n-1 more).
+        ``block_s`` seconds on the doorbell (BLPOP) for work, then claim again.
 
         Only the wait is cancellable. The claim script runs shielded: cancelled after
         Redis ran it, its jobs would be claimed in Redis but unknown to the caller.
+        (Not BLMOVE from the ready list: there is one list per lane and tenant, and
+        BLMOVE waits on one list. The doorbell holds no jobs, so a wait cut short
+        loses nothing.)
         """
-        jobs = await self._claim_shielded(n, [])
+        jobs = await self._claim_shielded(n)
         if jobs or block_s <= 0:
             return jobs
         with translate_errors():
-            moved = await self.client.blmove(
-                self.keys.ready(), self._processing, PureToken.LEFT, PureToken.RIGHT, block_s
-            )
-        if moved is None:
+            rung = await self.client.blpop([self.keys.wake], block_s)
+        if rung is None:
             return []
-        # A BLMOVE cancelled mid-block may still have moved an id: it sits in processing
-        # unclaimed; renew leases it (never extended) and the reaper returns it, and a
-        # clean shutdown hands it back at once (release_unheld).
-        return await self._claim_shielded(n - 1, [moved.decode()])
+        return await self._claim_shielded(n)
 
-    async def _claim_shielded(self, more: int, moved: list[str]) -> list[ClaimedJob]:
+    async def _claim_shielded(self, n: int) -> list[ClaimedJob]:
         jobs: list[ClaimedJob] = []
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + self.settings.lease_s
-            jobs = await self._claim(more, moved)
+            jobs = await self._claim(n)
         if scope.cancelled_caught:
             raise QueueUnavailable(f"claim got no answer within {self.settings.lease_s}s")
         return jobs
 
-    async def _claim(self, more: int, moved: list[str]) -> list[ClaimedJob]:
+    async def _claim(self, n: int) -> list[ClaimedJob]:
         now = self.now_ms()
         k = self.keys
-        args: list[str | int] = [
-            k.job_prefix,
-            now,
-            now + int(self.settings.lease_s * 1000),
-            self.settings.events_maxlen,
-            self.instance,
-            more,
-            *moved,
-        ]
+        limits = self.limits
+        args: list[str | int | float] = [
+            k.prefix, now, now + int(self.settings.lease_s * 1000), self.settings.events_maxlen,
+            self.instance, n, self._lanes, self._limits_on, int(limits.max_wait_s * 1000),
+            limits.recovery_per_s,
+        ]  # fmt: skip
         with translate_errors():
             out: Any = await self._scripts["claim"](
-                keys=[k.ready(), self._processing, k.leases, k.events, k.instances], args=args
+                keys=[
+                    self._processing,
+                    k.leases,
+                    k.events,
+                    k.instances,
+                    k.stats,
+                    k.delayed,
+                    k.cursor,
+                    k.limits,
+                ],
+                args=args,
             )
         assert isinstance(out, list)
         return [
             ClaimedJob(
                 out[i].decode(), out[i + 1], int(out[i + 2]),
                 out[i + 3].decode().split(",") if out[i + 3] else None,
+                int(out[i + 4]) / 1000,
             )
-            for i in range(0, len(out), 4)
+            for i in range(0, len(out), 5)
         ]  # fmt: skip
 
     async def ack(self, job_id: str, note: str = "") -> None:
@@ -287,10 +333,10 @@ class Queue:
         if not ids:
             return 0
         k = self.keys
-        args: list[str | int] = [k.job_prefix, self.now_ms(), self.settings.events_maxlen, *ids]
+        args: list[str | int] = [k.prefix, self.now_ms(), self.settings.events_maxlen, *ids]
         with translate_errors():
             n: Any = await self._scripts["release"](
-                keys=[k.ready(), self._processing, k.leases, k.events], args=args
+                keys=[self._processing, k.leases, k.events], args=args
             )
         return int(n)
 
@@ -341,7 +387,7 @@ class Queue:
         ]  # fmt: skip
         with translate_errors():
             out: Any = await self._scripts["reap"](
-                keys=[k.ready(), k.delayed, k.leases, k.instances, k.events, k.stats, k.dead],
+                keys=[k.legacy_ready, k.delayed, k.leases, k.instances, k.events, k.stats, k.dead],
                 args=args,
             )
         return ReapResult(int(out[0]), int(out[1]), int(out[2]), int(out[3]))
@@ -375,17 +421,32 @@ class Queue:
     async def dead_retry(self, ids: Sequence[str]) -> list[str]:
         """Re-queue dead-lettered jobs with fresh attempts; returns the ids re-queued."""
         k = self.keys
-        return await self._dead_op("dead_retry", [k.dead, k.ready(), k.events], ids)
+        return await self._dead_op("dead_retry", [k.dead, k.events], ids)
 
     async def dead_delete(self, ids: Sequence[str]) -> list[str]:
         """Delete dead-lettered jobs and their records; returns the ids deleted."""
         return await self._dead_op("dead_delete", [self.keys.dead, self.keys.events], ids)
 
+    # -- cancelling ----------------------------------------------------------------------
+
+    async def cancel(self, job_id: str) -> tuple[Literal["cancelled", "unknown", "too_late"], str]:
+        """Cancel a queued, scheduled or retrying job: (outcome, the job's state)."""
+        k = self.keys
+        args: list[str | int] = [
+            k.job_prefix, self.now_ms(), self.settings.events_maxlen, self._keep_failed_s, job_id,
+        ]  # fmt: skip
+        with translate_errors():
+            out: Any = await self._scripts["cancel"](keys=[k.delayed, k.events, k.stats], args=args)
+        code, state = int(out[0]), out[1].decode()
+        if code == 0:
+            return "cancelled", state
+        return ("unknown", "") if code == 1 else ("too_late", state)
+
     async def _dead_op(self, script: str, keys: list[str], ids: Sequence[str]) -> list[str]:
         done: list[str] = []
         for start in range(0, len(ids), 500):
             args: list[str | int] = [
-                self.keys.job_prefix, self.now_ms(), self.settings.events_maxlen,
+                self.keys.prefix, self.now_ms(), self.settings.events_maxlen,
                 *ids[start : start + 500],
             ]  # fmt: skip
             with translate_errors():
@@ -403,7 +464,7 @@ class Queue:
         k = self.keys
         with translate_errors():
             async with self.client.pipeline(transaction=False) as p:
-                ready = p.llen(k.ready())
+                ready = p.hget(k.stats, "backlog")
                 leases = p.zcard(k.leases)
                 delayed = p.zcard(k.delayed)
                 dead = p.llen(k.dead)
@@ -411,7 +472,7 @@ class Queue:
                 stats = p.hgetall(k.stats)
         s = {key.decode(): int(v) for key, v in (await stats).items()}
         return QueueCounts(
-            ready=await ready,
+            ready=int(await ready or 0),
             processing=await leases,
             delayed=await delayed,
             dead=await dead,
@@ -422,11 +483,14 @@ class Queue:
         )
 
 
-_RECORD_FIELDS = ["state", "attempts", "created_at", "updated_at", "last_error", "next_attempt_at"]
+_RECORD_FIELDS = [
+    "state", "attempts", "created_at", "updated_at", "last_error", "next_attempt_at", "lane",
+    "tenant",
+]  # fmt: skip
 
 
 def _record(job_id: str, row: Sequence[bytes | None]) -> JobRecord | None:
-    state, attempts, created, updated, error, next_at = row
+    state, attempts, created, updated, error, next_at, lane, tenant = row
     if state is None:
         return None
     return JobRecord(
@@ -437,4 +501,6 @@ def _record(job_id: str, row: Sequence[bytes | None]) -> JobRecord | None:
         updated_at_ms=int(updated or 0),
         last_error=error.decode() if error else None,
         next_attempt_at_ms=int(next_at) if next_at else None,
+        lane=lane.decode() if lane else "normal",
+        tenant=tenant.decode() if tenant else "default",
     )

@@ -31,6 +31,8 @@ SCRIPT_NAMES = (
     "reap",
     "dead_retry",
     "dead_delete",
+    "cancel",
+    "slowdown",
 )
 
 Redis = coredis.Redis[bytes]
@@ -54,9 +56,11 @@ def translate_errors() -> Iterator[None]:
 
 
 def load_script_sources() -> dict[str, str]:
-    """Read every ``lua/NAME.lua`` shipped with the package."""
+    """Every ``lua/NAME.lua`` shipped with the package, ``lua/_lib.lua`` prepended
+    (Redis scripts cannot call each other; the shared functions travel with each)."""
     base = resources.files("engine.queue") / "lua"
-    return {name: (base / f"{name}.lua").read_text() for name in SCRIPT_NAMES}
+    lib = (base / "_lib.lua").read_text()
+    return {name: lib + (base / f"{name}.lua").read_text() for name in SCRIPT_NAMES}
 
 
 class Scripts:

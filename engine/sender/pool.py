@@ -23,7 +23,7 @@ from engine.errors import (
 )
 from engine.models import Message
 from engine.policy import after_failure, backoff_s, classify_smtp
-from engine.queue import ClaimedJob, Queue
+from engine.queue import ClaimedJob, Queue, RateLimits
 from engine.queue.jobs import Failure
 from engine.sender.ratelimit import RateLimiter
 from engine.transport.base import OutgoingMail, SendResult, Transport
@@ -32,6 +32,8 @@ from engine.transport.compose import compose
 log = logging.getLogger(__name__)
 
 _decode_message = msgspec.msgpack.Decoder(Message).decode
+# Replies that mean "you are sending too fast": they slow the domain's bucket down.
+SLOW_DOWN_CODES = frozenset({421, 451})
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,11 +56,14 @@ class SenderPool:
         transport: Transport,
         settings: SenderSettings,
         queue_settings: QueueSettings,
+        limits: RateLimits | None = None,
     ) -> None:
         self.queue = queue
         self.transport = transport
         self.settings = settings
         self.queue_settings = queue_settings
+        self.limits = limits if limits is not None and limits.settings.configured() else None
+        self._slowed: dict[str, float] = {}  # bucket -> when we last asked Redis to halve it
         self.limiter = RateLimiter(settings.rate_per_s, settings.burst)
         self._holding: set[str] = set()
         self._stopping = trio.Event()
@@ -150,6 +155,10 @@ class SenderPool:
         self._holding.update(j.id for j in jobs)
         mails: list[OutgoingMail] = []
         by_id: dict[str, tuple[ClaimedJob, int]] = {}  # job id -> (job, max attempts)
+        # Rate-limited jobs go in slot order: a job waiting for its token must not hold
+        # up one behind it in the pipeline that may go now.
+        jobs = sorted(jobs, key=lambda j: j.wait_s)
+        claimed_at = trio.current_time()
         async with trio.open_nursery() as records:
             for job in jobs:
                 try:
@@ -169,26 +178,37 @@ class SenderPool:
                     mail = dataclasses.replace(mail, recipients=job.recipients)
                 mails.append(mail)
                 by_id[job.id] = (job, message.max_attempts or self.queue_settings.max_attempts)
-            await self._deliver(mails, by_id, records)
+            await self._deliver(mails, by_id, records, claimed_at)
 
     async def _deliver(
         self,
         mails: list[OutgoingMail],
         by_id: dict[str, tuple[ClaimedJob, int]],
         records: trio.Nursery,
+        claimed_at: float,
     ) -> None:
         pending = deque(mails)  # pending[0] is on the wire once iteration has started
+
+        async def pace() -> None:
+            # The process-local limit, then the slot the shared buckets reserved.
+            await self.limiter.acquire()
+            wait_s = by_id[pending[0].job_id][0].wait_s
+            if wait_s > 0:
+                await trio.sleep_until(claimed_at + wait_s)
+
         started = False
         try:
             if not pending or self._stopping.is_set():
                 return
-            await self.limiter.acquire()
+            await pace()
             async with aclosing(self.transport.send_many(mails)) as outcomes:
                 started = True
                 async for mail, outcome in outcomes:
                     pending.popleft()
                     job, max_attempts = by_id[mail.job_id]
                     if isinstance(outcome, TransportError):
+                        if outcome.code in SLOW_DOWN_CODES:
+                            records.start_soon(self._slow_down, mail.recipients)
                         records.start_soon(self._record_failure, job, outcome, max_attempts)
                     elif self.settings.overlap_acks:
                         records.start_soon(self._delivered, job, outcome, max_attempts)
@@ -199,7 +219,7 @@ class SenderPool:
                     if not pending or self._stopping.is_set():
                         break  # stop: the next message's content was not sent yet
                     # Pace here: the next content is written when iteration resumes.
-                    await self.limiter.acquire()
+                    await pace()
             started = False  # left normally: nothing of pending reached the server
         finally:
             if pending:
@@ -223,6 +243,9 @@ class SenderPool:
         """The server took the message; per-recipient refusals decide what is left."""
         temporary = [r for r in result.rejected if r.code < 500]
         note = "; ".join(f"{r.address}: {r.code} {r.text}" for r in result.rejected)
+        slow = [r.address for r in temporary if r.code in SLOW_DOWN_CODES]
+        if slow:
+            await self._slow_down(slow)
         if temporary:
             # Delivered to some; the temporarily refused are retried, and only they.
             failure = TemporaryFailure(f"delivered in part; refused {note}", code=temporary[0].code)
@@ -230,6 +253,28 @@ class SenderPool:
             await self._record_failure(job, failure, max_attempts, recipients=retry)
             return
         await self._ack(job, f"delivered in part; refused {note}" if note else "")
+
+    async def _slow_down(self, recipients: list[str]) -> None:
+        """A 421/451: halve the shared rate of these recipients' domains (Redis applies
+        it at most once per cooldown; we skip asking again within it)."""
+        if self.limits is None:
+            return
+        now = trio.current_time()
+        cooldown = self.limits.settings.slowdown_cooldown_s
+        names = {"domain:" + r.rpartition("@")[2].lower() for r in recipients}
+        names = {n for n in names if now - self._slowed.get(n, -cooldown) >= cooldown}
+        if not names:
+            return
+        for name in names:
+            self._slowed[name] = now
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                rates = await self.limits.slowdown(sorted(names))
+            except EngineError as exc:
+                log.warning("sender.slowdown.failed buckets=%s error=%s", sorted(names), exc)
+                return
+        for name, rate in rates.items():
+            log.warning("sender.slowdown bucket=%s rate_per_s=%.2f", name, rate)
 
     async def _ack(self, job: ClaimedJob, note: str = "") -> None:
         # The message is with the server: the duplicate window is open until Redis has

@@ -1,42 +1,188 @@
--- claim: mark jobs as processing by this instance and return their payloads.
--- KEYS[1] ready list   KEYS[2] processing:<instance>   KEYS[3] leases zset   KEYS[4] events
--- KEYS[5] instances zset (a claimer is alive: re-register it if a reaper dropped it, so
---         a later BLMOVE leftover in its list has an owner the reaper can find)
--- ARGV[1] job key prefix   ARGV[2] now (ms)   ARGV[3] lease deadline (ms)
--- ARGV[4] events MAXLEN    ARGV[5] instance id   ARGV[6] how many more to LMOVE from ready
--- ARGV[7..] ids already moved into processing by BLMOVE (blocking path)
--- Returns a flat array: id, msgpack message, attempt number, recipients override
--- ('' = all; else the comma-separated recipients still to try), ... per job claimed.
--- A moved id whose record is gone or already finished (sent/failed/cancelled) is
--- dropped from processing: redelivery of a finished job is skipped, never re-sent.
-local prefix, now, deadline, maxlen, instance = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+-- claim: take up to n jobs for this instance, lane by lane and tenant by tenant, and
+-- (with rate limits on) reserve each job's send slot in its token buckets.
+-- KEYS[1] processing:<instance>   KEYS[2] leases zset   KEYS[3] events   KEYS[4] instances
+-- KEYS[5] stats   KEYS[6] delayed zset   KEYS[7] cursor   KEYS[8] limits hash
+-- ARGV[1] shard key prefix   ARGV[2] now (ms)   ARGV[3] lease deadline (ms)
+-- ARGV[4] events MAXLEN   ARGV[5] instance id   ARGV[6] most jobs to claim
+-- ARGV[7] lane pattern: one letter per claim slot (h, n, l), e.g. 'hnhlhnhhnh'
+-- ARGV[8] '1' when rate limits are configured   ARGV[9] longest wait for a slot (ms)
+-- ARGV[10] additive recovery of a slowed-down bucket (fraction of its limit per s)
+-- Returns a flat array: id, msgpack message, attempt number, recipients override ('' =
+-- all), ms to wait before sending (the reserved slot), ... per job claimed.
+--
+-- Lanes: slot k of the claim counter prefers the lane pattern[k]; an empty lane's slot
+-- goes to the others, most urgent first. Tenants: each pop rotates the lane's ring, so
+-- tenants with ready jobs take turns one job at a time.
+-- Limits: GCRA per bucket ('global', 'domain:<d>', 'tenant:<t>'; configured rate and
+-- burst in the limits hash, 'domain:*'/'tenant:*' as defaults). A job whose slot is
+-- within ARGV[9] gets it reserved in all its buckets and is claimed; a later one is not
+-- spun on: it is deferred (state 'scheduled', in delayed) to when its tightest bucket
+-- can take it, spacing deferred jobs at the bucket's rate (its 'vtat'), holding no token.
+-- A moved id whose record is gone or already finished is dropped (never re-sent).
+local shard, now, deadline, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local instance, want, pattern = ARGV[5], tonumber(ARGV[6]), ARGV[7]
+local limits_on, max_wait, recover = ARGV[8] == '1', tonumber(ARGV[9]), tonumber(ARGV[10])
+local prefix = shard .. 'job:'
 local out = {}
-redis.call('ZADD', KEYS[5], 'GT', deadline, instance)
+redis.call('ZADD', KEYS[4], 'GT', deadline, instance)
+
+-- -- popping: lanes and tenants ----------------------------------------------------------
+local lane_of = {h = 'high', n = 'normal', l = 'low'}
+local lanes = {'high', 'normal', 'low'}
+local empty = {}
+local function pop_lane(lane)
+  if empty[lane] then return nil end
+  local ring = shard .. 'ring:' .. lane
+  while true do
+    local tenant = redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
+    if not tenant then
+      empty[lane] = true
+      return nil
+    end
+    local id = redis.call('LMOVE', shard .. 'ready:' .. lane .. ':' .. tenant, KEYS[1], 'LEFT', 'RIGHT')
+    if id then return id end
+    redis.call('LREM', ring, -1, tenant)  -- its list ran empty: it leaves the ring
+  end
+end
+local cursor = redis.call('INCRBY', KEYS[7], want) - want
+local function pop(slot)
+  local k = (cursor + slot) % #pattern + 1
+  local preferred = lane_of[string.sub(pattern, k, k)]
+  local id = pop_lane(preferred)
+  if id then return id end
+  for _, lane in ipairs(lanes) do
+    if lane ~= preferred then
+      id = pop_lane(lane)
+      if id then return id end
+    end
+  end
+  return nil
+end
+
+-- -- rate limits ----------------------------------------------------------------------
+local rnow = limits_on and lib_time_ms() or 0
+local conf_cache, buckets = {}, {}
+local function conf(name, fallback)
+  local c = conf_cache[name]
+  if c == nil then
+    local v = redis.call('HGET', KEYS[8], name)
+    if not v and fallback then v = redis.call('HGET', KEYS[8], fallback) end
+    c = false
+    if v then
+      local sp = string.find(v, ' ', 1, true)
+      c = {rate = tonumber(string.sub(v, 1, sp - 1)), burst = tonumber(string.sub(v, sp + 1))}
+    end
+    conf_cache[name] = c
+  end
+  return c
+end
+local function bucket(name, c)
+  local b = buckets[name]
+  if not b then
+    local v = redis.call('HMGET', shard .. 'bucket:' .. name, 'tat', 'vtat', 'rate', 'rt')
+    b = {name = name, tat = tonumber(v[1]) or 0, vtat = tonumber(v[2]) or 0,
+         cap = c.rate, burst = c.burst, rate = tonumber(v[3]) or c.rate}
+    if b.rate > b.cap then b.rate = b.cap end
+    if b.rate < b.cap then  -- additive recovery after a slow-down (AIMD)
+      b.rate = math.min(b.cap, b.rate + b.cap * recover * (rnow - (tonumber(v[4]) or rnow)) / 1000)
+    end
+    buckets[name] = b
+  end
+  return b
+end
+local function buckets_of(key)
+  local rec = redis.call('HMGET', key, 'doms', 'tenant')
+  local list = {}
+  local c = conf('global')
+  if c then list[#list + 1] = bucket('global', c) end
+  if rec[1] then
+    for d in string.gmatch(rec[1], '[^,]+') do
+      c = conf('domain:' .. d, 'domain:*')
+      if c then list[#list + 1] = bucket('domain:' .. d, c) end
+    end
+  end
+  local tenant = rec[2] or 'default'
+  c = conf('tenant:' .. tenant, 'tenant:*')
+  if c then list[#list + 1] = bucket('tenant:' .. tenant, c) end
+  return list
+end
+-- ms from now until the job may go (reserved), or nil after deferring it.
+local function slot(id, key, attempts)
+  local list = buckets_of(key)
+  local at, tightest = rnow, nil
+  for _, b in ipairs(list) do
+    local interval = 1000 / b.rate
+    local start = math.max(rnow, b.tat - (b.burst - 1) * interval)
+    if start > at then at, tightest = start, b end
+  end
+  if at - rnow <= max_wait then
+    for _, b in ipairs(list) do b.tat = math.max(b.tat, at) + 1000 / b.rate end
+    return at - rnow
+  end
+  local b = tightest
+  local interval = 1000 / b.rate
+  local come = math.max(rnow, b.vtat, b.tat - (b.burst - 1) * interval - max_wait)
+  b.vtat = come + interval
+  local due = now + (come - rnow)
+  local err = 'waiting for rate limit ' .. b.name
+  redis.call('HSET', key, 'state', 'scheduled', 'updated_at', now, 'next_attempt_at', due,
+    'last_error', err)
+  redis.call('ZADD', KEYS[6], due, id)
+  redis.call('LREM', KEYS[1], -1, id)
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*', 'type', 'scheduled', 'id', id,
+    'at', now, 'attempt', attempts, 'state', 'scheduled', 'error', err)
+  return nil
+end
+
+-- -- claiming -------------------------------------------------------------------------
+local claimed, popped, deferred = 0, 0, 0
 local function mark(id)
   local key = prefix .. id
   local rec = redis.call('HMGET', key, 'state', 'attempts', 'msg', 'rcpts')
   local state = rec[1]
-  if (not state) or state == 'sent' or state == 'failed' or state == 'cancelled' then
-    redis.call('LREM', KEYS[2], -1, id)
+  if state ~= 'queued' then
+    -- gone, finished or cancelled while it waited: drop it, never send it
+    redis.call('LREM', KEYS[1], -1, id)
     return
+  end
+  local wait = 0
+  if limits_on then
+    wait = slot(id, key, rec[2])
+    if not wait then
+      deferred = deferred + 1
+      return
+    end
   end
   local attempt = tonumber(rec[2]) + 1
   redis.call('HSET', key, 'state', 'processing', 'attempts', attempt, 'updated_at', now,
     'owner', instance)
-  redis.call('ZADD', KEYS[3], deadline, id)
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', maxlen, '*',
+  redis.call('ZADD', KEYS[2], deadline, id)
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*',
     'type', 'processing', 'id', id, 'at', now, 'attempt', attempt, 'state', 'processing')
   out[#out + 1] = id
   out[#out + 1] = rec[3]
   out[#out + 1] = attempt
   out[#out + 1] = rec[4] or ''
+  out[#out + 1] = wait
+  claimed = claimed + 1
 end
-for i = 7, #ARGV do
-  mark(ARGV[i])
-end
-for _ = 1, tonumber(ARGV[6]) do
-  local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
-  if not id then break end
+-- Deferred and dropped jobs do not fill a slot; bound the pops so one call stays short.
+local more = true
+while claimed < want and popped < want * 4 do
+  local id = pop(popped)
+  if not id then
+    more = false
+    break
+  end
+  popped = popped + 1
   mark(id)
 end
+if popped > 0 then redis.call('HINCRBY', KEYS[5], 'backlog', -popped) end
+if deferred > 0 then redis.call('HINCRBY', KEYS[5], 'throttled', deferred) end
+for name, b in pairs(buckets) do
+  local bkey = shard .. 'bucket:' .. name
+  redis.call('HSET', bkey, 'tat', b.tat, 'vtat', b.vtat, 'rate', b.rate, 'rt', rnow)
+  redis.call('PEXPIRE', bkey, math.ceil(math.max(b.tat, b.vtat) - rnow) + 60000)
+end
+if more and popped > 0 then lib_wake(shard) end  -- work left: wake the next idle sender
 return out

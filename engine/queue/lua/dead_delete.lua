@@ -1,8 +1,9 @@
 -- dead_delete: drop dead-lettered jobs for good (record included).
 -- KEYS[1] dead list   KEYS[2] events
--- ARGV[1] job key prefix   ARGV[2] now (ms)   ARGV[3] events MAXLEN   ARGV[4..] job ids
+-- ARGV[1] shard key prefix   ARGV[2] now (ms)   ARGV[3] events MAXLEN   ARGV[4..] job ids
 -- Returns the ids deleted (only ids that were in the dead list).
-local prefix, now, maxlen = ARGV[1], ARGV[2], ARGV[3]
+local shard, now, maxlen = ARGV[1], ARGV[2], ARGV[3]
+local prefix = shard .. 'job:'
 local out = {}
 for i = 4, #ARGV do
   local id = ARGV[i]

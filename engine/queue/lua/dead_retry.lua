@@ -1,9 +1,10 @@
 -- dead_retry: move dead-lettered jobs back to the ready lane with fresh attempts.
--- KEYS[1] dead list   KEYS[2] ready list   KEYS[3] events
--- ARGV[1] job key prefix   ARGV[2] now (ms)   ARGV[3] events MAXLEN   ARGV[4..] job ids
+-- KEYS[1] dead list   KEYS[2] events
+-- ARGV[1] shard key prefix   ARGV[2] now (ms)   ARGV[3] events MAXLEN   ARGV[4..] job ids
 -- A job is retried only if it is in the dead list and its record still exists.
 -- Returns the ids retried.
-local prefix, now, maxlen = ARGV[1], ARGV[2], ARGV[3]
+local shard, now, maxlen = ARGV[1], ARGV[2], ARGV[3]
+local prefix = shard .. 'job:'
 local out = {}
 for i = 4, #ARGV do
   local id = ARGV[i]
@@ -12,10 +13,11 @@ for i = 4, #ARGV do
     redis.call('HSET', key, 'state', 'queued', 'attempts', 0, 'stalls', 0, 'updated_at', now)
     redis.call('HDEL', key, 'rcpts', 'next_attempt_at')
     redis.call('PERSIST', key)
-    redis.call('RPUSH', KEYS[2], id)
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*', 'type', 'queued', 'id', id,
+    lib_requeue(shard, id, false)
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'queued', 'id', id,
       'at', now, 'attempt', 0, 'state', 'queued')
     out[#out + 1] = id
   end
 end
+if #out > 0 then lib_wake(shard) end
 return out

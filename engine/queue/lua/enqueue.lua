@@ -1,35 +1,83 @@
--- enqueue: store the jobs of one or more requests and queue them; each request is all
--- or nothing, and an Idempotency-Key makes a repeated request return the first one's ids.
--- KEYS[1] ready list        KEYS[2] events stream     KEYS[3] stats hash
--- ARGV[1] job key prefix    ARGV[2] now (ms)          ARGV[3] events MAXLEN (approx.)
--- ARGV[4] idempotency key prefix   ARGV[5] idempotency TTL (s)
--- ARGV[6..] requests, each: idempotency key ('' = none), body fingerprint, n, then n
---           pairs of job id, msgpack message
--- Returns one entry per request: {0} stored; {1, 'id,id,...'} a replay of the same key
--- and body (nothing stored); {2, 'fingerprint'} the key was used for another body (409).
+-- enqueue: store the jobs of one or more requests and queue (or schedule) them; each
+-- request is all or nothing. An Idempotency-Key makes a repeated request return the
+-- first one's ids; a client over its rate or a backlog over its high-water mark is
+-- refused before anything is stored.
+-- KEYS[1] events stream   KEYS[2] stats hash   KEYS[3] delayed zset
+-- ARGV[1] shard key prefix   ARGV[2] now (ms)   ARGV[3] events MAXLEN (approx.)
+-- ARGV[4] idempotency TTL (s)   ARGV[5] backlog high-water mark (jobs; 0 = none)
+-- ARGV[6] per-client rate (messages/s; 0 = none)   ARGV[7] per-client burst (messages)
+-- ARGV[8..] requests, each: idempotency key ('' = none), body fingerprint, client id,
+--           n, then n sextuples: job id, msgpack message, lane, tenant, recipient
+--           domains (comma-separated), due time (ms; 0 = now)
+-- Returns one entry per request: {0, remaining} stored (remaining: the client's tokens,
+-- -1 without client limits); {1, 'id,id,...'} a replay of the same key and body
+-- (nothing stored); {2, fingerprint} the key was used for another body (409);
+-- {3, retry_after_ms} the client is over its rate (-1: larger than the burst);
+-- {4, backlog} the backlog is full.
 -- Idempotent per id too: a job whose record exists is skipped (a lost reply retried).
--- Events: one 'queued' entry per 100 jobs, listing them in its 'ids' field (comma-
+-- Events: one entry per run of up to 100 jobs listing them in its 'ids' field (comma-
 -- separated) -- a stream entry per job cost 40 % of the enqueue time with AOF on.
-local prefix, now, maxlen = ARGV[1], ARGV[2], ARGV[3]
-local idem_prefix, idem_ttl = ARGV[4], ARGV[5]
-local ids, written = {}, 0
+local shard, now, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local idem_ttl, high_water = ARGV[4], tonumber(ARGV[5])
+local client_rate, client_burst = tonumber(ARGV[6]), tonumber(ARGV[7])
+local prefix, idem_prefix = shard .. 'job:', shard .. 'idem:'
+local written = 0
+
+-- Runs of jobs with the same lane and tenant are pushed (and announced) together.
+local run, run_lane, run_tenant = {}, nil, nil
 local function flush()
-  redis.call('RPUSH', KEYS[1], unpack(ids))
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*',
-    'type', 'queued', 'ids', table.concat(ids, ','), 'at', now, 'attempt', 0, 'state', 'queued')
-  ids = {}
+  if #run == 0 then return end
+  lib_push(shard, run_lane, run_tenant, run, false)
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*',
+    'type', 'queued', 'ids', table.concat(run, ','), 'at', now, 'attempt', 0, 'state', 'queued')
+  run = {}
 end
+local scheduled = {}
+local function flush_scheduled()
+  if #scheduled == 0 then return end
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'type', 'scheduled',
+    'ids', table.concat(scheduled, ','), 'at', now, 'attempt', 0, 'state', 'scheduled')
+  scheduled = {}
+end
+
+local backlog = nil
+local function backlog_now()
+  if not backlog then
+    backlog = (tonumber(redis.call('HGET', KEYS[2], 'backlog')) or 0)
+      + redis.call('ZCARD', KEYS[3])
+  end
+  return backlog
+end
+
+-- GCRA per client: a request of n messages passes if the client's theoretical arrival
+-- time after it stays within burst/rate of now. Returns (ok, retry_after_ms|remaining).
+local rnow = nil
+local function client_take(client, n)
+  if client_rate <= 0 or client == '' then return true, -1 end
+  if n > client_burst then return false, -1 end
+  rnow = rnow or lib_time_ms()
+  local key = shard .. 'bucket:client:' .. client
+  local interval = 1000 / client_rate
+  local tau = client_burst * interval
+  local tat = math.max(tonumber(redis.call('HGET', key, 'tat')) or 0, rnow)
+  local new_tat = tat + n * interval
+  if new_tat - rnow > tau then return false, math.ceil(new_tat - tau - rnow) end
+  redis.call('HSET', key, 'tat', new_tat)
+  redis.call('PEXPIRE', key, math.ceil(new_tat - rnow) + 1000)
+  return true, math.floor((rnow + tau - new_tat) / interval)
+end
+
 local out = {}
-local i = 6
+local i = 8
 while i <= #ARGV do
-  local idem, fingerprint, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  local first, last = i + 3, i + 2 + 2 * n
+  local idem, fingerprint, client, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local first, last = i + 4, i + 3 + 6 * n
   i = last + 1
-  local seen = false
+  local answered = false
   if idem ~= '' then
     local prior = redis.call('GET', idem_prefix .. idem)
     if prior then
-      seen = true
+      answered = true
       local sep = string.find(prior, '|', 1, true)
       if string.sub(prior, 1, sep - 1) == fingerprint then
         out[#out + 1] = {1, string.sub(prior, sep + 1)}
@@ -38,27 +86,59 @@ while i <= #ARGV do
       end
     end
   end
-  if not seen then
+  if not answered and high_water > 0 and backlog_now() + n > high_water then
+    answered = true
+    out[#out + 1] = {4, backlog_now()}
+  end
+  local remaining = -1
+  if not answered then
+    local ok, value = client_take(client, n)
+    if not ok then
+      answered = true
+      out[#out + 1] = {3, value}
+    end
+    remaining = value
+  end
+  if not answered then
     local request_ids = {}
-    for j = first, last, 2 do
-      local id = ARGV[j]
+    for j = first, last, 6 do
+      local id, lane, tenant, doms, due = ARGV[j], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4], tonumber(ARGV[j + 5])
       request_ids[#request_ids + 1] = id
       local key = prefix .. id
       if redis.call('EXISTS', key) == 0 then
-        redis.call('HSET', key, 'state', 'queued', 'attempts', 0, 'created_at', now,
-          'updated_at', now, 'msg', ARGV[j + 1])
-        ids[#ids + 1] = id
+        local fields = {'attempts', 0, 'created_at', now, 'updated_at', now, 'msg', ARGV[j + 1]}
+        -- lane, tenant and domains are left out at their defaults (bytes per job).
+        if lane ~= 'normal' then fields[#fields + 1] = 'lane'; fields[#fields + 1] = lane end
+        if tenant ~= 'default' then fields[#fields + 1] = 'tenant'; fields[#fields + 1] = tenant end
+        if doms ~= '' then fields[#fields + 1] = 'doms'; fields[#fields + 1] = doms end
+        if due > now then
+          redis.call('HSET', key, 'state', 'scheduled', 'next_attempt_at', due, unpack(fields))
+          redis.call('ZADD', KEYS[3], due, id)
+          scheduled[#scheduled + 1] = id
+          if #scheduled == 100 then flush_scheduled() end
+        else
+          redis.call('HSET', key, 'state', 'queued', unpack(fields))
+          if lane ~= run_lane or tenant ~= run_tenant or #run == 100 then
+            flush()
+            run_lane, run_tenant = lane, tenant
+          end
+          run[#run + 1] = id
+        end
         written = written + 1
-        if #ids == 100 then flush() end
+        if backlog then backlog = backlog + 1 end
       end
     end
     if idem ~= '' then
       redis.call('SET', idem_prefix .. idem, fingerprint .. '|' .. table.concat(request_ids, ','),
         'EX', idem_ttl)
     end
-    out[#out + 1] = {0}
+    out[#out + 1] = {0, remaining}
   end
 end
-if #ids > 0 then flush() end
-if written > 0 then redis.call('HINCRBY', KEYS[3], 'enqueued', written) end
+flush()
+flush_scheduled()
+if written > 0 then
+  redis.call('HINCRBY', KEYS[2], 'enqueued', written)
+  lib_wake(shard)
+end
 return out

@@ -1,5 +1,5 @@
 -- reap: promote due delayed jobs; return jobs of expired leases and dead instances.
--- KEYS[1] ready list   KEYS[2] delayed zset   KEYS[3] leases zset   KEYS[4] instances zset
+-- KEYS[1] pre-lanes ready list (drained into the lanes once, on upgrade)   KEYS[2] delayed zset   KEYS[3] leases zset   KEYS[4] instances zset
 -- KEYS[5] events       KEYS[6] stats
 -- ARGV[1] key prefix of the shard (processing lists are ARGV[1]..'processing:'..owner)
 -- ARGV[2] job key prefix   ARGV[3] now (ms)   ARGV[4] events MAXLEN   ARGV[5] batch limit
@@ -11,6 +11,13 @@ local shard, prefix, now, maxlen, limit = ARGV[1], ARGV[2], ARGV[3], ARGV[4], AR
 local max_stalls, keep = tonumber(ARGV[6]), tonumber(ARGV[7])
 local promoted, requeued, gone, dead_lettered = 0, 0, 0, 0
 
+-- Jobs queued by a version before lanes sat in one list: queue them in their lane.
+for _ = 1, limit do
+  local id = redis.call('LPOP', KEYS[1])
+  if not id then break end
+  lib_requeue(shard, id, false)
+end
+
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
 for _, id in ipairs(due) do
   redis.call('ZREM', KEYS[2], id)
@@ -18,7 +25,7 @@ for _, id in ipairs(due) do
   local rec = redis.call('HMGET', key, 'state', 'attempts')
   if rec[1] == 'retrying' or rec[1] == 'scheduled' then
     redis.call('HSET', key, 'state', 'queued', 'updated_at', now)
-    redis.call('RPUSH', KEYS[1], id)
+    lib_requeue(shard, id, false)
     redis.call('XADD', KEYS[5], 'MAXLEN', '~', maxlen, '*', 'type', 'queued', 'id', id,
       'at', now, 'attempt', rec[2], 'state', 'queued')
     promoted = promoted + 1
@@ -46,7 +53,7 @@ local function requeue(id, owner)
       dead_lettered = dead_lettered + 1
     else
       redis.call('HSET', key, 'state', 'queued', 'updated_at', now)
-      redis.call('LPUSH', KEYS[1], id)
+      lib_requeue(shard, id, true)
       redis.call('XADD', KEYS[5], 'MAXLEN', '~', maxlen, '*', 'type', 'queued', 'id', id,
         'at', now, 'attempt', rec[2], 'state', 'queued', 'error', 'lease expired')
       requeued = requeued + 1
@@ -73,4 +80,5 @@ for _, inst in ipairs(dead) do
 end
 if requeued > 0 then redis.call('HINCRBY', KEYS[6], 'reaped', requeued) end
 if dead_lettered > 0 then redis.call('HINCRBY', KEYS[6], 'failed', dead_lettered) end
+if promoted + requeued > 0 then lib_wake(shard) end
 return {promoted, requeued, gone, dead_lettered}

@@ -1,0 +1,111 @@
+"""The distributed token buckets' Redis side: publishing the configured limits,
+AIMD slow-downs, and the buckets' state for ``GET /v1/limits``.
+
+The buckets themselves are taken inside the claim script (one Lua call per claim);
+this module owns what happens around it. Imports the leaves and the queue's Redis
+adapter only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from engine.config import LimitsSettings
+from engine.keys import Keys
+from engine.queue.redis import Redis, Scripts, translate_errors
+
+
+@dataclass(frozen=True, slots=True)
+class BucketState:
+    name: str  # "global", "domain:<domain>", "tenant:<tenant>"
+    limit_per_s: float  # configured
+    rate_per_s: float  # in force now (below the limit after a slow-down)
+    reserved_s: float  # how far ahead its slots are taken (0: it has tokens now)
+    deferred_s: float  # how far ahead jobs waiting for it have been spread
+
+
+class RateLimits:
+    """One shard's rate limits, as one replica sees them."""
+
+    def __init__(self, client: Redis, keys: Keys, settings: LimitsSettings) -> None:
+        self.client = client
+        self.keys = keys
+        self.settings = settings
+        self._scripts = Scripts(client)
+
+    async def publish(self) -> None:
+        """Write this replica's limits to Redis (replicas are expected to share them;
+        the last one started wins). Atomic: claims never see half a table."""
+        table = self.settings.table()
+        with translate_errors():
+            async with self.client.pipeline(transaction=True) as p:
+                p.delete([self.keys.limits])
+                if table:
+                    p.hset(self.keys.limits, dict(table))
+
+    async def slowdown(self, names: Sequence[str]) -> dict[str, float]:
+        """A server asked us to slow down for ``names`` ("domain:x.org"): halve their
+        rates (once per cooldown). Returns the new rate of each bucket that has a limit."""
+        if not names:
+            return {}
+        s = self.settings
+        args: list[str | int | float] = [
+            self.keys.prefix, int(s.slowdown_cooldown_s * 1000), s.slowdown_floor,
+            s.recovery_per_s, *names,
+        ]  # fmt: skip
+        with translate_errors():
+            out: Any = await self._scripts["slowdown"](keys=[self.keys.limits], args=args)
+        return {out[i].decode(): float(out[i + 1]) for i in range(0, len(out), 2)}
+
+    async def state(self) -> list[BucketState]:
+        """Every configured bucket and every bucket with live state, by name."""
+        with translate_errors():
+            table = {
+                k.decode(): v.decode()
+                for k, v in (await self.client.hgetall(self.keys.limits)).items()
+            }
+            names = set(table) - {"domain:*", "tenant:*"}
+            prefix = self.keys.bucket("")
+            async for key in self.client.scan_iter(match=prefix + "*", count=1000):
+                names.add(key.decode()[len(prefix) :])
+            names.discard("")
+            names = {n for n in names if not n.startswith("client:")}
+            ordered = sorted(names)
+            async with self.client.pipeline(transaction=False) as p:
+                replies = [
+                    p.hmget(self.keys.bucket(n), ["tat", "vtat", "rate", "rt"]) for n in ordered
+                ]
+                now_reply = p.time()
+            rows = [await r for r in replies]
+            server_now = await now_reply  # the buckets run on the server's clock
+        now_ms = server_now.timestamp() * 1000
+        out: list[BucketState] = []
+        for name, row in zip(ordered, rows, strict=True):
+            conf = table.get(name) or table.get(name.split(":", 1)[0] + ":*")
+            if conf is None:
+                continue  # state left over from a limit that is no longer configured
+            limit = float(conf.split(" ", 1)[0])
+            tat, vtat, rate, rt = (float(x) if x is not None else None for x in row)
+            out.append(
+                BucketState(
+                    name,
+                    limit,
+                    recovered_rate(rate, rt, limit, now_ms, self.settings.recovery_per_s),
+                    max(0.0, ((tat or 0) - now_ms) / 1000),
+                    max(0.0, ((vtat or 0) - now_ms) / 1000),
+                )
+            )
+        return out
+
+
+def recovered_rate(
+    rate: float | None, rate_at_ms: float | None, limit: float, now_ms: float, recovery: float
+) -> float:
+    """The rate in force at ``now_ms``: the stored (slowed) rate plus additive recovery
+    since it was stored, capped at the limit -- the same arithmetic as claim.lua."""
+    if rate is None or rate >= limit:
+        return limit
+    elapsed = max(0.0, now_ms - (rate_at_ms if rate_at_ms is not None else now_ms))
+    return min(limit, rate + limit * recovery * elapsed / 1000)

@@ -1,0 +1,41 @@
+-- _lib: functions every script shares. Redis scripts cannot call each other, so
+-- engine.queue.redis prepends this file to each script before loading it.
+-- Ready jobs live in one list per (lane, tenant): <shard>ready:<lane>:<tenant>; the
+-- tenants with jobs in a lane take turns through the ring <shard>ring:<lane>.
+-- <shard>stats 'backlog' counts the entries of all ready lists.
+
+-- Append (or, with front, prepend) ids to a tenant's list in a lane; a list that was
+-- empty joins its lane's ring.
+local function lib_push(shard, lane, tenant, ids, front)
+  local list = shard .. 'ready:' .. lane .. ':' .. tenant
+  local n
+  if front then
+    n = redis.call('LPUSH', list, unpack(ids))
+  else
+    n = redis.call('RPUSH', list, unpack(ids))
+  end
+  if n == #ids then
+    local ring = shard .. 'ring:' .. lane
+    if not redis.call('LPOS', ring, tenant) then redis.call('RPUSH', ring, tenant) end
+  end
+  redis.call('HINCRBY', shard .. 'stats', 'backlog', #ids)
+end
+
+-- Queue one job again in the lane and tenant its record names.
+local function lib_requeue(shard, id, front)
+  local where = redis.call('HMGET', shard .. 'job:' .. id, 'lane', 'tenant')
+  lib_push(shard, where[1] or 'normal', where[2] or 'default', {id}, front)
+end
+
+-- Ring the doorbell idle senders BLPOP on (one token at most: a woken sender that
+-- leaves work behind rings again, so wake-ups chain instead of stampeding).
+local function lib_wake(shard)
+  if redis.call('LLEN', shard .. 'wake') == 0 then redis.call('RPUSH', shard .. 'wake', 1) end
+end
+
+-- Redis server time in ms: rate-limit buckets use the server's clock so that replicas
+-- with skewed clocks still share one notion of "now".
+local function lib_time_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
