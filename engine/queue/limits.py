@@ -77,10 +77,11 @@ class RateLimits:
                 replies = [
                     p.hmget(self.keys.bucket(n), ["tat", "vtat", "rate", "rt"]) for n in ordered
                 ]
-                now_reply = p.time()
             rows = [await r for r in replies]
-            server_now = await now_reply  # the buckets run on the server's clock
-        now_ms = server_now.timestamp() * 1000
+            # The buckets run on the server's clock. (Not client.time(): coredis 6
+            # divides its microseconds by 1000 again.)
+            reply: Any = await self.client.eval("return redis.call('TIME')")
+        now_ms = int(reply[0]) * 1000 + int(reply[1]) / 1000
         out: list[BucketState] = []
         for name, row in zip(ordered, rows, strict=True):
             conf = table.get(name) or table.get(name.split(":", 1)[0] + ":*")

@@ -1,0 +1,211 @@
+"""Flow control through the HTTP API of a real engine (in-process, real Redis, real TCP):
+validation of the new fields, scheduled sends and cancel, 429/503 back-pressure with
+their headers, GET /v1/limits, and a 421 slowing a domain down."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import trio
+
+from engine.config import load_settings
+from engine.embedded import free_port
+from engine.errors import TemporaryFailure
+from engine.queue import open_redis
+from engine.service import Running, run_engine
+from engine.transport.base import OutgoingMail
+from engine.transport.memory import MemoryTransport
+from fixtures.redis import RedisServer
+
+MSG = {"to": "ann@example.com", "subject": "Hello", "text": "Hi Ann"}
+
+
+@dataclass
+class Engine:
+    client: httpx.AsyncClient
+    running: Running
+    transport: MemoryTransport
+
+
+@asynccontextmanager
+async def engine(
+    redis_server: RedisServer,
+    overrides: dict[str, Any] | None = None,
+    fail: Callable[[OutgoingMail], TemporaryFailure | None] | None = None,
+) -> AsyncIterator[Engine]:
+    async with open_redis(redis_server.url) as r:
+        await r.flushall()
+    bind = f"127.0.0.1:{free_port()}"
+    settings = load_settings(environ={}, overrides={"http": {"bind": bind}, **(overrides or {})})
+    transport = MemoryTransport(fail=fail)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        running = await nursery.start(
+            lambda task_status: run_engine(
+                settings,
+                redis_url=redis_server.url,
+                smtp_url="smtp://unused:25",
+                transport=transport,
+                handle_signals=False,
+                stop=stop,
+                task_status=task_status,
+            )
+        )
+        async with httpx.AsyncClient(base_url=f"http://{bind}", timeout=10) as client:
+            yield Engine(client, running, transport)
+        stop.set()
+
+
+async def _state(client: httpx.AsyncClient, job_id: str, state: str) -> dict[str, Any]:
+    with trio.fail_after(10):
+        while True:
+            body: dict[str, Any] = (await client.get(f"/v1/messages/{job_id}")).json()
+            if body["state"] == state:
+                return body
+            await trio.sleep(0.02)
+
+
+async def test_flow_fields_are_validated_by_name(redis_server: RedisServer) -> None:
+    async with engine(redis_server) as e:
+        bad = [
+            ({"priority": "urgent"}, "priority"),
+            ({"priority": 11}, "priority"),
+            ({"send_at": "tomorrow"}, "send_at"),
+            ({"send_at": "2026-11-22T10:00:00"}, "send_at"),  # no offset
+            ({"send_at": "2026-11-22T10:00:00Z", "delay_s": 5}, "send_at"),
+            ({"delay_s": -1}, "delay_s"),
+            ({"send_at": "2999-01-01T00:00:00Z"}, "send_at"),
+            ({"tenant": "no spaces please"}, "tenant"),
+        ]
+        for extra, field in bad:
+            r = await e.client.post("/v1/messages", json={**MSG, **extra})
+            assert r.status_code == 422, (extra, r.text)
+            assert r.json()["field"] == field, (extra, r.json())
+        r = await e.client.post(
+            "/v1/messages/batch", json={"messages": [MSG, {**MSG, "priority": 0}]}
+        )
+        assert r.status_code == 422 and r.json()["field"] == "messages[1].priority"
+
+
+async def test_priority_and_tenant_are_kept(redis_server: RedisServer) -> None:
+    async with engine(redis_server) as e:
+        r = await e.client.post("/v1/messages", json={**MSG, "priority": 9, "tenant": "acme"})
+        assert r.status_code == 202
+        body = await _state(e.client, r.json()["id"], "sent")
+        assert body["priority"] == "high" and body["tenant"] == "acme"
+        r = await e.client.post("/v1/messages", json=MSG, headers={"X-API-Key": "secret-1"})
+        body = await _state(e.client, r.json()["id"], "sent")
+        assert body["tenant"].startswith("key-") and "secret" not in body["tenant"]
+
+
+async def test_scheduled_message_can_be_cancelled(redis_server: RedisServer) -> None:
+    async with engine(redis_server) as e:
+        r = await e.client.post("/v1/messages", json={**MSG, "delay_s": 3600})
+        assert r.status_code == 202 and r.json()["state"] == "scheduled"
+        job_id = r.json()["id"]
+        body = (await e.client.get(f"/v1/messages/{job_id}")).json()
+        assert body["state"] == "scheduled" and body["next_attempt_at"]
+        r = await e.client.delete(f"/v1/messages/{job_id}")
+        assert r.status_code == 200 and r.json() == {"id": job_id, "state": "cancelled"}
+        assert (await e.client.delete(f"/v1/messages/{job_id}")).status_code == 200
+        assert (await e.client.get(f"/v1/messages/{job_id}")).json()["state"] == "cancelled"
+        r = await e.client.delete("/v1/messages/" + "0" * 32)
+        assert r.status_code == 404
+        sent = (await e.client.post("/v1/messages", json=MSG)).json()["id"]
+        await _state(e.client, sent, "sent")
+        r = await e.client.delete(f"/v1/messages/{sent}")
+        assert r.status_code == 409 and "sent" in r.json()["detail"]
+        assert len(e.transport.sent) == 1
+
+
+async def test_send_at_in_the_near_future_is_sent_on_time(redis_server: RedisServer) -> None:
+    async with engine(redis_server) as e:
+        due = trio.current_time()
+        when = e.running.queue.now_ms() + 1500
+        from engine.models import ms_to_iso
+
+        r = await e.client.post("/v1/messages", json={**MSG, "send_at": ms_to_iso(when)})
+        assert r.status_code == 202
+        await _state(e.client, r.json()["id"], "sent")
+        took = trio.current_time() - due
+        assert 1.2 <= took <= 3.5, took  # promoted by the reaper (every 0.5 s)
+
+
+async def test_client_rate_limit_answers_429_with_headers(redis_server: RedisServer) -> None:
+    overrides = {"ingest": {"client_rate_per_s": 2, "client_burst": 3}}
+    async with engine(redis_server, overrides) as e:
+        key = {"X-API-Key": "k1"}
+        for left in (2, 1, 0):
+            r = await e.client.post("/v1/messages", json=MSG, headers=key)
+            assert r.status_code == 202
+            assert r.headers["ratelimit-limit"] == "3"
+            assert r.headers["ratelimit-remaining"] == str(left)
+        r = await e.client.post("/v1/messages", json=MSG, headers=key)
+        assert r.status_code == 429
+        assert r.headers["retry-after"] == "1" and r.headers["ratelimit-remaining"] == "0"
+        assert r.json()["type"].endswith("rate-limited")
+        other = await e.client.post("/v1/messages", json=MSG, headers={"X-API-Key": "k2"})
+        assert other.status_code == 202
+        batch = {"messages": [MSG] * 4}  # a batch counts per message: over the burst
+        r = await e.client.post("/v1/messages/batch", json=batch, headers={"X-API-Key": "k3"})
+        assert r.status_code == 429 and r.json()["field"] == "messages"
+
+
+async def test_full_backlog_answers_503_with_retry_after(redis_server: RedisServer) -> None:
+    overrides = {"role": "api", "ingest": {"max_backlog": 5}}
+    async with engine(redis_server, overrides) as e:
+        r = await e.client.post("/v1/messages/batch", json={"messages": [MSG] * 5})
+        assert r.status_code == 202
+        r = await e.client.post("/v1/messages", json=MSG)
+        assert r.status_code == 503
+        assert r.json()["type"].endswith("backlog-full")
+        assert int(r.headers["retry-after"]) >= 1
+
+
+async def test_421_slows_the_domain_down_and_limits_show_it(redis_server: RedisServer) -> None:
+    refusals = [0]
+
+    def fail(mail: OutgoingMail) -> TemporaryFailure | None:
+        if mail.recipients[0].endswith("@busy.test") and refusals[0] < 1:
+            refusals[0] += 1
+            return TemporaryFailure("421 4.7.0 slow down", code=421)
+        return None
+
+    overrides = {
+        "limits": {"domains": {"busy.test": 50}, "recovery_per_s": 0.001},
+        "queue": {"backoff_base_s": 0.1},
+    }
+    async with engine(redis_server, overrides, fail) as e:
+        r = await e.client.post("/v1/messages", json={**MSG, "to": "bob@busy.test"})
+        await _state(e.client, r.json()["id"], "sent")
+        limits = (await e.client.get("/v1/limits")).json()
+        assert limits["configured"] is True
+        (busy,) = [b for b in limits["buckets"] if b["name"] == "domain:busy.test"]
+        assert busy["limit_per_s"] == 50 and busy["slowed"] is True
+        assert 25 <= busy["rate_per_s"] < 26
+
+
+async def test_senders_keep_to_a_domain_limit(redis_server: RedisServer) -> None:
+    times: list[float] = []
+
+    def record(mail: OutgoingMail) -> None:
+        if mail.recipients[0].endswith("@capped.test"):
+            times.append(trio.current_time())
+
+    overrides = {"limits": {"domains": {"capped.test": 20}, "burst_s": 0.05}}
+    async with engine(redis_server, overrides, record) as e:  # type: ignore[arg-type]
+        batch = {"messages": [{**MSG, "to": f"u{i}@capped.test"} for i in range(40)]}
+        batch["messages"] += [{**MSG, "to": f"u{i}@free.test"} for i in range(40)]
+        r = await e.client.post("/v1/messages/batch", json=batch)
+        assert r.status_code == 202
+        with trio.fail_after(10):
+            await e.transport.wait_sent(80)
+    times.sort()
+    assert len(times) == 40
+    # 20/s, burst 1: no 1-second window holds more than 21 sends; and it took ~2 s.
+    assert max(sum(1 for t in times if s <= t < s + 1) for s in times) <= 21
+    assert times[-1] - times[0] >= 1.8
