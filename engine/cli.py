@@ -76,6 +76,11 @@ def _send_parser(sub: Any) -> None:
     p.add_argument("--text", help="plain-text body")
     p.add_argument("--html", help="HTML body")
     p.add_argument("--tag", action="append", default=[], dest="tags")
+    p.add_argument("--priority", help="high, normal, low, or 1-10 (10 most urgent)")
+    p.add_argument("--tenant", help="whose mail this is (per-tenant limits, fair turns)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--send-at", metavar="TIME", help="RFC 3339, e.g. 2026-11-22T18:00:00Z")
+    when.add_argument("--delay", type=float, metavar="SECONDS", help="send this much later")
     p.add_argument(
         "--url",
         default=os.environ.get("ENGINE_URL", "http://127.0.0.1:8080"),
@@ -220,6 +225,11 @@ def send(args: argparse.Namespace) -> int:
         body["bcc"] = args.bcc
     if args.tags:
         body["tags"] = args.tags
+    if args.priority is not None:
+        body["priority"] = int(args.priority) if args.priority.isdigit() else args.priority
+    for key, value in (("tenant", args.tenant), ("send_at", args.send_at), ("delay_s", args.delay)):
+        if value is not None:
+            body[key] = value
     if args.text is None and args.html is None:
         body["text"] = ""
     req = urllib.request.Request(
