@@ -191,6 +191,19 @@ class IngestSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return self.client_burst or max(int(self.client_rate_per_s), 1000)
 
 
+class SchedulerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How replicas fire recurring schedules (POST /v1/schedules)."""
+
+    # How often each replica looks for due ticks: the worst-case lateness of a tick.
+    interval_s: float = 0.5
+    # A tick missed by more than this (every replica was down) is skipped, not sent.
+    # Kept under queue.keep_sent_s: a tick job's record is what makes a replayed tick
+    # a no-op.
+    misfire_grace_s: float = 300.0
+    # Due schedules read per round trip.
+    batch: int = 100
+
+
 class SinkSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # HOST:PORT of the embedded sink (used only when smtp.url is unset).
     bind: str = "127.0.0.1:2525"
@@ -206,6 +219,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     queue: QueueSettings = QueueSettings()
     limits: LimitsSettings = LimitsSettings()
     ingest: IngestSettings = IngestSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
     sink: SinkSettings = SinkSettings()
     # This process's instance id (names its processing list); "" picks host-pid-random.
     instance: str = ""
@@ -311,6 +325,10 @@ def _check(s: Settings) -> None:
         raise ConfigError("limits.max_wait_s must be shorter than queue.lease_s")
     if s.ingest.client_rate_per_s < 0 or s.ingest.max_backlog < 0:
         raise ConfigError("ingest.client_rate_per_s and ingest.max_backlog must be >= 0")
+    if s.scheduler.interval_s <= 0 or s.scheduler.batch < 1:
+        raise ConfigError("scheduler.interval_s must be > 0 and scheduler.batch >= 1")
+    if s.queue.keep_sent_s and s.scheduler.misfire_grace_s >= s.queue.keep_sent_s:
+        raise ConfigError("scheduler.misfire_grace_s must be shorter than queue.keep_sent_s")
     if s.queue.heartbeat_s >= s.queue.lease_s:
         raise ConfigError("queue.heartbeat_s must be shorter than queue.lease_s")
     for name, bind in (("http.bind", s.http.bind), ("sink.bind", s.sink.bind)):

@@ -3,6 +3,8 @@
     run_engine
     ├── queue.serve      group-commit flushers (enqueue, ack)
     ├── serve_reaper     heartbeat + lease renewal, recovery, delayed promotion
+    ├── scheduler.serve  fires due ticks of recurring schedules (every replica; exactly once)
+    ├── drain.serve      samples how fast the queue drains (Retry-After of a full backlog)
     ├── serve_senders    N sender tasks
     └── serve_http       hypercorn (trio worker) running the API
 
@@ -30,7 +32,9 @@ from engine.api.drain import DrainMeter
 from engine.config import HttpSettings, Settings
 from engine.errors import EngineError
 from engine.queue import Queue, RateLimits, open_redis
+from engine.queue.schedules import ScheduleStore
 from engine.reaper import Reaper
+from engine.scheduler import Scheduler
 from engine.sender import SenderPool
 from engine.transport.base import Transport
 from engine.transport.smtp import SmtpPool
@@ -103,6 +107,10 @@ async def run_engine(
         transport = transport or SmtpPool(settings.smtp, smtp_url)
         pool = SenderPool(queue, transport, settings.sender, settings.queue, limits)
         reaper = Reaper(queue, pool.holding, settings.queue)
+        schedules = ScheduleStore(client, queue.keys)
+        scheduler = Scheduler(
+            schedules, queue, settings.scheduler, default_from=settings.sender.default_from
+        )
         draining = False
         with_senders = settings.role in ("all", "sender")
         with_http = settings.role in ("all", "api")
@@ -113,6 +121,7 @@ async def run_engine(
             with_senders,
             lambda: draining,
             limits,
+            schedules,
             drain.rate,
         )
         app = build_app(backend, settings)
@@ -123,6 +132,7 @@ async def run_engine(
                     root.start_soon(_watch_signals, stop, root.cancel_scope)
                 await root.start(queue.serve)
                 await root.start(reaper.serve)
+                await root.start(scheduler.serve)
                 senders = trio.CancelScope()
                 senders_done = trio.Event()
 

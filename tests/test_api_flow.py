@@ -209,3 +209,17 @@ async def test_senders_keep_to_a_domain_limit(redis_server: RedisServer) -> None
     # 20/s, burst 1: no 1-second window holds more than 21 sends; and it took ~2 s.
     assert max(sum(1 for t in times if s <= t < s + 1) for s in times) <= 21
     assert times[-1] - times[0] >= 1.8
+
+
+async def test_schedules_are_served_by_the_engine(redis_server: RedisServer) -> None:
+    async with engine(redis_server) as e:
+        body = {"name": "digest", "cron": "0 8 * * 1-5", "timezone": "Europe/Berlin",
+                "message": {**MSG, "priority": "low"}}  # fmt: skip
+        r = await e.client.post("/v1/schedules", json=body)
+        assert r.status_code == 201, r.text
+        assert r.json()["next_tick"].endswith("Z")
+        assert (await e.client.get("/v1/schedules/digest")).json()["cron"] == "0 8 * * 1-5"
+        r = await e.client.post("/v1/schedules", json={**body, "cron": "61 * * * *"})
+        assert r.status_code == 422 and r.json()["field"] == "cron"
+        assert (await e.client.delete("/v1/schedules/digest")).status_code == 204
+        assert (await e.client.get("/v1/schedules")).json() == {"items": []}

@@ -18,9 +18,11 @@ from engine.api.asgi import ASGIApp, Receive, Scope, Send, problem_body, send_js
 from engine.api.dead import register_dead_routes
 from engine.api.ingest import Ingest
 from engine.api.limits import register_limit_routes
+from engine.api.schedules import register_schedule_routes
 from engine.config import Settings
 from engine.errors import QueueError
 from engine.queue import Queue, RateLimits
+from engine.queue.schedules import ScheduleStore
 
 _MESSAGES = "/v1/messages"
 _BATCH = "/v1/messages/batch"
@@ -37,14 +39,22 @@ class ApiBackend:
     # Set while shutting down: ingest answers 503 instead of accepting.
     draining: Callable[[], bool]
     limits: RateLimits
+    schedules: ScheduleStore
     # Jobs per second the queue drains at (all replicas): Retry-After when it is full.
     drain_rate: Callable[[], float] = lambda: 0.0
 
 
-def _quart_app(queue: Queue, limits: RateLimits) -> QuartTrio:
+def _quart_app(backend: ApiBackend, settings: Settings) -> QuartTrio:
+    queue = backend.queue
     app = QuartTrio("engine")
     register_dead_routes(app, queue)
-    register_limit_routes(app, limits)
+    register_limit_routes(app, backend.limits)
+    register_schedule_routes(
+        app,
+        backend.schedules,
+        default_from=settings.sender.default_from,
+        max_body_bytes=settings.http.max_body_bytes,
+    )
 
     @app.get("/")
     async def index() -> dict[str, Any]:
@@ -56,6 +66,10 @@ def _quart_app(queue: Queue, limits: RateLimits) -> QuartTrio:
                 "GET /v1/messages/{id}",
                 "DELETE /v1/messages/{id}",
                 "GET /v1/limits",
+                "POST /v1/schedules",
+                "GET /v1/schedules",
+                "GET /v1/schedules/{name}",
+                "DELETE /v1/schedules/{name}",
                 "GET /healthz",
                 "GET /readyz",
                 "GET /v1/dead",
@@ -102,9 +116,8 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         settings.ingest,
         backend.drain_rate,
     )
-    quart: Any = _quart_app(
-        backend.queue, backend.limits
-    )  # ASGI; typed with its own scope TypedDicts
+    # ASGI; typed with its own scope TypedDicts
+    quart: Any = _quart_app(backend, settings)
 
     async def draining(send: Send) -> None:
         await send_problem(
