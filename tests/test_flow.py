@@ -65,7 +65,7 @@ def _jobs(n: int, **kw: object) -> list[NewJob]:
 
 async def test_high_lane_overtakes_a_low_backlog(redis: Redis, nursery: trio.Nursery) -> None:
     q = await _queue(redis, nursery)
-    await q.enqueue(_jobs(2000, lane="low"))
+    await q.enqueue(_jobs(20_000, lane="low"))
     (urgent,) = _jobs(1, lane="high")
     await q.enqueue([urgent])
     claimed = await q.claim(2)
