@@ -12,8 +12,9 @@ import trio
 from engine.config import HttpSettings, Settings, load_settings
 from engine.embedded import free_port
 from engine.ids import is_id
-from engine.service import Running, run_engine
+from engine.service import Running
 from engine.transport.memory import MemoryTransport
+from fixtures.inproc import inprocess_engine
 from fixtures.redis import RedisServer
 
 
@@ -37,20 +38,8 @@ async def engine(redis_server: RedisServer) -> AsyncIterator[Engine]:
     )
     transport = MemoryTransport()
     stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        running = await nursery.start(
-            lambda task_status: run_engine(
-                settings,
-                redis_url=redis_server.url,
-                smtp_url="smtp://unused:25",
-                transport=transport,
-                handle_signals=False,
-                stop=stop,
-                task_status=task_status,
-            )
-        )
+    async with inprocess_engine(settings, redis_server.url, transport, stop) as running:
         yield Engine(f"http://{bind}", running, transport, stop)
-        stop.set()
 
 
 @pytest.fixture

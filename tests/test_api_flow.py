@@ -16,9 +16,10 @@ from engine.config import load_settings
 from engine.embedded import free_port
 from engine.errors import TemporaryFailure
 from engine.queue import open_redis
-from engine.service import Running, run_engine
+from engine.service import Running
 from engine.transport.base import OutgoingMail
 from engine.transport.memory import MemoryTransport
+from fixtures.inproc import inprocess_engine
 from fixtures.redis import RedisServer
 
 MSG = {"to": "ann@example.com", "subject": "Hello", "text": "Hi Ann"}
@@ -42,22 +43,11 @@ async def engine(
     bind = f"127.0.0.1:{free_port()}"
     settings = load_settings(environ={}, overrides={"http": {"bind": bind}, **(overrides or {})})
     transport = MemoryTransport(fail=fail)
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        running = await nursery.start(
-            lambda task_status: run_engine(
-                settings,
-                redis_url=redis_server.url,
-                smtp_url="smtp://unused:25",
-                transport=transport,
-                handle_signals=False,
-                stop=stop,
-                task_status=task_status,
-            )
-        )
-        async with httpx.AsyncClient(base_url=f"http://{bind}", timeout=10) as client:
-            yield Engine(client, running, transport)
-        stop.set()
+    async with (
+        inprocess_engine(settings, redis_server.url, transport) as running,
+        httpx.AsyncClient(base_url=f"http://{bind}", timeout=10) as client,
+    ):
+        yield Engine(client, running, transport)
 
 
 async def _state(client: httpx.AsyncClient, job_id: str, state: str) -> dict[str, Any]:

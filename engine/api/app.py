@@ -14,10 +14,11 @@ import trio
 from quart import Response
 from quart_trio import QuartTrio
 
-from engine.api.asgi import ASGIApp, Receive, Scope, Send, problem_body, send_json, send_problem
+from engine.api.asgi import ASGIApp, Receive, Scope, Send, send_json, send_problem
 from engine.api.dead import register_dead_routes
 from engine.api.ingest import Ingest
 from engine.api.limits import register_limit_routes
+from engine.api.responses import problem_response
 from engine.api.schedules import register_schedule_routes
 from engine.config import Settings
 from engine.errors import QueueError
@@ -82,28 +83,17 @@ def _quart_app(backend: ApiBackend, settings: Settings) -> QuartTrio:
     @app.errorhandler(QueueError)
     async def queue_unavailable(exc: QueueError) -> Response:
         # One answer for every Quart route that cannot reach Redis.
-        return Response(
-            problem_body(503, "queue-unavailable", "Queue unavailable", str(exc)),
-            status=503,
-            content_type="application/problem+json",
-            headers={"Retry-After": "1"},
+        return problem_response(
+            503, "queue-unavailable", "Queue unavailable", str(exc), headers={"Retry-After": "1"}
         )
 
     @app.errorhandler(404)
     async def not_found(_: Exception) -> Response:
-        return Response(
-            problem_body(404, "not-found", "Not Found", "no such route"),
-            status=404,
-            content_type="application/problem+json",
-        )
+        return problem_response(404, "not-found", "Not Found", "no such route")
 
     @app.errorhandler(405)
     async def not_allowed(_: Exception) -> Response:
-        return Response(
-            problem_body(405, "method-not-allowed", "Method Not Allowed"),
-            status=405,
-            content_type="application/problem+json",
-        )
+        return problem_response(405, "method-not-allowed", "Method Not Allowed")
 
     return app
 

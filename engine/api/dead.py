@@ -11,12 +11,11 @@ import msgspec
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from engine.api.asgi import problem_body
+from engine.api.responses import json_response, problem_response
 from engine.ids import is_id
 from engine.models import JobView, ms_to_iso
 from engine.queue import JobRecord, Queue
 
-_encode = msgspec.json.Encoder().encode
 MAX_PAGE = 500
 
 
@@ -27,18 +26,8 @@ class RetryFilter(msgspec.Struct, forbid_unknown_fields=True):
     error_contains: str | None = None
 
 
-def _json(status: int, obj: object) -> Response:
-    return Response(_encode(obj), status=status, content_type="application/json")
-
-
-def _problem(
-    status: int, slug: str, title: str, detail: str = "", field: str | None = None
-) -> Response:
-    return Response(
-        problem_body(status, slug, title, detail, field),
-        status=status,
-        content_type="application/problem+json",
-    )
+def _not_dead(job_id: str) -> Response:
+    return problem_response(404, "not-found", "Not in the dead-letter queue", f"id {job_id!r}")
 
 
 def _view(rec: JobRecord) -> JobView:
@@ -53,7 +42,7 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int | Response:
     if raw is None:
         return default
     if not raw.isdigit() or not low <= int(raw) <= high:
-        return _problem(422, "invalid-field", "Invalid query parameter",
+        return problem_response(422, "invalid-field", "Invalid query parameter",
                         f"{name} must be an integer from {low} to {high}", name)  # fmt: skip
     return int(raw)
 
@@ -73,14 +62,16 @@ def register_dead_routes(app: QuartTrio, queue: Queue) -> None:
             "total": total, "offset": offset, "limit": limit, "next_offset": following,
             "items": [_view(r) for r in records],
         }  # fmt: skip
-        return _json(200, body)
+        return json_response(200, body)
 
     @app.post("/v1/dead/<job_id>/retry")
     async def retry_one(job_id: str) -> Response:
         done = await queue.dead_retry([job_id]) if is_id(job_id) else []
         if not done:
-            return _problem(404, "not-found", "Not in the dead-letter queue", f"id {job_id!r}")
-        return _json(202, {"id": job_id, "state": "queued"})
+            return problem_response(
+                404, "not-found", "Not in the dead-letter queue", f"id {job_id!r}"
+            )
+        return json_response(202, {"id": job_id, "state": "queued"})
 
     @app.post("/v1/dead/retry")
     async def retry_many() -> Response:
@@ -88,20 +79,22 @@ def register_dead_routes(app: QuartTrio, queue: Queue) -> None:
         try:
             flt = msgspec.json.decode(raw, type=RetryFilter) if raw.strip() else RetryFilter()
         except msgspec.ValidationError as exc:
-            return _problem(422, "invalid-field", "Invalid field", str(exc))
+            return problem_response(422, "invalid-field", "Invalid field", str(exc))
         except msgspec.DecodeError as exc:
-            return _problem(400, "malformed-json", "Malformed JSON", str(exc))
+            return problem_response(400, "malformed-json", "Malformed JSON", str(exc))
         ids = [i for i in (flt.ids if flt.ids is not None else await queue.dead_ids()) if is_id(i)]
         if flt.error_contains:
             needle = flt.error_contains.lower()
             records = await queue.get_many(ids)
             ids = [r.id for r in records if r and r.last_error and needle in r.last_error.lower()]
         done = await queue.dead_retry(ids)
-        return _json(202, {"retried": len(done), "ids": done})
+        return json_response(202, {"retried": len(done), "ids": done})
 
     @app.delete("/v1/dead/<job_id>")
     async def delete_one(job_id: str) -> Response:
         done = await queue.dead_delete([job_id]) if is_id(job_id) else []
         if not done:
-            return _problem(404, "not-found", "Not in the dead-letter queue", f"id {job_id!r}")
+            return problem_response(
+                404, "not-found", "Not in the dead-letter queue", f"id {job_id!r}"
+            )
         return Response(b"", status=204)

@@ -6,9 +6,8 @@ import msgspec
 from quart import Response
 from quart_trio import QuartTrio
 
+from engine.api.responses import json_response
 from engine.queue import RateLimits
-
-_encode = msgspec.json.Encoder().encode
 
 
 class BucketView(msgspec.Struct):
@@ -34,4 +33,4 @@ def register_limit_routes(app: QuartTrio, limits: RateLimits) -> None:
             for b in await limits.state()
         ]  # fmt: skip
         body = {"configured": limits.settings.configured(), "buckets": buckets}
-        return Response(_encode(body), status=200, content_type="application/json")
+        return json_response(200, body)

@@ -13,15 +13,14 @@ import msgspec
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from engine.api.asgi import problem_body
 from engine.api.ingest import error_field
+from engine.api.responses import json_response, problem_response
 from engine.cron import check_cron, check_timezone
 from engine.errors import ValidationError
 from engine.models import MessageIn, ms_to_iso, normalize, route
 from engine.queue.schedules import Schedule, ScheduleStore
 
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_encode = msgspec.json.Encoder().encode
 _decode_message = msgspec.json.Decoder(MessageIn).decode
 
 
@@ -64,22 +63,8 @@ def schedule_view(s: Schedule) -> ScheduleView:
     )  # fmt: skip
 
 
-def _json(status: int, obj: object, headers: dict[str, str] | None = None) -> Response:
-    return Response(_encode(obj), status=status, content_type="application/json", headers=headers)
-
-
-def _problem(
-    status: int, slug: str, title: str, detail: str = "", field: str | None = None
-) -> Response:
-    return Response(
-        problem_body(status, slug, title, detail, field),
-        status=status,
-        content_type="application/problem+json",
-    )
-
-
 def _invalid(exc: ValidationError) -> Response:
-    return _problem(422, "invalid-field", "Invalid field", exc.detail, exc.field)
+    return problem_response(422, "invalid-field", "Invalid field", exc.detail, exc.field)
 
 
 def check_schedule(body: ScheduleIn, *, default_from: str, now_ms: int) -> tuple[str, str]:
@@ -111,9 +96,9 @@ def register_schedule_routes(
     async def put_schedule() -> Response:
         if not request.is_json:
             detail = "send the body as JSON with Content-Type: application/json"
-            return _problem(415, "unsupported-media-type", "Unsupported Media Type", detail)
+            return problem_response(415, "unsupported-media-type", "Unsupported Media Type", detail)
         limit = f"the body limit is {max_body_bytes} bytes"
-        too_large = _problem(413, "body-too-large", "Request body too large", limit)
+        too_large = problem_response(413, "body-too-large", "Request body too large", limit)
         if (request.content_length or 0) > max_body_bytes:
             return too_large
         raw = await request.get_data(cache=False, as_text=False)
@@ -123,9 +108,9 @@ def register_schedule_routes(
             body = msgspec.json.decode(raw, type=ScheduleIn)
         except msgspec.ValidationError as exc:
             field, detail = error_field(exc)
-            return _problem(422, "invalid-field", "Invalid field", detail, field)
+            return problem_response(422, "invalid-field", "Invalid field", detail, field)
         except msgspec.DecodeError as exc:
-            return _problem(400, "malformed-json", "Malformed JSON", str(exc))
+            return problem_response(400, "malformed-json", "Malformed JSON", str(exc))
         try:
             cron, message = check_schedule(body, default_from=default_from, now_ms=store.now_ms())
             created, schedule = await store.put(body.name, cron, body.timezone, message)
@@ -133,22 +118,22 @@ def register_schedule_routes(
             return _invalid(exc)
         view = schedule_view(schedule)
         if created:
-            return _json(201, view, {"Location": f"/v1/schedules/{schedule.name}"})
-        return _json(200, view)
+            return json_response(201, view, {"Location": f"/v1/schedules/{schedule.name}"})
+        return json_response(200, view)
 
     @app.get("/v1/schedules")
     async def list_schedules() -> Response:
-        return _json(200, {"items": [schedule_view(s) for s in await store.list_all()]})
+        return json_response(200, {"items": [schedule_view(s) for s in await store.list_all()]})
 
     @app.get("/v1/schedules/<name>")
     async def get_schedule(name: str) -> Response:
         schedule = await store.get(name) if _NAME_RE.match(name) else None
         if schedule is None:
-            return _problem(404, "not-found", "No such schedule", f"schedule {name!r}")
-        return _json(200, schedule_view(schedule))
+            return problem_response(404, "not-found", "No such schedule", f"schedule {name!r}")
+        return json_response(200, schedule_view(schedule))
 
     @app.delete("/v1/schedules/<name>")
     async def delete_schedule(name: str) -> Response:
         if not (_NAME_RE.match(name) and await store.delete(name)):
-            return _problem(404, "not-found", "No such schedule", f"schedule {name!r}")
+            return problem_response(404, "not-found", "No such schedule", f"schedule {name!r}")
         return Response(b"", status=204)
