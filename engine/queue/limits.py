@@ -73,11 +73,7 @@ class RateLimits:
             names.discard("")
             names = {n for n in names if not n.startswith("client:")}
             ordered = sorted(names)
-            async with self.client.pipeline(transaction=False) as p:
-                replies = [
-                    p.hmget(self.keys.bucket(n), ["tat", "vtat", "rate", "rt"]) for n in ordered
-                ]
-            rows = [await r for r in replies]
+            rows = await self.client.mget([self.keys.bucket(n) for n in ordered]) if ordered else []
             # The buckets run on the server's clock. (Not client.time(): coredis 6
             # divides its microseconds by 1000 again.)
             reply: Any = await self.client.eval("return redis.call('TIME')")
@@ -88,14 +84,17 @@ class RateLimits:
             if conf is None:
                 continue  # state left over from a limit that is no longer configured
             limit = float(conf.split(" ", 1)[0])
-            tat, vtat, rate, rt = (float(x) if x is not None else None for x in row)
+            # "tat vtat rate rt cut" as claim.lua writes it; rate '-' = at its limit.
+            fields = row.decode().split() if row is not None else ["0", "0", "-", "0", "0"]
+            tat, vtat, rt = float(fields[0]), float(fields[1]), float(fields[3])
+            rate = None if fields[2] == "-" else float(fields[2])
             out.append(
                 BucketState(
                     name,
                     limit,
                     recovered_rate(rate, rt, limit, now_ms, self.settings.recovery_per_s),
-                    max(0.0, ((tat or 0) - now_ms) / 1000),
-                    max(0.0, ((vtat or 0) - now_ms) / 1000),
+                    max(0.0, (tat - now_ms) / 1000),
+                    max(0.0, (vtat - now_ms) / 1000),
                 )
             )
         return out

@@ -39,3 +39,24 @@ local function lib_time_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+
+-- Rate-limit bucket state: one string key per bucket, "tat vtat rate rt cut" (ms on the
+-- server clock; rate in msgs/s, '-' = at its limit), written with its expiry in one SET.
+local function lib_bucket_get(key)
+  local v = redis.call('GET', key)
+  local b = {tat = 0, vtat = 0, rate = nil, rt = nil, cut = 0}
+  if v then
+    local f = {}
+    for x in string.gmatch(v, '%S+') do f[#f + 1] = x end
+    b.tat, b.vtat, b.rate, b.rt, b.cut = tonumber(f[1]), tonumber(f[2]), tonumber(f[3]),
+      tonumber(f[4]), tonumber(f[5])
+  end
+  return b
+end
+
+local function lib_bucket_set(key, b, rnow)
+  local ttl = math.ceil(math.max(b.tat, b.vtat, rnow) - rnow) + 60000
+  if b.rate and b.cap and b.rate >= b.cap then b.rate = nil end
+  redis.call('SET', key, string.format('%.3f %.3f %s %d %d', b.tat, b.vtat,
+    b.rate and string.format('%.6f', b.rate) or '-', b.rt or rnow, b.cut or 0), 'PX', ttl)
+end

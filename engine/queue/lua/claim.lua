@@ -61,12 +61,24 @@ end
 
 -- -- rate limits ----------------------------------------------------------------------
 local rnow = limits_on and lib_time_ms() or 0
+-- The configured limits: read whole when the table is small (one call per claim),
+-- field by field when it is a long per-domain list.
 local conf_cache, buckets = {}, {}
+local conf_all = nil
+if limits_on and redis.call('HLEN', KEYS[8]) <= 64 then
+  conf_all = {}
+  local flat = redis.call('HGETALL', KEYS[8])
+  for i = 1, #flat, 2 do conf_all[flat[i]] = flat[i + 1] end
+end
+local function conf_raw(name)
+  if conf_all then return conf_all[name] end
+  return redis.call('HGET', KEYS[8], name)
+end
 local function conf(name, fallback)
   local c = conf_cache[name]
   if c == nil then
-    local v = redis.call('HGET', KEYS[8], name)
-    if not v and fallback then v = redis.call('HGET', KEYS[8], fallback) end
+    local v = conf_raw(name)
+    if not v and fallback then v = conf_raw(fallback) end
     c = false
     if v then
       local sp = string.find(v, ' ', 1, true)
@@ -79,36 +91,35 @@ end
 local function bucket(name, c)
   local b = buckets[name]
   if not b then
-    local v = redis.call('HMGET', shard .. 'bucket:' .. name, 'tat', 'vtat', 'rate', 'rt')
-    b = {name = name, tat = tonumber(v[1]) or 0, vtat = tonumber(v[2]) or 0,
-         cap = c.rate, burst = c.burst, rate = tonumber(v[3]) or c.rate}
-    if b.rate > b.cap then b.rate = b.cap end
-    if b.rate < b.cap then  -- additive recovery after a slow-down (AIMD)
-      b.rate = math.min(b.cap, b.rate + b.cap * recover * (rnow - (tonumber(v[4]) or rnow)) / 1000)
+    b = lib_bucket_get(shard .. 'bucket:' .. name)
+    b.name, b.cap, b.burst = name, c.rate, c.burst
+    local rate = math.min(b.cap, b.rate or b.cap)
+    if rate < b.cap then  -- additive recovery after a slow-down (AIMD)
+      rate = math.min(b.cap, rate + b.cap * recover * (rnow - (b.rt or rnow)) / 1000)
     end
+    b.rate, b.rt = rate, rnow
     buckets[name] = b
   end
   return b
 end
-local function buckets_of(key)
-  local rec = redis.call('HMGET', key, 'doms', 'tenant')
+local function buckets_of(doms, tenant)
   local list = {}
   local c = conf('global')
   if c then list[#list + 1] = bucket('global', c) end
-  if rec[1] then
-    for d in string.gmatch(rec[1], '[^,]+') do
+  if doms then
+    for d in string.gmatch(doms, '[^,]+') do
       c = conf('domain:' .. d, 'domain:*')
       if c then list[#list + 1] = bucket('domain:' .. d, c) end
     end
   end
-  local tenant = rec[2] or 'default'
+  tenant = tenant or 'default'
   c = conf('tenant:' .. tenant, 'tenant:*')
   if c then list[#list + 1] = bucket('tenant:' .. tenant, c) end
   return list
 end
 -- ms from now until the job may go (reserved), or nil after deferring it.
-local function slot(id, key, attempts)
-  local list = buckets_of(key)
+local function slot(id, key, attempts, doms, tenant)
+  local list = buckets_of(doms, tenant)
   local at, tightest = rnow, nil
   for _, b in ipairs(list) do
     local interval = 1000 / b.rate
@@ -138,7 +149,12 @@ end
 local claimed, popped, deferred = 0, 0, 0
 local function mark(id)
   local key = prefix .. id
-  local rec = redis.call('HMGET', key, 'state', 'attempts', 'msg', 'rcpts')
+  local rec
+  if limits_on then
+    rec = redis.call('HMGET', key, 'state', 'attempts', 'msg', 'rcpts', 'doms', 'tenant')
+  else
+    rec = redis.call('HMGET', key, 'state', 'attempts', 'msg', 'rcpts')
+  end
   local state = rec[1]
   if state ~= 'queued' then
     -- gone, finished or cancelled while it waited: drop it, never send it
@@ -147,7 +163,7 @@ local function mark(id)
   end
   local wait = 0
   if limits_on then
-    wait = slot(id, key, rec[2])
+    wait = slot(id, key, rec[2], rec[5], rec[6])
     if not wait then
       deferred = deferred + 1
       return
@@ -179,10 +195,6 @@ while claimed < want and popped < want * 4 do
 end
 if popped > 0 then redis.call('HINCRBY', KEYS[5], 'backlog', -popped) end
 if deferred > 0 then redis.call('HINCRBY', KEYS[5], 'throttled', deferred) end
-for name, b in pairs(buckets) do
-  local bkey = shard .. 'bucket:' .. name
-  redis.call('HSET', bkey, 'tat', b.tat, 'vtat', b.vtat, 'rate', b.rate, 'rt', rnow)
-  redis.call('PEXPIRE', bkey, math.ceil(math.max(b.tat, b.vtat) - rnow) + 60000)
-end
+for name, b in pairs(buckets) do lib_bucket_set(shard .. 'bucket:' .. name, b, rnow) end
 if more and popped > 0 then lib_wake(shard) end  -- work left: wake the next idle sender
 return out

@@ -15,22 +15,42 @@
 -- {3, retry_after_ms} the client is over its rate (-1: larger than the burst);
 -- {4, backlog} the backlog is full.
 -- Idempotent per id too: a job whose record exists is skipped (a lost reply retried).
--- Events: one entry per run of up to 100 jobs listing them in its 'ids' field (comma-
--- separated) -- a stream entry per job cost 40 % of the enqueue time with AOF on.
+-- Events: one entry per up to 100 jobs listing them in its 'ids' field (comma-separated)
+-- -- a stream entry per job cost 40 % of the enqueue time with AOF on.
 local shard, now, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local idem_ttl, high_water = ARGV[4], tonumber(ARGV[5])
 local client_rate, client_burst = tonumber(ARGV[6]), tonumber(ARGV[7])
 local prefix, idem_prefix = shard .. 'job:', shard .. 'idem:'
 local written = 0
 
--- Runs of jobs with the same lane and tenant are pushed (and announced) together.
-local run, run_lane, run_tenant = {}, nil, nil
-local function flush()
-  if #run == 0 then return end
-  lib_push(shard, run_lane, run_tenant, run, false)
+-- Jobs are pushed per (lane, tenant) group and announced 100 to an event entry, however
+-- a batch interleaves lanes and tenants (a push and an entry per job cost 40 %).
+local groups, group_order = {}, {}
+local function push(group)
+  if #group.ids > 0 then
+    lib_push(shard, group.lane, group.tenant, group.ids, false)
+    group.ids = {}
+  end
+end
+local queued = {}
+local function announce()
+  if #queued == 0 then return end
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*',
-    'type', 'queued', 'ids', table.concat(run, ','), 'at', now, 'attempt', 0, 'state', 'queued')
-  run = {}
+    'type', 'queued', 'ids', table.concat(queued, ','), 'at', now, 'attempt', 0, 'state', 'queued')
+  queued = {}
+end
+local function add_ready(id, lane, tenant)
+  local name = lane .. ':' .. tenant
+  local group = groups[name]
+  if not group then
+    group = {lane = lane, tenant = tenant, ids = {}}
+    groups[name] = group
+    group_order[#group_order + 1] = group
+  end
+  group.ids[#group.ids + 1] = id
+  if #group.ids == 100 then push(group) end
+  queued[#queued + 1] = id
+  if #queued == 100 then announce() end
 end
 local scheduled = {}
 local function flush_scheduled()
@@ -118,11 +138,7 @@ while i <= #ARGV do
           if #scheduled == 100 then flush_scheduled() end
         else
           redis.call('HSET', key, 'state', 'queued', unpack(fields))
-          if lane ~= run_lane or tenant ~= run_tenant or #run == 100 then
-            flush()
-            run_lane, run_tenant = lane, tenant
-          end
-          run[#run + 1] = id
+          add_ready(id, lane, tenant)
         end
         written = written + 1
         if backlog then backlog = backlog + 1 end
@@ -135,7 +151,8 @@ while i <= #ARGV do
     out[#out + 1] = {0, remaining}
   end
 end
-flush()
+for _, group in ipairs(group_order) do push(group) end
+announce()
 flush_scheduled()
 if written > 0 then
   redis.call('HINCRBY', KEYS[2], 'enqueued', written)

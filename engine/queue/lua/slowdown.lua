@@ -15,15 +15,15 @@ for i = 5, #ARGV do
   if v then
     local cap = tonumber(string.sub(v, 1, string.find(v, ' ', 1, true) - 1))
     local bkey = shard .. 'bucket:' .. name
-    local s = redis.call('HMGET', bkey, 'rate', 'rt', 'cut')
-    local rate = math.min(cap, tonumber(s[1]) or cap)
-    if rate < cap then rate = math.min(cap, rate + cap * recover * (rnow - (tonumber(s[2]) or rnow)) / 1000) end
-    if rnow - (tonumber(s[3]) or 0) >= cooldown then
+    local b = lib_bucket_get(bkey)
+    local rate = math.min(cap, b.rate or cap)
+    if rate < cap then rate = math.min(cap, rate + cap * recover * (rnow - (b.rt or rnow)) / 1000) end
+    if rnow - b.cut >= cooldown then
       rate = math.max(cap * floor, rate / 2)
-      redis.call('HSET', bkey, 'cut', rnow)
+      b.cut = rnow
     end
-    redis.call('HSET', bkey, 'rate', rate, 'rt', rnow)
-    redis.call('PEXPIRE', bkey, 3600000)
+    b.rate, b.rt, b.cap = rate, rnow, cap
+    lib_bucket_set(bkey, b, rnow)
     out[#out + 1] = name
     out[#out + 1] = tostring(rate)
   end
