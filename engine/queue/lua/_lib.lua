@@ -27,10 +27,13 @@ local function lib_requeue(shard, id, front)
   lib_push(shard, where[1] or 'normal', where[2] or 'default', {id}, front)
 end
 
--- Ring the doorbell idle senders BLPOP on (one token at most: a woken sender that
--- leaves work behind rings again, so wake-ups chain instead of stampeding).
-local function lib_wake(shard)
-  if redis.call('LLEN', shard .. 'wake') == 0 then redis.call('RPUSH', shard .. 'wake', 1) end
+-- Ring the doorbell idle senders BLPOP on: make sure n tokens wait (at most 32), one
+-- per sender that should wake. A woken sender that leaves work behind rings again, so
+-- wake-ups also chain. A token nobody needed costs one empty claim.
+local function lib_wake(shard, n)
+  local key = shard .. 'wake'
+  local missing = math.min(n, 32) - redis.call('LLEN', key)
+  for _ = 1, missing do redis.call('RPUSH', key, 1) end
 end
 
 -- Redis server time in ms: rate-limit buckets use the server's clock so that replicas

@@ -196,5 +196,5 @@ end
 if popped > 0 then redis.call('HINCRBY', KEYS[5], 'backlog', -popped) end
 if deferred > 0 then redis.call('HINCRBY', KEYS[5], 'throttled', deferred) end
 for name, b in pairs(buckets) do lib_bucket_set(shard .. 'bucket:' .. name, b, rnow) end
-if more and popped > 0 then lib_wake(shard) end  -- work left: wake the next idle sender
+if more and popped > 0 then lib_wake(shard, 1) end  -- work left: wake the next idle sender
 return out

@@ -19,5 +19,5 @@ for i = 4, #ARGV do
     out[#out + 1] = id
   end
 end
-if #out > 0 then lib_wake(shard) end
+if #out > 0 then lib_wake(shard, math.ceil(#out / 16)) end
 return out

@@ -156,6 +156,6 @@ announce()
 flush_scheduled()
 if written > 0 then
   redis.call('HINCRBY', KEYS[2], 'enqueued', written)
-  lib_wake(shard)
+  lib_wake(shard, math.ceil(written / 16))
 end
 return out

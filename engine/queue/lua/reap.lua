@@ -80,5 +80,5 @@ for _, inst in ipairs(dead) do
 end
 if requeued > 0 then redis.call('HINCRBY', KEYS[6], 'reaped', requeued) end
 if dead_lettered > 0 then redis.call('HINCRBY', KEYS[6], 'failed', dead_lettered) end
-if promoted + requeued > 0 then lib_wake(shard) end
+if promoted + requeued > 0 then lib_wake(shard, math.ceil((promoted + requeued) / 16)) end
 return {promoted, requeued, gone, dead_lettered}

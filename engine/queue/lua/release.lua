@@ -23,5 +23,5 @@ for i = 4, #ARGV do
     n = n + 1
   end
 end
-if n > 0 then lib_wake(shard) end
+if n > 0 then lib_wake(shard, math.ceil(n / 16)) end
 return n
