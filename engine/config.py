@@ -74,7 +74,7 @@ class SenderSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Most jobs one sender claims in one round-trip when the queue is busy; they go out
     # pipelined over one SMTP connection (32 measured best here with 16 senders).
     claim_batch: int = 32
-    # Seconds a sender blocks in BLMOVE waiting for work when the queue is empty.
+    # Seconds a sender blocks on the doorbell (BLPOP) waiting for work when idle.
     claim_block_s: float = 1.0
     # "from" address used when a request does not give one.
     default_from: str = "engine@localhost"

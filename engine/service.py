@@ -170,7 +170,7 @@ async def run_engine(
                 await senders_done.wait()
                 with trio.move_on_after(5):
                     try:
-                        # Jobs whose claim we never learned of, and BLMOVE leftovers,
+                        # Jobs whose claim we never learned of (a claim reply lost),
                         # go back now rather than after a lease; sends cut off by the
                         # grace period stay leased (they may have reached the server).
                         released = await queue.release_unheld(pool.holding())

@@ -362,7 +362,7 @@ class Queue:
 
     async def release_unheld(self, holding: Iterable[str]) -> int:
         """Clean shutdown: hand back every job in this instance's processing list that is
-        not in ``holding`` (claims whose result never reached us, BLMOVE leftovers)."""
+        not in ``holding`` (claims whose result never reached us, pre-lanes BLMOVE leftovers)."""
         with translate_errors():
             listed = await self.client.lrange(self._processing, 0, -1)
         held = set(holding)

@@ -130,8 +130,8 @@ class SenderPool:
             self._running -= 1
 
     async def _claim(self) -> list[ClaimedJob]:
-        # Block in BLMOVE only up to claim_block_s, and stop blocking as soon as we are
-        # told to stop (a cancelled BLMOVE may still move an id: renew/reap cover it).
+        # Block on the doorbell only up to claim_block_s, and stop blocking as soon as we
+        # are told to stop (the doorbell holds no jobs: a cut-short wait loses nothing).
         with trio.CancelScope() as scope:
             self._claim_scopes.add(scope)
             try:

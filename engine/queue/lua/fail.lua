@@ -14,7 +14,7 @@ for i = 5, #ARGV, 5 do
   local rec = redis.call('HMGET', key, 'state', 'attempts')
   -- Act only on a job this instance still holds: after its lease lapsed the job may
   -- have been requeued and claimed elsewhere (leave that claim and lease alone), or be
-  -- back in our list as a 'queued' BLMOVE leftover (leave it for claim/reap).
+  -- back in our list as a 'queued' leftover (pre-lanes BLMOVE) (leave it for claim/reap).
   local removed = 0
   if rec[1] ~= 'queued' then removed = redis.call('LREM', KEYS[1], 1, id) end
   if removed > 0 then redis.call('ZREM', KEYS[2], id) end

@@ -38,7 +38,7 @@ local function requeue(id, owner)
   if owner then redis.call('LREM', shard .. 'processing:' .. owner, 1, id) end
   local rec = redis.call('HMGET', key, 'state', 'attempts')
   if rec[1] == 'processing' or rec[1] == 'queued' then
-    -- queued: moved by a BLMOVE whose claim never ran; it never reached the server.
+    -- queued: moved by a (pre-lanes) BLMOVE whose claim never ran; it never reached the server.
     redis.call('HDEL', key, 'owner')
     -- Only a job that was handed to a sender stalled; a 'queued' one never started.
     local stalls = 0

@@ -2,7 +2,7 @@
 -- KEYS[1] processing:<instance>   KEYS[2] leases   KEYS[3] events
 -- ARGV[1] shard key prefix   ARGV[2] now (ms)   ARGV[3] events MAXLEN   ARGV[4..] job ids
 -- The attempt that never reached the server is not counted. An id still 'queued' (moved
--- by a BLMOVE whose claim never ran) is returned as is. Returns jobs released.
+-- by a pre-lanes BLMOVE whose claim never ran) is returned as is. Returns jobs released.
 local shard, now, maxlen = ARGV[1], ARGV[2], ARGV[3]
 local prefix = shard .. 'job:'
 local n = 0

@@ -3,9 +3,9 @@
 -- ARGV[1] instance id   ARGV[2] heartbeat deadline (ms)   ARGV[3] lease deadline (ms)
 -- ARGV[4] job key prefix
 -- ARGV[5..] ids the instance holds in memory (claimed, not yet acked or failed)
--- Ids in the processing list without a lease (a BLMOVE whose claim never ran, e.g.
--- cancelled mid-block) get one lease that is never renewed and this instance as owner,
--- so the reaper returns them to ready once it expires. Returns leases renewed.
+-- Ids in the processing list without a lease (left by a BLMOVE claim of a version
+-- before lanes, cancelled mid-block) get one lease that is never renewed and this
+-- instance as owner, so the reaper returns them to ready once it expires. Returns leases renewed.
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 local n = 0
 for i = 5, #ARGV do
