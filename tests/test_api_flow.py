@@ -41,7 +41,9 @@ async def engine(
     async with open_redis(redis_server.url) as r:
         await r.flushall()
     bind = f"127.0.0.1:{free_port()}"
-    settings = load_settings(environ={}, overrides={"http": {"bind": bind}, **(overrides or {})})
+    overrides = dict(overrides or {})
+    overrides["http"] = {**overrides.get("http", {}), "bind": bind}
+    settings = load_settings(environ={}, overrides=overrides)
     transport = MemoryTransport(fail=fail)
     async with (
         inprocess_engine(settings, redis_server.url, transport) as running,
@@ -213,3 +215,19 @@ async def test_schedules_are_served_by_the_engine(redis_server: RedisServer) -> 
         assert r.status_code == 422 and r.json()["field"] == "cron"
         assert (await e.client.delete("/v1/schedules/digest")).status_code == 204
         assert (await e.client.get("/v1/schedules")).json() == {"items": []}
+
+
+async def test_high_priority_overtakes_a_20k_low_backlog(redis_server: RedisServer) -> None:
+    async with engine(redis_server, {"http": {"max_body_bytes": 10_000_000}}) as e:
+        low = {"messages": [{**MSG, "priority": "low"}] * 1000}
+        for _ in range(20):
+            assert (await e.client.post("/v1/messages/batch", json=low)).status_code == 202
+        before = len(e.transport.sent)
+        r = await e.client.post("/v1/messages", json={**MSG, "priority": "high"})
+        urgent = r.json()["id"]
+        await _state(e.client, urgent, "sent")
+        order = [m.job_id for m in e.transport.sent]
+        at = order.index(urgent)
+        assert before < 19_000, "the backlog was gone before the test could use it"
+        # Only what the 16 senders had already claimed (at most 16 x 32) went first.
+        assert at - before <= 16 * 32 + 32, (before, at)
