@@ -231,3 +231,18 @@ async def test_high_priority_overtakes_a_20k_low_backlog(redis_server: RedisServ
         assert before < 19_000, "the backlog was gone before the test could use it"
         # Only what the 16 senders had already claimed (at most 16 x 32) went first.
         assert at - before <= 16 * 32 + 32, (before, at)
+
+
+async def test_one_tenants_blast_does_not_hold_up_another(redis_server: RedisServer) -> None:
+    async with engine(redis_server, {"http": {"max_body_bytes": 10_000_000}}) as e:
+        blast = {"messages": [{**MSG, "tenant": "blaster"}] * 1000}
+        for _ in range(20):
+            assert (await e.client.post("/v1/messages/batch", json=blast)).status_code == 202
+        before = len(e.transport.sent)
+        r = await e.client.post("/v1/messages", json={**MSG, "tenant": "quiet"})
+        other = r.json()["id"]
+        await _state(e.client, other, "sent")
+        at = [m.job_id for m in e.transport.sent].index(other)
+        assert before < 19_000, "the blast was gone before the test could use it"
+        # Same lane, tenants take turns: it waits for what was claimed, not the blast.
+        assert at - before <= 16 * 32 + 32, (before, at)
