@@ -183,6 +183,10 @@ class IngestSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     client_rate_per_s: float = 0.0
     # Messages a client may submit at once; 0 = max(client_rate_per_s, 1000).
     client_burst: int = 0
+    # Addresses of load balancers in front of the engine: a request from one of them is
+    # counted against the client named by X-Forwarded-For (the right-most address that
+    # is not a trusted proxy), not against the balancer.
+    trusted_proxies: list[str] = []
     # Jobs waiting (ready + scheduled) beyond which new work gets 503 + Retry-After, so
     # Redis memory stays bounded (~1 KB per waiting job). 0 = unbounded.
     max_backlog: int = 1_000_000

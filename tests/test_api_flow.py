@@ -246,3 +246,31 @@ async def test_one_tenants_blast_does_not_hold_up_another(redis_server: RedisSer
         assert before < 19_000, "the blast was gone before the test could use it"
         # Same lane, tenants take turns: it waits for what was claimed, not the blast.
         assert at - before <= 16 * 32 + 32, (before, at)
+
+
+def test_identify_uses_forwarded_for_only_behind_trusted_proxies() -> None:
+    from engine.api.ingest import identify
+
+    def scope(peer: str, *headers: tuple[bytes, bytes]) -> dict[str, Any]:
+        return {"client": (peer, 5000), "headers": list(headers)}
+
+    lb = frozenset({"10.0.0.1", "10.0.0.2"})
+    xff = (b"x-forwarded-for", b"6.6.6.6, 1.2.3.4, 10.0.0.2")
+    assert identify(scope("10.0.0.1", xff), lb) == ("ip-1.2.3.4", "default")
+    # Not from a trusted proxy: the header is the client's word, not trusted.
+    assert identify(scope("9.9.9.9", xff), lb) == ("ip-9.9.9.9", "default")
+    assert identify(scope("10.0.0.1"), lb) == ("ip-10.0.0.1", "default")
+    key, tenant = identify(scope("10.0.0.1", (b"authorization", b"Bearer s3cret"), xff), lb)
+    assert key == tenant and key.startswith("key-") and "s3cret" not in key
+
+
+async def test_client_limit_behind_a_trusted_proxy(redis_server: RedisServer) -> None:
+    overrides = {
+        "ingest": {"client_rate_per_s": 1, "client_burst": 1, "trusted_proxies": ["127.0.0.1"]}
+    }
+    async with engine(redis_server, overrides) as e:
+        ann = {"X-Forwarded-For": "1.1.1.1"}
+        bob = {"X-Forwarded-For": "2.2.2.2"}
+        assert (await e.client.post("/v1/messages", json=MSG, headers=ann)).status_code == 202
+        assert (await e.client.post("/v1/messages", json=MSG, headers=ann)).status_code == 429
+        assert (await e.client.post("/v1/messages", json=MSG, headers=bob)).status_code == 202

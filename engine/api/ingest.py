@@ -96,9 +96,10 @@ async def _decode(decode: Callable[[bytes], D], body: bytes, send: Send) -> D | 
     return None
 
 
-def identify(scope: Scope) -> tuple[str, str]:
+def identify(scope: Scope, trusted_proxies: frozenset[str] = frozenset()) -> tuple[str, str]:
     """(client id, default tenant) of a request: its API key (``Authorization: Bearer``
-    or ``X-API-Key``), hashed so no secret lands in Redis key names; else its address."""
+    or ``X-API-Key``), hashed so no secret lands in Redis key names; else its address --
+    behind a trusted proxy, the right-most X-Forwarded-For address that is not one."""
     raw = header(scope, b"x-api-key")
     if raw is None:
         auth = header(scope, b"authorization")
@@ -108,7 +109,16 @@ def identify(scope: Scope) -> tuple[str, str]:
         name = "key-" + hashlib.blake2b(raw, digest_size=8).hexdigest()
         return name, name
     client = scope.get("client")
-    return ("ip-" + str(client[0]) if client else "ip-unknown"), DEFAULT_TENANT
+    peer = str(client[0]) if client else "unknown"
+    if peer in trusted_proxies:
+        forwarded = header(scope, b"x-forwarded-for")
+        if forwarded:
+            hops = [h.strip() for h in forwarded.decode("latin-1").split(",") if h.strip()]
+            for hop in reversed(hops):
+                peer = hop
+                if hop not in trusted_proxies:
+                    break
+    return "ip-" + peer, DEFAULT_TENANT
 
 
 def _job(incoming: MessageIn, job_id: str, default_from: str, now_ms: int, tenant: str) -> NewJob:
@@ -128,6 +138,10 @@ class Ingest:
     ingest: IngestSettings = dataclasses.field(default_factory=IngestSettings)
     # Jobs per second the queue drains at (all replicas), for Retry-After when full.
     drain_rate: Callable[[], float] = lambda: 0.0
+    _trusted: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        self._trusted = frozenset(self.ingest.trusted_proxies)
 
     async def _json_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
         if not _is_json(header(scope, b"content-type")):
@@ -161,7 +175,7 @@ class Ingest:
         incoming = await _decode(_decode_one, body, send)
         if incoming is None:
             return
-        client, tenant = identify(scope)
+        client, tenant = identify(scope, self._trusted)
         now_ms = self.queue.now_ms()
         try:
             job = _job(incoming, new_ids(1, now_ms)[0], self.default_from, now_ms, tenant)
@@ -200,7 +214,7 @@ class Ingest:
                 "messages",
             )
             return
-        client, tenant = identify(scope)
+        client, tenant = identify(scope, self._trusted)
         now_ms = self.queue.now_ms()
         ids = new_ids(len(batch.messages), now_ms)
         jobs: list[NewJob] = []
