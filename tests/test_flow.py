@@ -108,9 +108,13 @@ async def test_tenants_take_turns_within_a_lane(redis: Redis, nursery: trio.Nurs
 async def test_backlog_counter_and_counts(redis: Redis, nursery: trio.Nursery) -> None:
     q = await _queue(redis, nursery)
     await q.enqueue(_jobs(30, lane="high", tenant="a") + _jobs(20, lane="low"))
-    assert (await q.counts()).ready == 50
+    counts = await q.counts()
+    assert counts.ready == 50
+    assert counts.ready_by_lane == {"high": 30, "normal": 0, "low": 20}
     await q.claim(15)
-    assert (await q.counts()).ready == 35
+    counts = await q.counts()
+    assert counts.ready == 35
+    assert sum(counts.ready_by_lane.values()) == 35 and counts.ready_by_lane["high"] < 30
 
 
 # -- delayed send and cancel -----------------------------------------------------------

@@ -109,6 +109,7 @@ class Snapshot:
     ready: list[str]  # all lanes and tenants
     rings: dict[str, list[str]]  # lane -> tenants
     nonempty: set[tuple[str, str]]  # (lane, tenant) of non-empty ready lists
+    lane_sizes: dict[tuple[str, str], int]  # (lane, tenant) -> ready list length
     processing: dict[str, list[str]]  # instance id -> list
     delayed: dict[str, float]
     dead: list[str]
@@ -182,9 +183,11 @@ class Model:
             key: [_s(x) for x in await fut] for key, fut in zip(rkeys, rlists, strict=True)
         }
         nonempty = set()
+        lane_sizes: dict[tuple[str, str], int] = {}
         for key, lst in ready_lists.items():
+            _, lane, tenant = key.removeprefix(k.prefix).split(":")
+            lane_sizes[(lane, tenant)] = len(lst)
             if lst:
-                _, lane, tenant = key.removeprefix(k.prefix).split(":")
                 nonempty.add((lane, tenant))
         jobs: dict[str, dict[str, object]] = {}
         for job_id, fut in zip(ids, recs, strict=True):
@@ -203,6 +206,7 @@ class Model:
                 lane: [_s(x) for x in await fut] for lane, fut in zip(LANES, rings, strict=True)
             },
             nonempty=nonempty,
+            lane_sizes=lane_sizes,
             processing={
                 key.removeprefix(k.prefix + "processing:"): [_s(x) for x in await fut]
                 for key, fut in zip(pkeys, plists, strict=True)
@@ -296,6 +300,9 @@ class Model:
         assert snap.stats.get("enqueued", 0) == len(ids) + len(self.deleted)
         assert snap.stats.get("sent", 0) == self.sent_total
         assert snap.stats.get("backlog", 0) == len(snap.ready), "backlog counter drifted"
+        for lane in LANES:
+            in_lane = sum(n for (lane_, _), n in snap.lane_sizes.items() if lane_ == lane)
+            assert snap.stats.get(f"ready:{lane}", 0) == in_lane, f"{lane} counter drifted"
         for lane, ring in snap.rings.items():
             assert len(set(ring)) == len(ring), f"a tenant is twice on the {lane} ring"
             for lane_, tenant in snap.nonempty:
@@ -426,6 +433,7 @@ class Model:
             )
             if moved:
                 await self.client.hincrby(self.keys.stats, "backlog", -1)
+                await self.client.hincrby(self.keys.stats, "ready:normal", -1)
             return name if moved else ""
         raise AssertionError(op)
 

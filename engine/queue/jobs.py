@@ -15,7 +15,7 @@ import trio
 
 from engine.config import IngestSettings, LimitsSettings, QueueSettings
 from engine.errors import QueueUnavailable
-from engine.keys import Keys
+from engine.keys import LANES, Keys
 from engine.policy import lane_pattern
 from engine.queue.commit import GroupCommitter
 from engine.queue.redis import Redis, Scripts, translate_errors
@@ -87,6 +87,7 @@ class ReapResult:
 @dataclass(frozen=True, slots=True)
 class QueueCounts:
     ready: int  # entries of all ready lists (cancelled ones included until claimed)
+    ready_by_lane: dict[str, int]  # the same per priority lane
     processing: int  # jobs under a lease, all instances
     delayed: int
     dead: int
@@ -473,6 +474,7 @@ class Queue:
         s = {key.decode(): int(v) for key, v in (await stats).items()}
         return QueueCounts(
             ready=int(await ready or 0),
+            ready_by_lane={lane: s.get(f"ready:{lane}", 0) for lane in LANES},
             processing=await leases,
             delayed=await delayed,
             dead=await dead,

@@ -2,7 +2,7 @@
 -- engine.queue.redis prepends this file to each script before loading it.
 -- Ready jobs live in one list per (lane, tenant): <shard>ready:<lane>:<tenant>; the
 -- tenants with jobs in a lane take turns through the ring <shard>ring:<lane>.
--- <shard>stats 'backlog' counts the entries of all ready lists.
+-- <shard>stats 'backlog' counts the entries of all ready lists, 'ready:<lane>' a lane's.
 
 -- Append (or, with front, prepend) ids to a tenant's list in a lane; a list that was
 -- empty joins its lane's ring.
@@ -19,6 +19,7 @@ local function lib_push(shard, lane, tenant, ids, front)
     if not redis.call('LPOS', ring, tenant) then redis.call('RPUSH', ring, tenant) end
   end
   redis.call('HINCRBY', shard .. 'stats', 'backlog', #ids)
+  redis.call('HINCRBY', shard .. 'stats', 'ready:' .. lane, #ids)
 end
 
 -- Queue one job again in the lane and tenant its record names.

@@ -30,6 +30,7 @@ redis.call('ZADD', KEYS[4], 'GT', deadline, instance)
 local lane_of = {h = 'high', n = 'normal', l = 'low'}
 local lanes = {'high', 'normal', 'low'}
 local empty = {}
+local taken = {high = 0, normal = 0, low = 0}  -- pops per lane (the stats counters)
 local function pop_lane(lane)
   if empty[lane] then return nil end
   local ring = shard .. 'ring:' .. lane
@@ -40,7 +41,10 @@ local function pop_lane(lane)
       return nil
     end
     local id = redis.call('LMOVE', shard .. 'ready:' .. lane .. ':' .. tenant, KEYS[1], 'LEFT', 'RIGHT')
-    if id then return id end
+    if id then
+      taken[lane] = taken[lane] + 1
+      return id
+    end
     redis.call('LREM', ring, -1, tenant)  -- its list ran empty: it leaves the ring
   end
 end
@@ -193,7 +197,12 @@ while claimed < want and popped < want * 4 do
   popped = popped + 1
   mark(id)
 end
-if popped > 0 then redis.call('HINCRBY', KEYS[5], 'backlog', -popped) end
+if popped > 0 then
+  redis.call('HINCRBY', KEYS[5], 'backlog', -popped)
+  for lane, n in pairs(taken) do
+    if n > 0 then redis.call('HINCRBY', KEYS[5], 'ready:' .. lane, -n) end
+  end
+end
 if deferred > 0 then redis.call('HINCRBY', KEYS[5], 'throttled', deferred) end
 for name, b in pairs(buckets) do lib_bucket_set(shard .. 'bucket:' .. name, b, rnow) end
 if more and popped > 0 then lib_wake(shard, 1) end  -- work left: wake the next idle sender
