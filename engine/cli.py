@@ -1,4 +1,4 @@
-"""The ``engine`` command: ``serve``, ``sink`` and ``send``.
+"""The ``engine`` command: ``serve``, ``sink``, ``send`` and ``watch``.
 
 The sink (asyncio/aiosmtpd) is imported only when its subcommand runs.
 """
@@ -88,6 +88,43 @@ def _send_parser(sub: Any) -> None:
     )
 
 
+def _watch_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "watch",
+        help="follow message events live (websocket)",
+        description="Print message events as they happen (one line each, or JSON lines); "
+        "reconnects after a drop and resumes where it stopped. Filters of one kind are "
+        "OR-ed, different kinds AND-ed. Ctrl-C stops.",
+    )
+    p.add_argument(
+        "--url",
+        default=os.environ.get("ENGINE_URL", "http://127.0.0.1:8080"),
+        help="engine base URL (default http://127.0.0.1:8080, env ENGINE_URL)",
+    )
+    p.add_argument(
+        "--id", action="append", default=[], dest="ids", metavar="ID", help="a message (repeatable)"
+    )
+    p.add_argument(
+        "--type",
+        action="append",
+        default=[],
+        dest="types",
+        metavar="TYPE",
+        help="queued, scheduled, processing, sent, retrying, failed, cancelled or deleted "
+        "(repeatable)",
+    )
+    p.add_argument(
+        "--tenant", action="append", default=[], dest="tenants", metavar="TENANT",
+        help="a tenant's messages (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--tag", action="append", default=[], dest="tags", metavar="TAG",
+        help="messages with this tag (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--since", default="", metavar="EVENT_ID", help="replay the events after it")
+    p.add_argument("--json", action="store_true", help="print JSON lines: one event a line")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="engine",
@@ -106,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(sink)
     _send_parser(sub)
+    _watch_parser(sub)
     return parser
 
 
@@ -137,6 +175,7 @@ def _banner(settings: Settings, redis_url: str, smtp_url: str, embedded: list[st
     lines = [
         f"engine {__version__} ready",
         f"  API        {base}   (health {base}/healthz, ready {base}/readyz)",
+        f"  Dashboard  {base}/",
         f"  Redis      {redis_url}{'  (embedded)' if 'redis' in embedded else ''}",
         f"  SMTP       {smtp_url}{'  (embedded sink)' if 'sink' in embedded else ''}",
     ]
@@ -177,7 +216,11 @@ def serve(args: argparse.Namespace) -> int:
             async with trio.open_nursery() as nursery:
                 await nursery.start(
                     lambda task_status: run_engine(
-                        settings, redis_url=redis_url, smtp_url=smtp_url, task_status=task_status
+                        settings,
+                        redis_url=redis_url,
+                        smtp_url=smtp_url,
+                        sink_maildir=settings.sink.maildir if sink is not None else None,
+                        task_status=task_status,
                     )
                 )
                 print(_banner(settings, redis_url, smtp_url, embedded), flush=True)
@@ -263,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args)
         if args.command == "send":
             return send(args)
+        if args.command == "watch":
+            from engine.watch import run as watch
+
+            return watch(args)
         from engine.sink import run
 
         return run(args)

@@ -38,6 +38,11 @@ class HttpSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_batch_messages: int = 1000
     # Seconds ingest waits for Redis to confirm an enqueue before answering 503.
     enqueue_timeout_s: float = 2.0
+    # Seconds a client may leave what we sent it unread (its TCP window closed) before
+    # its connection is dropped (TCP_USER_TIMEOUT, Linux). The server's socket writes
+    # cannot be cancelled otherwise: a stalled websocket watcher would hold a task, and
+    # shutdown, for as long as it stays connected. 0 = the system's default.
+    stalled_client_timeout_s: float = 30.0
 
 
 class SmtpSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -208,6 +213,24 @@ class SchedulerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     batch: int = 100
 
 
+class EventsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The websocket event hub (WS /v1/events) and message histories."""
+
+    # Events one websocket subscriber may have waiting (read from the stream, not yet
+    # written to its socket); one more and it is dropped (close code 4008), so a slow
+    # client never holds up the stream tail, the senders or the other subscribers.
+    subscriber_buffer: int = 10_000
+    # Websocket subscribers one replica serves at once; more are refused (HTTP 503).
+    max_subscribers: int = 1000
+    # Seconds the tail pauses after a read that found events, and between two messages
+    # to one subscriber: a busy feed goes out in batches (at most 1/this messages a
+    # second per subscriber; the cost is per message), for about this much latency.
+    batch_interval_s: float = 0.02
+    # Stream entries GET /v1/messages/{id}/events scans at most (from the job's creation
+    # on): bounds the cost of one history on a long stream.
+    history_scan_entries: int = 50_000
+
+
 class SinkSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # HOST:PORT of the embedded sink (used only when smtp.url is unset).
     bind: str = "127.0.0.1:2525"
@@ -225,6 +248,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ingest: IngestSettings = IngestSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     sink: SinkSettings = SinkSettings()
+    events: EventsSettings = EventsSettings()
     # This process's instance id (names its processing list); "" picks host-pid-random.
     instance: str = ""
     # "all": API + senders; "api": ingest only (no senders); "sender": senders only (no HTTP).
@@ -335,6 +359,11 @@ def _check(s: Settings) -> None:
         raise ConfigError("scheduler.misfire_grace_s must be shorter than queue.keep_sent_s")
     if s.queue.heartbeat_s >= s.queue.lease_s:
         raise ConfigError("queue.heartbeat_s must be shorter than queue.lease_s")
+    ev = s.events
+    if ev.subscriber_buffer < 1 or ev.max_subscribers < 0 or ev.batch_interval_s < 0:
+        raise ConfigError(
+            "events.subscriber_buffer must be >= 1, max_subscribers and batch_interval_s >= 0"
+        )
     for name, bind in (("http.bind", s.http.bind), ("sink.bind", s.sink.bind)):
         parse_hostport(bind, what=name)
 

@@ -27,6 +27,15 @@ def new_id(now_ms: int | None = None) -> str:
     return new_ids(1, now_ms)[0]
 
 
+def id_time_ms(job_id: str) -> int:
+    """When ``job_id`` was made (ms since the epoch): its first 48 bits; 0 when it is
+    not an id of this shape."""
+    try:
+        return int(job_id[:12], 16) if len(job_id) == 32 else 0
+    except ValueError:
+        return 0
+
+
 def is_id(text: str) -> bool:
     """True when ``text`` has the shape of an id made by :func:`new_id`."""
     return bool(_ID_RE.match(text))

@@ -128,6 +128,32 @@ class JobView(msgspec.Struct):
     tenant: str = DEFAULT_TENANT
 
 
+# Every event type (= the job state it leaves the job in; "deleted": dropped from the
+# dead-letter queue for good).
+EVENT_TYPES: Final = frozenset(
+    {"queued", "scheduled", "processing", "sent", "retrying", "failed", "cancelled", "deleted"}
+)
+
+
+class Event(msgspec.Struct, omit_defaults=True, gc=False):
+    """One lifecycle event of a job (WS /v1/events, GET /v1/messages/{id}/events).
+
+    ``event_id`` orders events and resumes a feed (``?since=``): the Redis stream entry
+    id (``1718000000000-0``), or ``<entry id>.<n>`` for the n-th job of an enqueue entry
+    that announced many. ``at``: ms since the epoch; ``attempt``: 1 for the first try.
+    """
+
+    event_id: str
+    type: str
+    id: str
+    at: int
+    attempt: int
+    state: str
+    tenant: str
+    error: str | None = None
+    tags: list[str] = []
+
+
 class Routing(msgspec.Struct, frozen=True, gc=False):
     """Where a validated message waits: its lane, tenant and due time (0 = now)."""
 

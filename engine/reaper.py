@@ -15,6 +15,7 @@ import trio
 
 from engine.config import QueueSettings
 from engine.errors import QueueError
+from engine.metrics import Metrics, ReaperMetrics
 from engine.queue import Queue
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,14 @@ class Reaper:
         settings: QueueSettings,
         *,
         reap_interval_s: float = 0.5,
+        metrics: ReaperMetrics | None = None,
     ) -> None:
         self.queue = queue
         self.holding = holding
         self.settings = settings
         self.reap_interval_s = reap_interval_s
         self.stats = ReaperStatistics()
+        self._metrics = metrics if metrics is not None else Metrics().reaper
 
     async def serve(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -68,6 +71,12 @@ class Reaper:
         self.stats.promoted += r.promoted
         self.stats.requeued += r.requeued
         self.stats.instances_removed += r.instances_removed
+        self._metrics.reaped(
+            requeued=r.requeued,
+            dead=r.dead_lettered,
+            promoted=r.promoted,
+            instances=r.instances_removed,
+        )
         if r.requeued or r.instances_removed:
             log.warning(
                 "reaper.requeued jobs=%d dead_instances=%d", r.requeued, r.instances_removed
@@ -80,6 +89,7 @@ class Reaper:
                 await self.renew_once()
             except QueueError as exc:
                 self.stats.errors += 1
+                self._metrics.error()
                 log.warning("reaper.renew.failed error=%s", exc)
 
     async def _reap_loop(self) -> NoReturn:
@@ -88,6 +98,7 @@ class Reaper:
                 await self.reap_once()
             except QueueError as exc:
                 self.stats.errors += 1
+                self._metrics.error()
                 log.warning("reaper.reap.failed error=%s", exc)
             await trio.sleep(self.reap_interval_s)
 

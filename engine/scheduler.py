@@ -22,6 +22,7 @@ from engine.cron import next_tick_ms
 from engine.errors import QueueError, ValidationError
 from engine.models import MessageIn, normalize, recipient_domains, route
 from engine.queue import NewJob, Queue
+from engine.queue.jobs import TAG_SEPARATOR
 from engine.queue.schedules import Schedule, ScheduleStore
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ def build_tick_job(schedule: Schedule, tick_ms: int, *, default_from: str) -> Ne
         routing.lane,
         routing.tenant,
         recipient_domains(message),
+        tags=TAG_SEPARATOR.join(message.tags),
     )
 
 

@@ -6,6 +6,7 @@
     ├── scheduler.serve  fires due ticks of recurring schedules (every replica; exactly once)
     ├── drain.serve      samples how fast the queue drains (Retry-After of a full backlog)
     ├── serve_senders    N sender tasks
+    ├── hub.serve        tails the event stream for this replica's websockets (API roles)
     └── serve_http       hypercorn (trio worker) running the API
 
 Shutdown (SIGTERM/SIGINT): stop intake (503), stop claiming, let in-flight sends
@@ -24,14 +25,18 @@ from dataclasses import dataclass
 
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
 from hypercorn.trio import serve as hypercorn_serve
 
 from engine.api import ApiBackend, build_app
 from engine.api.asgi import ASGIApp
 from engine.api.drain import DrainMeter
+from engine.api.hub import EventHub
 from engine.config import HttpSettings, Settings
 from engine.errors import EngineError
+from engine.metrics import Metrics
 from engine.queue import Queue, RateLimits, open_redis
+from engine.queue.events import EventLog
 from engine.queue.schedules import ScheduleStore
 from engine.reaper import Reaper
 from engine.scheduler import Scheduler
@@ -58,6 +63,25 @@ def instance_id(settings: Settings) -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+class _HypercornConfig(HypercornConfig):
+    """Hypercorn's config whose listening sockets carry TCP_USER_TIMEOUT (accepted
+    connections inherit it): hypercorn shields its socket writes from cancellation, so
+    only the kernel can end a write to a client that stopped reading."""
+
+    def __init__(self, stalled_client_timeout_s: float) -> None:
+        super().__init__()
+        self._user_timeout_ms = int(stalled_client_timeout_s * 1000)
+
+    def create_sockets(self) -> Sockets:
+        sockets = super().create_sockets()
+        option = getattr(socket, "TCP_USER_TIMEOUT", None)  # Linux only
+        if option is not None and self._user_timeout_ms > 0:
+            for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.IPPROTO_TCP, option, self._user_timeout_ms)
+        return sockets
+
+
 async def serve_http(
     app: ASGIApp,
     settings: HttpSettings,
@@ -65,7 +89,7 @@ async def serve_http(
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    config = HypercornConfig()
+    config = _HypercornConfig(settings.stalled_client_timeout_s)
     config.bind = [settings.bind]
     config.accesslog = None
     config.errorlog = logging.getLogger("engine.http")
@@ -83,9 +107,13 @@ async def run_engine(
     shutdown_grace_s: float | None = None,
     handle_signals: bool = True,
     stop: trio.Event | None = None,
+    sink_maildir: str | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run one engine process until SIGTERM/SIGINT (or ``stop`` is set)."""
+    """Run one engine process until SIGTERM/SIGINT (or ``stop`` is set).
+
+    ``sink_maildir``: where the embedded sink keeps mail (the dashboard lists it).
+    """
     instance = instance_id(settings)
     if shutdown_grace_s is None:
         shutdown_grace_s = settings.sender.shutdown_grace_s
@@ -105,8 +133,12 @@ async def run_engine(
         except EngineError as exc:  # Redis may be down now; EVALSHA reloads later
             log.warning("engine.scripts.not_loaded error=%s", exc)
         transport = transport or SmtpPool(settings.smtp, smtp_url)
-        pool = SenderPool(queue, transport, settings.sender, settings.queue, limits)
-        reaper = Reaper(queue, pool.holding, settings.queue)
+        # One registry per process, shared by the parts that count (GET /metrics).
+        metrics = Metrics(instance=instance, role=settings.role)
+        pool = SenderPool(
+            queue, transport, settings.sender, settings.queue, limits, metrics=metrics.sender
+        )
+        reaper = Reaper(queue, pool.holding, settings.queue, metrics=metrics.reaper)
         schedules = ScheduleStore(client, queue.keys)
         scheduler = Scheduler(
             schedules, queue, settings.scheduler, default_from=settings.sender.default_from
@@ -115,6 +147,8 @@ async def run_engine(
         with_senders = settings.role in ("all", "sender")
         with_http = settings.role in ("all", "api")
         drain = DrainMeter(queue)
+        hub = EventHub(EventLog(client, queue.keys), settings.events)
+        metrics.subscribers = lambda: hub.statistics().subscribers
         backend = ApiBackend(
             queue,
             lambda: pool.statistics().running,
@@ -123,6 +157,9 @@ async def run_engine(
             limits,
             schedules,
             drain.rate,
+            sink_maildir=sink_maildir,
+            metrics=metrics,
+            events=hub,
         )
         app = build_app(backend, settings)
         http_stop = trio.Event()
@@ -150,6 +187,7 @@ async def run_engine(
                 binds: list[str] = []
                 if with_http:
                     await root.start(drain.serve)
+                    await root.start(hub.serve)
                     binds = await root.start(serve_http, app, settings.http, http_stop)
                 log.info(
                     "engine.started instance=%s role=%s http=%s", instance, settings.role, binds
@@ -179,6 +217,8 @@ async def run_engine(
                         await queue.leave()
                     except EngineError as exc:
                         log.warning("engine.leave.failed error=%s", exc)
+                with trio.move_on_after(1):
+                    await hub.close()  # websockets get 1001 and can resume elsewhere
                 http_stop.set()
                 root.cancel_scope.cancel()
         finally:

@@ -1,13 +1,13 @@
 """The ASGI application: fast-path router in front of a Quart-Trio app.
 
-The router answers the ingest, status and health routes itself; every other path goes
+The router answers the ingest, status, health and metrics routes itself; every other path goes
 to Quart (the place for the dashboard, websockets and admin routes of later issues).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -15,18 +15,24 @@ from quart import Response
 from quart_trio import QuartTrio
 
 from engine.api.asgi import ASGIApp, Receive, Scope, Send, send_json, send_problem
+from engine.api.dashboard import register_dashboard_routes
 from engine.api.dead import register_dead_routes
+from engine.api.hub import EventHub, register_history_route
 from engine.api.ingest import Ingest
 from engine.api.limits import register_limit_routes
+from engine.api.metrics import send_metrics, timed
 from engine.api.responses import problem_response
 from engine.api.schedules import register_schedule_routes
 from engine.config import Settings
 from engine.errors import QueueError
+from engine.metrics import Metrics
 from engine.queue import Queue, RateLimits
 from engine.queue.schedules import ScheduleStore
 
 _MESSAGES = "/v1/messages"
 _BATCH = "/v1/messages/batch"
+_ONE = "/v1/messages/{id}"
+_EVENTS = "/v1/events"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,13 +49,24 @@ class ApiBackend:
     schedules: ScheduleStore
     # Jobs per second the queue drains at (all replicas): Retry-After when it is full.
     drain_rate: Callable[[], float] = lambda: 0.0
+    # Maildir of the embedded sink (the dashboard lists captured mail); None: no such sink.
+    sink_maildir: str | None = None
+    # This process's metrics (GET /metrics); the composition root shares them.
+    metrics: Metrics = field(default_factory=Metrics)
+    # The websocket event hub (WS /v1/events, GET /v1/messages/{id}/events); None: no
+    # event routes. Its tail runs in the composition root's task tree.
+    events: EventHub | None = None
 
 
 def _quart_app(backend: ApiBackend, settings: Settings) -> QuartTrio:
     queue = backend.queue
     app = QuartTrio("engine")
     register_dead_routes(app, queue)
+    # The dashboard page at "/" and its JSON (issue 5, scope 4).
+    register_dashboard_routes(app, queue, backend.senders_running, backend.sink_maildir)
     register_limit_routes(app, backend.limits)
+    if backend.events is not None:
+        register_history_route(app, backend.events.log, settings.events)
     register_schedule_routes(
         app,
         backend.schedules,
@@ -57,7 +74,7 @@ def _quart_app(backend: ApiBackend, settings: Settings) -> QuartTrio:
         max_body_bytes=settings.http.max_body_bytes,
     )
 
-    @app.get("/")
+    @app.get("/v1")
     async def index() -> dict[str, Any]:
         return {
             "service": "engine",
@@ -66,6 +83,8 @@ def _quart_app(backend: ApiBackend, settings: Settings) -> QuartTrio:
                 "POST /v1/messages/batch",
                 "GET /v1/messages/{id}",
                 "DELETE /v1/messages/{id}",
+                "GET /v1/messages/{id}/events",
+                "WS /v1/events",
                 "GET /v1/limits",
                 "POST /v1/schedules",
                 "GET /v1/schedules",
@@ -73,10 +92,14 @@ def _quart_app(backend: ApiBackend, settings: Settings) -> QuartTrio:
                 "DELETE /v1/schedules/{name}",
                 "GET /healthz",
                 "GET /readyz",
+                "GET /metrics",
                 "GET /v1/dead",
                 "POST /v1/dead/{id}/retry",
                 "POST /v1/dead/retry",
                 "DELETE /v1/dead/{id}",
+                "GET /v1/stats",
+                "GET /v1/sink/messages",
+                "GET / (dashboard)",
             ],
         }
 
@@ -105,9 +128,11 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         settings.sender.default_from,
         settings.ingest,
         backend.drain_rate,
+        backend.metrics.ingest,
     )
     # ASGI; typed with its own scope TypedDicts
     quart: Any = _quart_app(backend, settings)
+    measure = backend.metrics.ingest
 
     async def draining(send: Send) -> None:
         await send_problem(
@@ -149,35 +174,52 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
             extra_headers=[(b"allow", allowed)],
         )
 
+    async def messages(route: str, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ingest and status routes (timed by the caller)."""
+        method: str = scope["method"]
+        if route != _ONE:
+            if method != "POST":
+                await method_not_allowed(send, b"POST")
+            elif backend.draining():
+                measure.rejected("draining")
+                await draining(send)
+            elif route == _MESSAGES:
+                await ingest.post_message(scope, receive, send)
+            else:
+                await ingest.post_batch(scope, receive, send)
+        elif method == "GET":
+            await ingest.get_message(scope["path"].rsplit("/", 1)[1], send)
+        elif method == "DELETE":
+            await ingest.cancel_message(scope["path"].rsplit("/", 1)[1], send)
+        else:
+            await method_not_allowed(send, b"GET, DELETE")
+
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await quart(scope, receive, send)  # lifespan, websocket
+            if scope["type"] == "websocket" and scope["path"] == _EVENTS and backend.events:
+                await backend.events.websocket(scope, receive, send)
+                return
+            await quart(scope, receive, send)  # lifespan, other websockets
             return
         path: str = scope["path"]
         method: str = scope["method"]
         if path in (_MESSAGES, _BATCH):
-            if method != "POST":
-                await method_not_allowed(send, b"POST")
-            elif backend.draining():
-                await draining(send)
-            elif path == _MESSAGES:
-                await ingest.post_message(scope, receive, send)
-            else:
-                await ingest.post_batch(scope, receive, send)
+            await timed(measure, path, messages, scope, receive, send)
             return
         if path.startswith("/v1/messages/") and path.count("/") == 3:
-            if method == "GET":
-                await ingest.get_message(path.rsplit("/", 1)[1], send)
-            elif method == "DELETE":
-                await ingest.cancel_message(path.rsplit("/", 1)[1], send)
-            else:
-                await method_not_allowed(send, b"GET, DELETE")
+            await timed(measure, _ONE, messages, scope, receive, send)
             return
         if path == "/healthz":
             await send_json(send, 200, {"alive": True})
             return
         if path == "/readyz":
             await readyz(send)
+            return
+        if path == "/metrics":
+            if method == "GET":
+                await send_metrics(backend.queue, backend.metrics, send)
+            else:
+                await method_not_allowed(send, b"GET")
             return
         await quart(scope, receive, send)
 

@@ -31,6 +31,7 @@ from engine.api.asgi import (
 from engine.config import HttpSettings, IngestSettings
 from engine.errors import QueueError, QueueUnavailable, ValidationError
 from engine.ids import is_id, new_ids
+from engine.metrics import IngestMetrics, Metrics
 from engine.models import (
     DEFAULT_TENANT,
     Accepted,
@@ -44,7 +45,7 @@ from engine.models import (
     route,
 )
 from engine.queue import NewJob, Queue
-from engine.queue.jobs import EnqueueResult
+from engine.queue.jobs import TAG_SEPARATOR, EnqueueResult
 
 D = TypeVar("D")
 
@@ -126,7 +127,7 @@ def _job(incoming: MessageIn, job_id: str, default_from: str, now_ms: int, tenan
     message = normalize(incoming, default_from=default_from)
     return NewJob(
         job_id, _encode_msgpack(message), routing.lane, routing.tenant,
-        recipient_domains(message), routing.due_ms,
+        recipient_domains(message), routing.due_ms, TAG_SEPARATOR.join(message.tags),
     )  # fmt: skip
 
 
@@ -138,6 +139,7 @@ class Ingest:
     ingest: IngestSettings = dataclasses.field(default_factory=IngestSettings)
     # Jobs per second the queue drains at (all replicas), for Retry-After when full.
     drain_rate: Callable[[], float] = lambda: 0.0
+    metrics: IngestMetrics = dataclasses.field(default_factory=lambda: Metrics().ingest)
     _trusted: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
@@ -277,6 +279,7 @@ class Ingest:
                     jobs, idempotency_key=idem, fingerprint=fingerprint, client=client
                 )
         except QueueUnavailable:
+            self.metrics.rejected("queue-unavailable")
             await send_problem(
                 send,
                 503,
@@ -287,6 +290,7 @@ class Ingest:
             )
             return None
         except QueueError as exc:
+            self.metrics.rejected("queue-error")
             await send_problem(
                 send,
                 503,
@@ -297,6 +301,7 @@ class Ingest:
             )
             return None
         if result is None:
+            self.metrics.rejected("queue-timeout")
             await send_problem(
                 send, 503, "queue-timeout", "Queue did not answer in time",
                 f"Redis did not confirm within {self.http.enqueue_timeout_s}s: the message may "
@@ -312,11 +317,15 @@ class Ingest:
             )  # fmt: skip
             return None
         if result.outcome == "limited":
+            self.metrics.rejected("rate-limited")
             await self._too_many(send, result.value, len(jobs))
             return None
         if result.outcome == "backlog":
+            self.metrics.rejected("backlog-full")
             await self._backlog_full(send, result.value)
             return None
+        if result.outcome == "stored":
+            self.metrics.accepted(len(jobs))
         return result
 
     async def _too_many(self, send: Send, retry_ms: int, n: int) -> None:

@@ -32,6 +32,11 @@ class ClaimedJob:
     wait_s: float = 0.0
 
 
+# Joins a message's tags in its job record and events: tags hold no CR or LF (validated
+# in engine.models), so a newline never splits one.
+TAG_SEPARATOR = "\n"
+
+
 @dataclass(frozen=True, slots=True)
 class NewJob:
     """A job to store: its id, message and where it waits."""
@@ -42,6 +47,9 @@ class NewJob:
     tenant: str = "default"
     domains: str = ""  # distinct recipient domains, comma-separated (rate limits)
     due_ms: int = 0  # later than now: scheduled until then
+    # The message's tags joined by TAG_SEPARATOR ('' = none); kept in the job record so
+    # every lifecycle event can carry them (see engine.queue.events).
+    tags: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +103,9 @@ class QueueCounts:
     enqueued_total: int
     sent_total: int
     failed_total: int
+    cancelled_total: int = 0
+    throttled_total: int = 0  # claims deferred by a rate limit
+    reaped_total: int = 0  # jobs requeued after their lease expired
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +203,9 @@ class Queue:
             args += [request.idempotency_key, request.fingerprint, request.client]
             args.append(len(request.jobs))
             for job in request.jobs:
-                args += [job.id, job.payload, job.lane, job.tenant, job.domains, job.due_ms]
+                args += [
+                    job.id, job.payload, job.lane, job.tenant, job.domains, job.due_ms, job.tags,
+                ]  # fmt: skip
         with translate_errors():
             out: Any = await self._scripts["enqueue"](
                 keys=[k.events, k.stats, k.delayed], args=args
@@ -482,6 +495,9 @@ class Queue:
             enqueued_total=s.get("enqueued", 0),
             sent_total=s.get("sent", 0),
             failed_total=s.get("failed", 0),
+            cancelled_total=s.get("cancelled", 0),
+            throttled_total=s.get("throttled", 0),
+            reaped_total=s.get("reaped", 0),
         )
 
 

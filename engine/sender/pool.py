@@ -21,6 +21,8 @@ from engine.errors import (
     TemporaryFailure,
     TransportError,
 )
+from engine.ids import id_time_ms
+from engine.metrics import Metrics, SenderMetrics
 from engine.models import Message
 from engine.policy import after_failure, backoff_s, classify_smtp
 from engine.queue import ClaimedJob, Queue, RateLimits
@@ -57,6 +59,7 @@ class SenderPool:
         settings: SenderSettings,
         queue_settings: QueueSettings,
         limits: RateLimits | None = None,
+        metrics: SenderMetrics | None = None,
     ) -> None:
         self.queue = queue
         self.transport = transport
@@ -71,6 +74,7 @@ class SenderPool:
         self._redis_down = False
         self._running = 0
         self._sent = self._retried = self._failed = self._released = 0
+        self._metrics = metrics if metrics is not None else Metrics().sender
 
     # -- shared state ------------------------------------------------------------------
 
@@ -233,7 +237,9 @@ class SenderPool:
         ids = [j.id for j in jobs]
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             try:
-                self._released += await self.queue.release(ids)
+                released = await self.queue.release(ids)
+                self._released += released
+                self._metrics.released(released)
             except EngineError as exc:
                 # The leases will expire and the reaper will return them.
                 log.warning("sender.release.failed jobs=%d error=%s", len(ids), exc)
@@ -273,12 +279,14 @@ class SenderPool:
             except EngineError as exc:
                 log.warning("sender.slowdown.failed buckets=%s error=%s", sorted(names), exc)
                 return
+        self._metrics.slowed_down(len(rates))
         for name, rate in rates.items():
             log.warning("sender.slowdown bucket=%s rate_per_s=%.2f", name, rate)
 
     async def _ack(self, job: ClaimedJob, note: str = "") -> None:
         # The message is with the server: the duplicate window is open until Redis has
         # the ack, so keep trying (shielded: shutdown must not widen the window).
+        delivered_ms = self.queue.now_ms()  # the 250 came just now
         delay = 0.05
         with trio.CancelScope(shield=True):
             while True:
@@ -294,6 +302,8 @@ class SenderPool:
                     delay *= 2
         self._holding.discard(job.id)
         self._sent += 1
+        made_ms = id_time_ms(job.id)  # enqueue time: no Redis read needed
+        self._metrics.sent(job.attempt, (delivered_ms - made_ms) / 1000 if made_ms else None)
 
     async def _record_failure(
         self,
@@ -326,8 +336,10 @@ class SenderPool:
         self._holding.discard(job.id)
         if outcome == "retry":
             self._retried += 1
+            self._metrics.retried()
         else:
             self._failed += 1
+            self._metrics.dead()
 
 
 async def serve_senders(

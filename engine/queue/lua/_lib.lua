@@ -28,6 +28,17 @@ local function lib_requeue(shard, id, front)
   lib_push(shard, where[1] or 'normal', where[2] or 'default', {id}, front)
 end
 
+-- Append one job's lifecycle event to the stream: type and state (both `kind`), id, at
+-- (ms), attempt[, error][, tenant (absent = default)][, tags (the job's tags field:
+-- '\n'-joined, tags hold no CR/LF)]. tenant and tags are read in the script's HMGET.
+local function lib_event(stream, maxlen, kind, id, now, attempt, err, tenant, tags)
+  local f = {'type', kind, 'id', id, 'at', now, 'attempt', attempt or 0, 'state', kind}
+  if err then f[#f + 1] = 'error'; f[#f + 1] = err end
+  if tenant and tenant ~= 'default' then f[#f + 1] = 'tenant'; f[#f + 1] = tenant end
+  if tags then f[#f + 1] = 'tags'; f[#f + 1] = tags end
+  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(f))
+end
+
 -- Ring the doorbell idle senders BLPOP on: make sure n tokens wait (at most 32), one
 -- per sender that should wake. A woken sender that leaves work behind rings again, so
 -- wake-ups also chain. A token nobody needed costs one empty claim.

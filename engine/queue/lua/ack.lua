@@ -10,14 +10,13 @@ for i = 5, #ARGV, 2 do
   local id, note = ARGV[i], ARGV[i + 1]
   local key = prefix .. id
   if redis.call('LREM', KEYS[1], 1, id) > 0 then redis.call('ZREM', KEYS[2], id) end
-  local rec = redis.call('HMGET', key, 'state', 'attempts')
+  local rec = redis.call('HMGET', key, 'state', 'attempts', 'tenant', 'tags')
   if rec[1] and rec[1] ~= 'sent' then
     redis.call('HSET', key, 'state', 'sent', 'updated_at', now)
     redis.call('HDEL', key, 'owner', 'rcpts')
     if note ~= '' then redis.call('HSET', key, 'last_error', note) end
     if keep > 0 then redis.call('EXPIRE', key, keep) end
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*',
-      'type', 'sent', 'id', id, 'at', now, 'attempt', rec[2], 'state', 'sent')
+    lib_event(KEYS[3], maxlen, 'sent', id, now, rec[2], nil, rec[3], rec[4])
     n = n + 1
   end
 end

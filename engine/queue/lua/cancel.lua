@@ -7,7 +7,7 @@
 -- (O(1) here instead of an LREM over a long list).
 local prefix, now, maxlen, keep, id = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local key = prefix .. id
-local rec = redis.call('HMGET', key, 'state', 'attempts')
+local rec = redis.call('HMGET', key, 'state', 'attempts', 'tenant', 'tags')
 local state = rec[1]
 if not state then return {1, ''} end
 if state == 'cancelled' then return {0, state} end
@@ -16,7 +16,6 @@ redis.call('ZREM', KEYS[1], id)
 redis.call('HSET', key, 'state', 'cancelled', 'updated_at', now)
 redis.call('HDEL', key, 'next_attempt_at')
 if keep > 0 then redis.call('EXPIRE', key, keep) end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'cancelled', 'id', id,
-  'at', now, 'attempt', rec[2], 'state', 'cancelled')
+lib_event(KEYS[2], maxlen, 'cancelled', id, now, rec[2], nil, rec[3], rec[4])
 redis.call('HINCRBY', KEYS[3], 'cancelled', 1)
 return {0, 'cancelled'}

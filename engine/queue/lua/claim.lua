@@ -122,7 +122,7 @@ local function buckets_of(doms, tenant)
   return list
 end
 -- ms from now until the job may go (reserved), or nil after deferring it.
-local function slot(id, key, attempts, doms, tenant)
+local function slot(id, key, attempts, doms, tenant, tags)
   local list = buckets_of(doms, tenant)
   local at, tightest = rnow, nil
   for _, b in ipairs(list) do
@@ -144,8 +144,7 @@ local function slot(id, key, attempts, doms, tenant)
     'last_error', err)
   redis.call('ZADD', KEYS[6], due, id)
   redis.call('LREM', KEYS[1], -1, id)
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*', 'type', 'scheduled', 'id', id,
-    'at', now, 'attempt', attempts, 'state', 'scheduled', 'error', err)
+  lib_event(KEYS[3], maxlen, 'scheduled', id, now, attempts, err, tenant, tags)
   return nil
 end
 
@@ -155,9 +154,9 @@ local function mark(id)
   local key = prefix .. id
   local rec
   if limits_on then
-    rec = redis.call('HMGET', key, 'state', 'attempts', 'msg', 'rcpts', 'doms', 'tenant')
+    rec = redis.call('HMGET', key, 'state', 'attempts', 'msg', 'rcpts', 'tenant', 'tags', 'doms')
   else
-    rec = redis.call('HMGET', key, 'state', 'attempts', 'msg', 'rcpts')
+    rec = redis.call('HMGET', key, 'state', 'attempts', 'msg', 'rcpts', 'tenant', 'tags')
   end
   local state = rec[1]
   if state ~= 'queued' then
@@ -167,7 +166,7 @@ local function mark(id)
   end
   local wait = 0
   if limits_on then
-    wait = slot(id, key, rec[2], rec[5], rec[6])
+    wait = slot(id, key, rec[2], rec[7], rec[5], rec[6])
     if not wait then
       deferred = deferred + 1
       return
@@ -177,8 +176,7 @@ local function mark(id)
   redis.call('HSET', key, 'state', 'processing', 'attempts', attempt, 'updated_at', now,
     'owner', instance)
   redis.call('ZADD', KEYS[2], deadline, id)
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*',
-    'type', 'processing', 'id', id, 'at', now, 'attempt', attempt, 'state', 'processing')
+  lib_event(KEYS[3], maxlen, 'processing', id, now, attempt, nil, rec[5], rec[6])
   out[#out + 1] = id
   out[#out + 1] = rec[3]
   out[#out + 1] = attempt

@@ -8,9 +8,9 @@ local out = {}
 for i = 4, #ARGV do
   local id = ARGV[i]
   if redis.call('LREM', KEYS[1], 1, id) > 0 then
+    local rec = redis.call('HMGET', prefix .. id, 'attempts', 'tenant', 'tags')
     redis.call('DEL', prefix .. id)
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'deleted', 'id', id,
-      'at', now, 'state', 'deleted')
+    lib_event(KEYS[2], maxlen, 'deleted', id, now, rec[1], nil, rec[2], rec[3])
     out[#out + 1] = id
   end
 end

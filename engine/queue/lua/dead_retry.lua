@@ -9,13 +9,14 @@ local out = {}
 for i = 4, #ARGV do
   local id = ARGV[i]
   local key = prefix .. id
-  if redis.call('LREM', KEYS[1], 1, id) > 0 and redis.call('HGET', key, 'state') == 'failed' then
+  local rec = redis.call('LREM', KEYS[1], 1, id) > 0
+    and redis.call('HMGET', key, 'state', 'tenant', 'tags')
+  if rec and rec[1] == 'failed' then
     redis.call('HSET', key, 'state', 'queued', 'attempts', 0, 'stalls', 0, 'updated_at', now)
     redis.call('HDEL', key, 'rcpts', 'next_attempt_at')
     redis.call('PERSIST', key)
     lib_requeue(shard, id, false)
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'queued', 'id', id,
-      'at', now, 'attempt', 0, 'state', 'queued')
+    lib_event(KEYS[2], maxlen, 'queued', id, now, 0, nil, rec[2], rec[3])
     out[#out + 1] = id
   end
 end

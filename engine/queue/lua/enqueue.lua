@@ -7,57 +7,53 @@
 -- ARGV[4] idempotency TTL (s)   ARGV[5] backlog high-water mark (jobs; 0 = none)
 -- ARGV[6] per-client rate (messages/s; 0 = none)   ARGV[7] per-client burst (messages)
 -- ARGV[8..] requests, each: idempotency key ('' = none), body fingerprint, client id,
---           n, then n sextuples: job id, msgpack message, lane, tenant, recipient
---           domains (comma-separated), due time (ms; 0 = now)
+--           n, then n septuples: job id, msgpack message, lane, tenant, recipient
+--           domains (comma-separated), due time (ms; 0 = now), tags ('\n'-joined; '' = none)
 -- Returns one entry per request: {0, remaining} stored (remaining: the client's tokens,
 -- -1 without client limits); {1, 'id,id,...'} a replay of the same key and body
 -- (nothing stored); {2, fingerprint} the key was used for another body (409);
 -- {3, retry_after_ms} the client is over its rate (-1: larger than the burst);
 -- {4, backlog} the backlog is full.
 -- Idempotent per id too: a job whose record exists is skipped (a lost reply retried).
--- Events: one entry per up to 100 jobs listing them in its 'ids' field (comma-separated)
--- -- a stream entry per job cost 40 % of the enqueue time with AOF on.
+-- Events: one 'queued' (or 'scheduled') entry per up to 100 jobs of one (lane, tenant)
+-- group -- a stream entry per job cost 40 % of the enqueue time with AOF on. 'ids' lists
+-- them (comma-separated), 'tenant' is the group's (absent = default) and, when any of
+-- them has tags, 'tags' holds each job's tags ('\n'-joined) joined by '\r', in the order
+-- of 'ids' (tags hold no CR or LF).
 local shard, now, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local idem_ttl, high_water = ARGV[4], tonumber(ARGV[5])
 local client_rate, client_burst = tonumber(ARGV[6]), tonumber(ARGV[7])
 local prefix, idem_prefix = shard .. 'job:', shard .. 'idem:'
 local written = 0
 
--- Jobs are pushed per (lane, tenant) group and announced 100 to an event entry, however
--- a batch interleaves lanes and tenants (a push and an entry per job cost 40 %).
+-- Jobs are pushed and announced per (lane, tenant) group, 100 to a push and an event
+-- entry, however a batch interleaves lanes and tenants (a push and an entry per job
+-- cost 40 %). Scheduled jobs are announced per tenant.
 local groups, group_order = {}, {}
-local function push(group)
-  if #group.ids > 0 then
-    lib_push(shard, group.lane, group.tenant, group.ids, false)
-    group.ids = {}
-  end
+local function flush(group)
+  if #group.ids == 0 then return end
+  if group.lane then lib_push(shard, group.lane, group.tenant, group.ids, false) end
+  local f = {'type', group.kind, 'ids', table.concat(group.ids, ','), 'at', now,
+    'attempt', 0, 'state', group.kind}
+  if group.tenant ~= 'default' then f[#f + 1] = 'tenant'; f[#f + 1] = group.tenant end
+  if group.tagged then f[#f + 1] = 'tags'; f[#f + 1] = table.concat(group.tags, '\r') end
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(f))
+  group.ids, group.tags, group.tagged = {}, {}, false
 end
-local queued = {}
-local function announce()
-  if #queued == 0 then return end
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*',
-    'type', 'queued', 'ids', table.concat(queued, ','), 'at', now, 'attempt', 0, 'state', 'queued')
-  queued = {}
-end
-local function add_ready(id, lane, tenant)
-  local name = lane .. ':' .. tenant
+-- lane nil: scheduled (in delayed, announced but pushed nowhere).
+local function add(id, lane, tenant, tags)
+  local name = (lane or '') .. ':' .. tenant
   local group = groups[name]
   if not group then
-    group = {lane = lane, tenant = tenant, ids = {}}
+    group = {kind = lane and 'queued' or 'scheduled', lane = lane, tenant = tenant,
+      ids = {}, tags = {}, tagged = false}
     groups[name] = group
     group_order[#group_order + 1] = group
   end
   group.ids[#group.ids + 1] = id
-  if #group.ids == 100 then push(group) end
-  queued[#queued + 1] = id
-  if #queued == 100 then announce() end
-end
-local scheduled = {}
-local function flush_scheduled()
-  if #scheduled == 0 then return end
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'type', 'scheduled',
-    'ids', table.concat(scheduled, ','), 'at', now, 'attempt', 0, 'state', 'scheduled')
-  scheduled = {}
+  group.tags[#group.tags + 1] = tags
+  if tags ~= '' then group.tagged = true end
+  if #group.ids == 100 then flush(group) end
 end
 
 local backlog = nil
@@ -91,7 +87,7 @@ local out = {}
 local i = 8
 while i <= #ARGV do
   local idem, fingerprint, client, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
-  local first, last = i + 4, i + 3 + 6 * n
+  local first, last = i + 4, i + 3 + 7 * n
   i = last + 1
   local answered = false
   if idem ~= '' then
@@ -121,24 +117,25 @@ while i <= #ARGV do
   end
   if not answered then
     local request_ids = {}
-    for j = first, last, 6 do
+    for j = first, last, 7 do
       local id, lane, tenant, doms, due = ARGV[j], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4], tonumber(ARGV[j + 5])
+      local tags = ARGV[j + 6]
       request_ids[#request_ids + 1] = id
       local key = prefix .. id
       if redis.call('EXISTS', key) == 0 then
         local fields = {'attempts', 0, 'created_at', now, 'updated_at', now, 'msg', ARGV[j + 1]}
-        -- lane, tenant and domains are left out at their defaults (bytes per job).
+        -- lane, tenant, domains and tags are left out at their defaults (bytes per job).
         if lane ~= 'normal' then fields[#fields + 1] = 'lane'; fields[#fields + 1] = lane end
         if tenant ~= 'default' then fields[#fields + 1] = 'tenant'; fields[#fields + 1] = tenant end
         if doms ~= '' then fields[#fields + 1] = 'doms'; fields[#fields + 1] = doms end
+        if tags ~= '' then fields[#fields + 1] = 'tags'; fields[#fields + 1] = tags end
         if due > now then
           redis.call('HSET', key, 'state', 'scheduled', 'next_attempt_at', due, unpack(fields))
           redis.call('ZADD', KEYS[3], due, id)
-          scheduled[#scheduled + 1] = id
-          if #scheduled == 100 then flush_scheduled() end
+          add(id, nil, tenant, tags)
         else
           redis.call('HSET', key, 'state', 'queued', unpack(fields))
-          add_ready(id, lane, tenant)
+          add(id, lane, tenant, tags)
         end
         written = written + 1
         if backlog then backlog = backlog + 1 end
@@ -151,9 +148,7 @@ while i <= #ARGV do
     out[#out + 1] = {0, remaining}
   end
 end
-for _, group in ipairs(group_order) do push(group) end
-announce()
-flush_scheduled()
+for _, group in ipairs(group_order) do flush(group) end
 if written > 0 then
   redis.call('HINCRBY', KEYS[2], 'enqueued', written)
   lib_wake(shard, math.ceil(written / 16))

@@ -11,7 +11,7 @@ local n, dead = 0, 0
 for i = 5, #ARGV, 5 do
   local id, outcome, due, err, rcpts = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local key = prefix .. id
-  local rec = redis.call('HMGET', key, 'state', 'attempts')
+  local rec = redis.call('HMGET', key, 'state', 'attempts', 'tenant', 'tags')
   -- Act only on a job this instance still holds: after its lease lapsed the job may
   -- have been requeued and claimed elsewhere (leave that claim and lease alone), or be
   -- back in our list as a 'queued' leftover (pre-lanes BLMOVE) (leave it for claim/reap).
@@ -24,14 +24,12 @@ for i = 5, #ARGV, 5 do
         'next_attempt_at', due)
       if rcpts ~= '' then redis.call('HSET', key, 'rcpts', rcpts) end
       redis.call('ZADD', KEYS[3], due, id)
-      redis.call('XADD', KEYS[5], 'MAXLEN', '~', maxlen, '*', 'type', 'retrying', 'id', id,
-        'at', now, 'attempt', rec[2], 'state', 'retrying', 'error', err)
+      lib_event(KEYS[5], maxlen, 'retrying', id, now, rec[2], err, rec[3], rec[4])
     else
       redis.call('HSET', key, 'state', 'failed', 'updated_at', now, 'last_error', err)
       redis.call('RPUSH', KEYS[4], id)
       if keep > 0 then redis.call('EXPIRE', key, keep) end
-      redis.call('XADD', KEYS[5], 'MAXLEN', '~', maxlen, '*', 'type', 'failed', 'id', id,
-        'at', now, 'attempt', rec[2], 'state', 'failed', 'error', err)
+      lib_event(KEYS[5], maxlen, 'failed', id, now, rec[2], err, rec[3], rec[4])
       dead = dead + 1
     end
     redis.call('HDEL', key, 'owner')

@@ -22,12 +22,11 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
 for _, id in ipairs(due) do
   redis.call('ZREM', KEYS[2], id)
   local key = prefix .. id
-  local rec = redis.call('HMGET', key, 'state', 'attempts')
+  local rec = redis.call('HMGET', key, 'state', 'attempts', 'tenant', 'tags')
   if rec[1] == 'retrying' or rec[1] == 'scheduled' then
     redis.call('HSET', key, 'state', 'queued', 'updated_at', now)
     lib_requeue(shard, id, false)
-    redis.call('XADD', KEYS[5], 'MAXLEN', '~', maxlen, '*', 'type', 'queued', 'id', id,
-      'at', now, 'attempt', rec[2], 'state', 'queued')
+    lib_event(KEYS[5], maxlen, 'queued', id, now, rec[2], nil, rec[3], rec[4])
     promoted = promoted + 1
   end
 end
@@ -36,7 +35,7 @@ local function requeue(id, owner)
   local key = prefix .. id
   redis.call('ZREM', KEYS[3], id)
   if owner then redis.call('LREM', shard .. 'processing:' .. owner, 1, id) end
-  local rec = redis.call('HMGET', key, 'state', 'attempts')
+  local rec = redis.call('HMGET', key, 'state', 'attempts', 'tenant', 'tags')
   if rec[1] == 'processing' or rec[1] == 'queued' then
     -- queued: moved by a (pre-lanes) BLMOVE whose claim never ran; it never reached the server.
     redis.call('HDEL', key, 'owner')
@@ -48,14 +47,12 @@ local function requeue(id, owner)
       redis.call('HSET', key, 'state', 'failed', 'updated_at', now, 'last_error', err)
       redis.call('RPUSH', KEYS[7], id)
       if keep > 0 then redis.call('EXPIRE', key, keep) end
-      redis.call('XADD', KEYS[5], 'MAXLEN', '~', maxlen, '*', 'type', 'failed', 'id', id,
-        'at', now, 'attempt', rec[2], 'state', 'failed', 'error', err)
+      lib_event(KEYS[5], maxlen, 'failed', id, now, rec[2], err, rec[3], rec[4])
       dead_lettered = dead_lettered + 1
     else
       redis.call('HSET', key, 'state', 'queued', 'updated_at', now)
       lib_requeue(shard, id, true)
-      redis.call('XADD', KEYS[5], 'MAXLEN', '~', maxlen, '*', 'type', 'queued', 'id', id,
-        'at', now, 'attempt', rec[2], 'state', 'queued', 'error', 'lease expired')
+      lib_event(KEYS[5], maxlen, 'queued', id, now, rec[2], 'lease expired', rec[3], rec[4])
       requeued = requeued + 1
     end
   end

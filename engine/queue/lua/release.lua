@@ -11,15 +11,14 @@ for i = 4, #ARGV do
   local key = prefix .. id
   local removed = redis.call('LREM', KEYS[1], 1, id)
   if removed > 0 then redis.call('ZREM', KEYS[2], id) end  -- else the lease is not ours
-  local rec = redis.call('HMGET', key, 'state', 'attempts')
+  local rec = redis.call('HMGET', key, 'state', 'attempts', 'tenant', 'tags')
   if removed > 0 and (rec[1] == 'processing' or rec[1] == 'queued') then
     local attempt = tonumber(rec[2])
     if rec[1] == 'processing' then attempt = math.max(0, attempt - 1) end
     redis.call('HSET', key, 'state', 'queued', 'attempts', attempt, 'updated_at', now)
     redis.call('HDEL', key, 'owner')
     lib_requeue(shard, id, true)
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*', 'type', 'queued', 'id', id,
-      'at', now, 'attempt', attempt, 'state', 'queued')
+    lib_event(KEYS[3], maxlen, 'queued', id, now, attempt, nil, rec[3], rec[4])
     n = n + 1
   end
 end

@@ -1,0 +1,262 @@
+"""The operator dashboard: the page at ``/``, its static files, and the JSON it polls
+(``GET /v1/stats``, ``GET /v1/sink/messages``). Reads Redis only through ``Queue``.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import hashlib
+import heapq
+import os
+import re
+from collections.abc import Callable
+from email.message import EmailMessage
+from email.parser import BytesHeaderParser
+from pathlib import Path
+from typing import Final
+
+import msgspec
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from engine.api.responses import json_response, problem_response
+from engine.models import ms_to_iso
+from engine.queue import Queue
+
+STATIC_DIR: Final = Path(__file__).parent / "static"
+# The only files served under /static/ (no directory walking, no path from the URL).
+ASSETS: Final = {
+    "dashboard.css": "text/css; charset=utf-8",
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "uPlot.iife.min.js": "text/javascript; charset=utf-8",
+    "uPlot.min.css": "text/css; charset=utf-8",
+}
+_PAGE: Final = "index.html"
+# Same-origin only: the page loads nothing from elsewhere and runs no inline script.
+_PAGE_HEADERS: Final = {
+    "Content-Security-Policy": (
+        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+        "script-src 'self'; style-src 'self'; base-uri 'none'; frame-ancestors 'none'; "
+        "form-action 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+SINK_PAGE_MAX: Final = 500
+# A message's header block is read up to this many bytes (the body is never read).
+_HEADER_MAX_BYTES: Final = 64 * 1024
+# Names our sink (and most MDAs) give: "<seconds>.M<microseconds>P<pid>..."
+_MAILDIR_NAME = re.compile(r"(\d+)\.M(\d+)P")
+
+
+class StatsTotals(msgspec.Struct, frozen=True):
+    enqueued: int
+    sent: int
+    failed: int
+    cancelled: int
+    throttled: int
+    reaped: int
+
+
+class Stats(msgspec.Struct, frozen=True):
+    """Answer of GET /v1/stats: queue-wide counts (all replicas) and this replica's senders."""
+
+    at: int  # when counted, ms since the epoch (the answering replica's clock)
+    ready: int
+    ready_by_lane: dict[str, int]
+    processing: int
+    delayed: int
+    dead: int
+    instances: int
+    totals: StatsTotals
+    senders: int  # running on the replica that answered
+
+
+class SinkMessage(msgspec.Struct, frozen=True, rename={"sender": "from"}):
+    """One message the embedded sink captured (headers only)."""
+
+    key: str  # Maildir file name
+    received_at: str
+    sender: str | None
+    to: str | None
+    subject: str | None
+    date: str | None
+    message_id: str | None
+    job_id: str | None  # X-Engine-Job-Id
+    size: int  # bytes
+
+
+class SinkPage(msgspec.Struct, frozen=True):
+    maildir: str
+    total: int
+    items: list[SinkMessage]
+
+
+class _Asset(msgspec.Struct, frozen=True):
+    body: bytes
+    content_type: str
+    etag: str
+
+
+class StaticFiles:
+    """The page and its assets, read from the package once (off the Trio loop) and cached."""
+
+    def __init__(self, root: Path = STATIC_DIR) -> None:
+        self._root = root
+        self._cache: dict[str, _Asset] = {}
+
+    async def get(self, name: str) -> _Asset | None:
+        if name in self._cache:
+            return self._cache[name]
+        content_type = ASSETS.get(name) or ("text/html; charset=utf-8" if name == _PAGE else None)
+        if content_type is None:
+            return None
+        body = await trio.Path(self._root / name).read_bytes()
+        etag = '"' + hashlib.sha256(body).hexdigest()[:20] + '"'
+        asset = self._cache[name] = _Asset(body, content_type, etag)
+        return asset
+
+
+def _respond(asset: _Asset, extra: dict[str, str] | None = None) -> Response:
+    headers = {"ETag": asset.etag, "Cache-Control": "no-cache", **(extra or {})}
+    if request.headers.get("If-None-Match") == asset.etag:
+        return Response(b"", status=304, headers=headers)
+    return Response(asset.body, status=200, content_type=asset.content_type, headers=headers)
+
+
+def _header(msg: EmailMessage, name: str) -> str | None:
+    try:
+        value = msg.get(name)
+    except (ValueError, TypeError, IndexError):  # a header too broken to parse
+        return None
+    return None if value is None else str(value)
+
+
+def _received_us(entry: os.DirEntry[str]) -> int:
+    """When the message arrived (µs since the epoch): from its name, else its mtime."""
+    m = _MAILDIR_NAME.match(entry.name)
+    if m:
+        return int(m[1]) * 1_000_000 + int(m[2])
+    try:
+        return entry.stat().st_mtime_ns // 1000
+    except FileNotFoundError:
+        return 0
+
+
+def read_maildir(root: Path, limit: int) -> SinkPage:
+    """The newest ``limit`` messages of a Maildir (new/ and cur/), headers only.
+
+    Blocking: run it in a worker thread. Files moved away meanwhile are skipped.
+    """
+    entries: list[os.DirEntry[str]] = []
+    for sub in ("new", "cur"):
+        try:
+            with os.scandir(root / sub) as it:
+                entries += [e for e in it if not e.name.startswith(".")]
+        except FileNotFoundError:
+            continue
+    newest = heapq.nlargest(limit, ((_received_us(e), e) for e in entries), key=lambda p: p[0])
+    parser = BytesHeaderParser(policy=email.policy.default)
+    items: list[SinkMessage] = []
+    for received_us, entry in newest:
+        try:
+            with open(entry.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                head = _read_header_block(f.readline)
+        except FileNotFoundError:
+            continue
+        msg = parser.parsebytes(head)
+        assert isinstance(msg, EmailMessage)  # policy.default makes EmailMessage
+        items.append(
+            SinkMessage(
+                key=entry.name.split(":", 1)[0],
+                received_at=ms_to_iso(received_us // 1000),
+                sender=_header(msg, "From"),
+                to=_header(msg, "To"),
+                subject=_header(msg, "Subject"),
+                date=_header(msg, "Date"),
+                message_id=_header(msg, "Message-ID"),
+                job_id=_header(msg, "X-Engine-Job-Id"),
+                size=size,
+            )
+        )
+    return SinkPage(str(root), len(entries), items)
+
+
+def _read_header_block(readline: Callable[[int], bytes]) -> bytes:
+    lines: list[bytes] = []
+    budget = _HEADER_MAX_BYTES
+    while budget > 0:
+        line = readline(budget)
+        if not line or line in (b"\r\n", b"\n"):
+            break
+        lines.append(line)
+        budget -= len(line)
+    return b"".join(lines)
+
+
+def register_dashboard_routes(
+    app: QuartTrio, queue: Queue, senders_running: Callable[[], int], sink_maildir: str | None
+) -> None:
+    static = StaticFiles()
+
+    @app.get("/")
+    async def page() -> Response:
+        asset = await static.get(_PAGE)
+        assert asset is not None
+        return _respond(asset, _PAGE_HEADERS)
+
+    @app.get("/static/<name>")
+    async def asset(name: str) -> Response:
+        found = await static.get(name) if name in ASSETS else None
+        if found is None:
+            return problem_response(404, "not-found", "Not Found", f"no static file {name!r}")
+        return _respond(found, {"X-Content-Type-Options": "nosniff"})
+
+    @app.get("/v1/stats")
+    async def stats() -> Response:
+        c = await queue.counts()
+        body = Stats(
+            at=queue.now_ms(),
+            ready=c.ready,
+            ready_by_lane=c.ready_by_lane,
+            processing=c.processing,
+            delayed=c.delayed,
+            dead=c.dead,
+            instances=c.instances,
+            totals=StatsTotals(
+                enqueued=c.enqueued_total,
+                sent=c.sent_total,
+                failed=c.failed_total,
+                cancelled=c.cancelled_total,
+                throttled=c.throttled_total,
+                reaped=c.reaped_total,
+            ),
+            senders=senders_running(),
+        )
+        return json_response(200, body, headers={"Cache-Control": "no-store"})
+
+    @app.get("/v1/sink/messages")
+    async def sink_messages() -> Response:
+        if sink_maildir is None:
+            return problem_response(
+                404,
+                "no-sink",
+                "No embedded sink",
+                "this engine sends to an external SMTP server (smtp.url is set) or its "
+                "embedded sink keeps no mail (sink.maildir is empty)",
+            )
+        raw = request.args.get("limit", "50")
+        if not raw.isdigit() or not 1 <= int(raw) <= SINK_PAGE_MAX:
+            return problem_response(
+                422,
+                "invalid-field",
+                "Invalid query parameter",
+                f"limit must be an integer from 1 to {SINK_PAGE_MAX}",
+                "limit",
+            )
+        root, limit = Path(sink_maildir), int(raw)
+        body = await trio.to_thread.run_sync(read_maildir, root, limit)
+        return json_response(200, body, headers={"Cache-Control": "no-store"})

@@ -1,0 +1,635 @@
+// The engine's dashboard: polls /v1/stats, /v1/dead and /v1/sink/messages, tails
+// WS /v1/events, looks messages up. No build step, no dependencies but uPlot.
+// Everything that comes from the API is shown through textContent, never as HTML.
+(() => {
+  "use strict";
+
+  const STATS_EVERY_MS = 1000;
+  const DEAD_EVERY_MS = 2000;
+  const MAIL_EVERY_MS = 3000;
+  const FEED_MAX_ROWS = 300;
+  const CHART_WINDOW_S = 300; // the rate chart keeps the last five minutes
+  const CHART_HEIGHT_PX = 215;
+  const RECONNECT_MAX_MS = 15000;
+  const CLOSE_TOO_SLOW = 4008; // the hub dropped this page: it fell behind the feed
+  const EVENT_TYPES = new Set([
+    "queued", "scheduled", "processing", "sent", "retrying", "failed", "cancelled", "deleted",
+  ]);
+  const ID_RE = /^[0-9a-f]{32}$/;
+
+  const $ = (id) => document.getElementById(id);
+
+  // ---- DOM helpers ------------------------------------------------------------------
+
+  /** el("td", {className: "x", title: "y"}, "text", otherNode) — strings become text. */
+  function el(tag, props, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(props || {})) {
+      if (value === undefined || value === null) continue;
+      if (key === "dataset") Object.assign(node.dataset, value);
+      else if (key === "onclick") node.addEventListener("click", value);
+      else node[key] = value;
+    }
+    for (const child of children) {
+      if (child === undefined || child === null) continue;
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  function badge(type) {
+    const known = EVENT_TYPES.has(type);
+    return el("span", { className: known ? `badge t-${type}` : "badge" }, type || "?");
+  }
+
+  function idButton(id) {
+    if (typeof id !== "string" || !id) return el("span", { className: "muted" }, "—");
+    return el(
+      "button",
+      { type: "button", className: "id", title: `look up ${id}`, onclick: () => lookup(id) },
+      `${id.slice(0, 4)}…${id.slice(-8)}`, // a batch's ids share their first 12 digits
+    );
+  }
+
+  const fmt = (n) => (typeof n === "number" ? n.toLocaleString("en-US") : "–");
+
+  function fmtRate(r) {
+    if (r === null || r === undefined) return "–";
+    return r >= 100 ? Math.round(r).toLocaleString("en-US") : r.toFixed(1);
+  }
+
+  function fmtBytes(n) {
+    if (typeof n !== "number") return "";
+    if (n < 1024) return `${n} B`;
+    if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KiB`;
+    return `${(n / 1024 / 1024).toFixed(1)} MiB`;
+  }
+
+  /** An event's or record's time: ms since the epoch, seconds, or RFC 3339. */
+  function toDate(at) {
+    if (typeof at === "number") return new Date(at < 1e11 ? at * 1000 : at);
+    if (typeof at === "string" && at) {
+      const n = Number(at);
+      return Number.isFinite(n) ? toDate(n) : new Date(at);
+    }
+    return null;
+  }
+
+  function fmtTime(at) {
+    const d = toDate(at);
+    if (!d || Number.isNaN(d.getTime())) return "";
+    const p = (n, w = 2) => String(n).padStart(w, "0");
+    return `${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}.${p(d.getMilliseconds(), 3)}`;
+  }
+
+  /** The time of day when it is today, else the date too. */
+  function fmtDateTime(at) {
+    const d = toDate(at);
+    if (!d || Number.isNaN(d.getTime())) return "";
+    const day = d.toLocaleDateString("en-CA");
+    const today = new Date().toLocaleDateString("en-CA");
+    return day === today ? fmtTime(d.getTime()) : `${day} ${fmtTime(d.getTime())}`;
+  }
+
+  // ---- API and its errors -----------------------------------------------------------
+
+  class ApiError extends Error {
+    constructor(status, problem) {
+      const title = (problem && problem.title) || "Request failed";
+      super(title);
+      this.status = status;
+      this.problem = problem || {};
+    }
+
+    describe() {
+      const p = this.problem;
+      const status = this.status ? ` (${this.status})` : "";
+      const detail = p.detail ? `: ${p.detail}` : "";
+      const field = p.field ? ` [${p.field}]` : "";
+      return `${this.message}${status}${detail}${field}`;
+    }
+  }
+
+  async function api(method, path, body) {
+    const init = { method, headers: { Accept: "application/json" } };
+    if (body !== undefined) {
+      init.body = JSON.stringify(body);
+      init.headers["Content-Type"] = "application/json";
+    }
+    let res;
+    try {
+      res = await fetch(path, init);
+    } catch (err) {
+      throw new ApiError(0, { title: "API unreachable", detail: String(err && err.message) });
+    }
+    if (res.status === 204) return null;
+    const type = res.headers.get("Content-Type") || "";
+    const data = type.includes("json") ? await res.json().catch(() => null) : null;
+    if (!res.ok) {
+      const problem = data && typeof data === "object" ? data : { title: res.statusText };
+      throw new ApiError(res.status, problem);
+    }
+    return data;
+  }
+
+  const problems = new Map(); // source -> element
+
+  function showProblem(source, err) {
+    const text = err instanceof ApiError ? err.describe() : String(err);
+    let node = problems.get(source);
+    if (!node) {
+      node = el("div", { className: "problem", dataset: { source } });
+      problems.set(source, node);
+      $("problems").append(node);
+    }
+    const dismiss = el(
+      "button",
+      { type: "button", className: "quiet", title: "dismiss", onclick: () => clearProblem(source) },
+      "×",
+    );
+    node.replaceChildren(el("b", {}, source), " ", text, " ", dismiss);
+  }
+
+  function clearProblem(source) {
+    const node = problems.get(source);
+    if (node) node.remove();
+    problems.delete(source);
+  }
+
+  function notice(text) {
+    const node = el("div", { className: "notice" }, text);
+    $("notices").prepend(node);
+    setTimeout(() => node.remove(), 6000);
+  }
+
+  function setPill(id, text, ok) {
+    const pill = $(id);
+    pill.textContent = text;
+    pill.classList.toggle("ok", ok === true);
+    pill.classList.toggle("bad", ok === false);
+  }
+
+  /** Run fn now and then every ms after it finishes (never overlapping). */
+  function every(ms, fn) {
+    let stopped = false;
+    const tick = async () => {
+      if (stopped) return;
+      try {
+        await fn();
+      } finally {
+        if (!stopped) setTimeout(tick, ms);
+      }
+    };
+    tick();
+    return () => { stopped = true; };
+  }
+
+  // ---- counts and the rate chart ----------------------------------------------------
+
+  // Per sample: its time (s), the rates over the gap before it, and the counts in that gap.
+  const rates = { xs: [], sent: [], failed: [], sentN: [], failedN: [], last: null, chart: null };
+
+  function renderStats(s) {
+    const t = s.totals || {};
+    const lanes = s.ready_by_lane || {};
+    const values = {
+      "stat-ready": s.ready, "stat-processing": s.processing, "stat-delayed": s.delayed,
+      "stat-dead": s.dead, "stat-sent": t.sent, "stat-failed": t.failed,
+      "stat-enqueued": t.enqueued, "stat-cancelled": t.cancelled,
+      "stat-throttled": t.throttled, "stat-reaped": t.reaped,
+      "stat-instances": s.instances, "stat-senders": s.senders,
+      "stat-lane-high": lanes.high, "stat-lane-normal": lanes.normal, "stat-lane-low": lanes.low,
+    };
+    for (const [id, v] of Object.entries(values)) $(id).textContent = fmt(v);
+    $("updated").textContent = `updated ${fmtTime(s.at)}`;
+  }
+
+  function addRateSample(s) {
+    const now = { at: s.at, sent: s.totals.sent, failed: s.totals.failed };
+    const last = rates.last;
+    rates.last = now;
+    // No baseline yet, the clock went back, or the counters were reset (Redis flushed).
+    if (!last || now.at <= last.at || now.sent < last.sent || now.failed < last.failed) return;
+    const dt = (now.at - last.at) / 1000;
+    rates.xs.push(now.at / 1000);
+    rates.sentN.push(now.sent - last.sent);
+    rates.failedN.push(now.failed - last.failed);
+    rates.sent.push(rates.sentN.at(-1) / dt);
+    rates.failed.push(rates.failedN.at(-1) / dt);
+    const oldest = now.at / 1000 - CHART_WINDOW_S;
+    while (rates.xs.length && rates.xs[0] < oldest) {
+      for (const series of [rates.xs, rates.sent, rates.failed, rates.sentN, rates.failedN]) {
+        series.shift();
+      }
+    }
+    $("rate-sent").textContent = fmtRate(rates.sent.at(-1));
+    $("rate-failed").textContent = fmtRate(rates.failed.at(-1));
+    $("minute-sent").textContent = fmt(sumSince(rates.sentN, now.at / 1000 - 60));
+    $("minute-failed").textContent = fmt(sumSince(rates.failedN, now.at / 1000 - 60));
+    if (rates.chart) rates.chart.setData([rates.xs, rates.sent, rates.failed]);
+  }
+
+  /** The counts of the samples taken after t0 (s). */
+  function sumSince(counts, t0) {
+    let total = 0;
+    for (let i = rates.xs.length - 1; i >= 0 && rates.xs[i] > t0; i--) total += counts[i];
+    return total;
+  }
+
+  function makeChart() {
+    const box = $("chart");
+    if (typeof window.uPlot !== "function") {
+      box.replaceChildren(el("p", { className: "muted" }, "chart library failed to load"));
+      return;
+    }
+    const css = getComputedStyle(document.documentElement);
+    const color = (name) => css.getPropertyValue(name).trim();
+    const opts = {
+      width: Math.max(box.clientWidth, 300),
+      height: CHART_HEIGHT_PX,
+      scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(5, max * 1.15)] } },
+      series: [
+        {},
+        { label: "sent/s", stroke: color("--sent"), fill: color("--sent-fill"), width: 2,
+          value: (u, v) => (v === null ? "–" : fmtRate(v)) },
+        { label: "failed/s", stroke: color("--failed"), width: 2,
+          value: (u, v) => (v === null ? "–" : fmtRate(v)) },
+      ],
+      axes: [{ stroke: color("--muted") }, { stroke: color("--muted"), size: 50 }],
+      cursor: { drag: { x: false, y: false } },
+      legend: { show: false }, // the line above the chart says which colour is which
+    };
+    rates.chart = new window.uPlot(opts, [[], [], []], box);
+    new ResizeObserver(() => {
+      rates.chart.setSize({ width: Math.max(box.clientWidth, 300), height: CHART_HEIGHT_PX });
+    }).observe(box);
+  }
+
+  async function pollStats() {
+    try {
+      const s = await api("GET", "/v1/stats");
+      clearProblem("stats");
+      setPill("api-status", "API: ok", true);
+      renderStats(s);
+      addRateSample(s);
+    } catch (err) {
+      setPill("api-status", "API: unreachable", false);
+      showProblem("stats", err);
+    }
+  }
+
+  // ---- live event feed --------------------------------------------------------------
+
+  const feed = {
+    ws: null, lastEventId: null, retryMs: 1000, pending: [], flushTimer: null,
+    received: 0, receivedAt: performance.now(),
+  };
+
+  function feedUrl() {
+    const q = new URLSearchParams();
+    const type = $("feed-type").value;
+    if (type) q.set("type", type);
+    if (feed.lastEventId) q.set("since", feed.lastEventId);
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    const query = q.toString();
+    return `${scheme}://${location.host}/v1/events${query ? `?${query}` : ""}`;
+  }
+
+  function connectFeed() {
+    let ws;
+    try {
+      ws = new WebSocket(feedUrl());
+    } catch (err) {
+      reconnectFeed(String(err && err.message));
+      return;
+    }
+    feed.ws = ws;
+    ws.onopen = () => {
+      feed.retryMs = 1000;
+      setPill("feed-status", "events: live", true);
+    };
+    ws.onmessage = (msg) => {
+      // Each text message holds one event or an array of them, oldest first.
+      let data;
+      try {
+        data = JSON.parse(msg.data);
+      } catch {
+        return;
+      }
+      for (const ev of Array.isArray(data) ? data : [data]) {
+        if (!ev || typeof ev !== "object") continue;
+        if (typeof ev.event_id === "string") feed.lastEventId = ev.event_id;
+        onEvent(ev);
+      }
+    };
+    ws.onclose = (close) => {
+      if (feed.ws !== ws) return; // replaced on purpose (filter changed)
+      feed.ws = null;
+      let why = close.reason ? ` (${close.code} ${close.reason})` : "";
+      if (close.code === CLOSE_TOO_SLOW) {
+        // Replaying what this page could not keep up with would only lose again: skip
+        // ahead to live events (the counters and the chart are unaffected).
+        feed.lastEventId = null;
+        why = " (too slow for the event rate: skipping ahead)";
+      }
+      reconnectFeed(why);
+    };
+  }
+
+  function reconnectFeed(why) {
+    const wait = feed.retryMs;
+    feed.retryMs = Math.min(feed.retryMs * 2, RECONNECT_MAX_MS);
+    setPill("feed-status", `events: disconnected${why}, retrying in ${Math.round(wait / 1000)} s`, false);
+    setTimeout(connectFeed, wait);
+  }
+
+  function restartFeed() {
+    const old = feed.ws;
+    feed.ws = null;
+    feed.lastEventId = null;
+    if (old) old.close(1000, "filter changed");
+    clearFeed();
+    connectFeed();
+  }
+
+  function clearFeed() {
+    feed.pending = [];
+    $("feed").tBodies[0].replaceChildren();
+  }
+
+  function onEvent(ev) {
+    feed.received += 1;
+    feed.pending.push(ev);
+    if (feed.pending.length > FEED_MAX_ROWS) feed.pending.splice(0, feed.pending.length - FEED_MAX_ROWS);
+    if (ev.id && ev.id === current.id) addTimelineEvent(ev, true);
+    if (!feed.flushTimer) feed.flushTimer = setTimeout(flushFeed, 100);
+  }
+
+  function flushFeed() {
+    feed.flushTimer = null;
+    if ($("feed-pause").checked) return;
+    const body = $("feed").tBodies[0];
+    const rows = document.createDocumentFragment();
+    for (let i = feed.pending.length - 1; i >= 0; i--) rows.append(feedRow(feed.pending[i]));
+    feed.pending = [];
+    body.prepend(rows);
+    while (body.rows.length > FEED_MAX_ROWS) body.lastElementChild.remove();
+  }
+
+  function feedRow(ev) {
+    const detail = [];
+    if (ev.error) detail.push(String(ev.error));
+    if (Array.isArray(ev.tags) && ev.tags.length) detail.push(`tags: ${ev.tags.join(", ")}`);
+    return el(
+      "tr",
+      { dataset: { id: String(ev.id || ""), type: String(ev.type || "") } },
+      el("td", { className: "time" }, fmtTime(ev.at)),
+      el("td", {}, badge(ev.type)),
+      el("td", {}, idButton(ev.id)),
+      el("td", { className: "num" }, ev.attempt ?? ""),
+      el("td", {}, ev.tenant ?? ""),
+      el("td", { className: "detail", title: detail.join(" · ") }, detail.join(" · ")),
+    );
+  }
+
+  function showFeedRate() {
+    const now = performance.now();
+    const perS = (feed.received * 1000) / Math.max(1, now - feed.receivedAt);
+    feed.received = 0;
+    feed.receivedAt = now;
+    $("feed-rate").textContent = feed.ws ? `${fmtRate(perS)} events/s` : "";
+  }
+
+  // ---- message lookup ---------------------------------------------------------------
+
+  const current = { id: null, seen: new Set(), timeline: null, state: null };
+
+  async function lookup(rawId) {
+    const id = String(rawId).trim().toLowerCase();
+    $("lookup-id").value = id;
+    const out = $("lookup-result");
+    current.id = id;
+    current.seen = new Set();
+    current.timeline = null;
+    current.state = null;
+    if (!ID_RE.test(id)) {
+      out.replaceChildren(el("p", { className: "problem" }, "A message id is 32 hex digits."));
+      return;
+    }
+    out.replaceChildren(el("p", { className: "muted" }, "loading…"));
+    const path = `/v1/messages/${encodeURIComponent(id)}`;
+    const [msg, hist] = await Promise.allSettled([api("GET", path), api("GET", `${path}/events`)]);
+    if (current.id !== id) return; // another lookup started meanwhile
+    out.replaceChildren();
+    if (msg.status === "rejected") {
+      out.append(el("p", { className: "problem" }, describe(msg.reason)));
+    } else {
+      out.append(messageCard(msg.value));
+    }
+    out.append(el("h3", {}, "Timeline"));
+    current.timeline = el("ol", { className: "timeline" });
+    if (hist.status === "rejected") {
+      out.append(el("p", { className: "problem" }, `history unavailable: ${describe(hist.reason)}`));
+    } else {
+      const events = Array.isArray(hist.value) ? hist.value : hist.value?.items || hist.value?.events || [];
+      for (const ev of events) addTimelineEvent(ev, false);
+      if (!events.length) current.timeline.append(el("li", { className: "muted" }, "no events kept"));
+    }
+    out.append(current.timeline);
+  }
+
+  function describe(err) {
+    return err instanceof ApiError ? err.describe() : String(err);
+  }
+
+  function messageCard(m) {
+    current.state = el("span", {}, badge(m.state));
+    const rows = [
+      ["state", current.state],
+      ["attempts", m.attempts],
+      ["priority", m.priority],
+      ["tenant", m.tenant],
+      ["created", fmtDateTime(m.created_at)],
+      ["updated", fmtDateTime(m.updated_at)],
+    ];
+    if (m.next_attempt_at) rows.push(["next try", fmtDateTime(m.next_attempt_at)]);
+    const dl = el("dl", { className: "facts", dataset: { id: m.id } });
+    for (const [k, v] of rows) dl.append(el("dt", {}, k), el("dd", {}, v ?? ""));
+    if (m.last_error) {
+      dl.append(el("dt", {}, "last error"), el("dd", { className: "error wide" }, m.last_error));
+    }
+    const actions = el("div", { className: "actions" });
+    if (m.state === "failed") {
+      actions.append(el("button", { type: "button", onclick: () => retryDead(m.id) }, "Retry"));
+    }
+    if (["queued", "scheduled", "retrying"].includes(m.state)) {
+      actions.append(el("button", { type: "button", onclick: () => cancelMessage(m.id) }, "Cancel"));
+    }
+    return el("div", { className: "card" }, dl, actions);
+  }
+
+  function addTimelineEvent(ev, live) {
+    if (!current.timeline) return;
+    const key = ev.event_id || `${ev.type}@${ev.at}`;
+    if (current.seen.has(key)) return;
+    current.seen.add(key);
+    const empty = current.timeline.querySelector("li.muted");
+    if (empty) empty.remove();
+    const parts = [el("span", { className: "time" }, fmtDateTime(ev.at)), " ", badge(ev.type)];
+    if (ev.attempt) parts.push(el("span", { className: "muted" }, ` try ${ev.attempt}`));
+    if (ev.error) parts.push(" ", el("span", { className: "error" }, String(ev.error)));
+    current.timeline.append(el("li", { dataset: { type: String(ev.type || "") } }, ...parts));
+    if (live && current.state && ev.state) current.state.replaceChildren(badge(ev.state));
+  }
+
+  async function cancelMessage(id) {
+    try {
+      await api("DELETE", `/v1/messages/${encodeURIComponent(id)}`);
+      notice(`cancelled ${id}`);
+      clearProblem("cancel");
+    } catch (err) {
+      showProblem("cancel", err);
+    }
+    lookup(id);
+  }
+
+  // ---- dead-letter queue ------------------------------------------------------------
+
+  let deadSignature = "";
+
+  async function pollDead() {
+    try {
+      const page = await api("GET", "/v1/dead?limit=50");
+      clearProblem("dead letters");
+      renderDead(page);
+    } catch (err) {
+      showProblem("dead letters", err);
+    }
+  }
+
+  function renderDead(page) {
+    const signature = JSON.stringify(page);
+    if (signature === deadSignature) return;
+    deadSignature = signature;
+    const shown = page.items.length;
+    $("dead-total").textContent =
+      page.total > shown ? `${fmt(page.total)} (oldest ${shown} shown)` : fmt(page.total);
+    $("retry-all").disabled = page.total === 0;
+    const body = $("dead").tBodies[0];
+    if (!shown) {
+      body.replaceChildren(el("tr", {}, el("td", { colSpan: 5, className: "muted" }, "empty")));
+      return;
+    }
+    body.replaceChildren(...page.items.map((m) => el(
+      "tr",
+      { dataset: { id: m.id } },
+      el("td", {}, idButton(m.id)),
+      el("td", { className: "num" }, m.attempts),
+      el("td", { className: "time" }, fmtDateTime(m.updated_at)),
+      el("td", { className: "detail error", title: m.last_error || "" }, m.last_error || ""),
+      el("td", { className: "actions" },
+        el("button", { type: "button", className: "retry", onclick: () => retryDead(m.id) }, "Retry"),
+        el("button", { type: "button", className: "delete danger", onclick: () => deleteDead(m.id) }, "Delete")),
+    )));
+  }
+
+  async function deadAction(source, fn, done) {
+    try {
+      const out = await fn();
+      clearProblem(source);
+      notice(done(out));
+    } catch (err) {
+      showProblem(source, err);
+    }
+    deadSignature = "";
+    await Promise.all([pollDead(), pollStats()]);
+  }
+
+  function retryDead(id) {
+    return deadAction("retry", () => api("POST", `/v1/dead/${encodeURIComponent(id)}/retry`),
+      () => `re-queued ${id}`).then(() => { if (current.id === id) lookup(id); });
+  }
+
+  function deleteDead(id) {
+    if (!window.confirm(`Delete dead-lettered message ${id} for good?`)) return Promise.resolve();
+    return deadAction("delete", () => api("DELETE", `/v1/dead/${encodeURIComponent(id)}`),
+      () => `deleted ${id}`);
+  }
+
+  function retryAllDead() {
+    if (!window.confirm("Re-queue every dead-lettered message?")) return Promise.resolve();
+    return deadAction("retry all", () => api("POST", "/v1/dead/retry"),
+      (out) => `re-queued ${fmt(out.retried)} messages`);
+  }
+
+  // ---- captured mail (embedded sink) ------------------------------------------------
+
+  let mailSignature = "";
+
+  async function pollMail() {
+    try {
+      const page = await api("GET", "/v1/sink/messages?limit=50");
+      clearProblem("captured mail");
+      renderMail(page);
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 404 && /no-sink$/.test(err.problem.type || "")) {
+        const note = $("mail-note");
+        note.textContent = err.problem.detail || err.message;
+        note.hidden = false;
+        $("mail").hidden = true;
+        return "stop"; // this engine has no embedded sink; that will not change
+      }
+      showProblem("captured mail", err);
+    }
+    return "go on";
+  }
+
+  function renderMail(page) {
+    const signature = JSON.stringify(page);
+    if (signature === mailSignature) return;
+    mailSignature = signature;
+    $("mail-total").textContent = `${fmt(page.total)} in ${page.maildir}`;
+    const body = $("mail").tBodies[0];
+    if (!page.items.length) {
+      body.replaceChildren(el("tr", {}, el("td", { colSpan: 6, className: "muted" }, "none yet")));
+      return;
+    }
+    body.replaceChildren(...page.items.map((m) => el(
+      "tr",
+      { dataset: { key: m.key, id: m.job_id || "" } },
+      el("td", { className: "time", title: m.date || "" }, fmtDateTime(m.received_at)),
+      el("td", { className: "detail", title: m.from || "" }, m.from || ""),
+      el("td", { className: "detail", title: m.to || "" }, m.to || ""),
+      el("td", { className: "detail subject", title: m.subject || "" }, m.subject || ""),
+      el("td", { className: "num" }, fmtBytes(m.size)),
+      el("td", { title: m.message_id || "" }, idButton(m.job_id)),
+    )));
+  }
+
+  // ---- start ------------------------------------------------------------------------
+
+  function start() {
+    makeChart();
+    $("lookup-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      lookup($("lookup-id").value);
+    });
+    $("retry-all").addEventListener("click", retryAllDead);
+    $("feed-type").addEventListener("change", restartFeed);
+    $("feed-clear").addEventListener("click", clearFeed);
+    $("feed-pause").addEventListener("change", () => {
+      if (!$("feed-pause").checked) flushFeed();
+    });
+    every(STATS_EVERY_MS, pollStats);
+    every(DEAD_EVERY_MS, pollDead);
+    const stopMail = every(MAIL_EVERY_MS, async () => {
+      if ((await pollMail()) === "stop") stopMail();
+    });
+    setInterval(showFeedRate, 2000);
+    connectFeed();
+    const fromHash = new URLSearchParams(location.hash.slice(1)).get("id");
+    if (fromHash) lookup(fromHash);
+  }
+
+  start();
+})();
