@@ -37,23 +37,27 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchlib import (  # noqa: E402  (scripts/ is on sys.path when run as a script)
+    TAG,
+    ScenarioFailed,
+    cpu_seconds,
+    interrupt,
+    say,
+    stop_engine,
+    wait_until,
+    workdir,
+    yes,
+)
 
 TEXT = "Hello from the benchmark. " * 10  # the body scripts/bench.py sends
 CLOSE_TOO_SLOW = 4008
-
-
-def say(text: str) -> None:
-    print(f"[bench_events {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 def percentile_hist(hist: dict[int, int], p: float) -> float | None:
@@ -80,12 +84,6 @@ def latency_summary(hist: dict[int, int]) -> dict[str, Any]:
         "p999_ms": percentile_hist(hist, 99.9),
         "max_ms": max(hist) / 10 if hist else None,
     }
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- the subscriber process ---------------------------------------------------------
@@ -193,25 +191,6 @@ def subscribers_worker(args: argparse.Namespace) -> int:
 # -- the parent: rounds -------------------------------------------------------------
 
 
-class RoundFailed(Exception):
-    """A round could not produce its numbers (a process died, a wait ran out)."""
-
-
-def wait_until(
-    what: str, done: Callable[[], bool], timeout: float, progress: Callable[[], str] | None = None
-) -> None:
-    deadline = time.monotonic() + timeout
-    last = time.monotonic()
-    while not done():
-        now = time.monotonic()
-        if now > deadline:
-            raise RoundFailed(f"{what}: not done after {timeout:.0f} s")
-        if progress is not None and now - last >= 2:
-            say("    " + progress())
-            last = now
-        time.sleep(0.05)
-
-
 def stop_proc(proc: subprocess.Popen[bytes], name: str, timeout: float = 15) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -221,14 +200,6 @@ def stop_proc(proc: subprocess.Popen[bytes], name: str, timeout: float = 15) -> 
         say(f"{name} did not stop within {timeout:g} s after SIGTERM: killing it")
         proc.kill()
         proc.wait(10)
-
-
-def stop_engine(engine: Any) -> None:
-    try:
-        engine.stop(timeout=15)
-    except subprocess.TimeoutExpired:
-        say(f"engine on :{engine.port} did not stop within 15 s after SIGTERM: killing it")
-        engine.kill()
 
 
 def run_round(args: argparse.Namespace, tmp: Path, subs: int, n_round: int) -> dict[str, Any]:
@@ -253,11 +224,11 @@ def run_round(args: argparse.Namespace, tmp: Path, subs: int, n_round: int) -> d
         try:
             engine.wait_ready(timeout=30)
         except AssertionError as exc:
-            raise RoundFailed(str(exc)[-3000:]) from None
+            raise ScenarioFailed(str(exc)[-3000:]) from None
 
         def check_alive() -> None:
             if engine.proc.poll() is not None:
-                raise RoundFailed(
+                raise ScenarioFailed(
                     f"engine exited with {engine.proc.returncode}:\n" + engine.output()[-3000:]
                 )
 
@@ -280,7 +251,7 @@ def run_round(args: argparse.Namespace, tmp: Path, subs: int, n_round: int) -> d
 
             def connected() -> bool:
                 if worker.poll() is not None:
-                    raise RoundFailed(
+                    raise ScenarioFailed(
                         f"subscriber process exited with {worker.returncode}:\n"
                         + Path(wlog.name).read_text(errors="replace")[-3000:]
                     )
@@ -288,7 +259,7 @@ def run_round(args: argparse.Namespace, tmp: Path, subs: int, n_round: int) -> d
 
             wait_until(f"{tag}: subscribers connecting", connected, timeout=40)
             if int(ready.read_text() or 0) != subs:
-                raise RoundFailed(f"only {ready.read_text()} of {subs} subscribers connected")
+                raise ScenarioFailed(f"only {ready.read_text()} of {subs} subscribers connected")
             say(f"    {subs} subscribers connected (pid {worker.pid})")
 
         c = stack.enter_context(
@@ -302,7 +273,7 @@ def run_round(args: argparse.Namespace, tmp: Path, subs: int, n_round: int) -> d
         while posted < n:
             r = c.post("/v1/messages/batch", content=body)
             if r.status_code != 202:
-                raise RoundFailed(
+                raise ScenarioFailed(
                     f"POST /v1/messages/batch answered {r.status_code}: {r.text[:500]}"
                 )
             posted += len(r.json()["ids"])
@@ -343,7 +314,7 @@ def run_round(args: argparse.Namespace, tmp: Path, subs: int, n_round: int) -> d
                 )
                 stop_proc(worker, "subscriber process")
             if not out.exists():
-                raise RoundFailed(
+                raise ScenarioFailed(
                     "the subscriber process wrote no stats:\n"
                     + Path(wlog.name).read_text(errors="replace")[-3000:]
                 )
@@ -419,10 +390,6 @@ def run_rounds(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     }
 
 
-def yes(ok: bool) -> str:
-    return "yes" if ok else "**NO**"
-
-
 def table(res: dict[str, Any]) -> list[str]:
     s, n = res["subscribers"], res["messages"]
     r0 = ", ".join(f"{r['msgs_per_s']:,.0f}" for r in res["runs"]["0"])
@@ -455,22 +422,8 @@ def table(res: dict[str, Any]) -> list[str]:
     ]
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def workdir(keep: str | None) -> Iterator[Path]:
-    if keep:
-        path = Path(keep)
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench-events-") as tmp:
-            yield Path(tmp)
-
-
 def main() -> int:
+    TAG[0] = "bench_events"
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -505,7 +458,7 @@ def main() -> int:
         return subscribers_worker(args)
     if args.subscribers < 1 or args.rounds < 1:
         parser.error("--subscribers and --rounds must be at least 1")
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
 
     say(
         f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; {args.rounds}+"
@@ -515,10 +468,10 @@ def main() -> int:
     )
     started = time.monotonic()
     try:
-        with workdir(args.keep) as tmp:
+        with workdir(args.keep, "bench-events-") as tmp:
             try:
                 res = run_rounds(args, tmp)
-            except RoundFailed as exc:
+            except ScenarioFailed as exc:
                 say(f"FAILED: {exc}")
                 print(f"\n| bench_events: FAILED ({str(exc).splitlines()[0][:150]}) | **NO** |\n")
                 return 1

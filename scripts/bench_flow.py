@@ -39,20 +39,27 @@ import os
 import random
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
 import httpx  # noqa: E402
+from benchlib import (  # noqa: E402  (scripts/ is on sys.path when run as a script)
+    TAG,
+    ScenarioFailed,
+    cpu_seconds,
+    interrupt,
+    say,
+    stop_engine,
+    wait_until,
+    workdir,
+    yes,
+)
 
 from engine.embedded import RedisServer  # noqa: E402
 from fixtures.engine import EngineProcess  # noqa: E402
@@ -60,14 +67,6 @@ from fixtures.sink import SinkProcess  # noqa: E402
 
 TEXT = "Hello from the benchmark. " * 10  # the body scripts/bench.py sends
 SCENARIOS = ("rate", "cost", "priority")
-
-
-def say(text: str) -> None:
-    print(f"[bench_flow {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-class ScenarioFailed(Exception):
-    """A scenario could not produce its numbers (a process died, a wait ran out)."""
 
 
 # -- processes ------------------------------------------------------------------------
@@ -100,14 +99,6 @@ def start_engine(
     except AssertionError as exc:
         raise ScenarioFailed(str(exc)[-3000:]) from None
     return engine
-
-
-def stop_engine(engine: EngineProcess) -> None:
-    try:
-        engine.stop(timeout=15)
-    except subprocess.TimeoutExpired:
-        say(f"engine on :{engine.port} did not stop within 15 s after SIGTERM: killing it")
-        engine.kill()
 
 
 def check_alive(*engines: EngineProcess) -> None:
@@ -166,21 +157,6 @@ def message(to: str, **extra: Any) -> dict[str, Any]:
 
 def batch_body(messages: list[dict[str, Any]]) -> bytes:
     return json.dumps({"messages": messages}).encode()
-
-
-def wait_until(
-    what: str, done: Callable[[], bool], timeout: float, progress: Callable[[], str] | None = None
-) -> None:
-    deadline = time.monotonic() + timeout
-    last = time.monotonic()
-    while not done():
-        now = time.monotonic()
-        if now > deadline:
-            raise ScenarioFailed(f"{what}: not done after {timeout:.0f} s")
-        if progress is not None and now - last >= 2:
-            say("    " + progress())
-            last = now
-        time.sleep(0.05)
 
 
 def sleep_until(t_wall: float, progress: Callable[[], str] | None = None) -> None:
@@ -355,12 +331,6 @@ COST_LIMITS = {
     "ENGINE_LIMITS__DOMAIN_DEFAULT_PER_S": "1000000",
     "ENGINE_LIMITS__TENANT_DEFAULT_PER_S": "1000000",
 }
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cost_round(args: argparse.Namespace, tmp: Path, flow: bool, n_round: int) -> dict[str, Any]:
@@ -540,10 +510,6 @@ def scenario_priority(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 # -- report ---------------------------------------------------------------------------
 
 
-def yes(ok: bool) -> str:
-    return "yes" if ok else "**NO**"
-
-
 def table(results: dict[str, Any]) -> list[str]:
     out = [
         "| measurement | configured | measured | error / ratio | target | met |",
@@ -612,22 +578,8 @@ def table(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def workdir(keep: str | None) -> Iterator[Path]:
-    if keep:
-        path = Path(keep)
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench-flow-") as tmp:
-            yield Path(tmp)
-
-
 def main() -> int:
+    TAG[0] = "bench_flow"
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -674,7 +626,7 @@ def main() -> int:
         "--keep", metavar="DIR", help="keep the work dirs (sink logs, engine logs) in DIR"
     )
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
 
     chosen = SCENARIOS if args.scenario == "all" else (args.scenario,)
     say(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; scenarios {chosen}")
@@ -682,7 +634,7 @@ def main() -> int:
     results: dict[str, Any] = {}
     started = time.monotonic()
     try:
-        with workdir(args.keep) as tmp:
+        with workdir(args.keep, "bench-flow-") as tmp:
             for name in chosen:
                 t = time.monotonic()
                 try:
