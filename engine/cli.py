@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import json
 import logging
 import os
@@ -224,6 +225,7 @@ def serve(args: argparse.Namespace) -> int:
                     )
                 )
                 print(_banner(settings, redis_url, smtp_url, embedded), flush=True)
+                _tune_gc()
 
         try:
             trio.run(main)
@@ -241,6 +243,17 @@ def serve(args: argparse.Namespace) -> int:
         if redis_server is not None:
             redis_server.stop()
     return 0
+
+
+def _tune_gc() -> None:
+    """Once started: move what exists (modules, settings, connections) out of the
+    collector's sight and collect the young generation less often. The hot paths make
+    short-lived containers by the thousand a second; with Python's defaults the cyclic
+    collector took ~8 % of the process under load (perf), mostly re-walking objects that
+    live as long as the process."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def _find_oserror(exc: BaseException, code: int) -> OSError | None:

@@ -222,10 +222,15 @@ class EventsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     subscriber_buffer: int = 10_000
     # Websocket subscribers one replica serves at once; more are refused (HTTP 503).
     max_subscribers: int = 1000
-    # Seconds the tail pauses after a read that found events, and between two messages
-    # to one subscriber: a busy feed goes out in batches (at most 1/this messages a
-    # second per subscriber; the cost is per message), for about this much latency.
+    # A busy feed goes out in batches: the tail hands out what it read at most every
+    # pause, and a subscriber that keeps up gets one websocket message per batch. The
+    # cost is per message and subscriber (a socket write, ~50-100 us here), so the pause
+    # grows with the subscribers: batch_interval_s + subscribers x
+    # batch_interval_per_subscriber_s, at most max_batch_interval_s (20 ms with 1
+    # subscriber, 50 ms from 60 on). An event waits about half the pause on average.
     batch_interval_s: float = 0.02
+    batch_interval_per_subscriber_s: float = 0.0005
+    max_batch_interval_s: float = 0.05
     # Stream entries GET /v1/messages/{id}/events scans at most (from the job's creation
     # on): bounds the cost of one history on a long stream.
     history_scan_entries: int = 50_000
@@ -360,9 +365,13 @@ def _check(s: Settings) -> None:
     if s.queue.heartbeat_s >= s.queue.lease_s:
         raise ConfigError("queue.heartbeat_s must be shorter than queue.lease_s")
     ev = s.events
-    if ev.subscriber_buffer < 1 or ev.max_subscribers < 0 or ev.batch_interval_s < 0:
+    if (
+        ev.subscriber_buffer < 1
+        or ev.max_subscribers < 0
+        or min(ev.batch_interval_s, ev.batch_interval_per_subscriber_s, ev.max_batch_interval_s) < 0
+    ):
         raise ConfigError(
-            "events.subscriber_buffer must be >= 1, max_subscribers and batch_interval_s >= 0"
+            "events.subscriber_buffer must be >= 1; max_subscribers and the batch intervals >= 0"
         )
     for name, bind in (("http.bind", s.http.bind), ("sink.bind", s.sink.bind)):
         parse_hostport(bind, what=name)

@@ -141,6 +141,8 @@ class Event(msgspec.Struct, omit_defaults=True, gc=False):
     ``event_id`` orders events and resumes a feed (``?since=``): the Redis stream entry
     id (``1718000000000-0``), or ``<entry id>.<n>`` for the n-th job of an enqueue entry
     that announced many. ``at``: ms since the epoch; ``attempt``: 1 for the first try.
+    ``tenant`` is left out of the JSON when it is ``default``, ``tags`` when empty: the
+    feed goes to every subscriber, so its bytes are the fan-out's main cost.
     """
 
     event_id: str
@@ -149,7 +151,7 @@ class Event(msgspec.Struct, omit_defaults=True, gc=False):
     at: int
     attempt: int
     state: str
-    tenant: str
+    tenant: str = DEFAULT_TENANT
     error: str | None = None
     tags: list[str] = []
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, NoReturn
 from urllib.parse import parse_qsl
@@ -59,8 +58,8 @@ MAX_FILTER_VALUES: Final = 1000
 _GRACE_S: Final = 5.0
 _BLOCK_S: Final = 1.0  # longest XREAD BLOCK (under redis.command_timeout_s)
 # Stream entries per live read: an enqueue entry expands to up to 100 events, so one
-# read hands out at most 25k events.
-_READ_COUNT: Final = 250
+# read hands out at most 100k events (in practice most entries are single events).
+_READ_COUNT: Final = 1000
 _REPLAY_PAGE: Final = 1000  # stream entries per replay round trip
 # A websocket message holds at most about this much: many clients refuse messages over
 # 1 MiB (trio-websocket by default), and an enqueue entry expands to 100 events.
@@ -68,6 +67,13 @@ _CHUNK_EVENTS: Final = 256
 _FRAME_BYTES: Final = 256 * 1024
 
 _encode = msgspec.json.Encoder().encode
+
+
+def pause_s(subscribers: int, settings: EventsSettings) -> float:
+    """Seconds between two batches the tail hands out: longer with more subscribers,
+    because every batch costs one socket write per subscriber."""
+    grown = settings.batch_interval_s + subscribers * settings.batch_interval_per_subscriber_s
+    return max(settings.batch_interval_s, min(grown, settings.max_batch_interval_s))
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +153,8 @@ class _Subscriber:
 
     def __init__(self, filt: EventFilter) -> None:
         self.filter = filt
-        self.send, self.receive = trio.open_memory_channel[tuple[bytes, int]](math.inf)
+        # (a websocket message's text: a JSON array, the events it holds)
+        self.send, self.receive = trio.open_memory_channel[tuple[str, int]](math.inf)
         self.pending = 0  # events in the buffer or being written
         self.attached = False
         self.dropped = False
@@ -226,8 +233,8 @@ class EventHub:
             self._dispatch(page.events)
             self._cursor = page.last
             self._read += len(page.events)
-            if page.entries < _READ_COUNT and self.settings.batch_interval_s > 0:
-                await trio.sleep(self.settings.batch_interval_s)
+            if page.entries < _READ_COUNT:  # a full page: behind, read on at once
+                await trio.sleep(pause_s(self._count, self.settings))
 
     def _dispatch(self, events: list[Event]) -> None:
         """Hand a batch to every subscriber that wants some of it (never waits)."""
@@ -235,7 +242,8 @@ class EventHub:
             return
         encoded = [_encode(e) for e in events]
         if self._everyone:
-            # Encoded and joined once, shared by every subscriber without a filter.
+            # Encoded and framed once, the same text objects shared by every subscriber
+            # without a filter: per subscriber there is only the socket write left.
             chunks = _chunks(encoded)
             for sub in list(self._everyone):
                 self._offer(sub, chunks, len(encoded))
@@ -264,7 +272,7 @@ class EventHub:
             sub.after = None
         return sub.filter.matches(e)
 
-    def _offer(self, sub: _Subscriber, chunks: list[tuple[bytes, int]], n: int) -> None:
+    def _offer(self, sub: _Subscriber, chunks: list[tuple[str, int]], n: int) -> None:
         """Buffer ``n`` events for ``sub``, or drop it if its earlier ones still wait and
         all of them would pass the buffer's size (one batch, however big, always fits
         an empty buffer: a subscriber that keeps up is never dropped)."""
@@ -382,31 +390,31 @@ class EventHub:
                 await self._replay(sub, since, send)
             except QueueError:
                 return CLOSE_UNAVAILABLE, "event stream unavailable; reconnect with since"
-        carry: tuple[bytes, int] | None = None
+        carry: tuple[str, int] | None = None
         while not sub.dropped:
             if carry is None:
                 try:
                     carry = await sub.receive.receive()
                 except trio.EndOfChannel:
                     break
-            parts, count, size = [carry[0]], carry[1], len(carry[0])
+            texts, count, size = [carry[0]], carry[1], len(carry[0])
             carry = None
             while size < _FRAME_BYTES:  # what else is waiting goes in the same message
                 try:
                     carry = sub.receive.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-                parts.append(carry[0])
+                texts.append(carry[0])
                 count += carry[1]
                 size += len(carry[0])
                 carry = None
             if sub.dropped:
                 break
-            await send({"type": "websocket.send", "text": _frame(parts)})
+            # The tail paces the batches (events.batch_interval_s); a subscriber that
+            # keeps up sends each one as it comes, one that lags merges what waits.
+            text = texts[0] if len(texts) == 1 else _merge(texts)
+            await send({"type": "websocket.send", "text": text})
             sub.pending -= count
-            # Pace the messages: what arrives meanwhile goes out together (per message
-            # costs dominate a busy feed to many subscribers).
-            await trio.sleep(self.settings.batch_interval_s)
         if sub.dropped:
             return CLOSE_TOO_SLOW, "too slow: reconnect with since=<last event_id>"
         return CLOSE_GOING_AWAY, "server shutting down"
@@ -416,23 +424,26 @@ class EventHub:
         while not sub.dropped:
             page = await self.log.range(cursor, until=sub.boundary, limit=_REPLAY_PAGE)
             parts = [_encode(e) for e in page.events if sub.filter.matches(e)]
-            for i in range(0, len(parts), _CHUNK_EVENTS):
-                await send({"type": "websocket.send", "text": _frame(parts[i : i + _CHUNK_EVENTS])})
+            for text, _ in _chunks(parts):
+                await send({"type": "websocket.send", "text": text})
             if page.last is None or page.last == sub.boundary or page.entries < _REPLAY_PAGE:
                 return
             cursor = page.last
 
 
-def _chunks(parts: list[bytes]) -> list[tuple[bytes, int]]:
-    """Encoded events joined into pieces of at most _CHUNK_EVENTS: (bytes, events)."""
+def _chunks(parts: list[bytes]) -> list[tuple[str, int]]:
+    """Encoded events as websocket message texts (JSON arrays) of at most _CHUNK_EVENTS
+    events each: (text, events)."""
     return [
-        (b",".join(parts[i : i + _CHUNK_EVENTS]), len(parts[i : i + _CHUNK_EVENTS]))
+        ("[" + b",".join(parts[i : i + _CHUNK_EVENTS]).decode() + "]",
+         len(parts[i : i + _CHUNK_EVENTS]))
         for i in range(0, len(parts), _CHUNK_EVENTS)
-    ]
+    ]  # fmt: skip
 
 
-def _frame(parts: Iterable[bytes]) -> str:
-    return "[" + b",".join(parts).decode() + "]"
+def _merge(texts: list[str]) -> str:
+    """JSON arrays of events joined into one array."""
+    return "[" + ",".join(t[1:-1] for t in texts) + "]"
 
 
 async def _until_disconnect(receive: Receive, scope: trio.CancelScope) -> None:

@@ -387,7 +387,7 @@
       el("td", {}, badge(ev.type)),
       el("td", {}, idButton(ev.id)),
       el("td", { className: "num" }, ev.attempt ?? ""),
-      el("td", {}, ev.tenant ?? ""),
+      el("td", {}, ev.tenant ?? "default"),
       el("td", { className: "detail", title: detail.join(" · ") }, detail.join(" · ")),
     );
   }
