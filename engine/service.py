@@ -145,7 +145,9 @@ async def run_engine(
         )
         draining = False
         with_senders = settings.role in ("all", "sender")
-        with_http = settings.role in ("all", "api")
+        # Every role listens on http.bind: sender-only replicas answer /healthz, /readyz
+        # and /metrics there (probes and scrapes), and nothing else.
+        with_api = settings.role in ("all", "api")
         drain = DrainMeter(queue)
         hub = EventHub(EventLog(client, queue.keys), settings.events)
         metrics.subscribers = lambda: hub.statistics().subscribers
@@ -185,10 +187,10 @@ async def run_engine(
                 else:
                     senders_done.set()
                 binds: list[str] = []
-                if with_http:
+                if with_api:
                     await root.start(drain.serve)
                     await root.start(hub.serve)
-                    binds = await root.start(serve_http, app, settings.http, http_stop)
+                binds = await root.start(serve_http, app, settings.http, http_stop)
                 log.info(
                     "engine.started instance=%s role=%s http=%s", instance, settings.role, binds
                 )

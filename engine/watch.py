@@ -90,6 +90,15 @@ async def follow(options: WatchOptions, out: TextIO, err: TextIO) -> None:
                 if backoff > 0.5:
                     print(f"watch: connected to {options.url}", file=err, flush=True)
                 backoff = 0.5
+                gap = dict(ws.handshake_headers).get(b"events-gap")
+                if gap is not None:
+                    print(
+                        f"watch: warning: the event stream no longer holds what followed "
+                        f"{since}; resuming from its oldest event {gap.decode()} (some "
+                        "events are missing: see queue.events_maxlen)",
+                        file=err,
+                        flush=True,
+                    )
                 while True:
                     message = await ws.get_message()
                     since = _print(message, options.json, out) or since

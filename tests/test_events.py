@@ -31,7 +31,7 @@ from engine.config import EventsSettings, load_settings
 from engine.embedded import free_port
 from engine.ids import new_id
 from engine.queue import NewJob, Queue, open_redis
-from engine.queue.events import EventLog, parse_event_id
+from engine.queue.events import EventLog, event_order, parse_event_id
 from engine.queue.redis import Redis
 from engine.service import Running
 from engine.transport.memory import MemoryTransport
@@ -442,3 +442,26 @@ def test_a_watcher_on_one_replica_sees_what_another_sends(
 async def _flush(url: str) -> None:
     async with open_redis(url) as r:
         await r.flushall()
+
+
+async def test_resume_past_the_streams_retention_says_so(redis_server: RedisServer) -> None:
+    async with engine(redis_server) as e:
+        first = await e.post(_msg())
+        more = await e.post(_msg(), _msg())
+        log = EventLog(e.running.queue.client, e.running.queue.keys)
+        with trio.fail_after(10):
+            while len({x.id for x in (await log.range()).events if x.type == "sent"}) < 3:
+                await trio.sleep(0.05)
+        events = (await log.range()).events
+        gone = next(x for x in events if x.id == first[0] and x.type == "sent")
+        # Trim the stream past ``gone`` (as queue.events_maxlen does on a busy stream).
+        kept = [x for x in events if event_order(x.event_id) > event_order(gone.event_id)]
+        oldest_kept = kept[1].event_id.partition(".")[0]
+        await e.running.queue.client.xtrim(e.running.queue.keys.events, "MINID", oldest_kept)
+        async with open_websocket_url(f"{e.ws}?since={gone.event_id}") as ws:
+            assert dict(ws.handshake_headers)[b"events-gap"] == oldest_kept.encode()
+            got = await receive_until(ws, sent(*more))
+        assert got[0]["event_id"].partition(".")[0] == oldest_kept
+        # Within retention: no such header.
+        async with open_websocket_url(f"{e.ws}?since={kept[1].event_id}") as ws:
+            assert b"events-gap" not in dict(ws.handshake_headers)

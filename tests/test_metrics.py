@@ -161,6 +161,23 @@ async def test_queue_depth_per_state_and_lane(redis_server: RedisServer) -> None
         assert (await client.post("/metrics")).status_code == 405
 
 
+async def test_a_sender_only_replica_serves_probes_and_metrics_only(
+    redis_server: RedisServer,
+) -> None:
+    async with _engine(redis_server, {"role": "sender"}) as (client, _):
+        assert (await client.get("/healthz")).status_code == 200
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["senders"] > 0
+        s = await _scrape(client)
+        info = [k for k in s if k[0] == "engine_info"]
+        assert len(info) == 1 and ("role", "sender") in info[0][1]
+        assert _get(s, "engine_queue_up") == 1
+        for method, path in (("POST", "/v1/messages"), ("GET", "/v1/stats"), ("GET", "/")):
+            r = await client.request(method, path, json=MSG)
+            assert r.status_code == 404, (path, r.text)
+            assert "role sender" in r.json()["detail"]
+
+
 def test_without_the_queue_only_up_is_reported() -> None:
     text = Metrics().render(None).decode()
     assert "engine_queue_up 0.0" in text

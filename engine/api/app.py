@@ -33,6 +33,7 @@ _MESSAGES = "/v1/messages"
 _BATCH = "/v1/messages/batch"
 _ONE = "/v1/messages/{id}"
 _EVENTS = "/v1/events"
+_OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # all a sender-only replica serves
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,8 +195,13 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         else:
             await method_not_allowed(send, b"GET, DELETE")
 
+    ops_only = settings.role == "sender"
+
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if ops_only and scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
             if scope["type"] == "websocket" and scope["path"] == _EVENTS and backend.events:
                 await backend.events.websocket(scope, receive, send)
                 return
@@ -203,6 +209,16 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
             return
         path: str = scope["path"]
         method: str = scope["method"]
+        if ops_only and path not in _OPS_PATHS:
+            await send_problem(
+                send,
+                404,
+                "not-found",
+                "Not Found",
+                "this replica runs senders only (role sender): it answers "
+                "/healthz, /readyz and /metrics; send to an api replica",
+            )
+            return
         if path in (_MESSAGES, _BATCH):
             await timed(measure, path, messages, scope, receive, send)
             return

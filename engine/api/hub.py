@@ -12,7 +12,10 @@ The websocket, ``ws://HOST/v1/events?...`` (every parameter optional):
     tenant  a tenant; repeat or comma list
     tag     a tag; repeat for several (a tag may hold a comma: no comma list)
     since   an event id: first replay the events after it that the stream still
-            holds (queue.events_maxlen), then go on live, without gap or duplicate
+            holds (queue.events_maxlen), then go on live, without gap or duplicate.
+            When the stream was trimmed past it, the handshake answer carries the
+            header ``Events-Gap: <oldest event id kept>``: the replay starts there and
+            what came between is gone (``engine watch`` prints a warning)
 
 Kinds combine with AND, the values of one kind with OR. Every text message is a JSON
 array of one or more events, oldest first (batches keep a busy feed cheap). Close
@@ -368,9 +371,19 @@ class EventHub:
             await _refuse(scope, send, 503, "queue-unavailable", "Event stream unavailable",
                           "the event stream cannot be read; retry shortly")  # fmt: skip
             return
+        headers: list[tuple[bytes, bytes]] = []
+        if since:
+            try:
+                oldest = await self.log.first_id()
+            except QueueError:
+                oldest = None  # the replay will say so (1011)
+            if oldest is not None and event_order(oldest)[:2] > event_order(since)[:2]:
+                # The stream no longer holds the entry of ``since`` (queue.events_maxlen):
+                # the replay starts at its oldest entry, and events in between may be gone.
+                headers.append((b"events-gap", oldest.encode()))
         self._sockets += 1
         try:
-            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.accept", "headers": headers})
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_until_disconnect, receive, nursery.cancel_scope)
                 code, reason = await self._feed(sub, since, send)

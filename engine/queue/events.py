@@ -132,6 +132,12 @@ class EventLog:
             newest = await self.client.xrevrange(self.keys.events, "+", "-", count=1)
         return _id(newest[0]) if newest else "0-0"
 
+    async def first_id(self) -> str | None:
+        """Id of the oldest entry the stream still holds (None when empty)."""
+        with translate_errors():
+            oldest = await self.client.xrange(self.keys.events, "-", "+", count=1)
+        return _id(oldest[0]) if oldest else None
+
     async def tail(self, after: str, *, block_s: float, count: int = _PAGE) -> EventPage:
         """Entries after the entry id ``after``, waiting up to ``block_s`` for the first
         (XREAD BLOCK; cancellable: a cancelled read drops its connection)."""

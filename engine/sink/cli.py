@@ -36,6 +36,8 @@ class SinkOptions:
     quiet: bool = False
     # Transaction-wide fault injection (--fail-ratio, --delay-ms, ...); none by default.
     faults: FaultOptions = NO_FAULTS
+    # JSON file whose keys override ``faults`` while it exists (checked every 0.2 s).
+    control: Path | None = None
 
 
 FAULTS_HELP = """\
@@ -51,7 +53,14 @@ At the end of DATA, when any accepted recipient of the transaction carries them:
   +452               452 4.3.1 insufficient storage (temporary)
 Tags win over the ratios below; a drop wins over a reply. Only messages answered 250
 are recorded (log, maildir, stats "received"); the stats count the others under
-"refused" (by code) and "dropped", and refused recipients under "rcpt_refused"."""
+"refused" (by code) and "dropped", and refused recipients under "rcpt_refused".
+
+At run time, --control FILE: while FILE exists, its JSON object's keys fail_ratio,
+fail_code, drop_ratio and delay_ms override those flags (absent keys keep the flag);
+the sink looks at FILE every 0.2 s and re-reads it when it changed (write it
+atomically: a temporary file, then rename). Deleting FILE restores the flags. With
+--control the stats file also shows the faults in force under "faults", e.g.
+  echo '{"fail_ratio": 1, "fail_code": 451}' > ctl.tmp && mv ctl.tmp ctl.json"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,6 +127,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seed the ratios' draws: the same seed gives the n-th transaction the same "
         "fate (default: unseeded)",
     )
+    faults.add_argument(
+        "--control",
+        type=Path,
+        metavar="FILE",
+        help="JSON file overriding the four flags above while it exists (see above)",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> SinkOptions:
@@ -147,6 +162,7 @@ def options_from_args(args: argparse.Namespace) -> SinkOptions:
             delay_ms=args.delay_ms,
             seed=args.seed,
         ),
+        control=args.control,
     )
 
 

@@ -6,6 +6,7 @@ No I/O, no asyncio, no ``random``: the server draws, acts on the verdict and rec
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import Final
@@ -155,3 +156,46 @@ def decide_data(
     if fail_draw < options.fail_ratio:
         return replace(verdict, reply=options.fail_reply)
     return verdict
+
+
+# Keys a control file (``engine sink --control FILE``) may set; each overrides its flag.
+CONTROL_KEYS: Final = ("fail_ratio", "fail_code", "drop_ratio", "delay_ms")
+
+
+def control_faults(flags: FaultOptions, control: object) -> FaultOptions:
+    """The faults in force while a control file holds ``control`` (its parsed JSON).
+
+    ``None`` (no file) gives ``flags`` back. Otherwise ``control`` must be a JSON object
+    with some of ``CONTROL_KEYS``; each present key overrides its flag, the others keep
+    the flag's value (and the seed stays the flag's). Raises ValueError naming the key.
+    """
+    if control is None:
+        return flags
+    if not isinstance(control, dict):
+        raise ValueError("the control file must hold a JSON object")
+    unknown = sorted(set(control) - set(CONTROL_KEYS))
+    if unknown:
+        raise ValueError(f"unknown control keys {unknown}; known: {list(CONTROL_KEYS)}")
+    values = {key: control[key] for key in CONTROL_KEYS if key in control}
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
+    for key in ("fail_ratio", "drop_ratio"):
+        if key in values and not 0 <= values[key] <= 1:
+            raise ValueError(f"{key} must be between 0 and 1, got {values[key]}")
+    for key in ("fail_code", "delay_ms"):
+        if key in values and values[key] != int(values[key]):
+            raise ValueError(f"{key} must be a whole number, got {values[key]}")
+    if "fail_code" in values and not 400 <= values["fail_code"] <= 599:
+        raise ValueError(f"fail_code must be a 4xx or 5xx code, got {values['fail_code']}")
+    if "delay_ms" in values and values["delay_ms"] < 0:
+        raise ValueError(f"delay_ms must not be negative, got {values['delay_ms']}")
+    return replace(
+        flags,
+        fail_ratio=float(values.get("fail_ratio", flags.fail_ratio)),
+        fail_code=int(values.get("fail_code", flags.fail_code)),
+        drop_ratio=float(values.get("drop_ratio", flags.drop_ratio)),
+        delay_ms=int(values.get("delay_ms", flags.delay_ms)),
+    )

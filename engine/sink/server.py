@@ -8,13 +8,16 @@ numbers the fault ratios need, acts on the verdicts (wait, refuse, hang up) and 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import random
 import signal
 import socket
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -22,7 +25,14 @@ import uvloop
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from engine.sink.cli import SinkOptions
-from engine.sink.faults import DataVerdict, FaultOptions, Reply, decide_data, decide_rcpt
+from engine.sink.faults import (
+    DataVerdict,
+    FaultOptions,
+    Reply,
+    control_faults,
+    decide_data,
+    decide_rcpt,
+)
 from engine.sink.headers import scan_ids
 from engine.sink.protocol import SinkEnvelope, SinkSMTP
 from engine.sink.record import Counters, Maildir, MessageLog, Received, write_atomic
@@ -33,6 +43,8 @@ logger = logging.getLogger(__name__)
 DATA_SIZE_LIMIT = 64 * 1024 * 1024
 LOG_FLUSH_S = 0.2
 STATS_WRITE_S = 0.25
+# How often the --control file is looked at (one stat() per period, off the hot path).
+CONTROL_POLL_S = 0.2
 IDENT = "engine-sink"
 
 
@@ -49,12 +61,16 @@ class SinkHandler:
         self.counters = counters
         self.log = log
         self.maildir = maildir
+        self.set_faults(faults)
+        # One generator for the process: with a seed, the n-th transaction's fate is fixed.
+        self._random = random.Random(faults.seed)
+
+    def set_faults(self, faults: FaultOptions) -> None:
+        """Apply ``faults`` from the next transaction on (the --control file changed)."""
         self.faults = faults
         # Whether every transaction is decided, or only those with tagged recipients.
         self._every_transaction = faults.active
         self._draws = faults.draws
-        # One generator for the process: with a seed, the n-th transaction's fate is fixed.
-        self._random = random.Random(faults.seed)
 
     async def handle_EHLO(
         self,
@@ -154,18 +170,94 @@ async def _every(period_s: float, action: Callable[[], None]) -> None:
         action()
 
 
+class ControlFile:
+    """The --control file: re-read when its identity (inode, mtime, size) changes.
+
+    Polled from a background task, so the SMTP hot path never touches the file system.
+    A file that cannot be used (bad JSON, bad value) is reported and leaves the faults
+    in force unchanged until it changes again.
+    """
+
+    def __init__(self, path: Path, flags: FaultOptions, handler: SinkHandler, quiet: bool) -> None:
+        self.path = path
+        self.flags = flags
+        self.handler = handler
+        self.quiet = quiet
+        # Identity of the file last looked at; None: there was none.
+        self._seen: tuple[int, int, int] | None = None
+        self.error: str | None = None
+        self.active = False  # whether the faults in force come from the file
+
+    def poll(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            seen = None
+        else:
+            seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if seen == self._seen:
+            return
+        self._seen = seen
+        try:
+            control = None if seen is None else json.loads(self.path.read_bytes())
+            faults = control_faults(self.flags, control)
+        except FileNotFoundError:
+            self._seen = None  # removed between stat() and read: look again next time
+            return
+        except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+            self.error = str(exc)
+            print(f"sink: control file {self.path} ignored: {exc}", file=sys.stderr, flush=True)
+            return
+        self.error = None
+        self.active = control is not None
+        self.handler.set_faults(faults)
+        if not self.quiet:
+            source = "control file" if self.active else "flags"
+            print(f"sink faults from {source}: {_describe(faults)}", flush=True)
+
+    def statistics(self) -> dict[str, Any]:
+        """The faults in force, for the stats file's "faults" key."""
+        f = self.handler.faults
+        return {
+            "fail_ratio": f.fail_ratio,
+            "fail_code": f.fail_code,
+            "drop_ratio": f.drop_ratio,
+            "delay_ms": f.delay_ms,
+            "source": "control" if self.active else "flags",
+            "error": self.error,
+        }
+
+
+def _describe(f: FaultOptions) -> str:
+    return (
+        f"fail_ratio={f.fail_ratio:g} fail_code={f.fail_code} drop_ratio={f.drop_ratio:g} "
+        f"delay_ms={f.delay_ms}"
+    )
+
+
 async def serve_sink(options: SinkOptions, counters: Counters) -> None:
     """Listen, announce readiness, record messages until SIGINT/SIGTERM, then flush."""
     loop = asyncio.get_running_loop()
     log = MessageLog(options.log) if options.log is not None else None
     maildir = Maildir(options.maildir) if options.maildir is not None else None
     handler = SinkHandler(counters, log, maildir, options.faults)
+    control = (
+        ControlFile(options.control, options.faults, handler, options.quiet)
+        if options.control is not None
+        else None
+    )
     # Explicit: aiosmtpd would otherwise call socket.getfqdn() (DNS) per connection.
     hostname = socket.gethostname()
 
     def write_stats() -> None:
-        if options.stats is not None:
+        if options.stats is None:
+            return
+        if control is None:
             write_atomic(options.stats, msgspec.json.encode(counters.statistics()))
+        else:
+            stats = msgspec.structs.asdict(counters.statistics())
+            stats["faults"] = control.statistics()
+            write_atomic(options.stats, msgspec.json.encode(stats))
 
     def new_connection() -> SinkSMTP:
         counters.connections += 1
@@ -184,6 +276,8 @@ async def serve_sink(options: SinkOptions, counters: Counters) -> None:
         loop.add_signal_handler(signum, stop.set)
     server: asyncio.AbstractServer | None = None
     try:
+        if control is not None:
+            control.poll()  # a control file present at start applies from the first message
         server = await loop.create_server(
             new_connection, options.host, options.port, reuse_address=True, backlog=1024
         )
@@ -197,6 +291,8 @@ async def serve_sink(options: SinkOptions, counters: Counters) -> None:
             periodic = [tasks.create_task(_every(STATS_WRITE_S, write_stats))]
             if log is not None:
                 periodic.append(tasks.create_task(_every(LOG_FLUSH_S, log.flush)))
+            if control is not None:
+                periodic.append(tasks.create_task(_every(CONTROL_POLL_S, control.poll)))
             await stop.wait()
             for task in periodic:
                 task.cancel()

@@ -1,0 +1,275 @@
+"""One chaos run end to end, into one run directory (loadtest/RUNDIR.md):
+
+1. ``Cluster.up()``: N replicas behind HAProxy, Redis with AOF, the sink.
+2. Locust (``loadtest.load.start_load``) against the balancer for the run's length.
+3. The scenario's fault steps at their times (RUN/faults.json after each).
+4. Locust ends; then the drain: wait until every accepted id was delivered or
+   dead-lettered (or the drain time runs out: those ids are reported as pending).
+5. RUN/states.json: every accepted id's state, read straight from Redis.
+6. ``Cluster.down()``, then ``loadtest.report.write_report``: report.md and the plots.
+
+Progress goes to stderr, one line every few seconds. The exit code is the report's
+(0 nothing lost, 1 something accepted was lost or a watcher saw events out of order,
+2 the run could not be reconciled).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loadtest.chaos.scenarios import Fault, Scenario
+from loadtest.cluster import Cluster, ClusterError, _read_reply, _resp
+from loadtest.load import LoadRun, LoadSettings, start_load, update_meta
+from loadtest.report import write_report
+
+PENDING = ("queued", "scheduled", "processing", "retrying")
+_PROGRESS_S = 5.0
+
+
+def say(text: str) -> None:
+    print(f"[chaos {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class ChaosSettings:
+    scenario: Scenario
+    run_dir: Path
+    seconds: float = 60.0  # load duration (at least the scenario's min_seconds)
+    users: int = 20
+    spawn_rate: float = 10.0
+    replicas: int = 2
+    senders: int = 16
+    drain_s: float = 120.0  # how long undelivered accepted ids get after the load
+    weights: str | None = None  # LOAD_WEIGHTS for the Locust users
+    wait: str | None = None  # LOAD_WAIT
+    lease_s: float | None = None  # queue.lease_s of the replicas (None: the default)
+    engine_env: dict[str, str] = field(default_factory=dict)
+
+
+class Tally:
+    """Accepted ids (Locust's files) and deliveries (the sink's log), read incrementally."""
+
+    def __init__(self, run_dir: Path, sink_log: Path) -> None:
+        self.run_dir = run_dir
+        self.sink_log = sink_log
+        self.accepted: set[str] = set()
+        self.delivered: set[str] = set()
+        self._offsets: dict[Path, int] = {}
+
+    def _lines(self, path: Path) -> Iterable[str]:
+        try:
+            with path.open("rb") as f:
+                f.seek(self._offsets.get(path, 0))
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1  # a trailing partial line waits for the next poll
+        self._offsets[path] = self._offsets.get(path, 0) + end
+        return data[:end].decode(errors="replace").splitlines()
+
+    def poll(self) -> None:
+        for path in sorted((self.run_dir / "accepted").glob("*.csv")):
+            for line in self._lines(path):
+                job_id = line.partition(",")[0].strip()
+                if job_id:
+                    self.accepted.add(job_id)
+        for line in self._lines(self.sink_log):
+            try:
+                job_id = json.loads(line).get("job_id")
+            except ValueError:
+                continue
+            if job_id:
+                self.delivered.add(job_id)
+
+    def undelivered(self) -> set[str]:
+        return self.accepted - self.delivered
+
+
+def read_states(cluster: Cluster, ids: Iterable[str], chunk: int = 2000) -> dict[str, str]:
+    """Each id's ``state`` field, pipelined HGETs straight to Redis; ``missing`` for an
+    id without a record."""
+    ids = list(ids)
+    out: dict[str, str] = {}
+    port = cluster.ports["redis"]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        f = sock.makefile("rb")
+        for i in range(0, len(ids), chunk):
+            part = ids[i : i + chunk]
+            sock.sendall(b"".join(_resp("HGET", cluster.keys.job(j), "state") for j in part))
+            for job_id in part:
+                value = _read_reply(f)
+                out[job_id] = value.decode() if isinstance(value, bytes) else "missing"
+    return out
+
+
+def _wait_redis(cluster: Cluster, timeout_s: float) -> None:
+    """Redis answers PING (it may still be loading its AOF after a restart)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", cluster.ports["redis"]), timeout=2) as s:
+                s.sendall(_resp("PING"))
+                if _read_reply(s.makefile("rb")) == "PONG":
+                    return
+        except (OSError, ConnectionError, Exception):
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def _progress(tally: Tally, cluster: Cluster, started: float, what: str) -> None:
+    tally.poll()
+    up = [n for n, pid in zip(cluster.names, cluster.replica_pids, strict=True) if pid]
+    say(
+        f"{what} +{time.time() - started:.0f}s: accepted {len(tally.accepted):,}, "
+        f"delivered {len(tally.delivered & tally.accepted):,}, replicas running "
+        f"{', '.join(up) or 'none'}"
+    )
+
+
+def _sleep_until(t: float, tally: Tally, cluster: Cluster, started: float, load: LoadRun) -> None:
+    while True:
+        left = t - time.time()
+        if left <= 0 or not load.running():
+            return
+        time.sleep(min(left, _PROGRESS_S))
+        if time.time() < t and load.running():
+            _progress(tally, cluster, started, "load")
+
+
+def run(settings: ChaosSettings) -> int:
+    """Run the scenario; return the report's exit code (see the module docstring)."""
+    s = settings
+    sc = s.scenario
+    seconds = max(s.seconds, sc.min_seconds)
+    run_dir = s.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(s.engine_env)
+    if s.lease_s is not None:
+        env["ENGINE_QUEUE__LEASE_S"] = str(s.lease_s)
+    lease_s = s.lease_s if s.lease_s is not None else _default_lease_s()
+    cluster = Cluster(run_dir, replicas=s.replicas, senders=s.senders, engine_env=env)
+    faults: list[Fault] = []
+    say(f"scenario {sc.name}: {sc.summary}")
+    say(
+        f"run dir {run_dir}; {s.replicas} replicas x {s.senders} senders behind HAProxy; "
+        f"{os.cpu_count()} cores; load {seconds:g} s, {s.users} users"
+    )
+    try:
+        cluster.up()
+        say(f"cluster up: balancer {cluster.lb_url}, replicas {', '.join(cluster.replica_urls)}")
+        update_meta(
+            run_dir,
+            scenario=sc.name,
+            summary=sc.summary,
+            replicas=s.replicas,
+            senders=s.senders,
+            cores=os.cpu_count(),
+            lease_s=lease_s,
+            host=cluster.lb_url,
+        )
+        tally = Tally(run_dir, cluster.sink.log)
+        load = start_load(
+            LoadSettings(
+                cluster.lb_url,
+                run_dir,
+                seconds=seconds,
+                users=s.users,
+                spawn_rate=s.spawn_rate,
+                weights=s.weights,
+                wait=s.wait,
+                print_stats=False,
+            )
+        )
+        started = load.started_at
+        update_meta(run_dir, started_at=started)
+        _write_json(run_dir / "faults.json", faults)
+        for step in sc.steps:
+            _sleep_until(started + step.at_s, tally, cluster, started, load)
+            if not load.running():
+                say("Locust ended before the fault step: see RUN/locust.log")
+                break
+            say(f"fault +{time.time() - started:.0f}s: starting")
+            fault = step.run(cluster)
+            faults.append(fault)
+            _write_json(run_dir / "faults.json", faults)
+            held = "" if fault["in_flight"] is None else f" ({fault['in_flight']} jobs held)"
+            say(
+                f"fault {fault['name']}{held}: over after "
+                f"{(fault['until'] or fault['at']) - fault['at']:.1f} s"
+            )
+        _sleep_until(started + seconds + 60, tally, cluster, started, load)
+        result = load.wait()
+        say(
+            f"load over: {result.summary.accepted:,} accepted, "
+            f"{result.summary.requests_per_s:,.0f} requests/s, Locust exit {result.returncode}"
+        )
+        _drain(cluster, tally, s.drain_s, started)
+        _wait_redis(cluster, 30)
+        tally.poll()
+        states = read_states(cluster, sorted(tally.accepted))
+        _write_json(run_dir / "states.json", states)
+        update_meta(run_dir, ended_at=time.time())
+    except ClusterError as exc:
+        say(f"cluster failed: {exc}")
+        return 2
+    finally:
+        stopped = cluster.down(graceful=True)
+        say(f"cluster down (stopped {', '.join(stopped) or 'nothing'}); logs in {cluster.logs}")
+    report = write_report(run_dir)
+    say(f"report: {run_dir / 'report.md'}")
+    print(report.verdict, flush=True)
+    return report.exit_code
+
+
+def _drain(cluster: Cluster, tally: Tally, drain_s: float, started: float) -> None:
+    """Wait until every accepted id is delivered or dead-lettered, at most ``drain_s``."""
+    deadline = time.time() + drain_s
+    next_note = 0.0
+    while True:
+        tally.poll()
+        waiting = tally.undelivered()
+        if not waiting:
+            say("drained: every accepted message reached the sink")
+            return
+        if time.time() >= next_note or time.time() >= deadline:
+            try:
+                states = read_states(cluster, waiting)
+            except (OSError, ConnectionError):
+                states = {}
+            pending = sum(1 for v in states.values() if v in PENDING)
+            if states and not pending:
+                say(
+                    f"drained: {len(waiting):,} accepted ids are undelivered but not pending "
+                    "(dead-lettered or lost: see the report)"
+                )
+                return
+            if time.time() >= deadline:
+                say(f"drain time over: {pending:,} ids still pending")
+                return
+            say(
+                f"drain +{time.time() - started:.0f}s: {len(waiting):,} undelivered, "
+                f"{pending:,} of them pending"
+            )
+            next_note = time.time() + _PROGRESS_S
+        time.sleep(0.5)
+
+
+def _default_lease_s() -> float:
+    from engine.config import QueueSettings
+
+    return float(QueueSettings().lease_s)

@@ -1,0 +1,186 @@
+"""The chaos scenarios: which faults, when, and for how long.
+
+A scenario is a list of steps, each started ``at_s`` seconds after the load began;
+a step injects one fault into the running ``Cluster``, waits for its window, ends it,
+and returns the fault's record for RUN/faults.json (see loadtest/RUNDIR.md). Steps run
+one after another on the runner's thread, so their windows never overlap.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from loadtest.cluster import Cluster
+
+Fault = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Step:
+    at_s: float  # seconds after the load started
+    run: Callable[[Cluster], Fault]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    summary: str
+    steps: tuple[Step, ...]
+    min_seconds: float  # shortest load that leaves room to see recovery after the last step
+    replicas: int = 2
+
+
+def _fault(
+    name: str, kind: str, target: str, at: float, until: float | None, in_flight: int | None = None
+) -> Fault:
+    return {
+        "name": name,
+        "kind": kind,
+        "target": target,
+        "at": at,
+        "until": until,
+        "in_flight": in_flight,
+    }
+
+
+def kill9(replica: int, down_s: float) -> Callable[[Cluster], Fault]:
+    """kill -9 a replica, leave it dead ``down_s``, start it again (same instance name:
+    its processing list is its own again, and the reaper returns what it held)."""
+
+    def run(c: Cluster) -> Fault:
+        name = c.names[replica]
+        at = time.time()
+        held = c.kill_replica(replica, signal.SIGKILL)
+        time.sleep(down_s)
+        c.start_replica(replica)
+        return _fault(f"kill -9 {name}", "kill9", name, at, time.time(), held)
+
+    return run
+
+
+def rolling_restart(gap_s: float) -> Callable[[Cluster], Fault]:
+    """SIGTERM each replica in turn (it drains and hands unsent jobs back), start it
+    again, wait until it is ready, pause ``gap_s``: a release rollout."""
+
+    def run(c: Cluster) -> Fault:
+        at = time.time()
+        for i in range(c.replicas):
+            c.sigterm_replica(i, wait=True)
+            c.start_replica(i)
+            time.sleep(gap_s)
+        return _fault("rolling restart (SIGTERM)", "sigterm", "all replicas", at, time.time())
+
+    return run
+
+
+def redis_restart(down_s: float) -> Callable[[Cluster], Fault]:
+    """Kill Redis (SIGKILL, no shutdown save), keep it down ``down_s``, start it again on
+    its AOF. Acknowledged writes are in the AOF file (the page cache survives a process
+    kill), so nothing accepted may be missing afterwards."""
+
+    def run(c: Cluster) -> Fault:
+        at, ready = c.restart_redis(down_s)
+        return _fault(f"Redis killed for {down_s:g} s", "redis-restart", "redis", at, ready)
+
+    return run
+
+
+def sink_fail(window_s: float, code: int = 451) -> Callable[[Cluster], Fault]:
+    """Every delivery is refused with ``code`` (temporary) for ``window_s``: the engine
+    must retry with backoff and deliver everything once the window ends."""
+
+    def run(c: Cluster) -> Fault:
+        at = time.time()
+        c.sink_faults(fail_ratio=1.0, fail_code=code)
+        time.sleep(window_s)
+        c.sink_clear()
+        return _fault(
+            f"sink answers {code} for {window_s:g} s", "sink-fail", "sink", at, time.time()
+        )
+
+    return run
+
+
+def sink_slow(window_s: float, delay_ms: int) -> Callable[[Cluster], Fault]:
+    """Every delivery waits ``delay_ms`` for its reply for ``window_s``."""
+
+    def run(c: Cluster) -> Fault:
+        at = time.time()
+        c.sink_faults(delay_ms=delay_ms)
+        time.sleep(window_s)
+        c.sink_clear()
+        return _fault(
+            f"sink {delay_ms} ms slow for {window_s:g} s", "sink-slow", "sink", at, time.time()
+        )
+
+    return run
+
+
+def redis_cut(replica: int, seconds: float) -> Callable[[Cluster], Fault]:
+    """Reset one replica's connections to Redis and refuse new ones for ``seconds``
+    (a network partition between that replica and Redis)."""
+
+    def run(c: Cluster) -> Fault:
+        name = c.names[replica]
+        at = time.time()
+        held = c.in_flight(replica)
+        until = c.cut_redis(replica, seconds, wait=True)
+        return _fault(
+            f"{name} cut from Redis for {seconds:g} s", "redis-cut", name, at, until, held
+        )
+
+    return run
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("baseline", "no fault: load capacity and latency", (), min_seconds=20),
+        Scenario(
+            "kill9",
+            "kill -9 one replica under load, restart it 3 s later",
+            (Step(15, kill9(1, 3.0)),),
+            min_seconds=40,
+        ),
+        Scenario(
+            "rolling",
+            "SIGTERM each replica in turn and start it again (rollout)",
+            (Step(15, rolling_restart(3.0)),),
+            min_seconds=60,
+        ),
+        Scenario(
+            "redis-restart",
+            "kill Redis, 3 s down, restart on its AOF",
+            (Step(15, redis_restart(3.0)),),
+            min_seconds=45,
+        ),
+        Scenario(
+            "sink-fail",
+            "the SMTP sink answers 451 to everything for 8 s",
+            (Step(15, sink_fail(8.0)),),
+            min_seconds=45,
+        ),
+        Scenario(
+            "sink-slow",
+            "the SMTP sink takes 500 ms per reply for 10 s",
+            (Step(15, sink_slow(10.0, 500)),),
+            min_seconds=45,
+        ),
+        Scenario(
+            "redis-cut",
+            "one replica loses its Redis connections for 5 s",
+            (Step(15, redis_cut(0, 5.0)),),
+            min_seconds=45,
+        ),
+        Scenario(
+            "kill9-twice",
+            "kill -9 each replica in turn (one at a time), 20 s apart",
+            (Step(15, kill9(1, 3.0)), Step(35, kill9(0, 3.0))),
+            min_seconds=60,
+        ),
+    )
+}
