@@ -181,7 +181,10 @@ class EventHub:
         self.settings = settings
         self._everyone: set[_Subscriber] = set()
         self._by_id: dict[str, set[_Subscriber]] = {}
-        self._scan: set[_Subscriber] = set()  # other filters, or catching up to ``after``
+        # Other filters, grouped: subscribers with the same filter share one scan of each
+        # batch and its encoded chunks.
+        self._by_filter: dict[EventFilter, set[_Subscriber]] = {}
+        self._scan: set[_Subscriber] = set()  # catching up to ``after``
         self._count = 0
         self._waiting = 0
         self._cursor: str | None = None  # last entry dispatched; None: not tailing
@@ -258,6 +261,12 @@ class EventHub:
                         matched.setdefault(sub, []).append(raw)
             for sub, parts in matched.items():
                 self._offer(sub, _chunks(parts), len(parts))
+        for filt, group in list(self._by_filter.items()):
+            parts = [raw for e, raw in zip(events, encoded, strict=True) if filt.matches(e)]
+            if parts:
+                chunks = _chunks(parts)
+                for sub in list(group):
+                    self._offer(sub, chunks, len(parts))
         for sub in list(self._scan):
             catching_up = sub.after is not None
             parts = [raw for e, raw in zip(events, encoded, strict=True) if self._wants(sub, e)]
@@ -303,7 +312,7 @@ class EventHub:
             for job_id in sub.filter.ids:
                 self._by_id.setdefault(job_id, set()).add(sub)
         else:
-            self._scan.add(sub)
+            self._by_filter.setdefault(sub.filter, set()).add(sub)
 
     async def _attach(self, sub: _Subscriber, since: str) -> None:
         """Wait until the tail runs, then join it at its position (sync from there on)."""
@@ -329,6 +338,11 @@ class EventHub:
         self._count -= 1
         self._everyone.discard(sub)
         self._scan.discard(sub)
+        group = self._by_filter.get(sub.filter)
+        if group is not None:
+            group.discard(sub)
+            if not group:
+                del self._by_filter[sub.filter]
         for job_id in sub.filter.ids:
             subs = self._by_id.get(job_id)
             if subs is not None:
@@ -340,7 +354,10 @@ class EventHub:
         """Shutting down: end every subscription (close code 1001) and wait until their
         sockets are closed (bound it with a deadline)."""
         self._closing = True
-        subs = {*self._everyone, *self._scan, *(s for v in self._by_id.values() for s in v)}
+        subs = {*self._everyone, *self._scan}
+        subs.update(
+            s for group in (*self._by_id.values(), *self._by_filter.values()) for s in group
+        )
         for sub in subs:
             self._detach(sub)
         if self._sockets:
