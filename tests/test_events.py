@@ -446,12 +446,17 @@ async def _flush(url: str) -> None:
 
 async def test_resume_past_the_streams_retention_says_so(redis_server: RedisServer) -> None:
     async with engine(redis_server) as e:
-        first = await e.post(_msg())
-        more = await e.post(_msg(), _msg())
         log = EventLog(e.running.queue.client, e.running.queue.keys)
-        with trio.fail_after(10):
-            while len({x.id for x in (await log.range()).events if x.type == "sent"}) < 3:
-                await trio.sleep(0.05)
+
+        async def wait_sent(n: int) -> None:
+            with trio.fail_after(10):
+                while len({x.id for x in (await log.range()).events if x.type == "sent"}) < n:
+                    await trio.sleep(0.05)
+
+        first = await e.post(_msg())
+        await wait_sent(1)  # all of ``first``'s events come before ``more``'s
+        more = await e.post(_msg(), _msg())
+        await wait_sent(3)
         events = (await log.range()).events
         gone = next(x for x in events if x.id == first[0] and x.type == "sent")
         # Trim the stream past ``gone`` (as queue.events_maxlen does on a busy stream).
