@@ -26,7 +26,7 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from engine.api.hub import EventHub, HubStatistics
+from engine.api.hub import EventHub, HubStatistics, pause_s
 from engine.config import EventsSettings, load_settings
 from engine.embedded import free_port
 from engine.ids import new_id
@@ -199,6 +199,7 @@ async def test_filters_by_id_type_tenant_and_tag(redis_server: RedisServer) -> N
         async with (
             open_websocket_url(url) as everything,
             open_websocket_url(url + "?type=sent") as only_sent,
+            open_websocket_url(url + "?type=sent") as only_sent_too,  # shares the scan
             open_websocket_url(url + "?tenant=acme&type=queued,sent") as acme,
             open_websocket_url(url + "?tag=vip,gold") as vip,
         ):
@@ -221,6 +222,7 @@ async def test_filters_by_id_type_tenant_and_tag(redis_server: RedisServer) -> N
                 got_two = await receive_until(two, sent(ids[0], ids[1]))
                 got_two_sent = await receive_until(two_sent, sent(ids[1], ids[2]))
                 got_sent = await receive_until(only_sent, sent(*ids))
+                got_sent_too = await receive_until(only_sent_too, sent(*ids))
                 got_acme = await receive_until(acme, sent(ids[0]))
                 got_vip = await receive_until(vip, lambda g: len(g) >= 3)
                 for ws, got in [(two, got_two), (two_sent, got_two_sent), (only_sent, got_sent),
@@ -231,6 +233,7 @@ async def test_filters_by_id_type_tenant_and_tag(redis_server: RedisServer) -> N
         )
         assert {(x["id"], x["type"]) for x in got_two_sent} == {(ids[1], "sent"), (ids[2], "sent")}
         assert sorted(x["id"] for x in got_sent) == sorted(ids)
+        assert got_sent_too == got_sent[: len(got_sent_too)] and len(got_sent_too) == 3
         assert {x["type"] for x in got_sent} == {"sent"}
         assert [(x["id"], x["type"]) for x in got_acme] == [(ids[0], "queued"), (ids[0], "sent")]
         # A tag may hold a comma: 'tag' is never split (here it is the tag "vip,gold").
@@ -470,3 +473,13 @@ async def test_resume_past_the_streams_retention_says_so(redis_server: RedisServ
         # Within retention: no such header.
         async with open_websocket_url(f"{e.ws}?since={kept[1].event_id}") as ws:
             assert b"events-gap" not in dict(ws.handshake_headers)
+
+
+def test_the_tail_pauses_longer_with_more_subscribers() -> None:
+    settings = EventsSettings()  # 20 ms + 0.5 ms per subscriber, at most 50 ms
+    assert pause_s(0, settings) == pytest.approx(0.02)
+    assert pause_s(1, settings) == pytest.approx(0.0205)
+    assert pause_s(20, settings) == pytest.approx(0.03)
+    assert pause_s(100, settings) == pytest.approx(0.05)
+    slow = EventsSettings(batch_interval_s=1.5)  # the floor wins over a lower cap
+    assert pause_s(100, slow) == pytest.approx(1.5)
