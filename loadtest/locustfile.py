@@ -71,6 +71,18 @@ def _signals_stop_the_run(**_: Any) -> None:
     KeyboardInterrupt): loadtest.load stops a run with SIGINT, so restore both."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     gevent.signal_handler(signal.SIGTERM, lambda: os.kill(os.getpid(), signal.SIGINT))
+    gevent.signal_handler(signal.SIGUSR2, _dump_greenlets)
+
+
+def _dump_greenlets() -> None:
+    """SIGUSR2: every greenlet's stack to RUN/locust-stacks-<pid>.txt (the chaos runner
+    asks for it when Locust outlives its run time)."""
+    import gevent.util
+
+    run_dir = os.environ.get(recorder.RUN_DIR_ENV)
+    if run_dir:
+        path = Path(run_dir) / f"locust-stacks-{os.getpid()}.txt"
+        path.write_text("\n".join(gevent.util.format_run_info()))
 
 
 @events.test_start.add_listener

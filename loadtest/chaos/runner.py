@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -217,7 +218,12 @@ def run(settings: ChaosSettings) -> int:
         if load.running():
             # Seen once in ~20 runs: Locust logged "Shape test stopping" and its users
             # went on. The run is bounded here, not by Locust.
-            say(f"Locust still runs {_OVERRUN_S:g} s after its run time: stopping it (SIGINT)")
+            say(
+                f"Locust still runs {_OVERRUN_S:g} s after its run time: stopping it "
+                "(SIGINT; its greenlets' stacks go to RUN/locust-stacks-<pid>.txt)"
+            )
+            os.kill(load.pid, signal.SIGUSR2)
+            time.sleep(1.0)
             result = load.stop()
         else:
             result = load.wait()
