@@ -205,6 +205,16 @@ def _read_reply(f: io.BufferedReader) -> Any:
     raise ConnectionError(f"unexpected reply from redis: {line!r}")
 
 
+def redis_pipeline(
+    host: str, port: int, commands: Sequence[Sequence[str | int]], timeout: float = 30.0
+) -> list[Any]:
+    """Many commands over one fresh connection, sent together, replies in order."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(b"".join(_resp(*c) for c in commands))
+        with sock.makefile("rb") as f:
+            return [_read_reply(f) for _ in commands]
+
+
 def redis_command(host: str, port: int, *args: str | int, timeout: float = 2.0) -> Any:
     """One command over a fresh connection (a few per second at most: no pool needed)."""
     with socket.create_connection((host, port), timeout=timeout) as sock:

@@ -361,7 +361,8 @@ def parse_seconds(text: str) -> float:
     return total
 
 
-def _lease_s_default() -> float:
+def default_lease_s() -> float:
+    """The engine's queue.lease_s default (10 s when the engine is not importable)."""
     try:
         from engine.config import QueueSettings
 
@@ -547,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scenario=args.scenario or f"load-{args.shape}",
         replicas=args.replicas,
         cores=os.cpu_count(),
-        lease_s=args.lease_s if args.lease_s is not None else _lease_s_default(),
+        lease_s=args.lease_s if args.lease_s is not None else default_lease_s(),
         started_at=time.time(),
         ended_at=None,
         host=args.host,

@@ -52,6 +52,7 @@ from benchlib import (  # noqa: E402  (scripts/ is on sys.path when run as a scr
     ScenarioFailed,
     cpu_seconds,
     interrupt,
+    publish,
     say,
     stop_engine,
     wait_until,
@@ -495,19 +496,7 @@ def main() -> int:
     except KeyboardInterrupt:
         say("interrupted: processes stopped")
         return 130
-    lines = table(res)
-    print("\n" + "\n".join(lines) + "\n", flush=True)
-    say(f"total {time.monotonic() - started:.0f} s")
-    if args.json:
-        doc = {
-            "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "cores": os.cpu_count(),
-            "args": vars(args),
-            **res,
-            "table": lines,
-        }
-        Path(args.json).write_text(json.dumps(doc, indent=2))
-        say(f"wrote {args.json}")
+    publish(table(res), res, args.json, args, started)
     return 0
 
 

@@ -54,6 +54,7 @@ from benchlib import (  # noqa: E402  (scripts/ is on sys.path when run as a scr
     ScenarioFailed,
     cpu_seconds,
     interrupt,
+    publish,
     say,
     stop_engine,
     wait_until,
@@ -647,19 +648,7 @@ def main() -> int:
     except KeyboardInterrupt:
         say("interrupted: processes stopped")
         return 130
-    lines = table(results)
-    print("\n" + "\n".join(lines) + "\n", flush=True)
-    say(f"total {time.monotonic() - started:.0f} s")
-    if args.json:
-        doc = {
-            "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "cores": os.cpu_count(),
-            "args": vars(args),
-            **results,
-            "table": lines,
-        }
-        Path(args.json).write_text(json.dumps(doc, indent=2))
-        say(f"wrote {args.json}")
+    publish(table(results), results, args.json, args, started)
     return 1 if any("error" in r for r in results.values()) else 0
 
 

@@ -4,6 +4,7 @@ engine, CPU accounting, the work directory, and SIGTERM handling."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -75,3 +76,22 @@ def workdir(keep: str | None, prefix: str) -> Iterator[Path]:
     else:
         with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
             yield Path(tmp)
+
+
+def publish(
+    lines: list[str], results: dict[str, Any], json_path: str | None, args: Any, started: float
+) -> None:
+    """The end of a benchmark: its markdown table on stdout, the time taken on stderr,
+    and with ``json_path`` everything (args, results, table) as JSON."""
+    print("\n" + "\n".join(lines) + "\n", flush=True)
+    say(f"total {time.monotonic() - started:.0f} s")
+    if json_path:
+        doc = {
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "cores": os.cpu_count(),
+            "args": vars(args),
+            **results,
+            "table": lines,
+        }
+        Path(json_path).write_text(json.dumps(doc, indent=2))
+        say(f"wrote {json_path}")

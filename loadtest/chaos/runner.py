@@ -18,17 +18,23 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from loadtest.chaos.scenarios import Fault, Scenario
-from loadtest.cluster import Cluster, ClusterError, _read_reply, _resp
-from loadtest.load import LoadRun, LoadSettings, start_load, update_meta
+from loadtest.cluster import (
+    HOST,
+    Cluster,
+    ClusterError,
+    RedisReplyError,
+    redis_command,
+    redis_pipeline,
+)
+from loadtest.load import LoadRun, LoadSettings, default_lease_s, start_load, update_meta
+from loadtest.recorder import write_json
 from loadtest.report import write_report
 
 PENDING = ("queued", "scheduled", "processing", "retrying")
@@ -100,15 +106,13 @@ def read_states(cluster: Cluster, ids: Iterable[str], chunk: int = 2000) -> dict
     id without a record."""
     ids = list(ids)
     out: dict[str, str] = {}
-    port = cluster.ports["redis"]
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        f = sock.makefile("rb")
-        for i in range(0, len(ids), chunk):
-            part = ids[i : i + chunk]
-            sock.sendall(b"".join(_resp("HGET", cluster.keys.job(j), "state") for j in part))
-            for job_id in part:
-                value = _read_reply(f)
-                out[job_id] = value.decode() if isinstance(value, bytes) else "missing"
+    for i in range(0, len(ids), chunk):
+        part = ids[i : i + chunk]
+        replies = redis_pipeline(
+            HOST, cluster.ports["redis"], [("HGET", cluster.keys.job(j), "state") for j in part]
+        )
+        for job_id, value in zip(part, replies, strict=True):
+            out[job_id] = value.decode() if isinstance(value, bytes) else "missing"
     return out
 
 
@@ -117,20 +121,12 @@ def _wait_redis(cluster: Cluster, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with socket.create_connection(("127.0.0.1", cluster.ports["redis"]), timeout=2) as s:
-                s.sendall(_resp("PING"))
-                if _read_reply(s.makefile("rb")) == "PONG":
-                    return
-        except (OSError, ConnectionError, Exception):
+            if redis_command(HOST, cluster.ports["redis"], "PING") == "PONG":
+                return
+        except (OSError, ConnectionError, RedisReplyError):
             if time.monotonic() > deadline:
                 raise
         time.sleep(0.2)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
 
 
 def _progress(tally: Tally, cluster: Cluster, started: float, what: str) -> None:
@@ -163,7 +159,7 @@ def run(settings: ChaosSettings) -> int:
     env = dict(s.engine_env)
     if s.lease_s is not None:
         env["ENGINE_QUEUE__LEASE_S"] = str(s.lease_s)
-    lease_s = s.lease_s if s.lease_s is not None else _default_lease_s()
+    lease_s = s.lease_s if s.lease_s is not None else default_lease_s()
     cluster = Cluster(run_dir, replicas=s.replicas, senders=s.senders, engine_env=env)
     faults: list[Fault] = []
     say(f"scenario {sc.name}: {sc.summary}")
@@ -199,7 +195,7 @@ def run(settings: ChaosSettings) -> int:
         )
         started = load.started_at
         update_meta(run_dir, started_at=started)
-        _write_json(run_dir / "faults.json", faults)
+        write_json(run_dir / "faults.json", faults)
         for step in sc.steps:
             _sleep_until(started + step.at_s, tally, cluster, started, load)
             if not load.running():
@@ -208,7 +204,7 @@ def run(settings: ChaosSettings) -> int:
             say(f"fault +{time.time() - started:.0f}s: starting")
             fault = step.run(cluster)
             faults.append(fault)
-            _write_json(run_dir / "faults.json", faults)
+            write_json(run_dir / "faults.json", faults)
             held = "" if fault["in_flight"] is None else f" ({fault['in_flight']} jobs held)"
             say(
                 f"fault {fault['name']}{held}: over after "
@@ -235,7 +231,7 @@ def run(settings: ChaosSettings) -> int:
         _wait_redis(cluster, 30)
         tally.poll()
         states = read_states(cluster, sorted(tally.accepted))
-        _write_json(run_dir / "states.json", states)
+        write_json(run_dir / "states.json", states)
         update_meta(run_dir, ended_at=time.time())
     except ClusterError as exc:
         say(f"cluster failed: {exc}")
@@ -280,9 +276,3 @@ def _drain(cluster: Cluster, tally: Tally, drain_s: float, started: float) -> No
             )
             next_note = time.time() + _PROGRESS_S
         time.sleep(0.5)
-
-
-def _default_lease_s() -> float:
-    from engine.config import QueueSettings
-
-    return float(QueueSettings().lease_s)
