@@ -2,6 +2,17 @@
 
 Precedence, lowest first: defaults here < TOML file (``--config``) < ``ENGINE_*``
 environment variables < command-line flags. Imports nothing from the engine but errors.
+
+Units are in the names: ``_s`` seconds, ``_ms`` milliseconds, ``_bytes``, ``_per_s``
+messages per second. One convention per concept:
+
+- a rate is messages per second, 0 = unlimited;
+- a burst (what a token bucket lets through at once) is a number of messages
+  (``burst``, ``client_burst``) where the setting sizes one bucket, and seconds' worth
+  of each bucket's rate (``burst_s``) where one setting sizes many buckets of
+  different rates (``[limits]``); 0 = one second's worth of the rate;
+- "limits" (``[limits]``, ``RateLimitSettings``) are the send-rate limits shared
+  through Redis; the per-client ingest rate is ``[ingest]``, size caps are ``max_*``.
 """
 
 from __future__ import annotations
@@ -74,7 +85,8 @@ class SenderSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     senders: int = 16
     # Global send rate in messages per second; 0 means unlimited.
     rate_per_s: float = 0.0
-    # Token-bucket capacity (messages that may go at once); 0 means max(1, rate_per_s).
+    # Messages that may go at once (the token bucket's size); 0 = one second's worth
+    # of rate_per_s (at least 1).
     burst: int = 0
     # Most jobs one sender claims in one round-trip when the queue is busy; they go out
     # pipelined over one SMTP connection (32 measured best here with 16 senders).
@@ -130,8 +142,9 @@ class QueueSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     )
 
 
-class LimitsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Send-rate limits kept in Redis, so they hold across all replicas (0 = none)."""
+class RateLimitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Send-rate limits (section ``[limits]``) kept in Redis, so they hold across all
+    replicas (0 = none)."""
 
     # Messages per second through the transport, all replicas together.
     global_per_s: float = 0.0
@@ -142,7 +155,8 @@ class LimitsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Per tenant (the message's tenant field or its API key), e.g. {"acme" = 100}.
     tenants: dict[str, float] = {}
     tenant_default_per_s: float = 0.0
-    # A bucket holds this many seconds' worth of tokens (at least one): the burst.
+    # Each bucket lets this many seconds' worth of its rate through at once (at least
+    # one message): the burst.
     burst_s: float = 0.5
     # A claimed job waits in its sender up to this long for its slot; later slots are
     # not waited for: the job is deferred (scheduled) to when its bucket has room.
@@ -186,7 +200,9 @@ class IngestSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Messages per second one client (API key, else IP address) may submit across all
     # replicas; a batch counts each message. 0 = unlimited.
     client_rate_per_s: float = 0.0
-    # Messages a client may submit at once; 0 = max(client_rate_per_s, 1000).
+    # Messages a client may submit at once; 0 = one second's worth of
+    # client_rate_per_s, but at least 1000 so a full batch (http.max_batch_messages,
+    # default 1000) can pass.
     client_burst: int = 0
     # Addresses of load balancers in front of the engine: a request from one of them is
     # counted against the client named by X-Forwarded-For (the right-most address that
@@ -249,7 +265,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     smtp: SmtpSettings = SmtpSettings()
     sender: SenderSettings = SenderSettings()
     queue: QueueSettings = QueueSettings()
-    limits: LimitsSettings = LimitsSettings()
+    limits: RateLimitSettings = RateLimitSettings()
     ingest: IngestSettings = IngestSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     sink: SinkSettings = SinkSettings()

@@ -2,14 +2,12 @@
 
 All keys of one queue shard share the hash tag ``{<queue>:<shard>}`` so they live
 in one Redis Cluster slot and multi-key Lua scripts stay legal there.
-Imports nothing from the engine.
+Imports only ``engine.models`` (lane and tenant names are parts of key names).
 """
 
 from __future__ import annotations
 
-from typing import Final
-
-LANES: Final = ("high", "normal", "low")
+from engine.models import DEFAULT_TENANT
 
 
 class Keys:
@@ -30,14 +28,12 @@ class Keys:
     def job(self, job_id: str) -> str:
         return self.prefix + "job:" + job_id
 
-    def ready(self, lane: str = "normal", tenant: str = "default") -> str:
-        """Jobs of one tenant waiting in one lane (Lua scripts build these in-slot)."""
+    # ready, ring and idem keys are built in-slot by the Lua scripts from ``prefix``;
+    # they are spelled here too so tests and tools name them (tests/test_surface.py
+    # holds the two spellings together).
+    def ready(self, lane: str = "normal", tenant: str = DEFAULT_TENANT) -> str:
+        """Jobs of one tenant waiting in one lane."""
         return self.prefix + "ready:" + lane + ":" + tenant
-
-    @property
-    def legacy_ready(self) -> str:
-        """The one ready list of versions before lanes (reap drains it into the lanes)."""
-        return self.prefix + "ready:normal"
 
     def ring(self, lane: str) -> str:
         """Round-robin ring of the tenants with jobs in ``lane`` (claim rotates it)."""

@@ -135,6 +135,13 @@ EVENT_TYPES: Final = frozenset(
 )
 
 
+# Close codes of the events websocket (WS /v1/events), for the hub and its clients.
+CLOSE_GOING_AWAY: Final = 1001  # the server is shutting down: resume elsewhere with since=
+CLOSE_POLICY: Final = 1008  # refused before the handshake could carry an HTTP answer
+CLOSE_UNAVAILABLE: Final = 1011  # the event stream cannot be read
+CLOSE_TOO_SLOW: Final = 4008  # more than events.subscriber_buffer events waited for it
+
+
 class Event(msgspec.Struct, omit_defaults=True, gc=False):
     """One lifecycle event of a job (WS /v1/events, GET /v1/messages/{id}/events).
 
@@ -184,13 +191,18 @@ _NAMED_RE: Final = re.compile(r"^\s*(?P<name>[^<>\r\n]*?)\s*<(?P<addr>[^<>\s]+)>
 _HEADER_NAME_RE: Final = re.compile(r"^[!-9;-~]+$")
 
 
-def bare_address(addr: str) -> str:
-    """``"Ann <ann@x.org>"`` -> ``"ann@x.org"``; a bare address is returned as is."""
+def split_address(addr: str) -> tuple[str, str]:
+    """``"Ann <ann@x.org>"`` -> ``("Ann", "ann@x.org")``; anything else -> ``("", addr)``."""
     if addr.endswith(">"):
         m = _NAMED_RE.match(addr)
         if m:
-            return m.group("addr")
-    return addr
+            return m.group("name"), m.group("addr")
+    return "", addr
+
+
+def bare_address(addr: str) -> str:
+    """``"Ann <ann@x.org>"`` -> ``"ann@x.org"``; a bare address is returned as is."""
+    return split_address(addr)[1]
 
 
 def _no_newlines(field: str, value: str) -> None:

@@ -14,16 +14,16 @@ Outcome = Literal["retry", "dead"]
 
 
 @dataclass(frozen=True, slots=True)
-class BucketState:
-    """Tokens available at time ``at`` (seconds, any monotonic origin)."""
+class TokenBucket:
+    """A process-local bucket: tokens available at time ``at`` (seconds, any origin)."""
 
     tokens: float
     at: float
 
 
 def bucket_take(
-    state: BucketState, *, now: float, rate_per_s: float, burst: float, n: float = 1.0
-) -> tuple[BucketState, float]:
+    state: TokenBucket, *, now: float, rate_per_s: float, burst: float, n: float = 1.0
+) -> tuple[TokenBucket, float]:
     """Take ``n`` tokens; return the new state and how long to wait before proceeding.
 
     The tokens are reserved at once (the balance may go negative), so concurrent
@@ -34,7 +34,19 @@ def bucket_take(
         return state, 0.0
     tokens = min(burst, state.tokens + (now - state.at) * rate_per_s) - n
     wait = 0.0 if tokens >= 0 else -tokens / rate_per_s
-    return BucketState(tokens, now), wait
+    return TokenBucket(tokens, now), wait
+
+
+def recovered_rate(
+    rate: float | None, rate_at_ms: float | None, limit: float, now_ms: float, recovery: float
+) -> float:
+    """The rate in force at ``now_ms``: the stored (slowed) rate plus additive recovery
+    since it was stored, capped at the limit. claim.lua does the same arithmetic in Lua
+    (atomically with the take); tests/test_flow.py holds the two to the same numbers."""
+    if rate is None or rate >= limit:
+        return limit
+    elapsed = max(0.0, now_ms - (rate_at_ms if rate_at_ms is not None else now_ms))
+    return min(limit, rate + limit * recovery * elapsed / 1000)
 
 
 def lane_pattern(weights: dict[str, int]) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import NoReturn
 
 import trio
@@ -19,16 +18,6 @@ from engine.metrics import Metrics, ReaperMetrics
 from engine.queue import Queue
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class ReaperStatistics:
-    renewals: int = 0
-    reaps: int = 0
-    promoted: int = 0
-    requeued: int = 0
-    instances_removed: int = 0
-    errors: int = 0
 
 
 class Reaper:
@@ -45,7 +34,6 @@ class Reaper:
         self.holding = holding
         self.settings = settings
         self.reap_interval_s = reap_interval_s
-        self.stats = ReaperStatistics()
         self._metrics = metrics if metrics is not None else Metrics().reaper
 
     async def serve(
@@ -63,14 +51,9 @@ class Reaper:
 
     async def renew_once(self) -> None:
         await self.queue.renew(self.holding())
-        self.stats.renewals += 1
 
     async def reap_once(self) -> None:
         r = await self.queue.reap()
-        self.stats.reaps += 1
-        self.stats.promoted += r.promoted
-        self.stats.requeued += r.requeued
-        self.stats.instances_removed += r.instances_removed
         self._metrics.reaped(
             requeued=r.requeued,
             dead=r.dead_lettered,
@@ -88,7 +71,6 @@ class Reaper:
             try:
                 await self.renew_once()
             except QueueError as exc:
-                self.stats.errors += 1
                 self._metrics.error()
                 log.warning("reaper.renew.failed error=%s", exc)
 
@@ -97,13 +79,7 @@ class Reaper:
             try:
                 await self.reap_once()
             except QueueError as exc:
-                self.stats.errors += 1
                 self._metrics.error()
                 log.warning("reaper.reap.failed error=%s", exc)
             await trio.sleep(self.reap_interval_s)
-
-
-async def serve_reaper(
-    reaper: Reaper, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> NoReturn:
-    await reaper.serve(task_status=task_status)
+from engine.queue.jobs import Queue as _Q  # noqa

@@ -20,15 +20,12 @@ import trio
 from engine.config import SchedulerSettings
 from engine.cron import next_tick_ms
 from engine.errors import QueueError, ValidationError
-from engine.models import MessageIn, normalize, recipient_domains, route
-from engine.queue import NewJob, Queue
-from engine.queue.jobs import TAG_SEPARATOR
-from engine.queue.schedules import Schedule, ScheduleStore
+from engine.models import MessageIn
+from engine.queue import NewJob, Queue, Schedule, ScheduleStore, new_job
 
 log = logging.getLogger(__name__)
 
 _decode_message = msgspec.json.Decoder(MessageIn).decode
-_encode_msgpack = msgspec.msgpack.Encoder().encode
 
 # Ticks counted one by one per compare-and-set when skipping (~15 µs each: a week of
 # minutely ticks blocks the loop ~0.15 s), and steps per schedule per pass.
@@ -56,17 +53,10 @@ def tick_job_id(name: str, version: int, tick_ms: int) -> str:
 def build_tick_job(schedule: Schedule, tick_ms: int, *, default_from: str) -> NewJob:
     """The job a tick enqueues; raises ValidationError / msgspec.ValidationError when
     the stored message cannot be sent (the API checked it when it was put)."""
+    job_id = tick_job_id(schedule.name, schedule.version, tick_ms)
     incoming = _decode_message(schedule.message)
-    message = normalize(incoming, default_from=default_from)
-    routing = route(incoming, now_ms=tick_ms)
-    return NewJob(
-        tick_job_id(schedule.name, schedule.version, tick_ms),
-        _encode_msgpack(message),
-        routing.lane,
-        routing.tenant,
-        recipient_domains(message),
-        tags=TAG_SEPARATOR.join(message.tags),
-    )
+    # Due at once (the API refuses send_at / delay_s in a schedule's message).
+    return new_job(incoming, job_id, default_from=default_from, now_ms=tick_ms)
 
 
 def skip_run(cron: str, tz: str, tick_ms: int, stale_before_ms: int) -> tuple[int, int]:
@@ -223,9 +213,3 @@ class Scheduler:
             self._fired += 1
             log.info("scheduler.tick.fired schedule=%s tick=%d job=%s", s.name, tick, job.id)
         return ok
-
-
-async def serve_scheduler(
-    scheduler: Scheduler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> NoReturn:
-    await scheduler.serve(task_status=task_status)

@@ -1,11 +1,12 @@
-"""Composition root: builds every component and runs the task tree of one engine process.
+"""Composition root: ``build`` makes every component of one engine process, ``run``
+runs its task tree; ``run_engine`` does both on one Redis connection.
 
-    run_engine
+    run
     ├── queue.serve      group-commit flushers (enqueue, ack)
-    ├── serve_reaper     heartbeat + lease renewal, recovery, delayed promotion
+    ├── reaper.serve     heartbeat + lease renewal, recovery, delayed promotion
     ├── scheduler.serve  fires due ticks of recurring schedules (every replica; exactly once)
     ├── drain.serve      samples how fast the queue drains (Retry-After of a full backlog)
-    ├── serve_senders    N sender tasks
+    ├── senders.serve    N sender tasks
     ├── hub.serve        tails the event stream for this replica's websockets (API roles)
     └── serve_http       hypercorn (trio worker) running the API
 
@@ -28,23 +29,29 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.trio import serve as hypercorn_serve
 
-from engine.api import ApiBackend, build_app
-from engine.api.asgi import ASGIApp
-from engine.api.drain import DrainMeter
-from engine.api.hub import EventHub
+from engine.api import ApiBackend, ASGIApp, EventHub, build_app
 from engine.config import HttpSettings, Settings
 from engine.errors import EngineError
 from engine.metrics import Metrics
-from engine.queue import Queue, RateLimits, open_redis
-from engine.queue.events import EventLog
-from engine.queue.schedules import ScheduleStore
+from engine.queue import (
+    DrainMeter,
+    EventLog,
+    Queue,
+    RateLimits,
+    Redis,
+    ScheduleStore,
+    open_redis,
+)
 from engine.reaper import Reaper
 from engine.scheduler import Scheduler
 from engine.sender import SenderPool
-from engine.transport.base import Transport
-from engine.transport.smtp import SmtpPool
+from engine.transport import SmtpPool, Transport
 
 log = logging.getLogger(__name__)
+
+# Seconds shutdown gives the steps after the senders (hand-back, websocket goodbyes,
+# closing SMTP connections), on top of the senders' grace period.
+_CLOSE_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +105,89 @@ async def serve_http(
     await hypercorn_serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True, slots=True)
+class Components:
+    """One engine process, built and not yet running (``build``; ``run`` runs it)."""
+
+    settings: Settings
+    instance: str
+    queue: Queue
+    rate_limits: RateLimits
+    transport: Transport
+    senders: SenderPool
+    reaper: Reaper
+    scheduler: Scheduler
+    drain: DrainMeter
+    hub: EventHub
+    app: ASGIApp
+    stopping: trio.Event  # set when shutdown begins: intake answers 503
+
+    @property
+    def with_senders(self) -> bool:
+        return self.settings.role in ("all", "sender")
+
+    @property
+    def with_api(self) -> bool:
+        # Every role listens on http.bind: sender-only replicas answer /healthz, /readyz
+        # and /metrics there (probes and scrapes), and nothing else.
+        return self.settings.role in ("all", "api")
+
+
+def build(
+    settings: Settings,
+    client: Redis,
+    *,
+    smtp_url: str,
+    transport: Transport | None = None,
+    sink_maildir: str | None = None,
+) -> Components:
+    """Build every component of one process on one Redis client; starts nothing."""
+    instance = instance_id(settings)
+    queue = Queue(
+        client, settings.queue, instance, rate_limits=settings.limits, ingest=settings.ingest
+    )
+    rate_limits = RateLimits(client, queue.keys, settings.limits)
+    transport = transport or SmtpPool(settings.smtp, smtp_url)
+    # One registry per process, shared by the parts that count (GET /metrics).
+    metrics = Metrics(instance=instance, role=settings.role)
+    senders = SenderPool(
+        queue, transport, settings.sender, settings.queue, rate_limits, metrics=metrics.sender
+    )
+    schedules = ScheduleStore(client, queue.keys)
+    drain = DrainMeter(queue)
+    hub = EventHub(EventLog(client, queue.keys), settings.events)
+    metrics.subscribers = lambda: hub.statistics().subscribers
+    stopping = trio.Event()
+    backend = ApiBackend(
+        queue=queue,
+        limits=rate_limits,
+        schedules=schedules,
+        senders=senders,
+        expects_senders=settings.role in ("all", "sender"),
+        stopping=stopping,
+        drain=drain,
+        metrics=metrics,
+        events=hub,
+        sink_maildir=sink_maildir,
+    )
+    return Components(
+        settings=settings,
+        instance=instance,
+        queue=queue,
+        rate_limits=rate_limits,
+        transport=transport,
+        senders=senders,
+        reaper=Reaper(queue, senders.holding, settings.queue, metrics=metrics.reaper),
+        scheduler=Scheduler(
+            schedules, queue, settings.scheduler, default_from=settings.sender.default_from
+        ),
+        drain=drain,
+        hub=hub,
+        app=build_app(backend, settings),
+        stopping=stopping,
+    )
+
+
 async def run_engine(
     settings: Settings,
     *,
@@ -114,119 +204,107 @@ async def run_engine(
 
     ``sink_maildir``: where the embedded sink keeps mail (the dashboard lists it).
     """
-    instance = instance_id(settings)
-    if shutdown_grace_s is None:
-        shutdown_grace_s = settings.sender.shutdown_grace_s
-    stop = stop if stop is not None else trio.Event()
     async with open_redis(
         redis_url,
         connect_timeout_s=settings.redis.connect_timeout_s,
         command_timeout_s=settings.redis.command_timeout_s,
     ) as client:
-        queue = Queue(
-            client, settings.queue, instance, limits=settings.limits, ingest=settings.ingest
+        parts = build(
+            settings, client, smtp_url=smtp_url, transport=transport, sink_maildir=sink_maildir
         )
-        limits = RateLimits(client, queue.keys, settings.limits)
         try:
-            await queue.load_scripts()
-            await limits.publish()
-        except EngineError as exc:  # Redis may be down now; EVALSHA reloads later
-            log.warning("engine.scripts.not_loaded error=%s", exc)
-        transport = transport or SmtpPool(settings.smtp, smtp_url)
-        # One registry per process, shared by the parts that count (GET /metrics).
-        metrics = Metrics(instance=instance, role=settings.role)
-        pool = SenderPool(
-            queue, transport, settings.sender, settings.queue, limits, metrics=metrics.sender
-        )
-        reaper = Reaper(queue, pool.holding, settings.queue, metrics=metrics.reaper)
-        schedules = ScheduleStore(client, queue.keys)
-        scheduler = Scheduler(
-            schedules, queue, settings.scheduler, default_from=settings.sender.default_from
-        )
-        draining = False
-        with_senders = settings.role in ("all", "sender")
-        # Every role listens on http.bind: sender-only replicas answer /healthz, /readyz
-        # and /metrics there (probes and scrapes), and nothing else.
-        with_api = settings.role in ("all", "api")
-        drain = DrainMeter(queue)
-        hub = EventHub(EventLog(client, queue.keys), settings.events)
-        metrics.subscribers = lambda: hub.statistics().subscribers
-        backend = ApiBackend(
-            queue,
-            lambda: pool.statistics().running,
-            with_senders,
-            lambda: draining,
-            limits,
-            schedules,
-            drain.rate,
-            sink_maildir=sink_maildir,
-            metrics=metrics,
-            events=hub,
-        )
-        app = build_app(backend, settings)
-        http_stop = trio.Event()
-        try:
-            async with trio.open_nursery() as root:
-                if handle_signals:
-                    root.start_soon(_watch_signals, stop, root.cancel_scope)
-                await root.start(queue.serve)
-                await root.start(reaper.serve)
-                await root.start(scheduler.serve)
-                senders = trio.CancelScope()
-                senders_done = trio.Event()
-
-                async def run_senders() -> None:
-                    try:
-                        with senders:
-                            await pool.serve()
-                    finally:
-                        senders_done.set()
-
-                if with_senders:
-                    root.start_soon(run_senders)
-                else:
-                    senders_done.set()
-                binds: list[str] = []
-                if with_api:
-                    await root.start(drain.serve)
-                    await root.start(hub.serve)
-                binds = await root.start(serve_http, app, settings.http, http_stop)
-                log.info(
-                    "engine.started instance=%s role=%s http=%s", instance, settings.role, binds
-                )
-                task_status.started(Running(instance, binds, queue, pool))
-
-                await stop.wait()
-                log.info(
-                    "engine.stopping grace=%.1fs in_flight=%d",
-                    shutdown_grace_s,
-                    pool.statistics().in_flight,
-                )
-                draining = True
-                pool.stop_claiming()
-                with trio.move_on_after(shutdown_grace_s):
-                    await senders_done.wait()
-                senders.cancel()
-                await senders_done.wait()
-                with trio.move_on_after(5):
-                    try:
-                        # Jobs whose claim we never learned of (a claim reply lost),
-                        # go back now rather than after a lease; sends cut off by the
-                        # grace period stay leased (they may have reached the server).
-                        released = await queue.release_unheld(pool.holding())
-                        if released:
-                            log.info("engine.released_unheld jobs=%d", released)
-                        await queue.leave()
-                    except EngineError as exc:
-                        log.warning("engine.leave.failed error=%s", exc)
-                with trio.move_on_after(1):
-                    await hub.close()  # websockets get 1001 and can resume elsewhere
-                http_stop.set()
-                root.cancel_scope.cancel()
+            await run(
+                parts,
+                stop=stop if stop is not None else trio.Event(),
+                grace_s=settings.sender.shutdown_grace_s
+                if shutdown_grace_s is None
+                else shutdown_grace_s,
+                handle_signals=handle_signals,
+                task_status=task_status,
+            )
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await transport.aclose()
-    log.info("engine.stopped instance=%s", instance)
+            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_S):
+                await parts.transport.aclose()
+    log.info("engine.stopped instance=%s", parts.instance)
+
+
+async def run(
+    parts: Components,
+    *,
+    stop: trio.Event,
+    grace_s: float,
+    handle_signals: bool,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the task tree until ``stop``, then shut down under one deadline."""
+    try:
+        await parts.queue.load_scripts()
+        await parts.rate_limits.publish()
+    except EngineError as exc:  # Redis may be down now; EVALSHA reloads later
+        log.warning("engine.scripts.not_loaded error=%s", exc)
+    http_stop = trio.Event()
+    async with trio.open_nursery() as root:
+        if handle_signals:
+            root.start_soon(_watch_signals, stop, root.cancel_scope)
+        await root.start(parts.queue.serve)
+        await root.start(parts.reaper.serve)
+        await root.start(parts.scheduler.serve)
+        senders = trio.CancelScope()
+        senders_done = trio.Event()
+
+        async def run_senders() -> None:
+            try:
+                with senders:
+                    await parts.senders.serve()
+            finally:
+                senders_done.set()
+
+        if parts.with_senders:
+            root.start_soon(run_senders)
+        else:
+            senders_done.set()
+        if parts.with_api:
+            await root.start(parts.drain.serve)
+            await root.start(parts.hub.serve)
+        binds = await root.start(serve_http, parts.app, parts.settings.http, http_stop)
+        log.info(
+            "engine.started instance=%s role=%s http=%s", parts.instance, parts.settings.role, binds
+        )
+        task_status.started(Running(parts.instance, binds, parts.queue, parts.senders))
+
+        await stop.wait()
+        # One deadline for the whole shutdown: in-flight sends get the grace period,
+        # the hand-back and the websocket goodbyes a few seconds more.
+        deadline = trio.current_time() + grace_s + _CLOSE_S
+        log.info(
+            "engine.stopping grace=%.1fs in_flight=%d",
+            grace_s,
+            parts.senders.statistics().in_flight,
+        )
+        parts.stopping.set()
+        parts.senders.stop_claiming()
+        with trio.move_on_at(deadline - _CLOSE_S):
+            await senders_done.wait()
+        senders.cancel()
+        await senders_done.wait()
+        with trio.move_on_at(deadline):
+            await _hand_back(parts)
+            await parts.hub.close()  # websockets get 1001 and can resume elsewhere
+        http_stop.set()
+        root.cancel_scope.cancel()
+
+
+async def _hand_back(parts: Components) -> None:
+    """Return jobs whose claim we never learned of (a claim reply lost) now rather than
+    after a lease; sends cut off by the grace period stay leased (they may have reached
+    the server). Then leave, so any replica's reaper covers what is left."""
+    try:
+        released = await parts.queue.release_unheld(parts.senders.holding())
+        if released:
+            log.info("engine.released_unheld jobs=%d", released)
+        await parts.queue.leave()
+    except EngineError as exc:
+        log.warning("engine.leave.failed error=%s", exc)
 
 
 async def _watch_signals(stop: trio.Event, root: trio.CancelScope) -> None:

@@ -20,17 +20,23 @@ import msgspec
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, open_websocket_url
 
-from engine.models import DEFAULT_TENANT, Event
+from engine.models import (
+    CLOSE_GOING_AWAY,
+    CLOSE_TOO_SLOW,
+    CLOSE_UNAVAILABLE,
+    DEFAULT_TENANT,
+    Event,
+)
 
 _decode_raw = msgspec.json.Decoder(list[msgspec.Raw]).decode
 _decode_event = msgspec.json.Decoder(Event).decode
 _MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
 _BACKOFF_MAX_S: Final = 10.0
 _CLOSE_REASONS: Final = {
-    1001: "the engine is shutting down",
-    1006: "the connection was lost",
-    1011: "the engine cannot read its event stream",
-    4008: "this watcher fell behind",
+    CLOSE_GOING_AWAY: "the engine is shutting down",
+    1006: "the connection was lost",  # never sent: what a client reports for a lost TCP
+    CLOSE_UNAVAILABLE: "the engine cannot read its event stream",
+    CLOSE_TOO_SLOW: "this watcher fell behind",
 }
 
 

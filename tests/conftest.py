@@ -13,8 +13,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from engine.config import QueueSettings  # noqa: E402
-from engine.queue import Queue, open_redis  # noqa: E402
-from engine.queue.redis import Redis  # noqa: E402
+from engine.queue import (  # noqa: E402
+    Queue,
+    Redis,
+    open_redis,
+)
 from fixtures.redis import RedisServer  # noqa: E402
 
 

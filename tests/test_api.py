@@ -187,17 +187,18 @@ async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
 
 
 async def test_draining_answers_503(client: httpx.AsyncClient, engine: Engine) -> None:
-    engine.stop.set()
+    # A send in flight keeps the engine draining (HTTP still up) for about a second.
+    engine.transport.delay_s = 1.0
+    assert (await client.post("/v1/messages", json=MSG)).status_code == 202
     with trio.fail_after(5):
-        while True:
-            try:
-                r = await client.post("/v1/messages", json=MSG)
-            except httpx.TransportError:
-                return  # already closed: also never a 202
-            if r.status_code == 503:
-                assert r.headers["retry-after"] == "1"
-                return
+        while engine.transport.statistics().in_flight == 0:
             await trio.sleep(0.01)
+    engine.stop.set()
+    r = await client.post("/v1/messages", json=MSG)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["type"].endswith("draining")
+    ready = await client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["draining"] is True
 
 
 def test_http_settings_default_limit() -> None:

@@ -30,9 +30,7 @@ from engine.api.hub import EventHub, HubStatistics, pause_s
 from engine.config import EventsSettings, load_settings
 from engine.embedded import free_port
 from engine.ids import new_id
-from engine.queue import NewJob, Queue, open_redis
-from engine.queue.events import EventLog, event_order, parse_event_id
-from engine.queue.redis import Redis
+from engine.queue import EventLog, NewJob, Queue, Redis, event_order, open_redis, parse_event_id
 from engine.service import Running
 from engine.transport.memory import MemoryTransport
 from engine.watch import WatchOptions, events_url

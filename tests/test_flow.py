@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
-from engine.config import IngestSettings, LimitsSettings, QueueSettings
+from engine.config import IngestSettings, QueueSettings, RateLimitSettings
 from engine.ids import new_id, new_ids
-from engine.queue import NewJob, Queue, RateLimits
-from engine.queue.redis import Redis
+from engine.policy import recovered_rate
+from engine.queue import NewJob, Queue, RateLimits, Redis
 
 SETTINGS = QueueSettings(lease_s=5.0, heartbeat_s=1.0)
 
@@ -36,12 +36,12 @@ async def _queue(
     nursery: trio.Nursery,
     *,
     instance: str = "i1",
-    limits: LimitsSettings | None = None,
+    limits: RateLimitSettings | None = None,
     ingest: IngestSettings | None = None,
     clock: Clock | None = None,
 ) -> Queue:
     kwargs = {"clock": clock} if clock is not None else {}
-    q = Queue(redis, SETTINGS, instance, limits=limits, ingest=ingest, **kwargs)  # type: ignore[arg-type]
+    q = Queue(redis, SETTINGS, instance, rate_limits=limits, ingest=ingest, **kwargs)  # type: ignore[arg-type]
     await nursery.start(q.serve)
     await q.renew([])
     if limits is not None:
@@ -164,7 +164,7 @@ async def test_cancel_queued_scheduled_and_too_late(
 
 # -- distributed rate limits -------------------------------------------------------------
 
-LIMITS = LimitsSettings(domains={"slow.test": 10}, burst_s=0.1, max_wait_s=1.0)
+LIMITS = RateLimitSettings(domains={"slow.test": 10}, burst_s=0.1, max_wait_s=1.0)
 
 
 async def test_bucket_spaces_slots_and_defers_the_rest_across_replicas(
@@ -198,7 +198,7 @@ async def test_unlimited_domains_are_not_held_back(redis: Redis, nursery: trio.N
 
 
 async def test_global_and_tenant_buckets_apply(redis: Redis, nursery: trio.Nursery) -> None:
-    limits = LimitsSettings(global_per_s=100, tenants={"t1": 5}, burst_s=0.01)
+    limits = RateLimitSettings(global_per_s=100, tenants={"t1": 5}, burst_s=0.01)
     q = await _queue(redis, nursery, limits=limits)
     await q.enqueue(_jobs(20, tenant="t1") + _jobs(200, tenant="t2"))
     claimed = await q.claim(300)
@@ -213,7 +213,9 @@ async def test_global_and_tenant_buckets_apply(redis: Redis, nursery: trio.Nurse
 async def test_slowdown_halves_once_per_cooldown_and_recovers(
     redis: Redis, nursery: trio.Nursery
 ) -> None:
-    limits = LimitsSettings(domains={"slow.test": 100}, slowdown_cooldown_s=0.5, recovery_per_s=1.0)
+    limits = RateLimitSettings(
+        domains={"slow.test": 100}, slowdown_cooldown_s=0.5, recovery_per_s=1.0
+    )
     q = await _queue(redis, nursery, limits=limits)
     rl = RateLimits(redis, q.keys, limits)
     assert await rl.slowdown(["domain:slow.test", "domain:free.test"]) == {"domain:slow.test": 50.0}
@@ -229,8 +231,32 @@ async def test_slowdown_halves_once_per_cooldown_and_recovers(
     assert bucket.rate_per_s == 100
 
 
+async def test_claim_recovers_a_slowed_rate_as_policy_computes_it(
+    redis: Redis, nursery: trio.Nursery
+) -> None:
+    # claim.lua and engine.policy.recovered_rate (GET /v1/limits) must agree: compare
+    # the rate claim.lua stores against the Python formula from the state before.
+    limits = RateLimitSettings(domains={"slow.test": 100}, recovery_per_s=0.5)
+    q = await _queue(redis, nursery, limits=limits)
+    await RateLimits(redis, q.keys, limits).slowdown(["domain:slow.test"])
+    key = q.keys.bucket("domain:slow.test")
+
+    async def stored() -> tuple[float, float]:
+        fields = (await redis.get(key) or b"").decode().split()
+        return float(fields[2]), float(fields[3])  # rate, when it was stored (server ms)
+
+    rate0, at0 = await stored()
+    assert rate0 == 50.0
+    await trio.sleep(0.3)
+    await q.enqueue(_jobs(1, domains="slow.test"))
+    assert len(await q.claim(1)) == 1
+    rate1, at1 = await stored()
+    assert at1 > at0 and 50 < rate1 < 100
+    assert rate1 == pytest.approx(recovered_rate(rate0, at0, 100, at1, 0.5), abs=1e-5)
+
+
 async def test_slowed_rate_spaces_claims_wider(redis: Redis, nursery: trio.Nursery) -> None:
-    limits = LimitsSettings(domains={"slow.test": 20}, burst_s=0.05, recovery_per_s=0.0)
+    limits = RateLimitSettings(domains={"slow.test": 20}, burst_s=0.05, recovery_per_s=0.0)
     q = await _queue(redis, nursery, limits=limits)
     await RateLimits(redis, q.keys, limits).slowdown(["domain:slow.test"])
     await q.enqueue(_jobs(40, domains="slow.test"))

@@ -9,17 +9,25 @@ import trio
 import trio.testing
 
 from engine.errors import PermanentFailure, TemporaryFailure, TransportError
-from engine.transport.base import OutgoingMail, SendOutcome, SendResult, Transport
-from engine.transport.memory import MemoryTransport
+from engine.transport import MemoryTransport, OutgoingMail, SendOutcome, SendResult, Transport
 
 
 def mail(job_id: str = "J1", to: str = "bob@example.com") -> OutgoingMail:
     return OutgoingMail(job_id, "ann@example.org", [to], b"Subject: x\r\n\r\nhi\r\n")
 
 
+async def send_one(transport: Transport, m: OutgoingMail) -> SendResult:
+    """``send_many`` of one mail: its SendResult, or its TransportError raised."""
+    async with aclosing(transport.send_many([m])) as outcomes:
+        [(_, outcome)] = [item async for item in outcomes]
+    if isinstance(outcome, TransportError):
+        raise outcome
+    return outcome
+
+
 async def test_records_accepted_mail() -> None:
     transport: Transport = MemoryTransport()
-    result = await transport.send(mail())
+    result = await send_one(transport, mail())
     assert result.code == 250
     assert isinstance(transport, MemoryTransport)
     assert [m.job_id for m in transport.sent] == ["J1"]
@@ -35,12 +43,12 @@ async def test_scripted_outcomes_then_fail_rule() -> None:
     custom = SendResult(250, "queued as X")
     transport.script(TemporaryFailure("busy", code=451), custom)
     with pytest.raises(TemporaryFailure):
-        await transport.send(mail("J1"))
-    assert await transport.send(mail("J2")) is custom
+        await send_one(transport, mail("J1"))
+    assert await send_one(transport, mail("J2")) is custom
     with pytest.raises(PermanentFailure) as info:
-        await transport.send(mail("J3", to="bad@example.com"))
+        await send_one(transport, mail("J3", to="bad@example.com"))
     assert info.value.code == 550
-    await transport.send(mail("J4"))
+    await send_one(transport, mail("J4"))
     assert [m.job_id for m in transport.sent] == ["J2", "J4"]
     assert [m.job_id for m in transport.attempts] == ["J1", "J2", "J3", "J4"]
     assert transport.statistics().failures == 2
@@ -49,11 +57,11 @@ async def test_scripted_outcomes_then_fail_rule() -> None:
 async def test_delay_and_cancellation(autojump_clock: trio.testing.MockClock) -> None:
     transport = MemoryTransport(delay_s=5.0)
     with trio.move_on_after(1.0):
-        await transport.send(mail("J1"))
+        await send_one(transport, mail("J1"))
     assert transport.sent == []
     assert transport.statistics().in_flight == 0
     start = trio.current_time()
-    await transport.send(mail("J2"))
+    await send_one(transport, mail("J2"))
     assert trio.current_time() - start == pytest.approx(5.0)
 
 
@@ -61,7 +69,7 @@ async def test_wait_sent() -> None:
     transport = MemoryTransport(delay_s=0.01)
     async with trio.open_nursery() as nursery:
         for i in range(3):
-            nursery.start_soon(transport.send, mail(f"J{i}"))
+            nursery.start_soon(send_one, transport, mail(f"J{i}"))
         with trio.fail_after(5):
             await transport.wait_sent(3)
     assert len(transport.sent) == 3
@@ -72,7 +80,7 @@ async def test_closed_transport_refuses() -> None:
     await transport.aclose()
     assert transport.statistics().closed
     with pytest.raises(TemporaryFailure):
-        await transport.send(mail())
+        await send_one(transport, mail())
 
 
 async def collect(transport: Transport, mails: list[OutgoingMail]) -> list[SendOutcome]:

@@ -8,12 +8,12 @@ import pytest
 import trio
 import trio.testing
 
-from engine.policy import BucketState, after_failure, backoff_s, bucket_take, classify_smtp
+from engine.policy import TokenBucket, after_failure, backoff_s, bucket_take, classify_smtp
 from engine.sender.ratelimit import RateLimiter
 
 
 def test_bucket_allows_burst_then_paces() -> None:
-    state = BucketState(tokens=3, at=0.0)
+    state = TokenBucket(tokens=3, at=0.0)
     waits = []
     for _ in range(5):
         state, wait = bucket_take(state, now=0.0, rate_per_s=10, burst=3)
@@ -22,13 +22,13 @@ def test_bucket_allows_burst_then_paces() -> None:
 
 
 def test_bucket_refills_up_to_burst() -> None:
-    state = BucketState(tokens=0, at=0.0)
+    state = TokenBucket(tokens=0, at=0.0)
     state, wait = bucket_take(state, now=100.0, rate_per_s=10, burst=5)
     assert wait == 0 and state.tokens == 4
 
 
 def test_unlimited_never_waits() -> None:
-    state = BucketState(0, 0)
+    state = TokenBucket(0, 0)
     assert bucket_take(state, now=0, rate_per_s=0, burst=1)[1] == 0
 
 

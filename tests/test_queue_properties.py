@@ -4,12 +4,12 @@ Three simulated instances (``Queue`` objects with their own instance ids and in-
 held sets) share one Redis and one fake clock. Operations: enqueue (and re-enqueue of
 an existing id), claim, ack, fail (retry now / later / dead), release, renew, advance
 the clock (with or without the instances' heartbeats), reap, hang one instance past its
-lease, crash and restart an instance (same or new id), an orphan (what a cancelled
-BLMOVE leaves in a processing list), dead-letter retry and delete, and ``recover``.
+lease, crash and restart an instance (same or new id), dead-letter retry and delete, and
+``recover``.
 
 After every step the test reads the whole shard back (one MULTI/EXEC) and checks that
-every job id is in exactly one place and that its state agrees with it (queued: ready,
-or an orphan in a processing list; processing: its owner's list, with a lease;
+every job id is in exactly one place and that its state agrees with it (queued: ready;
+processing: its owner's list, with a lease;
 retrying: delayed; failed: dead; cancelled: at most a stale copy in a ready list),
 that the backlog counter equals the ready lists' length, that every tenant with ready
 jobs is on its lane's ring exactly once, that nothing is lost, duplicated or left over
@@ -22,8 +22,7 @@ A "stale holder" -- a live instance that stalled past ``lease_s`` while its job 
 requeued, maybe claimed elsewhere -- may ack (designed to be safe: the record says
 ``sent``; a copy left in a list is skipped by claim, promotion and reap) and renew.
 It may also fail or release such a job (the scripts act only on jobs still in the
-caller's list) and take an orphan after a reaper dropped it (claim re-registers the
-instance). Those were bugs this test found; the minimal sequences at the bottom pin
+caller's list). Those were bugs this test found; the minimal sequences at the bottom pin
 them (``stale_bugs=False`` would keep those paths out of the random test).
 """
 
@@ -34,15 +33,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import trio
-from coredis import PureToken
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from engine.config import QueueSettings
-from engine.keys import LANES
-from engine.queue import NewJob, Queue, open_redis
-from engine.queue.jobs import EnqueueRequest, Failure
-from engine.queue.redis import Redis
+from engine.models import LANES
+from engine.queue import EnqueueRequest, Failure, NewJob, Queue, Redis, open_redis
 from fixtures.redis import RedisServer
 
 SETTINGS = QueueSettings(lease_s=2.0, heartbeat_s=1.0, max_stalls=1)
@@ -71,7 +67,6 @@ _STRATEGIES: dict[str, st.SearchStrategy[tuple[object, ...]]] = {
     "hang": st.tuples(st.just("hang"), _inst),
     "crash": st.tuples(st.just("crash"), _inst),
     "restart": st.tuples(st.just("restart"), _inst, st.booleans()),  # True: same id
-    "orphan": st.tuples(st.just("orphan"), _inst),
     "enqueue_again": st.tuples(st.just("enqueue_again"), _pick),
     "dead_retry": st.tuples(st.just("dead_retry"), _pick),
     "dead_delete": st.tuples(st.just("dead_delete"), _pick),
@@ -81,7 +76,7 @@ _STRATEGIES: dict[str, st.SearchStrategy[tuple[object, ...]]] = {
 # Relative frequencies: the common operations come up more often.
 _WEIGHTS = {
     "enqueue": 2, "claim": 4, "ack": 4, "fail": 3, "release": 1, "renew": 1, "advance": 2,
-    "reap": 2, "hang": 2, "crash": 1, "restart": 1, "orphan": 1, "enqueue_again": 1,
+    "reap": 2, "hang": 2, "crash": 1, "restart": 1, "enqueue_again": 1,
     "dead_retry": 1, "dead_delete": 1, "cancel": 1, "recover": 1,
 }  # fmt: skip
 OPERATION = st.sampled_from([n for n, w in _WEIGHTS.items() for _ in range(w)]).flatmap(
@@ -89,7 +84,7 @@ OPERATION = st.sampled_from([n for n, w in _WEIGHTS.items() for _ in range(w)]).
 )
 
 INSTANCE_OPS = frozenset(
-    ("claim", "ack", "fail", "release", "renew", "reap", "crash", "restart", "orphan", "hang")
+    ("claim", "ack", "fail", "release", "renew", "reap", "crash", "restart", "hang")
 )
 
 
@@ -129,7 +124,7 @@ class Model:
 
     def __init__(self, client: Redis, *, stale_bugs: bool = False) -> None:
         self.client = client
-        # True lets stale holders fail/release, and orphans reach reaped instances.
+        # True lets stale holders fail and release.
         self.stale_bugs = stale_bugs
         self.now = [START]
         self.instances = [self._start(slot, f"i{slot}") for slot in range(N_INSTANCES)]
@@ -261,12 +256,8 @@ class Model:
             ctx = f"{job_id} state={state} owner={owner} ready={r} processing={p} "
             ctx += f"delayed={d} dead={dl} lease={leased}"
             if state == "queued":
-                assert r + np == 1 and d == 0 and dl == 0, ctx
-                if r:
-                    assert not leased and owner is None, ctx
-                else:  # an orphan (BLMOVE whose claim never ran), maybe leased by renew
-                    (iid,) = p
-                    assert owner in (None, iid), ctx
+                assert r == 1 and np == 0 and d == 0 and dl == 0, ctx
+                assert not leased and owner is None, ctx
             elif state == "processing":
                 assert r == 0 and d == 0 and dl == 0 and np == 1, ctx
                 assert owner is not None and p == {owner: 1}, ctx
@@ -285,9 +276,8 @@ class Model:
                 stalled = int(rec["stalls"]) > SETTINGS.max_stalls  # type: ignore[call-overload]
                 assert job_id in self.failed_dead or stalled, ctx
             elif state == "cancelled":
-                # Its id may linger in a ready list (claim drops it), or as a cancelled
-                # orphan in a processing list until renew + reap clear it.
-                assert job_id in self.cancelled and r + np <= 1 and d == 0 and dl == 0, ctx
+                # Its id may linger in a ready list (claim drops it).
+                assert job_id in self.cancelled and r <= 1 and np == 0 and d == 0 and dl == 0, ctx
             elif state == "sent":
                 # Acked by a holder whose lease had lapsed: a stale copy may linger
                 # (claim, promotion and reap skip it), but at most one.
@@ -421,20 +411,6 @@ class Model:
             await self.advance(SETTINGS.lease_s + 0.5, heartbeat=True, hung=inst)
             r = await self.live_or_any().queue.reap()
             return name if r.requeued or r.instances_removed else ""
-        if name == "orphan":  # a BLMOVE cancelled after the server moved an id
-            if not self.stale_bugs:
-                registered = await self.client.zscore(self.keys.instances, inst.iid)
-                if registered is None:
-                    return ""  # reaped as dead while stalled (see the regressions below)
-            # Queue.claim runs the claim script (it found nothing) before every BLMOVE.
-            await q._claim(0)
-            moved = await self.client.lmove(
-                self.keys.ready(), self.keys.processing(inst.iid), PureToken.LEFT, PureToken.RIGHT
-            )
-            if moved:
-                await self.client.hincrby(self.keys.stats, "backlog", -1)
-                await self.client.hincrby(self.keys.stats, "ready:normal", -1)
-            return name if moved else ""
         raise AssertionError(op)
 
     async def _choose(self, name: str, pick: int) -> Instance | None:
@@ -459,7 +435,7 @@ class Model:
                 n = self.next_id
                 job_id = f"j{n:03d}"
                 self.next_id += 1
-                # Mostly the default lane and tenant (the orphan op takes from there).
+                # Mostly the default lane and tenant.
                 lane = LANES[n % 5] if n % 5 < 3 else "normal"
                 tenant = "default" if n % 4 else "t2"
                 jobs.append(NewJob(job_id, f"payload-{job_id}".encode(), lane, tenant))
@@ -569,18 +545,6 @@ def test_stale_fail_does_not_steal_a_job_claimed_elsewhere(
     run(redis_server.url, ops, stale_bugs=True)
 
 
-def test_stale_fail_does_not_lose_an_orphan_of_the_same_id(redis_server: RedisServer) -> None:
-    ops: list[tuple[object, ...]] = [
-        ("claim", 0, 1),  # i0 holds j000
-        ("advance", 2.5, False),  # i0 stalls past its lease (everyone does)
-        ("reap", 1),  # j000 back to the front of ready
-        ("renew", 0),  # i0 heartbeats again
-        ("orphan", 0),  # its cancelled BLMOVE moves j000 into processing:i0
-        ("fail", 0, 0, "retry_now"),  # the old attempt fails: LREM drops the orphan
-    ]
-    run(redis_server.url, ops, stale_bugs=True)
-
-
 def test_stale_release_keeps_the_new_owners_lease(redis_server: RedisServer) -> None:
     ops: list[tuple[object, ...]] = [
         ("claim", 0, 1),
@@ -588,16 +552,5 @@ def test_stale_release_keeps_the_new_owners_lease(redis_server: RedisServer) -> 
         ("reap", 1),
         ("claim", 1, 1),
         ("release", 0, 0, True),  # i0 shuts down and releases what it thinks it holds
-    ]
-    run(redis_server.url, ops, stale_bugs=True)
-
-
-def test_orphan_of_a_reaped_instance_is_recovered(redis_server: RedisServer) -> None:
-    ops: list[tuple[object, ...]] = [
-        ("advance", 2.5, False),  # everyone stalls: heartbeats expire
-        ("reap", 1),  # i0 (and the others) removed as dead
-        ("orphan", 0),  # i0 wakes up; its cancelled BLMOVE moves j000
-        ("crash", 0),  # ...and dies before its next heartbeat
-        ("recover",),
     ]
     run(redis_server.url, ops, stale_bugs=True)

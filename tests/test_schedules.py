@@ -29,9 +29,7 @@ from engine.errors import ValidationError
 from engine.ids import is_id
 from engine.keys import Keys
 from engine.models import Message
-from engine.queue import NewJob, Queue, open_redis
-from engine.queue.redis import Redis
-from engine.queue.schedules import ScheduleStore
+from engine.queue import NewJob, Queue, Redis, ScheduleStore, open_redis
 from engine.scheduler import Scheduler, build_tick_job, tick_job_id
 from fixtures.redis import RedisServer
 

@@ -12,8 +12,7 @@ from engine.config import QueueSettings, SenderSettings
 from engine.errors import PermanentFailure, TemporaryFailure
 from engine.ids import new_ids
 from engine.models import Message
-from engine.queue import NewJob, Queue
-from engine.queue.redis import Redis
+from engine.queue import NewJob, Queue, Redis
 from engine.sender import SenderPool
 from engine.transport.base import OutgoingMail
 from engine.transport.memory import MemoryTransport

@@ -23,15 +23,13 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from engine.config import SmtpSettings
-from engine.errors import ConfigError, PermanentFailure, TemporaryFailure
+from engine.errors import ConfigError, PermanentFailure, TemporaryFailure, TransportError
 from engine.models import Message
-from engine.transport.base import OutgoingMail, SendOutcome, SendResult
-from engine.transport.compose import compose
+from engine.transport import OutgoingMail, SendOutcome, SendResult, SmtpPool, Transport, compose
 from engine.transport.smtp import (
     ConnectionDropped,
     ReplyParser,
     SmtpConnection,
-    SmtpPool,
     SmtpProtocolError,
     SmtpUrl,
 )
@@ -230,13 +228,22 @@ def mail(
     return compose(job_id, msg, message_id_domain="engine.test", now=1_700_000_000.0)
 
 
+async def send_one(transport: Transport, m: OutgoingMail) -> SendResult:
+    """``send_many`` of one mail: its SendResult, or its TransportError raised."""
+    async with aclosing(transport.send_many([m])) as outcomes:
+        [(_, outcome)] = [item async for item in outcomes]
+    if isinstance(outcome, TransportError):
+        raise outcome
+    return outcome
+
+
 # -- tests ------------------------------------------------------------------------------
 
 
 async def test_plain_send(server: Server, pools: Callable[..., SmtpPool]) -> None:
     pool = pools(server.url(), starttls="never")
     m = mail("bob@example.com", "carl@example.com")
-    result = await pool.send(m)
+    result = await send_one(pool, m)
     assert result.code == 250
     assert result.rejected == []
     [got] = server.handler.received
@@ -255,7 +262,7 @@ async def test_8bit_body_declares_8bitmime(server: Server) -> None:
     settings = SmtpSettings(starttls="never")
     conn = await SmtpConnection.open(SmtpUrl.parse(server.url()), settings, None)
     try:
-        await conn.send(raw)
+        await send_one(conn, raw)
     finally:
         await conn.aclose()
     [got] = server.handler.received
@@ -272,7 +279,7 @@ async def test_pipelining_flag(start_server: Callable[..., Server], pipelining: 
     try:
         assert conn.pipelining is pipelining
         for i in range(3):
-            await conn.send(mail(f"r{i}@example.com", "x@example.com", job_id=f"J{i}"))
+            await send_one(conn, mail(f"r{i}@example.com", "x@example.com", job_id=f"J{i}"))
         assert conn.pipelined_sends == (3 if pipelining else 0)
         assert conn.messages == 3
     finally:
@@ -285,7 +292,7 @@ async def test_pipelining_flag(start_server: Callable[..., Server], pipelining: 
 async def test_connection_reuse(server: Server, pools: Callable[..., SmtpPool]) -> None:
     pool = pools(server.url(), starttls="never")
     for i in range(5):
-        await pool.send(mail(job_id=f"J{i}"))
+        await send_one(pool, mail(job_id=f"J{i}"))
     assert len(server.handler.received) == 5
     assert len(server.handler.peers) == 1
     assert pool.statistics().connects == 1
@@ -301,7 +308,7 @@ async def test_concurrent_sends_share_pool_size_connections(
 
     async def one(i: int) -> None:
         nonlocal max_in_use
-        await pool.send(mail(job_id=f"J{i}"))
+        await send_one(pool, mail(job_id=f"J{i}"))
         max_in_use = max(max_in_use, pool.statistics().in_use)
 
     async with trio.open_nursery() as nursery:
@@ -321,7 +328,7 @@ async def test_connection_recycled_after_max_messages(
 ) -> None:
     pool = pools(server.url(), starttls="never", max_messages_per_connection=2)
     for i in range(5):
-        await pool.send(mail(job_id=f"J{i}"))
+        await send_one(pool, mail(job_id=f"J{i}"))
     assert pool.statistics().connects == 3
     assert pool.statistics().open == 1
     assert len(server.handler.peers) == 3
@@ -331,9 +338,9 @@ async def test_idle_connection_replaced_after_idle_timeout(
     server: Server, pools: Callable[..., SmtpPool]
 ) -> None:
     pool = pools(server.url(), starttls="never", idle_timeout_s=0.05)
-    await pool.send(mail(job_id="J1"))
+    await send_one(pool, mail(job_id="J1"))
     await trio.sleep(0.1)
-    await pool.send(mail(job_id="J2"))
+    await send_one(pool, mail(job_id="J2"))
     stats = pool.statistics()
     assert (stats.connects, stats.open, stats.sends) == (2, 1, 2)
 
@@ -347,8 +354,8 @@ async def test_starttls_with_ca_file(
     server = start_server(tls_context=server_tls, require_starttls=True)
     pool = pools(server.url(), starttls="require", tls_ca_file=ca_file)
     m = mail()
-    await pool.send(m)
-    await pool.send(mail(job_id="J2"))
+    await send_one(pool, m)
+    await send_one(pool, mail(job_id="J2"))
     assert server.handler.received[0].data == m.data
     assert pool.statistics().connects == 1
 
@@ -359,7 +366,7 @@ async def test_starttls_untrusted_certificate_fails(
     server = start_server(tls_context=server_tls, require_starttls=True)
     pool = pools(server.url())
     with pytest.raises(TemporaryFailure) as info:
-        await pool.send(mail())
+        await send_one(pool, mail())
     assert info.value.code is None
     assert server.handler.received == []
     assert pool.statistics().open == 0
@@ -370,7 +377,7 @@ async def test_starttls_without_verification(
 ) -> None:
     server = start_server(tls_context=server_tls, require_starttls=True)
     pool = pools(server.url(), tls_verify=False)
-    await pool.send(mail())
+    await send_one(pool, mail())
     assert len(server.handler.received) == 1
 
 
@@ -379,7 +386,7 @@ async def test_starttls_require_refuses_plain_server(
 ) -> None:
     pool = pools(server.url(), starttls="require")
     with pytest.raises(TemporaryFailure, match="STARTTLS"):
-        await pool.send(mail())
+        await send_one(pool, mail())
     assert server.handler.received == []
 
 
@@ -392,8 +399,8 @@ async def test_implicit_tls(
     server = start_server(ssl_context=server_tls)
     pool = pools(server.url("smtps"), tls_ca_file=ca_file)
     m = mail()
-    await pool.send(m)
-    await pool.send(mail(job_id="J2"))
+    await send_one(pool, m)
+    await send_one(pool, mail(job_id="J2"))
     assert server.handler.received[0].data == m.data
     assert pool.statistics().connects == 1
 
@@ -409,7 +416,7 @@ async def test_auth_plain_over_starttls(
         handler, tls_context=server_tls, authenticator=authenticator(handler), auth_required=True
     )
     pool = pools(server.url(userinfo="us%40r:p%3Ass%20w%2Frd@"), tls_ca_file=ca_file)
-    await pool.send(mail())
+    await send_one(pool, mail())
     assert handler.auth_mechanisms == ["PLAIN"]
     assert len(handler.received) == 1
 
@@ -425,7 +432,7 @@ async def test_auth_login_without_tls(
         auth_exclude_mechanism=["PLAIN"],
     )
     pool = pools(server.url(userinfo="us%40r:p%3Ass%20w%2Frd@"), starttls="never")
-    await pool.send(mail())
+    await send_one(pool, mail())
     assert handler.auth_mechanisms == ["LOGIN"]
     assert len(handler.received) == 1
 
@@ -437,7 +444,7 @@ async def test_auth_bad_credentials_is_temporary(
     server = start_server(handler, authenticator=authenticator(handler), auth_require_tls=False)
     pool = pools(server.url(userinfo="us%40r:wrong@"), starttls="never")
     with pytest.raises(TemporaryFailure) as info:
-        await pool.send(mail())
+        await send_one(pool, mail())
     assert info.value.code == 535
     assert handler.received == []
     assert pool.statistics().open == 0
@@ -453,11 +460,11 @@ async def test_refused_recipient_is_permanent(
     server = start_server(handler)
     pool = pools(server.url(), starttls="never")
     with pytest.raises(PermanentFailure) as info:
-        await pool.send(mail("nobody@example.com"))
+        await send_one(pool, mail("nobody@example.com"))
     assert info.value.code == 550
     assert handler.received == []
     # The refusal left the connection clean: the next message goes over it.
-    await pool.send(mail("bob@example.com", job_id="J2"))
+    await send_one(pool, mail("bob@example.com", job_id="J2"))
     assert [r.rcpt_tos for r in handler.received] == [["bob@example.com"]]
     assert pool.statistics().connects == 1
 
@@ -476,7 +483,7 @@ async def test_all_recipients_refused_temporarily(
     server = start_server(handler)
     pool = pools(server.url(), starttls="never")
     with pytest.raises(TemporaryFailure) as info:
-        await pool.send(mail("a@example.com", "b@example.com"))
+        await send_one(pool, mail("a@example.com", "b@example.com"))
     assert info.value.code == 450
 
 
@@ -489,7 +496,7 @@ async def test_mixed_recipients(
     )
     server = start_server(handler)
     pool = pools(server.url(), starttls="never")
-    result = await pool.send(mail("nobody@example.com", "bob@example.com"))
+    result = await send_one(pool, mail("nobody@example.com", "bob@example.com"))
     assert result.code == 250
     assert [(r.address, r.code) for r in result.rejected] == [("nobody@example.com", 550)]
     assert "No such user" in result.rejected[0].text
@@ -506,9 +513,9 @@ async def test_refused_sender(
     server = start_server(handler)
     pool = pools(server.url(), starttls="never")
     with pytest.raises(PermanentFailure) as info:
-        await pool.send(mail(sender="spam@example.org"))
+        await send_one(pool, mail(sender="spam@example.org"))
     assert info.value.code == 553
-    await pool.send(mail(job_id="J2"))
+    await send_one(pool, mail(job_id="J2"))
     assert len(handler.received) == 1
     assert pool.statistics().connects == 1
 
@@ -521,10 +528,10 @@ async def test_451_at_end_of_data_is_temporary(
     server = start_server(handler)
     pool = pools(server.url(), starttls="never")
     with pytest.raises(TemporaryFailure) as info:
-        await pool.send(mail())
+        await send_one(pool, mail())
     assert info.value.code == 451
     handler.data_reply = None
-    await pool.send(mail(job_id="J2"))
+    await send_one(pool, mail(job_id="J2"))
     assert len(handler.received) == 1
     assert pool.statistics().connects == 1
 
@@ -535,7 +542,7 @@ async def test_552_at_end_of_data_is_permanent(
     server = start_server(Handler(data_reply="552 5.3.4 Message too big"))
     pool = pools(server.url(), starttls="never")
     with pytest.raises(PermanentFailure) as info:
-        await pool.send(mail())
+        await send_one(pool, mail())
     assert info.value.code == 552
 
 
@@ -546,11 +553,11 @@ async def test_server_drops_connection_mid_transaction(
     server = start_server(handler)
     pool = pools(server.url(), starttls="never")
     with pytest.raises(TemporaryFailure) as info:
-        await pool.send(mail())
+        await send_one(pool, mail())
     assert info.value.code is None
     assert pool.statistics().open == 0, "a broken connection is never kept"
     handler.drop_at_data = False
-    await pool.send(mail(job_id="J2"))
+    await send_one(pool, mail(job_id="J2"))
     assert len(handler.received) == 1
     assert pool.statistics().connects == 2
 
@@ -565,15 +572,15 @@ async def test_idle_connection_closed_by_server_is_retried_transparently(
     caplog.set_level(logging.INFO, logger="engine.transport.smtp")
     server = start_server(Handler(pipelining=pipelining))
     pool = pools(server.url(), starttls="never")
-    await pool.send(mail(job_id="J1"))
+    await send_one(pool, mail(job_id="J1"))
     server.close_all_connections()
     await trio.sleep(0.2)  # let the FIN arrive
-    result = await pool.send(mail(job_id="J2"))
+    result = await send_one(pool, mail(job_id="J2"))
     assert result.code == 250
     assert len(server.handler.received) == 2
     stats = pool.statistics()
     assert (stats.connects, stats.open, stats.sends) == (2, 1, 2)
-    assert "smtp.send.stale_retry" in caplog.text
+    assert "smtp.send_many.stale_retry" in caplog.text
 
 
 async def test_command_timeout(
@@ -582,7 +589,7 @@ async def test_command_timeout(
     server = start_server(Handler(stall_at_data_s=2.0))
     pool = pools(server.url(), starttls="never", command_timeout_s=0.2)
     with pytest.raises(TemporaryFailure) as info:
-        await pool.send(mail())
+        await send_one(pool, mail())
     assert info.value.code is None
     assert "0.2" in str(info.value)
     assert pool.statistics().open == 0
@@ -594,7 +601,7 @@ async def test_cancelled_send_discards_connection(
     server = start_server(Handler(stall_at_data_s=2.0))
     pool = pools(server.url(), starttls="never")
     with trio.move_on_after(0.2) as scope:
-        await pool.send(mail())
+        await send_one(pool, mail())
     assert scope.cancelled_caught
     stats = pool.statistics()
     assert (stats.open, stats.idle, stats.in_use, stats.sends) == (0, 0, 0, 0)
@@ -603,7 +610,7 @@ async def test_cancelled_send_discards_connection(
 async def test_connection_refused(pools: Callable[..., SmtpPool]) -> None:
     pool = pools(f"smtp://{HOST}:{free_port()}", starttls="never")
     with pytest.raises(TemporaryFailure) as info:
-        await pool.send(mail())
+        await send_one(pool, mail())
     assert info.value.code is None
     assert pool.statistics().open == 0
 
@@ -614,7 +621,7 @@ async def test_dot_stuffing_preserves_lines_starting_with_dots(
     server = start_server(Handler(pipelining=True))
     pool = pools(server.url(), starttls="never")
     m = mail(text=".\n.leading dot\n..two dots\nmiddle . dot\n.")
-    await pool.send(m)
+    await send_one(pool, m)
     [got] = server.handler.received
     assert got.data == m.data
     assert b"\r\n.\r\n.leading dot\r\n..two dots\r\n" in got.data
@@ -622,11 +629,11 @@ async def test_dot_stuffing_preserves_lines_starting_with_dots(
 
 async def test_closed_pool_refuses(server: Server, pools: Callable[..., SmtpPool]) -> None:
     pool = pools(server.url(), starttls="never")
-    await pool.send(mail())
+    await send_one(pool, mail())
     await pool.aclose()
     assert pool.statistics().open == 0
     with pytest.raises(TemporaryFailure):
-        await pool.send(mail(job_id="J2"))
+        await send_one(pool, mail(job_id="J2"))
 
 
 # -- send_many --------------------------------------------------------------------------
@@ -737,7 +744,7 @@ async def test_send_many_mixed_outcomes(
     ]
     assert [r.data for r in handler.received] == [mails[i].data for i in (0, 1, 6, 7)]
     # Refusals left the connection in a known state: it carried the whole batch, and more.
-    await pool.send(mail(job_id="J8"))
+    await send_one(pool, mail(job_id="J8"))
     stats = pool.statistics()
     assert (stats.connects, stats.open, stats.sends) == (1, 1, 5)
 
@@ -850,7 +857,7 @@ async def test_send_many_stopped_after_last_mail_keeps_connection(
     async with aclosing(pool.send_many(batch(2))) as outcomes:
         async for _, outcome in outcomes:
             assert isinstance(outcome, SendResult)
-        await pool.send(mail(job_id="J9"))  # the connection is already back
+        await send_one(pool, mail(job_id="J9"))  # the connection is already back
     assert pool.statistics().connects == 1
     assert len(server.handler.received) == 3
 
@@ -871,7 +878,7 @@ async def test_send_many_cancelled_mid_batch(
     stats = pool.statistics()
     assert (stats.open, stats.in_use, stats.sends) == (0, 0, 2)
     handler.stall_at_data_for = "none"
-    await pool.send(mail(job_id="J9"))  # the slot was given back
+    await send_one(pool, mail(job_id="J9"))  # the slot was given back
 
 
 @pytest.mark.parametrize("pipelining", [True, False])
@@ -884,7 +891,7 @@ async def test_send_many_retries_stale_idle_connection(
     caplog.set_level(logging.INFO, logger="engine.transport.smtp")
     server = start_server(Handler(pipelining=pipelining), data_size_limit=20_000)
     pool = pools(server.url(), starttls="never")
-    await pool.send(mail(job_id="J0"))
+    await send_one(pool, mail(job_id="J0"))
     server.close_all_connections()
     await trio.sleep(0.2)  # let the FIN arrive
     too_big = mail(job_id="J1", text="x" * 30_000)
@@ -908,13 +915,13 @@ async def test_send_many_of_one_is_send(
     server = start_server(handler)
     pool = pools(server.url(), starttls="never")
     m = mail("bob@example.com", "nobody@example.com")
-    sent = await pool.send(m)
+    sent = await send_one(pool, m)
     [(same, batched)] = await collect(pool.send_many([m]))
     assert same is m
     assert isinstance(batched, SendResult)
     assert (batched.code, batched.rejected) == (sent.code, sent.rejected)
     with pytest.raises(PermanentFailure) as info:
-        await pool.send(mail("nobody@example.com"))
+        await send_one(pool, mail("nobody@example.com"))
     [(_, refused)] = await collect(pool.send_many([mail("nobody@example.com")]))
     assert type(refused) is type(info.value)
     assert (refused.code, str(refused)) == (info.value.code, str(info.value))

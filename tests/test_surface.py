@@ -11,7 +11,7 @@ import pytest
 
 from engine.cli import build_parser
 from engine.keys import Keys
-from engine.queue.redis import SCRIPT_NAMES, load_script_sources
+from engine.queue import SCRIPT_NAMES, load_script_sources
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,7 +66,10 @@ def test_key_names() -> None:
 def test_every_script_has_a_keys_argv_header() -> None:
     sources = load_script_sources()
     assert set(sources) == set(SCRIPT_NAMES)
-    lib = (resources.files("engine.queue") / "lua" / "_lib.lua").read_text()
+    lua = resources.files("engine.queue") / "lua"
+    shipped = {f.name.removesuffix(".lua") for f in lua.iterdir() if f.name.endswith(".lua")}
+    assert shipped - {"_lib"} == set(SCRIPT_NAMES), "a Lua file outside the registry"
+    lib = (lua / "_lib.lua").read_text()
     for name, full in sources.items():
         assert full.startswith(lib), f"{name}: the shared functions are not prepended"
         src = full.removeprefix(lib)

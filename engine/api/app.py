@@ -6,8 +6,6 @@ to Quart (the place for the dashboard, websockets and admin routes of later issu
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -15,9 +13,10 @@ from quart import Response
 from quart_trio import QuartTrio
 
 from engine.api.asgi import ASGIApp, Receive, Scope, Send, send_json, send_problem
+from engine.api.backend import ApiBackend
 from engine.api.dashboard import register_dashboard_routes
 from engine.api.dead import register_dead_routes
-from engine.api.hub import EventHub, register_history_route
+from engine.api.hub import register_history_route
 from engine.api.ingest import Ingest
 from engine.api.limits import register_limit_routes
 from engine.api.metrics import send_metrics, timed
@@ -25,9 +24,7 @@ from engine.api.responses import problem_response
 from engine.api.schedules import register_schedule_routes
 from engine.config import Settings
 from engine.errors import QueueError
-from engine.metrics import Metrics
-from engine.queue import Queue, RateLimits
-from engine.queue.schedules import ScheduleStore
+from engine.models import CLOSE_POLICY
 
 _MESSAGES = "/v1/messages"
 _BATCH = "/v1/messages/batch"
@@ -36,35 +33,12 @@ _EVENTS = "/v1/events"
 _OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # all a sender-only replica serves
 
 
-@dataclass(frozen=True, slots=True)
-class ApiBackend:
-    """What the API needs from the rest of the process."""
-
-    queue: Queue
-    senders_running: Callable[[], int]
-    # False for an ingest-only replica (role "api"): readiness does not wait for senders.
-    expects_senders: bool
-    # Set while shutting down: ingest answers 503 instead of accepting.
-    draining: Callable[[], bool]
-    limits: RateLimits
-    schedules: ScheduleStore
-    # Jobs per second the queue drains at (all replicas): Retry-After when it is full.
-    drain_rate: Callable[[], float] = lambda: 0.0
-    # Maildir of the embedded sink (the dashboard lists captured mail); None: no such sink.
-    sink_maildir: str | None = None
-    # This process's metrics (GET /metrics); the composition root shares them.
-    metrics: Metrics = field(default_factory=Metrics)
-    # The websocket event hub (WS /v1/events, GET /v1/messages/{id}/events); None: no
-    # event routes. Its tail runs in the composition root's task tree.
-    events: EventHub | None = None
-
-
 def _quart_app(backend: ApiBackend, settings: Settings) -> QuartTrio:
     queue = backend.queue
     app = QuartTrio("engine")
     register_dead_routes(app, queue)
     # The dashboard page at "/" and its JSON (issue 5, scope 4).
-    register_dashboard_routes(app, queue, backend.senders_running, backend.sink_maildir)
+    register_dashboard_routes(app, queue, backend.senders, backend.sink_maildir)
     register_limit_routes(app, backend.limits)
     if backend.events is not None:
         register_history_route(app, backend.events.log, settings.events)
@@ -128,7 +102,7 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         settings.http,
         settings.sender.default_from,
         settings.ingest,
-        backend.drain_rate,
+        backend.drain,
         backend.metrics.ingest,
     )
     # ASGI; typed with its own scope TypedDicts
@@ -152,9 +126,10 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
                 redis_ok = await backend.queue.ping()
             except QueueError:
                 redis_ok = False
-        senders = backend.senders_running()
+        senders = backend.senders.statistics().running
         senders_ok = senders > 0 or not backend.expects_senders
-        ok = redis_ok and senders_ok and not backend.draining()
+        draining = backend.stopping.is_set()
+        ok = redis_ok and senders_ok and not draining
         await send_json(
             send,
             200 if ok else 503,
@@ -162,7 +137,7 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
                 "ready": ok,
                 "redis": "ok" if redis_ok else "unavailable",
                 "senders": senders,
-                "draining": backend.draining(),
+                "draining": draining,
             },
         )
 
@@ -181,7 +156,7 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         if route != _ONE:
             if method != "POST":
                 await method_not_allowed(send, b"POST")
-            elif backend.draining():
+            elif backend.stopping.is_set():
                 measure.rejected("draining")
                 await draining(send)
             elif route == _MESSAGES:
@@ -200,7 +175,7 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             if ops_only and scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1008})
+                await send({"type": "websocket.close", "code": CLOSE_POLICY})
                 return
             if scope["type"] == "websocket" and scope["path"] == _EVENTS and backend.events:
                 await backend.events.websocket(scope, receive, send)

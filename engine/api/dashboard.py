@@ -20,6 +20,7 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
+from engine.api.backend import Senders
 from engine.api.responses import json_response, problem_response
 from engine.models import ms_to_iso
 from engine.queue import Queue
@@ -198,7 +199,7 @@ def _read_header_block(readline: Callable[[int], bytes]) -> bytes:
 
 
 def register_dashboard_routes(
-    app: QuartTrio, queue: Queue, senders_running: Callable[[], int], sink_maildir: str | None
+    app: QuartTrio, queue: Queue, senders: Senders, sink_maildir: str | None
 ) -> None:
     static = StaticFiles()
 
@@ -234,7 +235,7 @@ def register_dashboard_routes(
                 throttled=c.throttled_total,
                 reaped=c.reaped_total,
             ),
-            senders=senders_running(),
+            senders=senders.statistics().running,
         )
         return json_response(200, body, headers={"Cache-Control": "no-store"})
 

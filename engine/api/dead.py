@@ -13,8 +13,7 @@ from quart_trio import QuartTrio
 
 from engine.api.responses import json_response, problem_response
 from engine.ids import is_id
-from engine.models import JobView, ms_to_iso
-from engine.queue import JobRecord, Queue
+from engine.queue import Queue, job_view
 
 MAX_PAGE = 500
 
@@ -28,13 +27,6 @@ class RetryFilter(msgspec.Struct, forbid_unknown_fields=True):
 
 def _not_dead(job_id: str) -> Response:
     return problem_response(404, "not-found", "Not in the dead-letter queue", f"id {job_id!r}")
-
-
-def _view(rec: JobRecord) -> JobView:
-    return JobView(
-        rec.id, rec.state, rec.attempts, ms_to_iso(rec.created_at_ms),
-        ms_to_iso(rec.updated_at_ms), rec.last_error,
-    )  # fmt: skip
 
 
 def _int_arg(name: str, default: int, low: int, high: int) -> int | Response:
@@ -60,7 +52,7 @@ def register_dead_routes(app: QuartTrio, queue: Queue) -> None:
         following = offset + limit if offset + limit < total else None
         body: dict[str, Any] = {
             "total": total, "offset": offset, "limit": limit, "next_offset": following,
-            "items": [_view(r) for r in records],
+            "items": [job_view(r) for r in records],
         }  # fmt: skip
         return json_response(200, body)
 
@@ -68,9 +60,7 @@ def register_dead_routes(app: QuartTrio, queue: Queue) -> None:
     async def retry_one(job_id: str) -> Response:
         done = await queue.dead_retry([job_id]) if is_id(job_id) else []
         if not done:
-            return problem_response(
-                404, "not-found", "Not in the dead-letter queue", f"id {job_id!r}"
-            )
+            return _not_dead(job_id)
         return json_response(202, {"id": job_id, "state": "queued"})
 
     @app.post("/v1/dead/retry")
@@ -94,7 +84,5 @@ def register_dead_routes(app: QuartTrio, queue: Queue) -> None:
     async def delete_one(job_id: str) -> Response:
         done = await queue.dead_delete([job_id]) if is_id(job_id) else []
         if not done:
-            return problem_response(
-                404, "not-found", "Not in the dead-letter queue", f"id {job_id!r}"
-            )
+            return _not_dead(job_id)
         return Response(b"", status=204)

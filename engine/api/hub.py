@@ -47,14 +47,19 @@ from engine.api.responses import problem_response
 from engine.config import EventsSettings
 from engine.errors import QueueError, ValidationError
 from engine.ids import is_id
-from engine.models import EVENT_TYPES, Event, check_tenant
-from engine.queue.events import EventLog, event_order, parse_event_id
+from engine.models import (
+    CLOSE_GOING_AWAY,
+    CLOSE_POLICY,
+    CLOSE_TOO_SLOW,
+    CLOSE_UNAVAILABLE,
+    EVENT_TYPES,
+    Event,
+    check_tenant,
+)
+from engine.queue import EventLog, event_order, parse_event_id
 
 log = logging.getLogger(__name__)
 
-CLOSE_GOING_AWAY: Final = 1001
-CLOSE_UNAVAILABLE: Final = 1011
-CLOSE_TOO_SLOW: Final = 4008
 MAX_FILTER_VALUES: Final = 1000
 # Seconds a dropped subscriber's socket gets to take the close frame; a subscription
 # waits this long for the tail to find the stream's end.
@@ -488,7 +493,7 @@ async def _refuse(
 ) -> None:  # fmt: skip
     """Answer the handshake with an HTTP problem (403 where the server cannot)."""
     if "websocket.http.response" not in scope.get("extensions", {}):
-        await send({"type": "websocket.close", "code": 1008})
+        await send({"type": "websocket.close", "code": CLOSE_POLICY})
         return
     body = problem_body(status, slug, title, detail, field)
     headers = [(b"content-type", b"application/problem+json"),

@@ -32,26 +32,13 @@ from engine.config import HttpSettings, IngestSettings
 from engine.errors import QueueError, QueueUnavailable, ValidationError
 from engine.ids import is_id, new_ids
 from engine.metrics import IngestMetrics, Metrics
-from engine.models import (
-    DEFAULT_TENANT,
-    Accepted,
-    BatchAccepted,
-    BatchIn,
-    JobView,
-    MessageIn,
-    ms_to_iso,
-    normalize,
-    recipient_domains,
-    route,
-)
-from engine.queue import NewJob, Queue
-from engine.queue.jobs import TAG_SEPARATOR, EnqueueResult
+from engine.models import DEFAULT_TENANT, Accepted, BatchAccepted, BatchIn, MessageIn
+from engine.queue import DrainMeter, EnqueueResult, NewJob, Queue, job_view, new_job
 
 D = TypeVar("D")
 
 _decode_one = msgspec.json.Decoder(MessageIn).decode
 _decode_batch = msgspec.json.Decoder(BatchIn).decode
-_encode_msgpack = msgspec.msgpack.Encoder().encode
 
 # msgspec says "... - at `$.messages[0].to`"; unknown fields "... field `x`".
 _AT_RE: Final = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
@@ -122,23 +109,14 @@ def identify(scope: Scope, trusted_proxies: frozenset[str] = frozenset()) -> tup
     return "ip-" + peer, DEFAULT_TENANT
 
 
-def _job(incoming: MessageIn, job_id: str, default_from: str, now_ms: int, tenant: str) -> NewJob:
-    routing = route(incoming, now_ms=now_ms, default_tenant=tenant)
-    message = normalize(incoming, default_from=default_from)
-    return NewJob(
-        job_id, _encode_msgpack(message), routing.lane, routing.tenant,
-        recipient_domains(message), routing.due_ms, TAG_SEPARATOR.join(message.tags),
-    )  # fmt: skip
-
-
 @dataclass(slots=True)
 class Ingest:
     queue: Queue
     http: HttpSettings
     default_from: str
     ingest: IngestSettings = dataclasses.field(default_factory=IngestSettings)
-    # Jobs per second the queue drains at (all replicas), for Retry-After when full.
-    drain_rate: Callable[[], float] = lambda: 0.0
+    # How fast the queue drains (all replicas), for Retry-After when full; None: unknown.
+    drain: DrainMeter | None = None
     metrics: IngestMetrics = dataclasses.field(default_factory=lambda: Metrics().ingest)
     _trusted: frozenset[str] = frozenset()
 
@@ -180,7 +158,10 @@ class Ingest:
         client, tenant = identify(scope, self._trusted)
         now_ms = self.queue.now_ms()
         try:
-            job = _job(incoming, new_ids(1, now_ms)[0], self.default_from, now_ms, tenant)
+            job = new_job(
+                incoming, new_ids(1, now_ms)[0], default_from=self.default_from,
+                now_ms=now_ms, default_tenant=tenant,
+            )  # fmt: skip
         except ValidationError as exc:
             await send_problem(send, 422, "invalid-field", "Invalid field", exc.detail, exc.field)
             return
@@ -223,7 +204,11 @@ class Ingest:
         i = 0
         try:
             for i, incoming in enumerate(batch.messages):
-                jobs.append(_job(incoming, ids[i], self.default_from, now_ms, tenant))
+                job = new_job(
+                    incoming, ids[i], default_from=self.default_from, now_ms=now_ms,
+                    default_tenant=tenant,
+                )  # fmt: skip
+                jobs.append(job)
         except ValidationError as exc:
             field = f"messages[{i}].{exc.field}"
             await send_problem(send, 422, "invalid-field", "Invalid field", exc.detail, field)
@@ -349,7 +334,8 @@ class Ingest:
 
     async def _backlog_full(self, send: Send, backlog: int) -> None:
         high = self.ingest.max_backlog
-        retry = backlog_retry_after_s(backlog, high, self.drain_rate())
+        rate = self.drain.rate() if self.drain is not None else 0.0
+        retry = backlog_retry_after_s(backlog, high, rate)
         await send_problem(
             send, 503, "backlog-full", "Backlog full",
             f"{backlog} messages are waiting (ingest.max_backlog = {high}); nothing was "
@@ -376,21 +362,7 @@ class Ingest:
         if rec is None:
             await send_problem(send, 404, "not-found", "No such message", f"unknown id {job_id!r}")
             return
-        next_attempt_at = None
-        if rec.state in ("retrying", "scheduled") and rec.next_attempt_at_ms:
-            next_attempt_at = ms_to_iso(rec.next_attempt_at_ms)
-        view = JobView(
-            rec.id,
-            rec.state,
-            rec.attempts,
-            ms_to_iso(rec.created_at_ms),
-            ms_to_iso(rec.updated_at_ms),
-            rec.last_error,
-            next_attempt_at,
-            rec.lane,
-            rec.tenant,
-        )
-        await send_json(send, 200, view)
+        await send_json(send, 200, job_view(rec))
 
     async def cancel_message(self, job_id: str, send: Send) -> None:
         """DELETE /v1/messages/{id}: 200 cancelled; 409 once processing or finished."""

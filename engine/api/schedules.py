@@ -18,7 +18,7 @@ from engine.api.responses import json_response, problem_response
 from engine.cron import check_cron, check_timezone
 from engine.errors import ValidationError
 from engine.models import MessageIn, ms_to_iso, normalize, route
-from engine.queue.schedules import Schedule, ScheduleStore
+from engine.queue import Schedule, ScheduleStore
 
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _decode_message = msgspec.json.Decoder(MessageIn).decode

@@ -1,23 +1,68 @@
 """The reliable Redis queue: the only package that talks to Redis.
 
-Multi-key transitions are Lua scripts in ``lua/``; key names come from ``engine.keys``.
-Imports the leaves and policy; never the API, senders or transports.
+Multi-key transitions are Lua scripts in ``lua/``; key names come from ``engine.keys``;
+the job's wire format (stored jobs, API views, event entries) is ``wire``. Callers import
+from this face only (an import-linter contract). Imports the leaves and policy; never
+the API, senders or transports.
 """
 
 from engine.queue.commit import GroupCommitter
-from engine.queue.jobs import ClaimedJob, JobRecord, NewJob, Queue, QueueCounts, ReapResult
+from engine.queue.drain import DrainMeter
+from engine.queue.events import EventLog, EventPage, JobHistory
+from engine.queue.jobs import (
+    ClaimedJob,
+    EnqueueRequest,
+    EnqueueResult,
+    Failure,
+    JobRecord,
+    NewJob,
+    Queue,
+    QueueCounts,
+    ReapResult,
+)
 from engine.queue.limits import BucketState, RateLimits
-from engine.queue.redis import open_redis
+from engine.queue.redis import SCRIPT_NAMES, Redis, load_script_sources, open_redis
+from engine.queue.schedules import Schedule, ScheduleStore
+from engine.queue.wire import (
+    TAG_SEPARATOR,
+    decode_message,
+    encode_message,
+    event_order,
+    job_view,
+    new_job,
+    parse_entry,
+    parse_event_id,
+)
 
 __all__ = [
+    "SCRIPT_NAMES",
+    "TAG_SEPARATOR",
     "BucketState",
     "ClaimedJob",
+    "DrainMeter",
+    "EnqueueRequest",
+    "EnqueueResult",
+    "EventLog",
+    "EventPage",
+    "Failure",
     "GroupCommitter",
+    "JobHistory",
     "JobRecord",
     "NewJob",
     "Queue",
     "QueueCounts",
     "RateLimits",
     "ReapResult",
+    "Redis",
+    "Schedule",
+    "ScheduleStore",
+    "decode_message",
+    "encode_message",
+    "event_order",
+    "job_view",
+    "load_script_sources",
+    "new_job",
     "open_redis",
+    "parse_entry",
+    "parse_event_id",
 ]

@@ -1,14 +1,13 @@
 """The lifecycle event stream: read live (XREAD), by range (XRANGE), or per job (history).
 
-Turns stream entries into ``engine.models.Event``s: an enqueue entry that announces many
-jobs (field ``ids``) becomes one event per job, numbered ``<entry id>.<n>``. Imports the
-leaves only; the hub in ``engine.api`` fans events out.
+Entries become ``engine.models.Event``s through ``engine.queue.wire`` (an enqueue entry
+that announces many jobs becomes one event per job, numbered ``<entry id>.<n>``); the hub
+in ``engine.api`` fans them out.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, cast
@@ -17,16 +16,12 @@ from coredis.response.types import StreamEntry
 
 from engine.ids import is_id
 from engine.keys import Keys
-from engine.models import DEFAULT_TENANT, Event
-from engine.queue.jobs import TAG_SEPARATOR
+from engine.models import Event
 from engine.queue.redis import Redis, translate_errors
+from engine.queue.wire import parse_entry, parse_event_id
 
 log = logging.getLogger(__name__)
 
-# Separates the jobs' tags in an enqueue entry's 'tags' field (see enqueue.lua); like
-# TAG_SEPARATOR it cannot occur in a tag.
-_JOB_TAGS_SEPARATOR: Final = "\r"
-_EVENT_ID_RE: Final = re.compile(r"^(\d{1,20})-(\d{1,20})(?:\.(\d{1,6}))?$")
 # States after which a job has no further events until an operator acts on it.
 _SETTLED: Final = frozenset({b"sent", b"failed", b"cancelled"})
 # Job ids carry their creation time; the stream ids use the Redis server's clock. A
@@ -50,54 +45,6 @@ class JobHistory:
     events: list[Event]  # oldest first
     complete: bool  # False: the scan stopped at its bound before the stream's end
     exists: bool  # the job's record exists (it may have expired; its events may remain)
-
-
-def parse_event_id(text: str) -> tuple[str, int]:
-    """``"1718000000000-0"`` -> (entry id, -1); ``"1718000000000-0.7"`` -> (entry id, 7).
-
-    Raises ValueError for anything else.
-    """
-    m = _EVENT_ID_RE.match(text)
-    if m is None:
-        raise ValueError(f"not an event id: {text!r} (ids look like 1718000000000-0 or ...-0.3)")
-    entry = f"{int(m.group(1))}-{int(m.group(2))}"
-    return entry, int(m.group(3)) if m.group(3) is not None else -1
-
-
-def event_order(event_id: str) -> tuple[int, int, int]:
-    """Sort key of an event id: events compare in stream order. A bare entry id sorts
-    after every numbered event of that entry (it stands for the whole entry)."""
-    entry, index = parse_event_id(event_id)
-    ms, _, seq = entry.partition("-")
-    return int(ms), int(seq), index if index >= 0 else 1 << 30
-
-
-def _text(value: bytes | None) -> str | None:
-    return value.decode() if value is not None else None
-
-
-def parse_entry(entry_id: str, fields: Mapping[bytes, bytes]) -> list[Event]:
-    """The events of one stream entry (several for an enqueue entry with ``ids``)."""
-    kind = fields[b"type"].decode()
-    at = int(fields[b"at"])
-    attempt = int(fields.get(b"attempt") or 0)
-    state = fields[b"state"].decode() if b"state" in fields else kind
-    tenant = _text(fields.get(b"tenant")) or DEFAULT_TENANT
-    error = _text(fields.get(b"error"))
-    tags = _text(fields.get(b"tags"))
-    single = fields.get(b"id")
-    if single is not None:
-        split = tags.split(TAG_SEPARATOR) if tags else []
-        return [Event(entry_id, kind, single.decode(), at, attempt, state, tenant, error, split)]
-    ids = fields[b"ids"].decode().split(",")
-    per_job = tags.split(_JOB_TAGS_SEPARATOR) if tags else []
-    return [
-        Event(
-            f"{entry_id}.{i}", kind, job_id, at, attempt, state, tenant, error,
-            per_job[i].split(TAG_SEPARATOR) if i < len(per_job) and per_job[i] else [],
-        )
-        for i, job_id in enumerate(ids)
-    ]  # fmt: skip
 
 
 def _id(entry: StreamEntry) -> str:

@@ -13,9 +13,10 @@ from typing import Any, Literal, NoReturn
 
 import trio
 
-from engine.config import IngestSettings, LimitsSettings, QueueSettings
+from engine.config import IngestSettings, QueueSettings, RateLimitSettings
 from engine.errors import QueueUnavailable
-from engine.keys import LANES, Keys
+from engine.keys import Keys
+from engine.models import DEFAULT_TENANT, LANES
 from engine.policy import lane_pattern
 from engine.queue.commit import GroupCommitter
 from engine.queue.redis import Redis, Scripts, translate_errors
@@ -24,7 +25,7 @@ from engine.queue.redis import Redis, Scripts, translate_errors
 @dataclass(frozen=True, slots=True)
 class ClaimedJob:
     id: str
-    payload: bytes  # msgpack-encoded engine.models.Message
+    payload: bytes  # engine.queue.wire.encode_message(message)
     attempt: int  # 1 for the first delivery attempt
     # Recipients still to try after a partial delivery; None means all of the message's.
     recipients: list[str] | None = None
@@ -32,22 +33,17 @@ class ClaimedJob:
     wait_s: float = 0.0
 
 
-# Joins a message's tags in its job record and events: tags hold no CR or LF (validated
-# in engine.models), so a newline never splits one.
-TAG_SEPARATOR = "\n"
-
-
 @dataclass(frozen=True, slots=True)
 class NewJob:
     """A job to store: its id, message and where it waits."""
 
     id: str
-    payload: bytes  # msgpack-encoded engine.models.Message
+    payload: bytes  # engine.queue.wire.encode_message(message)
     lane: str = "normal"
-    tenant: str = "default"
+    tenant: str = DEFAULT_TENANT
     domains: str = ""  # distinct recipient domains, comma-separated (rate limits)
     due_ms: int = 0  # later than now: scheduled until then
-    # The message's tags joined by TAG_SEPARATOR ('' = none); kept in the job record so
+    # The message's tags joined by wire.TAG_SEPARATOR ('' = none); kept in the job record so
     # every lifecycle event can carry them (see engine.queue.events).
     tags: str = ""
 
@@ -81,7 +77,7 @@ class JobRecord:
     last_error: str | None
     next_attempt_at_ms: int | None
     lane: str = "normal"
-    tenant: str = "default"
+    tenant: str = DEFAULT_TENANT
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,17 +126,17 @@ class Queue:
         settings: QueueSettings,
         instance: str,
         *,
-        limits: LimitsSettings | None = None,
+        rate_limits: RateLimitSettings | None = None,
         ingest: IngestSettings | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
         self.settings = settings
-        self.limits = limits or LimitsSettings()
+        self.rate_limits = rate_limits or RateLimitSettings()
         self.ingest = ingest or IngestSettings()
         self.instance = instance
         self._lanes = lane_pattern(settings.lane_weights)
-        self._limits_on = "1" if self.limits.configured() else "0"
+        self._limits_on = "1" if self.rate_limits.configured() else "0"
         self.keys = Keys(settings.name, settings.shard)
         self._scripts = Scripts(client)
         self._clock = clock
@@ -272,7 +268,7 @@ class Queue:
     async def _claim(self, n: int) -> list[ClaimedJob]:
         now = self.now_ms()
         k = self.keys
-        limits = self.limits
+        limits = self.rate_limits
         args: list[str | int | float] = [
             k.prefix, now, now + int(self.settings.lease_s * 1000), self.settings.events_maxlen,
             self.instance, n, self._lanes, self._limits_on, int(limits.max_wait_s * 1000),
@@ -358,25 +354,17 @@ class Queue:
 
     async def renew(self, holding: Iterable[str]) -> int:
         """Heartbeat this instance and extend the leases of the jobs it holds."""
-        now = self.now_ms()
-        lease_ms = int(self.settings.lease_s * 1000)
-        k = self.keys
-        args: list[str | int] = [
-            self.instance,
-            now + lease_ms,
-            now + lease_ms,
-            k.job_prefix,
-            *holding,
-        ]
+        deadline = self.now_ms() + int(self.settings.lease_s * 1000)
+        args: list[str | int] = [self.instance, deadline, deadline, *holding]
         with translate_errors():
             n: Any = await self._scripts["renew"](
-                keys=[k.instances, k.leases, self._processing], args=args
+                keys=[self.keys.instances, self.keys.leases], args=args
             )
         return int(n)
 
     async def release_unheld(self, holding: Iterable[str]) -> int:
         """Clean shutdown: hand back every job in this instance's processing list that is
-        not in ``holding`` (claims whose result never reached us, pre-lanes BLMOVE leftovers)."""
+        not in ``holding`` (claims whose result never reached us)."""
         with translate_errors():
             listed = await self.client.lrange(self._processing, 0, -1)
         held = set(holding)
@@ -385,8 +373,8 @@ class Queue:
     async def leave(self) -> None:
         """Mark this instance's heartbeat as expired (after a clean shutdown).
 
-        Not a ZREM: a blocking claim cancelled during shutdown can still move an id into
-        our processing list; as a dead instance, any replica's reaper returns it.
+        Not a ZREM: a claim whose reply was lost during shutdown may still have put jobs
+        in our processing list; as a dead instance, any replica's reaper returns them.
         """
         with translate_errors():
             await self.client.zadd(self.keys.instances, {self.instance: self.now_ms() - 1})
@@ -401,7 +389,7 @@ class Queue:
         ]  # fmt: skip
         with translate_errors():
             out: Any = await self._scripts["reap"](
-                keys=[k.legacy_ready, k.delayed, k.leases, k.instances, k.events, k.stats, k.dead],
+                keys=[k.delayed, k.leases, k.instances, k.events, k.stats, k.dead],
                 args=args,
             )
         return ReapResult(int(out[0]), int(out[1]), int(out[2]), int(out[3]))
@@ -520,5 +508,5 @@ def _record(job_id: str, row: Sequence[bytes | None]) -> JobRecord | None:
         last_error=error.decode() if error else None,
         next_attempt_at_ms=int(next_at) if next_at else None,
         lane=lane.decode() if lane else "normal",
-        tenant=tenant.decode() if tenant else "default",
+        tenant=tenant.decode() if tenant else DEFAULT_TENANT,
     )

@@ -2,8 +2,8 @@
 AIMD slow-downs, and the buckets' state for ``GET /v1/limits``.
 
 The buckets themselves are taken inside the claim script (one Lua call per claim);
-this module owns what happens around it. Imports the leaves and the queue's Redis
-adapter only.
+this module owns what happens around it; the arithmetic both share is
+``engine.policy.recovered_rate``. Imports the leaves, policy and the queue's Redis adapter.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import LimitsSettings
+from engine.config import RateLimitSettings
 from engine.keys import Keys
+from engine.policy import recovered_rate
 from engine.queue.redis import Redis, Scripts, translate_errors
 
 
@@ -29,7 +30,7 @@ class BucketState:
 class RateLimits:
     """One shard's rate limits, as one replica sees them."""
 
-    def __init__(self, client: Redis, keys: Keys, settings: LimitsSettings) -> None:
+    def __init__(self, client: Redis, keys: Keys, settings: RateLimitSettings) -> None:
         self.client = client
         self.keys = keys
         self.settings = settings
@@ -98,14 +99,3 @@ class RateLimits:
                 )
             )
         return out
-
-
-def recovered_rate(
-    rate: float | None, rate_at_ms: float | None, limit: float, now_ms: float, recovery: float
-) -> float:
-    """The rate in force at ``now_ms``: the stored (slowed) rate plus additive recovery
-    since it was stored, capped at the limit -- the same arithmetic as claim.lua."""
-    if rate is None or rate >= limit:
-        return limit
-    elapsed = max(0.0, now_ms - (rate_at_ms if rate_at_ms is not None else now_ms))
-    return min(limit, rate + limit * recovery * elapsed / 1000)

@@ -33,6 +33,9 @@ SCRIPT_NAMES = (
     "dead_delete",
     "cancel",
     "slowdown",
+    "schedule_put",
+    "schedule_advance",
+    "schedule_delete",
 )
 
 Redis = coredis.Redis[bytes]

@@ -2,7 +2,7 @@
 compare-and-set that lets every replica run the scheduler without a lock.
 
 Keys: ``schedules`` (hash name -> msgpack record) and ``schedules:due`` (zset name ->
-next tick ms). Multi-key changes are the Lua scripts below. Imports the leaves and
+next tick ms). Multi-key changes are ``lua/schedule_*.lua``. Imports the leaves and
 the queue's Redis adapter only.
 """
 
@@ -11,76 +11,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 import msgspec
 from coredis.tokens import PureToken
 
 from engine.cron import check_cron, next_tick_ms
 from engine.keys import Keys
-from engine.queue.redis import Redis, translate_errors
+from engine.queue.redis import Redis, Scripts, translate_errors
 
 # The stored record is a msgpack array (see _Record); the scripts index it 1-based:
 # 1 version  2 cron  3 timezone  4 message (JSON)  5 created_at  6 updated_at
 # 7 last_tick (ms, 0 = none)  8 last_job ('' = none)  9 fired  10 skipped
 # No nils: a hole would turn the Lua table into a msgpack map.
-
-_PUT: Final = """
--- schedule_put: create or replace a schedule; runtime counters survive a replace.
--- KEYS[1] schedules hash   KEYS[2] schedules:due zset
--- ARGV[1] name   ARGV[2] cron   ARGV[3] timezone   ARGV[4] message JSON
--- ARGV[5] now (ms)   ARGV[6] next tick (ms)
--- Returns {1 created | 0 replaced, stored record}.
-local name, now = ARGV[1], tonumber(ARGV[5])
-local old = redis.call('HGET', KEYS[1], name)
-local s
-if old then
-  s = cmsgpack.unpack(old)
-  s[1] = s[1] + 1
-  s[2], s[3], s[4], s[6] = ARGV[2], ARGV[3], ARGV[4], now
-else
-  s = {1, ARGV[2], ARGV[3], ARGV[4], now, now, 0, '', 0, 0}
-end
-local record = cmsgpack.pack(s)
-redis.call('HSET', KEYS[1], name, record)
-redis.call('ZADD', KEYS[2], ARGV[6], name)
-if old then return {0, record} end
-return {1, record}
-"""
-
-_ADVANCE: Final = """
--- schedule_advance: move a schedule's due tick on, if nobody else did (compare-and-set
--- on version and due tick), and count what happened to the ticks passed over.
--- KEYS[1] schedules hash   KEYS[2] schedules:due zset
--- ARGV[1] name   ARGV[2] version   ARGV[3] expected due tick (ms)   ARGV[4] next tick (ms)
--- ARGV[5] ticks fired (0 or 1)   ARGV[6] ticks skipped   ARGV[7] fired tick (ms)
--- ARGV[8] fired job id
--- Returns 1 when advanced, 0 when the schedule was gone, replaced or already advanced.
-local name = ARGV[1]
-local due = redis.call('ZSCORE', KEYS[2], name)
-if not due or tonumber(due) ~= tonumber(ARGV[3]) then return 0 end
-local raw = redis.call('HGET', KEYS[1], name)
-if not raw then return 0 end
-local s = cmsgpack.unpack(raw)
-if s[1] ~= tonumber(ARGV[2]) then return 0 end
-local fired = tonumber(ARGV[5])
-if fired > 0 then
-  s[7], s[8], s[9] = tonumber(ARGV[7]), ARGV[8], s[9] + fired
-end
-s[10] = s[10] + tonumber(ARGV[6])
-redis.call('HSET', KEYS[1], name, cmsgpack.pack(s))
-redis.call('ZADD', KEYS[2], ARGV[4], name)
-return 1
-"""
-
-_DELETE: Final = """
--- schedule_delete: forget a schedule and its due tick.
--- KEYS[1] schedules hash   KEYS[2] schedules:due zset   ARGV[1] name
--- Returns 1 when it existed, else 0.
-local n = redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-return n
-"""
 
 
 class _Record(msgspec.Struct, array_like=True, gc=False):
@@ -155,9 +98,7 @@ class ScheduleStore:
         self.client = client
         self.keys = keys
         self._clock = clock
-        self._put = client.register_script(_PUT)
-        self._advance = client.register_script(_ADVANCE)
-        self._delete = client.register_script(_DELETE)
+        self._scripts = Scripts(client)
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -174,7 +115,7 @@ class ScheduleStore:
         due = next_tick_ms(cron, timezone, now)
         k = self.keys
         with translate_errors():
-            out: Any = await self._put(
+            out: Any = await self._scripts["schedule_put"](
                 keys=[k.schedules, k.schedules_due],
                 args=[name, cron, timezone, message, now, due],
             )
@@ -207,7 +148,9 @@ class ScheduleStore:
         """Forget ``name``; False when there was no such schedule."""
         k = self.keys
         with translate_errors():
-            out: Any = await self._delete(keys=[k.schedules, k.schedules_due], args=[name])
+            out: Any = await self._scripts["schedule_delete"](
+                keys=[k.schedules, k.schedules_due], args=[name]
+            )
         return bool(int(out))
 
     async def due(self, now_ms: int, limit: int = 100) -> list[Schedule]:
@@ -252,5 +195,7 @@ class ScheduleStore:
             expected_tick_ms, fired_job_id,
         ]  # fmt: skip
         with translate_errors():
-            out: Any = await self._advance(keys=[k.schedules, k.schedules_due], args=args)
+            out: Any = await self._scripts["schedule_advance"](
+                keys=[k.schedules, k.schedules_due], args=args
+            )
         return bool(int(out))

@@ -3,6 +3,6 @@
 Imports the queue, transports, policy and leaves; never the API.
 """
 
-from engine.sender.pool import SenderPool, SenderStatistics, serve_senders
+from engine.sender.pool import SenderPool, SenderStatistics
 
-__all__ = ["SenderPool", "SenderStatistics", "serve_senders"]
+__all__ = ["SenderPool", "SenderStatistics"]

@@ -23,17 +23,13 @@ from engine.errors import (
 )
 from engine.ids import id_time_ms
 from engine.metrics import Metrics, SenderMetrics
-from engine.models import Message
 from engine.policy import after_failure, backoff_s, classify_smtp
-from engine.queue import ClaimedJob, Queue, RateLimits
-from engine.queue.jobs import Failure
+from engine.queue import ClaimedJob, Failure, Queue, RateLimits, decode_message
 from engine.sender.ratelimit import RateLimiter
-from engine.transport.base import OutgoingMail, SendResult, Transport
-from engine.transport.compose import compose
+from engine.transport import OutgoingMail, SendResult, Transport, compose
 
 log = logging.getLogger(__name__)
 
-_decode_message = msgspec.msgpack.Decoder(Message).decode
 # Replies that mean "you are sending too fast": they slow the domain's bucket down.
 SLOW_DOWN_CODES = frozenset({421, 451})
 
@@ -58,14 +54,16 @@ class SenderPool:
         transport: Transport,
         settings: SenderSettings,
         queue_settings: QueueSettings,
-        limits: RateLimits | None = None,
+        rate_limits: RateLimits | None = None,
         metrics: SenderMetrics | None = None,
     ) -> None:
         self.queue = queue
         self.transport = transport
         self.settings = settings
         self.queue_settings = queue_settings
-        self.limits = limits if limits is not None and limits.settings.configured() else None
+        self.rate_limits = (
+            rate_limits if rate_limits is not None and rate_limits.settings.configured() else None
+        )
         self._slowed: dict[str, float] = {}  # bucket -> when we last asked Redis to halve it
         self.limiter = RateLimiter(settings.rate_per_s, settings.burst)
         self._holding: set[str] = set()
@@ -166,7 +164,7 @@ class SenderPool:
         async with trio.open_nursery() as records:
             for job in jobs:
                 try:
-                    message = _decode_message(job.payload)
+                    message = decode_message(job.payload)
                     mail = compose(
                         job.id,
                         message,
@@ -263,10 +261,10 @@ class SenderPool:
     async def _slow_down(self, recipients: list[str]) -> None:
         """A 421/451: halve the shared rate of these recipients' domains (Redis applies
         it at most once per cooldown; we skip asking again within it)."""
-        if self.limits is None:
+        if self.rate_limits is None:
             return
         now = trio.current_time()
-        cooldown = self.limits.settings.slowdown_cooldown_s
+        cooldown = self.rate_limits.settings.slowdown_cooldown_s
         names = {"domain:" + r.rpartition("@")[2].lower() for r in recipients}
         names = {n for n in names if now - self._slowed.get(n, -cooldown) >= cooldown}
         if not names:
@@ -275,7 +273,7 @@ class SenderPool:
             self._slowed[name] = now
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             try:
-                rates = await self.limits.slowdown(sorted(names))
+                rates = await self.rate_limits.slowdown(sorted(names))
             except EngineError as exc:
                 log.warning("sender.slowdown.failed buckets=%s error=%s", sorted(names), exc)
                 return
@@ -340,10 +338,3 @@ class SenderPool:
         else:
             self._failed += 1
             self._metrics.dead()
-
-
-async def serve_senders(
-    pool: SenderPool, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Run ``pool``'s sender tasks (ready as soon as they are started)."""
-    await pool.serve(task_status=task_status)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import trio
 
-from engine.policy import BucketState, bucket_take
+from engine.policy import TokenBucket, bucket_take
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +23,7 @@ class RateLimiter:
     def __init__(self, rate_per_s: float, burst: float = 0) -> None:
         self.rate_per_s = rate_per_s
         self.burst = burst if burst > 0 else max(1.0, rate_per_s)
-        self._state = BucketState(self.burst, trio.current_time() if _in_trio() else 0.0)
+        self._state = TokenBucket(self.burst, trio.current_time() if _in_trio() else 0.0)
         self._waits = 0
 
     def statistics(self) -> RateLimiterStatistics:

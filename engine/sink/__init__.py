@@ -4,6 +4,7 @@ The only part of the engine that may import asyncio, aiosmtpd or uvloop, and onl
 (in ``server`` and ``protocol``), so importing this package stays cheap.
 
     cli      flags -> SinkOptions; ``add_arguments`` and ``run`` for ``engine sink``
+    options  SinkOptions: what one sink process is told to do
     server   asyncio/aiosmtpd/uvloop: the SMTP handler and the process's main loop
     protocol aiosmtpd's SMTP with hot-path shortcuts (fast addresses, block DATA reads,
              coalesced pipelined replies) and ``hang_up`` for faults that close
@@ -13,6 +14,7 @@ The only part of the engine that may import asyncio, aiosmtpd or uvloop, and onl
              draws (``decide_data``) -> verdicts the server acts on
 """
 
-from engine.sink.cli import SinkOptions, add_arguments, run
+from engine.sink.cli import add_arguments, run
+from engine.sink.options import SinkOptions
 
 __all__ = ["SinkOptions", "add_arguments", "run"]

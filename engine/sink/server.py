@@ -24,7 +24,6 @@ import msgspec
 import uvloop
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from engine.sink.cli import SinkOptions
 from engine.sink.faults import (
     DataVerdict,
     FaultOptions,
@@ -34,6 +33,7 @@ from engine.sink.faults import (
     decide_rcpt,
 )
 from engine.sink.headers import scan_ids
+from engine.sink.options import SinkOptions
 from engine.sink.protocol import SinkEnvelope, SinkSMTP
 from engine.sink.record import Counters, Maildir, MessageLog, Received, write_atomic
 

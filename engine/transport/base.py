@@ -39,33 +39,26 @@ class SendResult:
     rejected: list[RecipientRejected] = field(default_factory=list)
 
 
-# One mail's outcome in a batch: what ``send`` would have returned or raised.
+# One mail's outcome in a batch: accepted, or refused or failed (see ``Transport.send_many``).
 SendOutcome: TypeAlias = tuple[OutgoingMail, SendResult | TransportError]
 
 
 class Transport(Protocol):
-    """Hands messages to a mail server.
-
-    ``send`` returns when the server accepted the message (final 250) for at least
-    one recipient; it raises ``engine.errors.TemporaryFailure`` or
-    ``PermanentFailure`` otherwise (a PermanentFailure when every recipient was
-    refused with 5xx). It must be safe to call from many tasks at once.
-    """
-
-    async def send(self, mail: OutgoingMail) -> SendResult: ...
+    """Hands messages to a mail server. Safe to use from many tasks at once."""
 
     def send_many(self, mails: Sequence[OutgoingMail]) -> AsyncGenerator[SendOutcome, None]:
         """Deliver ``mails`` in order over one connection; yield each ``(mail, outcome)``.
 
         An async generator. Each outcome is yielded as soon as that mail's final reply
-        is read (ack it right away: that keeps the duplicate window short); it is the
-        ``SendResult`` ``send`` would return or the ``TransportError`` it would raise.
-        Every mail is yielded exactly once, in order; nothing is skipped. Refusals never
-        raise. A connection-level failure (I/O error, timeout, dropped connection,
-        failed connect) yields a ``TemporaryFailure`` for the mail in flight (which
-        the server may or may not have taken, as with ``send``) and then for every
-        mail not yet sent. The generator raises only ``Cancelled`` (never swallowed)
-        and bugs.
+        is read (ack it right away: that keeps the duplicate window short). It is a
+        ``SendResult`` when the server accepted the mail (final 250) for at least one
+        recipient, else an ``engine.errors.TemporaryFailure`` or ``PermanentFailure``
+        (a PermanentFailure when every recipient was refused with 5xx). Every mail is
+        yielded exactly once, in order; nothing is skipped. Refusals never raise. A
+        connection-level failure (I/O error, timeout, dropped connection, failed
+        connect) yields a ``TemporaryFailure`` for the mail in flight (which the server
+        may or may not have taken) and then for every mail not yet sent. The generator
+        raises only ``Cancelled`` (never swallowed) and bugs.
 
         Stopping early (``break``, or an exception or cancellation in the consumer's
         loop body) is safe: a mail that was not yielded was not delivered. Close the
@@ -74,8 +67,8 @@ class Transport(Protocol):
         collected otherwise). Closing aborts what is already on the wire without
         delivering it (for SMTP that costs the connection: the next envelope is already
         pipelined); a connection goes back to a pool only in a known state.
-        Cancelling the generator while it waits for the server is like cancelling
-        ``send``: the mail in flight may have been taken and is not yielded.
+        Cancelling the generator while it waits for the server leaves the mail in
+        flight undecided: the server may have taken it, and it is not yielded.
         """
         ...
 

@@ -12,12 +12,11 @@ from email.header import Header
 from email.utils import formataddr, formatdate
 from typing import Final
 
-from engine.models import Message, bare_address
+from engine.models import Message, bare_address, split_address
 from engine.transport.base import OutgoingMail
 
 _FOLD_AT: Final = 78  # RFC 5322 2.1.1: lines SHOULD be at most 78 characters
 _MAX_LINE: Final = 998  # ... and MUST be at most 998
-_NAMED_RE: Final = re.compile(r"^\s*(?P<name>[^<>\r\n]*?)\s*<(?P<addr>[^<>\s]+)>\s*$")
 # A display name made only of atext and spaces needs neither quoting nor encoding.
 _PLAIN_PHRASE_RE: Final = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]*$")
 _NEWLINES_RE: Final = re.compile(r"\r\n|\r|\n")
@@ -118,14 +117,9 @@ def _part(content_type: str, text: str, boundary: str | None) -> tuple[bytes, by
 
 def _format_address(addr: str) -> str:
     """One address as header text: display names quoted or RFC 2047-encoded as needed."""
-    if not addr.endswith(">"):
-        return addr
-    m = _NAMED_RE.match(addr)
-    if m is None:
-        return addr
-    name, bare = m.group("name"), m.group("addr")
+    name, bare = split_address(addr)
     if not name:
-        return f"<{bare}>"
+        return addr if bare == addr else f"<{bare}>"  # a bare address as given; "<a>" trimmed
     if _PLAIN_PHRASE_RE.match(name) and "=?" not in name:
         return f"{name} <{bare}>"
     if name.isascii():

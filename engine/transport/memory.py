@@ -20,7 +20,7 @@ FailRule = Callable[[OutgoingMail], TransportError | None]
 @dataclass(frozen=True, slots=True)
 class MemoryTransportStatistics:
     sends: int  # messages accepted
-    failures: int  # attempts refused by the script or ``fail`` (raised or yielded)
+    failures: int  # attempts refused by the script or ``fail``
     in_flight: int  # attempts currently running (e.g. inside the delay)
     closed: bool
 
@@ -31,7 +31,6 @@ class MemoryTransport:
     Outcomes are decided in this order: the next scripted outcome (``script``), else
     ``fail(mail)``, else success. ``delay_s`` is slept before deciding, so cancellation
     mid-send can be tested. Accepted mail lands in ``sent``; every attempt in ``attempts``.
-    ``send_many`` decides each mail the same way, one after the other.
     """
 
     def __init__(self, *, fail: FailRule | None = None, delay_s: float = 0.0) -> None:
@@ -46,7 +45,7 @@ class MemoryTransport:
         self._waiters: list[tuple[int, trio.Event]] = []
 
     def script(self, *outcomes: TransportError | SendResult) -> None:
-        """Queue outcomes for the next sends, in order (errors are raised, results returned)."""
+        """Queue outcomes for the next attempts, in order."""
         self._script.extend(outcomes)
 
     def statistics(self) -> MemoryTransportStatistics:
@@ -62,14 +61,8 @@ class MemoryTransport:
         self._waiters.append((count, event))
         await event.wait()
 
-    async def send(self, mail: OutgoingMail) -> SendResult:
-        outcome = await self._attempt(mail)
-        if isinstance(outcome, TransportError):
-            raise outcome
-        return outcome
-
     async def send_many(self, mails: Sequence[OutgoingMail]) -> AsyncGenerator[SendOutcome, None]:
-        """``Transport.send_many``: each mail decided as ``send`` would, yielded at once.
+        """``Transport.send_many``: each mail decided in turn (see the class), yielded at once.
 
         Stopping early leaves the rest unattempted. A mail refused with a scripted
         TemporaryFailure does not fail the ones after it (there is no connection to lose).

@@ -225,7 +225,7 @@ class SmtpConnection:
         self._parser = ReplyParser()
         self._closed = False
         self._replies = 0  # replies read on this connection
-        self._send_mark = 0  # ``_replies`` when the current ``send`` began
+        self._send_mark = 0  # ``_replies`` when the current ``_send_one`` began
         self._scope: trio.CancelScope | None = None
         self.extensions: dict[str, str] = {}
         self.tls = url.implicit_tls
@@ -364,10 +364,11 @@ class SmtpConnection:
                 f"{what}: {exc!r}", before_reply=self._replies == self._send_mark
             ) from exc
 
-    # Inside ``send`` one cancel scope covers the whole transaction (inside ``send_many``
-    # one covers the I/O between two outcomes) and its deadline is pushed forward before
-    # each I/O step: a scope and an error-mapping context per step cost ~15 % of the
-    # sender's CPU (profiled). Outside them (greeting, EHLO, AUTH) each step gets its own.
+    # Inside ``_send_one`` one cancel scope covers the whole transaction (inside a
+    # pipelined ``send_many`` one covers the I/O between two outcomes) and its deadline
+    # is pushed forward before each I/O step: a scope and an error-mapping context per
+    # step cost ~15 % of the sender's CPU (profiled). Outside them (greeting, EHLO,
+    # AUTH) each step gets its own.
 
     async def _write(self, data: bytes) -> None:
         self.writes += 1
@@ -409,7 +410,7 @@ class SmtpConnection:
 
     # -- sending ----------------------------------------------------------------------
 
-    async def send(self, mail: OutgoingMail) -> SendResult:
+    async def _send_one(self, mail: OutgoingMail) -> SendResult:
         """One mail transaction. Raises TemporaryFailure / PermanentFailure on refusal.
 
         Refusals leave the connection usable; I/O errors and cancellation mark it broken.
@@ -538,9 +539,9 @@ class SmtpConnection:
         With PIPELINING, pipelines across messages (RFC 2920): each mail's content goes
         in one write with the next mail's MAIL/RCPT/DATA, and the final reply, which
         is yielded at once, usually arrives in one read with the replies to that
-        envelope. Without PIPELINING, ``send`` one by one. After a connection-level
-        failure ``broken`` is True, as it is when the consumer stopped early while an
-        envelope was on the wire.
+        envelope. Without PIPELINING, one transaction after the other. After a
+        connection-level failure ``broken`` is True, as it is when the consumer stopped
+        early while an envelope was on the wire.
         """
         return self._send_many(mails, stale=False)
 
@@ -555,7 +556,7 @@ class SmtpConnection:
             for mail in mails:
                 outcome: SendResult | TransportError
                 try:
-                    outcome = await self.send(mail)
+                    outcome = await self._send_one(mail)
                 except ConnectionDropped as exc:
                     if exc.before_reply and stale_mark == self._replies:
                         raise _StaleConnection from exc
@@ -758,35 +759,12 @@ class SmtpPool:
         idle = len(self._idle)
         return SmtpPoolStatistics(self._open, idle, self._open - idle, self._connects, self._sends)
 
-    async def send(self, mail: OutgoingMail) -> SendResult:
-        async with self._slots:
-            try:
-                result = await self._send_once(mail, reuse=True)
-            except _StaleConnection as stale:
-                # The server had closed this idle connection: nothing was accepted.
-                log.info("smtp.send.stale_retry job=%s error=%s", mail.job_id, stale.__cause__)
-                result = await self._send_once(mail, reuse=False)
-            self._sends += 1
-            return result
-
-    async def _send_once(self, mail: OutgoingMail, *, reuse: bool) -> SendResult:
-        conn, reused = await self._acquire(reuse=reuse)
-        try:
-            return await conn.send(mail)
-        except ConnectionDropped as exc:
-            if reused and exc.before_reply:
-                raise _StaleConnection from exc
-            log.warning("smtp.send.failed job=%s error=%s", mail.job_id, exc)
-            raise
-        finally:
-            await self._checkin(conn)
-
     async def send_many(self, mails: Sequence[OutgoingMail]) -> AsyncGenerator[SendOutcome, None]:
         """``Transport.send_many`` over one connection of the pool (contract there).
 
         The connection is held, with a pool slot, until the generator finishes or is
         closed. A reused connection found dead before it gave any reply is replaced
-        once, transparently, as in ``send``.
+        once, transparently.
         """
         if not mails:
             return

@@ -69,6 +69,14 @@ local function lib_bucket_get(key)
   return b
 end
 
+-- The rate in force now: a slowed-down rate regains `recover` x its limit per second
+-- since it was stored (AIMD), up to the limit. Mirrored by engine.policy.recovered_rate.
+local function lib_recovered_rate(b, cap, rnow, recover)
+  local rate = math.min(cap, b.rate or cap)
+  if rate < cap then rate = math.min(cap, rate + cap * recover * (rnow - (b.rt or rnow)) / 1000) end
+  return rate
+end
+
 local function lib_bucket_set(key, b, rnow)
   local ttl = math.ceil(math.max(b.tat, b.vtat, rnow) - rnow) + 60000
   if b.rate and b.cap and b.rate >= b.cap then b.rate = nil end

@@ -97,11 +97,7 @@ local function bucket(name, c)
   if not b then
     b = lib_bucket_get(shard .. 'bucket:' .. name)
     b.name, b.cap, b.burst = name, c.rate, c.burst
-    local rate = math.min(b.cap, b.rate or b.cap)
-    if rate < b.cap then  -- additive recovery after a slow-down (AIMD)
-      rate = math.min(b.cap, rate + b.cap * recover * (rnow - (b.rt or rnow)) / 1000)
-    end
-    b.rate, b.rt = rate, rnow
+    b.rate, b.rt = lib_recovered_rate(b, b.cap, rnow, recover), rnow
     buckets[name] = b
   end
   return b

@@ -13,10 +13,9 @@ for i = 5, #ARGV, 5 do
   local key = prefix .. id
   local rec = redis.call('HMGET', key, 'state', 'attempts', 'tenant', 'tags')
   -- Act only on a job this instance still holds: after its lease lapsed the job may
-  -- have been requeued and claimed elsewhere (leave that claim and lease alone), or be
-  -- back in our list as a 'queued' leftover (pre-lanes BLMOVE) (leave it for claim/reap).
+  -- have been requeued and claimed elsewhere (leave that claim and lease alone).
   local removed = 0
-  if rec[1] ~= 'queued' then removed = redis.call('LREM', KEYS[1], 1, id) end
+  if rec[1] == 'processing' then removed = redis.call('LREM', KEYS[1], 1, id) end
   if removed > 0 then redis.call('ZREM', KEYS[2], id) end
   if removed > 0 and rec[1] == 'processing' then
     if outcome == 'retry' then

@@ -10,7 +10,7 @@ from typing import NoReturn
 import trio
 
 from engine.errors import QueueError
-from engine.queue import Queue
+from engine.queue.jobs import Queue
 
 log = logging.getLogger(__name__)
 

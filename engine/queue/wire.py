@@ -1,0 +1,118 @@
+"""The job's wire format: how a message becomes a stored job, a job record an API view,
+and a stream entry events. Callers never build stored jobs or parse entries themselves.
+
+Imports the leaves and the queue's own dataclasses; never Redis.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Final
+
+import msgspec
+
+from engine.models import (
+    DEFAULT_TENANT,
+    Event,
+    JobView,
+    Message,
+    MessageIn,
+    ms_to_iso,
+    normalize,
+    recipient_domains,
+    route,
+)
+from engine.queue.jobs import JobRecord, NewJob
+
+# Joins a message's tags in its job record and events: tags hold no CR or LF (validated
+# in engine.models), so a newline never splits one.
+TAG_SEPARATOR: Final = "\n"
+# Separates the jobs' tags in an enqueue entry that announces many jobs (enqueue.lua).
+_JOB_TAGS_SEPARATOR: Final = "\r"
+_EVENT_ID_RE: Final = re.compile(r"^(\d{1,20})-(\d{1,20})(?:\.(\d{1,6}))?$")
+
+encode_message = msgspec.msgpack.Encoder().encode
+decode_message = msgspec.msgpack.Decoder(Message).decode
+
+
+def new_job(
+    incoming: MessageIn,
+    job_id: str,
+    *,
+    default_from: str,
+    now_ms: int,
+    default_tenant: str = DEFAULT_TENANT,
+) -> NewJob:
+    """Validate a decoded request and build the job that stores it.
+
+    Raises ``engine.errors.ValidationError`` naming the offending field.
+    """
+    routing = route(incoming, now_ms=now_ms, default_tenant=default_tenant)
+    message = normalize(incoming, default_from=default_from)
+    return NewJob(
+        job_id, encode_message(message), routing.lane, routing.tenant,
+        recipient_domains(message), routing.due_ms, TAG_SEPARATOR.join(message.tags),
+    )  # fmt: skip
+
+
+def job_view(rec: JobRecord) -> JobView:
+    """A job record as the API shows it (GET /v1/messages/{id}, GET /v1/dead)."""
+    next_attempt_at = None
+    if rec.state in ("retrying", "scheduled") and rec.next_attempt_at_ms:
+        next_attempt_at = ms_to_iso(rec.next_attempt_at_ms)
+    return JobView(
+        rec.id, rec.state, rec.attempts, ms_to_iso(rec.created_at_ms),
+        ms_to_iso(rec.updated_at_ms), rec.last_error, next_attempt_at, rec.lane, rec.tenant,
+    )  # fmt: skip
+
+
+# -- events ---------------------------------------------------------------------------
+
+
+def parse_event_id(text: str) -> tuple[str, int]:
+    """``"1718000000000-0"`` -> (entry id, -1); ``"1718000000000-0.7"`` -> (entry id, 7).
+
+    Raises ValueError for anything else.
+    """
+    m = _EVENT_ID_RE.match(text)
+    if m is None:
+        raise ValueError(f"not an event id: {text!r} (ids look like 1718000000000-0 or ...-0.3)")
+    entry = f"{int(m.group(1))}-{int(m.group(2))}"
+    return entry, int(m.group(3)) if m.group(3) is not None else -1
+
+
+def event_order(event_id: str) -> tuple[int, int, int]:
+    """Sort key of an event id: events compare in stream order. A bare entry id sorts
+    after every numbered event of that entry (it stands for the whole entry)."""
+    entry, index = parse_event_id(event_id)
+    ms, _, seq = entry.partition("-")
+    return int(ms), int(seq), index if index >= 0 else 1 << 30
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode() if value is not None else None
+
+
+def parse_entry(entry_id: str, fields: Mapping[bytes, bytes]) -> list[Event]:
+    """The events of one stream entry (several for an enqueue entry with ``ids``)."""
+    kind = fields[b"type"].decode()
+    at = int(fields[b"at"])
+    attempt = int(fields.get(b"attempt") or 0)
+    state = fields[b"state"].decode() if b"state" in fields else kind
+    tenant = _text(fields.get(b"tenant")) or DEFAULT_TENANT
+    error = _text(fields.get(b"error"))
+    tags = _text(fields.get(b"tags"))
+    single = fields.get(b"id")
+    if single is not None:
+        split = tags.split(TAG_SEPARATOR) if tags else []
+        return [Event(entry_id, kind, single.decode(), at, attempt, state, tenant, error, split)]
+    ids = fields[b"ids"].decode().split(",")
+    per_job = tags.split(_JOB_TAGS_SEPARATOR) if tags else []
+    return [
+        Event(
+            f"{entry_id}.{i}", kind, job_id, at, attempt, state, tenant, error,
+            per_job[i].split(TAG_SEPARATOR) if i < len(per_job) and per_job[i] else [],
+        )
+        for i, job_id in enumerate(ids)
+    ]  # fmt: skip
