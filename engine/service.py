@@ -122,16 +122,6 @@ class Components:
     app: ASGIApp
     stopping: trio.Event  # set when shutdown begins: intake answers 503
 
-    @property
-    def with_senders(self) -> bool:
-        return self.settings.role in ("all", "sender")
-
-    @property
-    def with_api(self) -> bool:
-        # Every role listens on http.bind: sender-only replicas answer /healthz, /readyz
-        # and /metrics there (probes and scrapes), and nothing else.
-        return self.settings.role in ("all", "api")
-
 
 def build(
     settings: Settings,
@@ -259,17 +249,18 @@ async def run(
             finally:
                 senders_done.set()
 
-        if parts.with_senders:
+        role = parts.settings.role
+        if role in ("all", "sender"):
             root.start_soon(run_senders)
         else:
             senders_done.set()
-        if parts.with_api:
+        # Every role listens on http.bind: sender-only replicas answer /healthz, /readyz
+        # and /metrics there (probes and scrapes), and nothing else.
+        if role in ("all", "api"):
             await root.start(parts.drain.serve)
             await root.start(parts.hub.serve)
         binds = await root.start(serve_http, parts.app, parts.settings.http, http_stop)
-        log.info(
-            "engine.started instance=%s role=%s http=%s", parts.instance, parts.settings.role, binds
-        )
+        log.info("engine.started instance=%s role=%s http=%s", parts.instance, role, binds)
         task_status.started(Running(parts.instance, binds, parts.queue, parts.senders))
 
         await stop.wait()

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fixtures.dashboard import chromium_path, engine_with_sink, event_hub_built, post, post_batch
+from fixtures.dashboard import chromium_path, engine_with_sink, post, post_batch
 from fixtures.engine import EngineProcess
 from fixtures.redis import RedisServer
 
@@ -25,10 +25,6 @@ pytestmark = pytest.mark.skipif(
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (a dev dependency)")
 expect = sync_api.expect
 
-HUB = event_hub_built()
-needs_hub = pytest.mark.skipif(
-    not HUB, reason="WS /v1/events (issue 5 scope 2, engine/api/hub.py) is not built yet"
-)
 
 
 def _flush(url: str) -> None:
@@ -87,9 +83,6 @@ class Dashboard:
         # Chromium logs every 4xx answer; those of the API are problems the page shows.
         if msg.text.startswith("Failed to load resource") and "/v1/" in url:
             return
-        # Until the hub exists the page's websocket gets 404 (shown as "disconnected").
-        if not HUB and msg.text.startswith("WebSocket connection to"):
-            return
         self.errors.append(f"{msg.text} ({url})")
 
 
@@ -136,8 +129,6 @@ def test_page_loads_offline_with_no_console_errors(dash: Dashboard, engine: Engi
     assert urls and all(u.startswith(engine.base) or u.startswith("ws://") for u in urls), urls
     expect(page.locator("#stat-instances")).to_have_text("1")
     expect(page.locator("#chart canvas")).to_have_count(1)
-    if not HUB:
-        expect(page.locator("#feed-status")).to_contain_text("disconnected")
     dash.assert_no_errors()
 
 
@@ -155,7 +146,6 @@ def test_counters_and_rate_move_when_mail_is_sent(dash: Dashboard, api: httpx.Cl
     dash.assert_no_errors()
 
 
-@needs_hub
 def test_feed_shows_each_transition_live(dash: Dashboard, api: httpx.Client) -> None:
     page = dash.page
     expect(page.locator("#feed-status")).to_have_text("events: live")
@@ -180,11 +170,10 @@ def test_dlq_retry_from_the_page_requeues_the_message(dash: Dashboard, api: http
     expect(page.locator("#notices")).to_contain_text(f"re-queued {job_id}")
     # It was attempted again (and refused again: the sink's +550 tag is permanent).
     _wait("the second attempt", lambda: _stats(api)["totals"]["failed"] == failed + 1)
-    if HUB:
-        events = api.get(f"/v1/messages/{job_id}/events").json()
-        items = events if isinstance(events, list) else events["items"]
-        types = [e["type"] for e in items]
-        assert types.count("failed") == 2 and "queued" in types[types.index("failed") :], types
+    events = api.get(f"/v1/messages/{job_id}/events").json()
+    items = events if isinstance(events, list) else events["items"]
+    types = [e["type"] for e in items]
+    assert types.count("failed") == 2 and "queued" in types[types.index("failed") :], types
     expect(row).to_have_count(1)
     dash.assert_no_errors()
 
@@ -226,11 +215,8 @@ def test_lookup_shows_state_and_timeline(dash: Dashboard, api: httpx.Client) -> 
     result = page.locator("#lookup-result")
     expect(result.locator(".facts")).to_have_attribute("data-id", job_id)
     expect(result.locator(".facts .badge").first).to_have_text("sent")
-    if HUB:
-        for kind in ("queued", "processing", "sent"):
-            expect(result.locator(f'.timeline li[data-type="{kind}"]')).to_have_count(1)
-    else:
-        expect(result).to_contain_text("history unavailable")
+    for kind in ("queued", "processing", "sent"):
+        expect(result.locator(f'.timeline li[data-type="{kind}"]')).to_have_count(1)
 
     # A problem from the API is shown, not swallowed.
     page.fill("#lookup-id", "0" * 32)
@@ -269,7 +255,6 @@ def test_dead_letter_id_link_offers_retry_in_the_lookup(dash: Dashboard, api: ht
     dash.assert_no_errors()
 
 
-@needs_hub
 def test_feed_resumes_after_a_drop_without_missing_events(
     browser: Any, redis_server: RedisServer, tmp_path: Path
 ) -> None:
