@@ -7,6 +7,9 @@
     │   └── QueueUnavailable   Redis unreachable or timing out
     └── TransportError         delivery failed (carries SMTP code when there is one)
         ├── TemporaryFailure   worth retrying: network errors, timeouts, 4xx
+        │   └── TransportUnavailable  the server (or the way to it) is down or refuses us
+        │                              before any message's transaction: not the message's
+        │                              fault; it costs no attempt and opens the breaker
         └── PermanentFailure   not worth retrying: 5xx
 
 Imports nothing from the engine.
@@ -50,6 +53,11 @@ class TransportError(EngineError):
 
 class TemporaryFailure(TransportError):
     """Delivery may succeed later (connection errors, timeouts, SMTP 4xx)."""
+
+
+class TransportUnavailable(TemporaryFailure):
+    """The transport cannot take any message now: connection refused or reset before MAIL
+    FROM, TLS failure, a 421 greeting, EHLO/AUTH refused. The message was not tried."""
 
 
 class PermanentFailure(TransportError):
