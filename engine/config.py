@@ -104,6 +104,13 @@ class SenderSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     shutdown_grace_s: float = 10.0
     # Right-hand side of the Message-ID the engine gives each job.
     message_id_domain: str = "engine.localhost"
+    # When the transport is down (connection refused, TLS or EHLO/AUTH refused: not a
+    # message's fault) the senders of every replica stop claiming (a circuit breaker
+    # shared in Redis), hand back what they hold without counting an attempt, and one
+    # sender probes it with one message after breaker_probe_s, then after twice as
+    # long, up to breaker_probe_max_s, until it works again.
+    breaker_probe_s: float = 1.0
+    breaker_probe_max_s: float = 15.0
 
 
 class QueueSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -115,12 +122,19 @@ class QueueSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     lease_s: float = 10.0
     # Seconds between lease renewals (one timer per instance).
     heartbeat_s: float = 3.0
-    # Delivery attempts before a temporarily failing job is dead-lettered.
-    max_attempts: int = 5
-    # First retry delay in seconds; doubles per attempt.
-    backoff_base_s: float = 2.0
-    # Longest retry delay in seconds.
-    backoff_max_s: float = 600.0
+    # A temporarily failing job is retried, with growing delays, until this many
+    # seconds after its first attempt; then it is dead-lettered. Like an MTA's queue
+    # lifetime (Postfix: 5 days): a server being down for hours is not the message's
+    # fault. A message's own retry_for_s shortens or extends it.
+    retry_for_s: float = 24 * 3600
+    # Delivery attempts after which a temporarily failing job is dead-lettered even
+    # within retry_for_s; 0 = no count limit (a message's max_attempts still applies).
+    max_attempts: int = 0
+    # First retry delay in seconds; doubles per attempt (jittered over its upper half).
+    backoff_base_s: float = 5.0
+    # Longest retry delay in seconds: with the defaults, retries come after about 5 s,
+    # 10 s, 20 s ... 10 min, then every 8-15 min until retry_for_s has passed.
+    backoff_max_s: float = 900.0
     # Times a job may be returned by the reaper (its sender died or hung) before it is
     # dead-lettered instead: a message that crashes senders must not crash them forever.
     max_stalls: int = 3
@@ -378,6 +392,14 @@ def _check(s: Settings) -> None:
         raise ConfigError("scheduler.interval_s must be > 0 and scheduler.batch >= 1")
     if s.queue.keep_sent_s and s.scheduler.misfire_grace_s >= s.queue.keep_sent_s:
         raise ConfigError("scheduler.misfire_grace_s must be shorter than queue.keep_sent_s")
+    q = s.queue
+    if q.retry_for_s < 0 or q.max_attempts < 0 or not 0 < q.backoff_base_s <= q.backoff_max_s:
+        raise ConfigError(
+            "queue.retry_for_s and queue.max_attempts must be >= 0 (0 = no limit) and "
+            "0 < queue.backoff_base_s <= queue.backoff_max_s"
+        )
+    if not 0 < s.sender.breaker_probe_s <= s.sender.breaker_probe_max_s:
+        raise ConfigError("sender.breaker_probe_s must be > 0 and <= sender.breaker_probe_max_s")
     if s.queue.heartbeat_s >= s.queue.lease_s:
         raise ConfigError("queue.heartbeat_s must be shorter than queue.lease_s")
     ev = s.events

@@ -58,6 +58,10 @@ class Keys:
         """State of one distributed token bucket (GCRA), e.g. ``domain:gmail.com``."""
         return self.prefix + "bucket:" + name
 
+    def breaker(self, transport: str) -> str:
+        """Hash of an open circuit breaker of a transport (absent while closed)."""
+        return self.prefix + "breaker:" + transport
+
     @property
     def schedules(self) -> str:
         """Hash of recurring schedules: name -> msgpack definition."""

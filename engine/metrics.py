@@ -97,9 +97,19 @@ class IngestMetrics:
 class SenderMetrics:
     """The sender loop's metrics, children bound at construction."""
 
-    __slots__ = ("_dead", "_first", "_later", "_released", "_retry", "_sent", "_slowdowns")
+    __slots__ = (
+        "_dead", "_first", "_later", "_released", "_retry", "_sent", "_slowdowns",
+        "_trips", "_up",
+    )  # fmt: skip
 
-    def __init__(self, sends: Counter, latency: Histogram, slowdowns: Counter) -> None:
+    def __init__(
+        self,
+        sends: Counter,
+        latency: Histogram,
+        slowdowns: Counter,
+        trips: Counter | None = None,
+        up: Gauge | None = None,
+    ) -> None:
         self._sent = sends.labels("sent")
         self._retry = sends.labels("retry")
         self._dead = sends.labels("dead")
@@ -107,6 +117,16 @@ class SenderMetrics:
         self._first = latency.labels("first")
         self._later = latency.labels("retry")
         self._slowdowns = slowdowns
+        self._trips = trips
+        self._up = up
+
+    def transport(self, *, up: bool, tripped: bool = False) -> None:
+        """The transport's breaker as this replica sees it (tripped: this replica saw
+        the failure that opened it, or a failed probe)."""
+        if self._up is not None:
+            self._up.set(1 if up else 0)
+        if tripped and self._trips is not None:
+            self._trips.inc()
 
     def sent(self, attempt: int, latency_s: float | None) -> None:
         """A 250 acknowledged; ``latency_s`` from enqueue (the id's time) to the 250."""
@@ -121,7 +141,7 @@ class SenderMetrics:
         self._dead.inc()
 
     def released(self, jobs: int) -> None:
-        """Claimed jobs handed back unsent (shutdown)."""
+        """Claimed jobs handed back unsent (shutdown, or the transport is down)."""
         self._released.inc(jobs)
 
     def slowed_down(self, buckets: int) -> None:
@@ -279,6 +299,16 @@ class Metrics:
             Counter(
                 "engine_rate_slowdowns",
                 "Shared rate-limit buckets halved after a 421/451",
+                registry=r,
+            ),
+            Counter(
+                "engine_transport_trips",
+                "Transport failures seen here that opened its breaker or failed its probe",
+                registry=r,
+            ),
+            Gauge(
+                "engine_transport_up",
+                "1 while the transport's breaker is closed, 0 while senders wait for it",
                 registry=r,
             ),
         )

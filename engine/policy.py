@@ -83,8 +83,27 @@ def classify_smtp(code: int | None) -> Outcome:
     return "dead"
 
 
-def after_failure(outcome: Outcome, *, attempts: int, max_attempts: int) -> Outcome:
-    """A temporary failure becomes final once the job has used all its attempts."""
-    if outcome == "retry" and attempts >= max_attempts:
+def after_failure(
+    outcome: Outcome,
+    *,
+    attempts: int,
+    max_attempts: int,
+    tried_for_s: float = 0.0,
+    retry_for_s: float = 0.0,
+) -> Outcome:
+    """A temporary failure becomes final once the job has been retried for
+    ``retry_for_s`` since its first attempt, or has used ``max_attempts`` (0 = either
+    limit off)."""
+    if outcome != "retry":
+        return outcome
+    if max_attempts and attempts >= max_attempts:
+        return "dead"
+    if retry_for_s and tried_for_s >= retry_for_s:
         return "dead"
     return outcome
+
+
+def breaker_wait_s(trips: int, *, first_s: float, max_s: float) -> float:
+    """Seconds an open transport breaker waits before its next probe, after ``trips``
+    failures in a row (1 = it just opened): doubling from ``first_s``, capped at ``max_s``."""
+    return float(min(max_s, first_s * 2.0 ** max(0, trips - 1)))

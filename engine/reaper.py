@@ -82,4 +82,3 @@ class Reaper:
                 self._metrics.error()
                 log.warning("reaper.reap.failed error=%s", exc)
             await trio.sleep(self.reap_interval_s)
-from engine.queue.jobs import Queue as _Q  # noqa

@@ -34,6 +34,7 @@ from engine.config import HttpSettings, Settings
 from engine.errors import EngineError
 from engine.metrics import Metrics
 from engine.queue import (
+    Breaker,
     DrainMeter,
     EventLog,
     Queue,
@@ -140,9 +141,14 @@ def build(
     transport = transport or SmtpPool(settings.smtp, smtp_url)
     # One registry per process, shared by the parts that count (GET /metrics).
     metrics = Metrics(instance=instance, role=settings.role)
+    breaker = Breaker(
+        client, queue.keys, "transport", first_wait_s=settings.sender.breaker_probe_s,
+        max_wait_s=settings.sender.breaker_probe_max_s,
+    )  # fmt: skip
     senders = SenderPool(
-        queue, transport, settings.sender, settings.queue, rate_limits, metrics=metrics.sender
-    )
+        queue, transport, settings.sender, settings.queue, rate_limits,
+        metrics=metrics.sender, breaker=breaker,
+    )  # fmt: skip
     schedules = ScheduleStore(client, queue.keys)
     drain = DrainMeter(queue)
     hub = EventHub(EventLog(client, queue.keys), settings.events)
@@ -151,6 +157,7 @@ def build(
     backend = ApiBackend(
         queue=queue,
         limits=rate_limits,
+        breaker=breaker,
         schedules=schedules,
         senders=senders,
         expects_senders=settings.role in ("all", "sender"),
@@ -250,16 +257,17 @@ async def run(
                 senders_done.set()
 
         role = parts.settings.role
-        if role in ("all", "sender"):
-            root.start_soon(run_senders)
-        else:
-            senders_done.set()
         # Every role listens on http.bind: sender-only replicas answer /healthz, /readyz
         # and /metrics there (probes and scrapes), and nothing else.
         if role in ("all", "api"):
             await root.start(parts.drain.serve)
             await root.start(parts.hub.serve)
+        # Bound before the senders start: a busy port fails the start cleanly.
         binds = await root.start(serve_http, parts.app, parts.settings.http, http_stop)
+        if role in ("all", "sender"):
+            root.start_soon(run_senders)
+        else:
+            senders_done.set()
         log.info("engine.started instance=%s role=%s http=%s", parts.instance, role, binds)
         task_status.started(Running(parts.instance, binds, parts.queue, parts.senders))
 

@@ -14,10 +14,9 @@ import trio
 
 from engine.api.dashboard import ASSETS, read_maildir
 from engine.config import load_settings
-from engine.embedded import free_port
+from engine.embedded import RedisServer, free_port
 from engine.service import run_engine
 from engine.transport.memory import MemoryTransport
-from fixtures.redis import RedisServer
 
 
 @asynccontextmanager
@@ -103,8 +102,9 @@ async def test_stats_count_what_happens(client: httpx.AsyncClient) -> None:
     first = (await client.get("/v1/stats")).json()
     assert set(first) == {
         "at", "ready", "ready_by_lane", "processing", "delayed", "dead", "instances",
-        "totals", "senders",
+        "totals", "senders", "transports",
     }  # fmt: skip
+    assert first["transports"] == [{"name": "transport", "state": "up"}]
     assert set(first["totals"]) == {
         "enqueued", "sent", "failed", "cancelled", "throttled", "reaped",
     }  # fmt: skip

@@ -8,7 +8,14 @@ import pytest
 import trio
 import trio.testing
 
-from engine.policy import TokenBucket, after_failure, backoff_s, bucket_take, classify_smtp
+from engine.policy import (
+    TokenBucket,
+    after_failure,
+    backoff_s,
+    breaker_wait_s,
+    bucket_take,
+    classify_smtp,
+)
 from engine.sender.ratelimit import RateLimiter
 
 
@@ -62,3 +69,23 @@ async def test_rate_limiter_paces_in_virtual_time(autojump_clock: trio.testing.M
     elapsed = trio.current_time() - start
     # 10 go at once (burst), the other 100 at 100/s.
     assert 0.99 <= elapsed <= 1.01
+
+
+def test_retry_budget_in_time_and_attempts() -> None:
+    assert (
+        after_failure("retry", attempts=40, max_attempts=0, tried_for_s=10, retry_for_s=60)
+        == "retry"
+    )
+    assert (
+        after_failure("retry", attempts=2, max_attempts=0, tried_for_s=61, retry_for_s=60) == "dead"
+    )
+    assert (
+        after_failure("retry", attempts=3, max_attempts=3, tried_for_s=1, retry_for_s=60) == "dead"
+    )
+    assert after_failure("dead", attempts=1, max_attempts=0) == "dead"
+    assert after_failure("retry", attempts=99, max_attempts=0) == "retry"  # both limits off
+
+
+def test_breaker_waits_double_up_to_the_cap() -> None:
+    waits = [breaker_wait_s(n, first_s=1.0, max_s=15.0) for n in range(1, 7)]
+    assert waits == [1.0, 2.0, 4.0, 8.0, 15.0, 15.0]

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from engine.config import QueueSettings, SenderSettings
-from engine.errors import PermanentFailure, TemporaryFailure
+from engine.errors import PermanentFailure, TemporaryFailure, TransportUnavailable
 from engine.ids import new_ids
 from engine.models import Message
 from engine.queue import NewJob, Queue, Redis
@@ -213,3 +213,67 @@ async def test_per_message_max_attempts(q: Queue) -> None:
     await _run_until(pool, done)
     rec = await q.get(job_id)
     assert rec is not None and rec.attempts == 1
+
+
+async def test_transport_down_costs_no_attempt_and_opens_the_breaker(q: Queue) -> None:
+    # The server refuses connections for a while: nothing is dead-lettered, no attempt
+    # is spent, one breaker (shared in Redis) stops every sender, a probe reopens it.
+    ids = await _enqueue(q, 20)
+    down = [True]
+
+    def refused(mail: OutgoingMail) -> TransportUnavailable | None:
+        return TransportUnavailable("connect to mx:25: connection refused") if down[0] else None
+
+    transport = MemoryTransport(fail=refused)
+    settings = SenderSettings(senders=4, claim_batch=5, breaker_probe_s=0.05,
+                              breaker_probe_max_s=0.2)  # fmt: skip
+    pool = SenderPool(q, transport, settings, q.settings)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.serve)
+        with trio.fail_after(10):
+            while (state := await pool.gate.breaker.state()) is None or state.trips < 3:
+                await trio.sleep(0.01)
+        assert "connection refused" in state.reason
+        # Probes only: the senders do not keep hammering the dead server.
+        tried = len(transport.attempts)
+        await trio.sleep(0.3)
+        assert len(transport.attempts) - tried <= 3
+        for job_id in ids:
+            rec = await q.get(job_id)
+            assert rec is not None and rec.state == "queued" and rec.attempts == 0, rec
+        down[0] = False
+        with trio.fail_after(10):
+            await transport.wait_sent(20)
+        pool.stop_claiming()
+    assert await pool.gate.breaker.state() is None
+    assert sorted(m.job_id for m in transport.sent) == sorted(ids)
+    for job_id in ids:
+        rec = await q.get(job_id)
+        assert rec is not None and rec.state == "sent" and rec.attempts == 1
+
+
+async def test_temporary_failures_retry_until_the_budget_not_a_count(redis: Redis) -> None:
+    queue = Queue(redis, QueueSettings(lease_s=5, heartbeat_s=1, retry_for_s=0.5,
+                                       backoff_base_s=0.01, backoff_max_s=0.05), "s2")  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        await nursery.start(queue.serve)
+        (job_id,) = await _enqueue(queue, 1)
+
+        def busy(mail: OutgoingMail) -> TemporaryFailure:
+            return TemporaryFailure("451 4.3.0 try later", code=451)
+
+        pool = SenderPool(queue, MemoryTransport(fail=busy), SenderSettings(senders=1),
+                          queue.settings)  # fmt: skip
+        start = trio.current_time()
+
+        async def done() -> bool:
+            await queue.reap()
+            return await _state(queue, job_id) == "failed"
+
+        await _run_until(pool, done)
+        nursery.cancel_scope.cancel()
+    rec = await queue.get(job_id)
+    # Many more attempts than the old count limit, for as long as the budget allowed.
+    assert rec is not None and rec.attempts > 5, rec
+    assert trio.current_time() - start >= 0.5
+    assert rec.last_error is not None and "451" in rec.last_error

@@ -22,6 +22,7 @@ from engine.api.limits import register_limit_routes
 from engine.api.metrics import send_metrics, timed
 from engine.api.responses import problem_response
 from engine.api.schedules import register_schedule_routes
+from engine.api.transports import register_transport_routes
 from engine.config import Settings
 from engine.errors import QueueError
 from engine.models import CLOSE_POLICY
@@ -38,8 +39,9 @@ def _quart_app(backend: ApiBackend, settings: Settings) -> QuartTrio:
     app = QuartTrio("engine")
     register_dead_routes(app, queue)
     # The dashboard page at "/" and its JSON (issue 5, scope 4).
-    register_dashboard_routes(app, queue, backend.senders, backend.sink_maildir)
+    register_dashboard_routes(app, backend)
     register_limit_routes(app, backend.limits)
+    register_transport_routes(app, backend.breaker)
     if backend.events is not None:
         register_history_route(app, backend.events.log, settings.events)
     register_schedule_routes(
@@ -61,6 +63,7 @@ def _quart_app(backend: ApiBackend, settings: Settings) -> QuartTrio:
                 "GET /v1/messages/{id}/events",
                 "WS /v1/events",
                 "GET /v1/limits",
+                "GET /v1/transports",
                 "POST /v1/schedules",
                 "GET /v1/schedules",
                 "GET /v1/schedules/{name}",

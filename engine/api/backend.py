@@ -10,7 +10,7 @@ import trio
 
 from engine.api.hub import EventHub
 from engine.metrics import Metrics
-from engine.queue import DrainMeter, Queue, RateLimits, ScheduleStore
+from engine.queue import Breaker, DrainMeter, Queue, RateLimits, ScheduleStore
 
 
 class SenderCounts(Protocol):
@@ -30,6 +30,8 @@ class ApiBackend:
 
     queue: Queue
     limits: RateLimits
+    # The transport's circuit breaker (GET /v1/transports, the dashboard's banner).
+    breaker: Breaker
     schedules: ScheduleStore
     senders: Senders
     # False for an ingest-only replica (role "api"): readiness does not wait for senders.

@@ -20,10 +20,10 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from engine.api.backend import Senders
+from engine.api.backend import ApiBackend
 from engine.api.responses import json_response, problem_response
+from engine.api.transports import TransportView, transport_view
 from engine.models import ms_to_iso
-from engine.queue import Queue
 
 STATIC_DIR: Final = Path(__file__).parent / "static"
 # The only files served under /static/ (no directory walking, no path from the URL).
@@ -73,6 +73,7 @@ class Stats(msgspec.Struct, frozen=True):
     instances: int
     totals: StatsTotals
     senders: int  # running on the replica that answered
+    transports: list[TransportView]  # the dashboard shows a banner while one is down
 
 
 class SinkMessage(msgspec.Struct, frozen=True, rename={"sender": "from"}):
@@ -198,9 +199,8 @@ def _read_header_block(readline: Callable[[int], bytes]) -> bytes:
     return b"".join(lines)
 
 
-def register_dashboard_routes(
-    app: QuartTrio, queue: Queue, senders: Senders, sink_maildir: str | None
-) -> None:
+def register_dashboard_routes(app: QuartTrio, backend: ApiBackend) -> None:
+    queue, sink_maildir = backend.queue, backend.sink_maildir
     static = StaticFiles()
 
     @app.get("/")
@@ -235,7 +235,8 @@ def register_dashboard_routes(
                 throttled=c.throttled_total,
                 reaped=c.reaped_total,
             ),
-            senders=senders.statistics().running,
+            senders=backend.senders.statistics().running,
+            transports=[await transport_view(backend.breaker)],
         )
         return json_response(200, body, headers={"Cache-Control": "no-store"})
 

@@ -6,6 +6,7 @@ from this face only (an import-linter contract). Imports the leaves and policy; 
 the API, senders or transports.
 """
 
+from engine.queue.breaker import Breaker, BreakerState
 from engine.queue.commit import GroupCommitter
 from engine.queue.drain import DrainMeter
 from engine.queue.events import EventLog, EventPage, JobHistory
@@ -37,6 +38,8 @@ from engine.queue.wire import (
 __all__ = [
     "SCRIPT_NAMES",
     "TAG_SEPARATOR",
+    "Breaker",
+    "BreakerState",
     "BucketState",
     "ClaimedJob",
     "DrainMeter",

@@ -31,6 +31,8 @@ class ClaimedJob:
     recipients: list[str] | None = None
     # Seconds to wait before sending: the slot its rate-limit buckets reserved for it.
     wait_s: float = 0.0
+    # When its first delivery attempt was claimed (ms): the retry budget counts from it.
+    first_try_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,9 +295,9 @@ class Queue:
             ClaimedJob(
                 out[i].decode(), out[i + 1], int(out[i + 2]),
                 out[i + 3].decode().split(",") if out[i + 3] else None,
-                int(out[i + 4]) / 1000,
+                int(out[i + 4]) / 1000, int(out[i + 5]),
             )
-            for i in range(0, len(out), 5)
+            for i in range(0, len(out), 6)
         ]  # fmt: skip
 
     async def ack(self, job_id: str, note: str = "") -> None:

@@ -20,11 +20,13 @@ from engine.errors import (
     QueueUnavailable,
     TemporaryFailure,
     TransportError,
+    TransportUnavailable,
 )
 from engine.ids import id_time_ms
 from engine.metrics import Metrics, SenderMetrics
 from engine.policy import after_failure, backoff_s, classify_smtp
-from engine.queue import ClaimedJob, Failure, Queue, RateLimits, decode_message
+from engine.queue import Breaker, ClaimedJob, Failure, Queue, RateLimits, decode_message
+from engine.sender.gate import TransportGate
 from engine.sender.ratelimit import RateLimiter
 from engine.transport import OutgoingMail, SendResult, Transport, compose
 
@@ -32,6 +34,14 @@ log = logging.getLogger(__name__)
 
 # Replies that mean "you are sending too fast": they slow the domain's bucket down.
 SLOW_DOWN_CODES = frozenset({421, 451})
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """How long a temporarily failing job may keep trying (0 = that limit is off)."""
+
+    max_attempts: int
+    retry_for_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +66,7 @@ class SenderPool:
         queue_settings: QueueSettings,
         rate_limits: RateLimits | None = None,
         metrics: SenderMetrics | None = None,
+        breaker: Breaker | None = None,
     ) -> None:
         self.queue = queue
         self.transport = transport
@@ -73,6 +84,12 @@ class SenderPool:
         self._running = 0
         self._sent = self._retried = self._failed = self._released = 0
         self._metrics = metrics if metrics is not None else Metrics().sender
+        breaker = breaker or Breaker(
+            queue.client, queue.keys, "transport",
+            first_wait_s=settings.breaker_probe_s, max_wait_s=settings.breaker_probe_max_s,
+        )  # fmt: skip
+        self.gate = TransportGate(breaker, queue, self._metrics)
+        self._metrics.transport(up=True)
 
     # -- shared state ------------------------------------------------------------------
 
@@ -111,9 +128,14 @@ class SenderPool:
         try:
             failures = 0
             while not self._stopping.is_set():
+                turn = await self.gate.turn(self._stopping)
+                if turn is None:
+                    break
                 try:
-                    jobs = await self._claim()
+                    jobs = await self._claim(1 if turn == "probe" else self.settings.claim_batch)
                 except QueueUnavailable as exc:
+                    if turn == "probe":
+                        await self.gate.no_probe()
                     failures += 1
                     delay = min(5.0, 0.1 * 2**failures)
                     if not self._redis_down:  # one line per outage, not one per sender
@@ -127,19 +149,20 @@ class SenderPool:
                     self._redis_down = False
                     log.warning("sender.claim.recovered senders claim again")
                 failures = 0
-                await self._work(jobs)
+                if turn == "probe" and not jobs:
+                    await self.gate.no_probe()
+                    continue
+                await self._work(jobs, probe=turn == "probe")
         finally:
             self._running -= 1
 
-    async def _claim(self) -> list[ClaimedJob]:
+    async def _claim(self, n: int) -> list[ClaimedJob]:
         # Block on the doorbell only up to claim_block_s, and stop blocking as soon as we
         # are told to stop (the doorbell holds no jobs: a cut-short wait loses nothing).
         with trio.CancelScope() as scope:
             self._claim_scopes.add(scope)
             try:
-                return await self.queue.claim(
-                    self.settings.claim_batch, block_s=self.settings.claim_block_s
-                )
+                return await self.queue.claim(n, block_s=self.settings.claim_block_s)
             except QueueUnavailable:
                 if self._stopping.is_set():
                     return []  # coredis reports a connect cancelled by us as a failure
@@ -148,15 +171,16 @@ class SenderPool:
                 self._claim_scopes.discard(scope)
         return []
 
-    async def _work(self, jobs: list[ClaimedJob]) -> None:
+    async def _work(self, jobs: list[ClaimedJob], *, probe: bool = False) -> None:
         """Deliver claimed jobs over one pipelined SMTP connection, in claim order.
 
         Failure records (and acks, with overlap_acks) go to their own tasks so the
         connection does not wait for Redis; _work returns once all are recorded.
+        ``probe``: the one job that tests a transport whose breaker is open.
         """
         self._holding.update(j.id for j in jobs)
         mails: list[OutgoingMail] = []
-        by_id: dict[str, tuple[ClaimedJob, int]] = {}  # job id -> (job, max attempts)
+        by_id: dict[str, tuple[ClaimedJob, Budget]] = {}
         # Rate-limited jobs go in slot order: a job waiting for its token must not hold
         # up one behind it in the pipeline that may go now.
         jobs = sorted(jobs, key=lambda j: j.wait_s)
@@ -173,23 +197,37 @@ class SenderPool:
                     )
                 except (msgspec.DecodeError, ValueError) as exc:
                     failure = PermanentFailure(f"undecodable job: {exc}")
-                    records.start_soon(self._record_failure, job, failure, 1)
+                    records.start_soon(self._record_failure, job, failure, Budget(1, 0))
                     continue
                 if job.recipients is not None:
                     # A retry after a partial delivery: only those still owed it.
                     mail = dataclasses.replace(mail, recipients=job.recipients)
                 mails.append(mail)
-                by_id[job.id] = (job, message.max_attempts or self.queue_settings.max_attempts)
-            await self._deliver(mails, by_id, records, claimed_at)
+                q = self.queue_settings
+                budget = Budget(
+                    message.max_attempts or q.max_attempts, message.retry_for_s or q.retry_for_s
+                )
+                by_id[job.id] = (job, budget)
+            down = await self._deliver(mails, by_id, records, claimed_at)
+        if down is not None:
+            await self.gate.failed(down, probe=probe)
+        elif probe and mails:
+            await self.gate.recovered()
+        elif probe:
+            await self.gate.no_probe()
 
     async def _deliver(
         self,
         mails: list[OutgoingMail],
-        by_id: dict[str, tuple[ClaimedJob, int]],
+        by_id: dict[str, tuple[ClaimedJob, Budget]],
         records: trio.Nursery,
         claimed_at: float,
-    ) -> None:
+    ) -> str | None:
+        """Send ``mails``; the reason the transport is down when it was (its jobs are
+        handed back untouched), else None."""
         pending = deque(mails)  # pending[0] is on the wire once iteration has started
+        down: list[ClaimedJob] = []
+        reason: str | None = None
 
         async def pace() -> None:
             # The process-local limit, then the slot the shared buckets reserved.
@@ -201,35 +239,43 @@ class SenderPool:
         started = False
         try:
             if not pending or self._stopping.is_set():
-                return
+                return None
             await pace()
             async with aclosing(self.transport.send_many(mails)) as outcomes:
                 started = True
                 async for mail, outcome in outcomes:
                     pending.popleft()
-                    job, max_attempts = by_id[mail.job_id]
+                    job, budget = by_id[mail.job_id]
+                    if isinstance(outcome, TransportUnavailable):
+                        # Not the message's failure: it goes back, no attempt counted.
+                        down.append(job)
+                        reason = reason or str(outcome)
+                        continue
                     if isinstance(outcome, TransportError):
                         if outcome.code in SLOW_DOWN_CODES:
                             records.start_soon(self._slow_down, mail.recipients)
-                        records.start_soon(self._record_failure, job, outcome, max_attempts)
+                        records.start_soon(self._record_failure, job, outcome, budget)
                     elif self.settings.overlap_acks:
-                        records.start_soon(self._delivered, job, outcome, max_attempts)
+                        records.start_soon(self._delivered, job, outcome, budget)
                     else:
                         # The next message's content waits until Redis has this
                         # ack: a crash duplicates at most one message per sender.
-                        await self._delivered(job, outcome, max_attempts)
+                        await self._delivered(job, outcome, budget)
                     if not pending or self._stopping.is_set():
                         break  # stop: the next message's content was not sent yet
                     # Pace here: the next content is written when iteration resumes.
                     await pace()
             started = False  # left normally: nothing of pending reached the server
         finally:
+            if down:
+                await self._release(down)
             if pending:
                 # Cancelled mid-send: pending[0] may have reached the server, so it stays
                 # leased (the reaper decides); the rest were never written.
                 unsent = list(pending)[1:] if started else list(pending)
                 if unsent:
                     await self._release([by_id[m.job_id][0] for m in unsent])
+        return reason
 
     async def _release(self, jobs: list[ClaimedJob]) -> None:
         ids = [j.id for j in jobs]
@@ -243,7 +289,7 @@ class SenderPool:
                 log.warning("sender.release.failed jobs=%d error=%s", len(ids), exc)
         self._holding.difference_update(ids)
 
-    async def _delivered(self, job: ClaimedJob, result: SendResult, max_attempts: int) -> None:
+    async def _delivered(self, job: ClaimedJob, result: SendResult, budget: Budget) -> None:
         """The server took the message; per-recipient refusals decide what is left."""
         temporary = [r for r in result.rejected if r.code < 500]
         note = "; ".join(f"{r.address}: {r.code} {r.text}" for r in result.rejected)
@@ -254,7 +300,7 @@ class SenderPool:
             # Delivered to some; the temporarily refused are retried, and only they.
             failure = TemporaryFailure(f"delivered in part; refused {note}", code=temporary[0].code)
             retry = [r.address for r in temporary]
-            await self._record_failure(job, failure, max_attempts, recipients=retry)
+            await self._record_failure(job, failure, budget, recipients=retry)
             return
         await self._ack(job, f"delivered in part; refused {note}" if note else "")
 
@@ -307,13 +353,17 @@ class SenderPool:
         self,
         job: ClaimedJob,
         exc: TransportError,
-        max_attempts: int,
+        budget: Budget,
         *,
         recipients: list[str] | None = None,
     ) -> None:
-        outcome = "dead" if isinstance(exc, PermanentFailure) else classify_smtp(exc.code)
-        outcome = after_failure(outcome, attempts=job.attempt, max_attempts=max_attempts)
         due_ms = self.queue.now_ms()
+        outcome = "dead" if isinstance(exc, PermanentFailure) else classify_smtp(exc.code)
+        outcome = after_failure(
+            outcome, attempts=job.attempt, max_attempts=budget.max_attempts,
+            tried_for_s=(due_ms - (job.first_try_ms or due_ms)) / 1000,
+            retry_for_s=budget.retry_for_s,
+        )  # fmt: skip
         if outcome == "retry":
             q = self.queue_settings
             delay = backoff_s(job.attempt, base_s=q.backoff_base_s, max_s=q.backoff_max_s)

@@ -202,6 +202,19 @@
     };
     for (const [id, v] of Object.entries(values)) $(id).textContent = fmt(v);
     $("updated").textContent = `updated ${fmtTime(s.at)}`;
+    renderTransports(s.transports || []);
+  }
+
+  // A transport is down: the senders of every replica wait and probe it; nothing is lost.
+  function renderTransports(list) {
+    const down = list.filter((t) => t.state === "down");
+    const banner = $("transport-banner");
+    banner.hidden = down.length === 0;
+    banner.textContent = down.map((t) =>
+      `Transport ${t.name} is down since ${fmtTime(Date.parse(t.down_since))} ` +
+      `(${t.failures} failure${t.failures === 1 ? "" : "s"} in a row): ${t.reason}. ` +
+      `Mail waits in the queue (no attempts are spent); next probe ` +
+      `${fmtTime(Date.parse(t.next_probe_at))}.`).join(" ");
   }
 
   function addRateSample(s) {

@@ -8,7 +8,8 @@
 -- ARGV[8] '1' when rate limits are configured   ARGV[9] longest wait for a slot (ms)
 -- ARGV[10] additive recovery of a slowed-down bucket (fraction of its limit per s)
 -- Returns a flat array: id, msgpack message, attempt number, recipients override ('' =
--- all), ms to wait before sending (the reserved slot), ... per job claimed.
+-- all), ms to wait before sending (the reserved slot), first attempt's time (ms), ...
+-- per job claimed.
 --
 -- Lanes: slot k of the claim counter prefers the lane pattern[k]; an empty lane's slot
 -- goes to the others, most urgent first. Tenants: each pop rotates the lane's ring, so
@@ -150,9 +151,11 @@ local function mark(id)
   local key = prefix .. id
   local rec
   if limits_on then
-    rec = redis.call('HMGET', key, 'state', 'attempts', 'msg', 'rcpts', 'tenant', 'tags', 'doms')
+    rec = redis.call('HMGET', key, 'state', 'attempts', 'msg', 'rcpts', 'tenant', 'tags',
+      'first_at', 'doms')
   else
-    rec = redis.call('HMGET', key, 'state', 'attempts', 'msg', 'rcpts', 'tenant', 'tags')
+    rec = redis.call('HMGET', key, 'state', 'attempts', 'msg', 'rcpts', 'tenant', 'tags',
+      'first_at')
   end
   local state = rec[1]
   if state ~= 'queued' then
@@ -162,15 +165,23 @@ local function mark(id)
   end
   local wait = 0
   if limits_on then
-    wait = slot(id, key, rec[2], rec[7], rec[5], rec[6])
+    wait = slot(id, key, rec[2], rec[8], rec[5], rec[6])
     if not wait then
       deferred = deferred + 1
       return
     end
   end
   local attempt = tonumber(rec[2]) + 1
-  redis.call('HSET', key, 'state', 'processing', 'attempts', attempt, 'updated_at', now,
-    'owner', instance)
+  local first_at = rec[7]
+  if attempt == 1 or not first_at then
+    -- the retry budget (queue.retry_for_s) counts from the first attempt
+    first_at = now
+    redis.call('HSET', key, 'state', 'processing', 'attempts', attempt, 'updated_at', now,
+      'owner', instance, 'first_at', now)
+  else
+    redis.call('HSET', key, 'state', 'processing', 'attempts', attempt, 'updated_at', now,
+      'owner', instance)
+  end
   redis.call('ZADD', KEYS[2], deadline, id)
   lib_event(KEYS[3], maxlen, 'processing', id, now, attempt, nil, rec[5], rec[6])
   out[#out + 1] = id
@@ -178,6 +189,7 @@ local function mark(id)
   out[#out + 1] = attempt
   out[#out + 1] = rec[4] or ''
   out[#out + 1] = wait
+  out[#out + 1] = first_at
   claimed = claimed + 1
 end
 -- Deferred and dropped jobs do not fill a slot; bound the pops so one call stays short.

@@ -1,0 +1,112 @@
+"""Whether this replica's senders may claim: the transport's circuit breaker as this
+process sees it (read from Redis at most every ``refresh_s``, shared by all senders)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Literal
+
+import trio
+
+from engine.errors import QueueError
+from engine.metrics import SenderMetrics
+from engine.queue import Breaker, BreakerState, Queue
+
+log = logging.getLogger(__name__)
+
+Turn = Literal["claim", "probe"]
+
+
+class TransportGate:
+    """``turn()`` waits while the breaker is open; one sender of all replicas gets
+    "probe" when it is time to test the transport with one message."""
+
+    def __init__(
+        self,
+        breaker: Breaker,
+        queue: Queue,
+        metrics: SenderMetrics,
+        *,
+        refresh_s: float = 0.25,
+        probe_lease_s: float = 60.0,
+    ) -> None:
+        self.breaker = breaker
+        self.queue = queue
+        self._metrics = metrics
+        self._refresh_s = refresh_s
+        self._probe_lease_s = probe_lease_s
+        self._state: BreakerState | None = None
+        self._read_at = -float("inf")
+        self._lock = trio.Lock()
+        self._down_logged = False
+
+    def is_open(self) -> bool:
+        return self._state is not None
+
+    async def _current(self) -> BreakerState | None:
+        async with self._lock:  # one Redis read per refresh for all senders
+            if trio.current_time() - self._read_at >= self._refresh_s:
+                # Redis trouble shows in the claim; keep the last known state.
+                with contextlib.suppress(QueueError):
+                    self._state = await self.breaker.state()
+                self._read_at = trio.current_time()
+                self._note()
+        return self._state
+
+    def _note(self) -> None:
+        if self._state is not None and not self._down_logged:
+            self._down_logged = True
+            log.warning(
+                "sender.transport.down transport=%s reason=%s: senders wait; probing at "
+                "growing intervals", self.breaker.name, self._state.reason,
+            )  # fmt: skip
+        elif self._state is None and self._down_logged:
+            self._down_logged = False
+            log.warning("sender.transport.up transport=%s: senders claim again", self.breaker.name)
+        self._metrics.transport(up=self._state is None)
+
+    async def turn(self, stopping: trio.Event) -> Turn | None:
+        """Wait until this sender may claim ("claim"), or test the open transport
+        ("probe"); None once ``stopping`` is set."""
+        while not stopping.is_set():
+            state = await self._current()
+            if state is None:
+                return "claim"
+            wait_s = (state.probe_at_ms - self.queue.now_ms()) / 1000
+            if wait_s <= 0:
+                try:
+                    if await self.breaker.take_probe(
+                        self.queue.instance, lease_s=self._probe_lease_s
+                    ):
+                        return "probe"
+                except QueueError:
+                    pass
+            with trio.move_on_after(min(max(wait_s, self._refresh_s), 1.0)):
+                await stopping.wait()
+        return None
+
+    async def failed(self, reason: str, *, probe: bool) -> None:
+        """The transport failed (not a message): open the breaker, or, after a failed
+        probe, push the next probe out."""
+        try:
+            opened = await self.breaker.trip(reason, now_ms=self.queue.now_ms(), probe_failed=probe)
+        except QueueError as exc:
+            log.warning("sender.breaker.unrecorded error=%s", exc)
+            return
+        self._metrics.transport(up=False, tripped=opened or probe)
+        self._read_at = -float("inf")  # re-read at the next turn
+
+    async def recovered(self) -> None:
+        """The probe went through: close the breaker for every replica."""
+        try:
+            await self.breaker.close()
+        except QueueError as exc:
+            log.warning("sender.breaker.unrecorded error=%s", exc)
+            return
+        self._read_at = -float("inf")
+
+    async def no_probe(self) -> None:
+        """A probe turn that found no job: another turn may probe."""
+        with contextlib.suppress(QueueError):
+            await self.breaker.give_up_probe()
