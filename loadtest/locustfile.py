@@ -1,4 +1,6 @@
-"""The locustfile of the load suite: ``locust -f loadtest/locustfile.py`` (scripts/load runs it).
+"""The locustfile of the load suite (scripts/load runs it): Locust imports it by path, so
+the repo root must be on sys.path for ``loadtest.*``: ``loadtest.load`` sets PYTHONPATH;
+by hand, ``python -m locust -f loadtest/locustfile.py`` from the root (``-m`` adds it).
 
 Users are in loadtest/users.py, shapes in loadtest/shapes.py, RUN/ files in
 loadtest/recorder.py; each module's docstring lists its LOAD_* variables. Options added
@@ -12,21 +14,15 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
-# Locust imports this file by path: make the package importable without an install.
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import gevent
+from locust import events
 
-import gevent  # noqa: E402
-from locust import events  # noqa: E402
-
-from loadtest import recorder  # noqa: E402
-from loadtest.shapes import SHAPES, LoadShape  # noqa: E402
-from loadtest.users import BatchSender, SingleSender, StatusPoller, Watcher  # noqa: E402
+from loadtest import recorder
+from loadtest.shapes import SHAPES, LoadShape
+from loadtest.users import BatchSender, SingleSender, StatusPoller, Watcher
 
 # What Locust collects from this module: four user classes and one shape.
 __all__ = ["BatchSender", "LoadShape", "SingleSender", "StatusPoller", "Watcher"]

@@ -26,13 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from engine.embedded import Child, RedisServer, SinkProcess, free_port
+from fixtures.engine import EngineProcess
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import httpx  # noqa: E402
-
-from engine.embedded import RedisServer, free_port  # noqa: E402
-from fixtures.sink import SinkProcess  # noqa: E402
 
 MESSAGE = {
     "to": "bench@example.com",
@@ -95,61 +94,16 @@ def run_wrk(url: str, body: bytes, seconds: float, connections: int, tmp: Path) 
     return WrkResult(rps, p50, p99, int(non.group(1)) if non else 0, total)
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"process exited early with {proc.returncode}: {proc.args}")
-        try:
-            if httpx.get(url, timeout=1).status_code < 300:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise SystemExit(f"{url} not ready after {timeout}s")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def start_engine(
-    redis_url: str, smtp_url: str, role: str, senders: int, log: Path, src: Path = ROOT
-) -> tuple[subprocess.Popen[bytes], str]:
+    redis_url: str, smtp_url: str, role: str, senders: int, workdir: Path, src: Path = ROOT
+) -> EngineProcess:
     """`engine serve` from the source tree ``src`` (another checkout for --compare-ref)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine",
-            "serve",
-            "--redis-url",
-            redis_url,
-            "--smtp-url",
-            smtp_url,
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--role",
-            role,
-            "--senders",
-            str(senders),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=open(log, "ab"),  # noqa: SIM115 (the child keeps it)
-        cwd=src,
-        env={**os.environ, "PYTHONPATH": str(src)},
-    )
-    base = f"http://127.0.0.1:{port}"
-    return proc, base
+    engine = EngineProcess(
+        redis_url, smtp_url, workdir, "--role", role, "--senders", str(senders),
+        "--log-level", "warning", env={"PYTHONPATH": str(src)}, wait_ready=False,
+    )  # fmt: skip
+    engine.wait_ready(timeout=30)
+    return engine
 
 
 def flush(redis: RedisServer) -> None:
@@ -166,11 +120,11 @@ def flush(redis: RedisServer) -> None:
 
 def phase_ceiling(args: argparse.Namespace, tmp: Path) -> WrkResult:
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fixtures.hello_app", "--bind", f"127.0.0.1:{port}"], cwd=ROOT
-    )
+    argv = [sys.executable, "-m", "fixtures.hello_app", "--bind", f"127.0.0.1:{port}"]
+    hello = Child("hello app", argv, tmp / "hello.log").spawn(ROOT)
     try:
-        wait_http(f"http://127.0.0.1:{port}/", proc)
+        url = f"http://127.0.0.1:{port}/"
+        hello.wait_until("answering", lambda: _answers(url), 30)
         say(
             f"1/5 HTTP ceiling: bare hypercorn-trio hello, wrk -c{args.connections} for {args.seconds}s"
         )
@@ -182,18 +136,23 @@ def phase_ceiling(args: argparse.Namespace, tmp: Path) -> WrkResult:
             tmp,
         )
     finally:
-        stop(proc)
+        hello.stop()
     say(f"    {res.requests_per_s:,.0f} req/s  p50 {res.p50_ms:.1f} ms  p99 {res.p99_ms:.1f} ms")
     return res
 
 
+def _answers(url: str) -> bool | None:
+    try:
+        return httpx.get(url, timeout=1).status_code < 300 or None
+    except httpx.HTTPError:
+        return None
+
+
 def phase_ingest(args: argparse.Namespace, redis: RedisServer, tmp: Path) -> WrkResult:
     flush(redis)
-    proc, base = start_engine(
-        redis.url, "smtp://127.0.0.1:9", "api", args.senders, tmp / "engine-ingest.log"
-    )
+    engine = start_engine(redis.url, "smtp://127.0.0.1:9", "api", args.senders, tmp)
+    base = engine.base
     try:
-        wait_http(base + "/readyz", proc)
         say(
             f"2/5 single-message ingest: engine (role api), wrk -c{args.connections} for {args.seconds}s"
         )
@@ -202,7 +161,7 @@ def phase_ingest(args: argparse.Namespace, redis: RedisServer, tmp: Path) -> Wrk
         )
         stored = httpx.get(base + "/readyz").status_code  # still healthy after the run
     finally:
-        stop(proc)
+        engine.stop()
     say(
         f"    {res.requests_per_s:,.0f} req/s  p50 {res.p50_ms:.1f} ms  p99 {res.p99_ms:.1f} ms  non-2xx {res.non_2xx}  readyz {stored}"
     )
@@ -211,18 +170,15 @@ def phase_ingest(args: argparse.Namespace, redis: RedisServer, tmp: Path) -> Wrk
 
 def phase_batch(args: argparse.Namespace, redis: RedisServer, tmp: Path) -> tuple[WrkResult, float]:
     flush(redis)
-    proc, base = start_engine(
-        redis.url, "smtp://127.0.0.1:9", "api", args.senders, tmp / "engine-batch.log"
-    )
+    engine = start_engine(redis.url, "smtp://127.0.0.1:9", "api", args.senders, tmp)
     body = json.dumps({"messages": [MESSAGE] * args.batch}).encode()
     try:
-        wait_http(base + "/readyz", proc)
         say(
             f"3/5 batch ingest: {args.batch} messages per POST ({len(body) // 1024} KiB), wrk -c4 for {args.seconds}s"
         )
-        res = run_wrk(base + "/v1/messages/batch", body, args.seconds, 4, tmp)
+        res = run_wrk(engine.base + "/v1/messages/batch", body, args.seconds, 4, tmp)
     finally:
-        stop(proc)
+        engine.stop()
     rate = res.requests_per_s * args.batch
     say(
         f"    {rate:,.0f} messages/s ({res.requests_per_s:,.1f} batches/s)  p99 {res.p99_ms:.0f} ms  non-2xx {res.non_2xx}"
@@ -235,7 +191,8 @@ def phase_sink_ceiling(args: argparse.Namespace) -> float:
     out = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "scripts" / "sink_ceiling.py"),
+            "-m",
+            "scripts.sink_ceiling",
             "--seconds",
             str(args.seconds),
             "--no-log",
@@ -256,11 +213,9 @@ def phase_e2e(
     flush(redis)
     n = args.messages
     with SinkProcess(workdir=tmp / "sink-e2e", log=False) as sink:
-        proc, base = start_engine(
-            redis.url, sink.url, "all", args.senders, tmp / "engine-e2e.log", src
-        )
+        engine = start_engine(redis.url, sink.url, "all", args.senders, tmp, src)
+        base = engine.base
         try:
-            wait_http(base + "/readyz", proc)
             say(
                 f"5/5 end to end: {n:,} messages posted in batches of {args.batch}, delivered to the sink "
                 f"by {args.senders} senders"
@@ -291,7 +246,7 @@ def phase_e2e(
                 time.sleep(0.05)
             elapsed = time.monotonic() - t0
         finally:
-            stop(proc)
+            engine.stop()
         final = sink.wait_stats(timeout=5)
     rate = posted / elapsed
     say(

@@ -45,9 +45,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchlib import (  # noqa: E402  (scripts/ is on sys.path when run as a script)
+from engine.models import CLOSE_TOO_SLOW
+from scripts.benchlib import (
     TAG,
     ScenarioFailed,
     cpu_seconds,
@@ -60,8 +59,7 @@ from benchlib import (  # noqa: E402  (scripts/ is on sys.path when run as a scr
     yes,
 )
 
-from engine.models import CLOSE_TOO_SLOW  # noqa: E402
-
+ROOT = Path(__file__).resolve().parents[1]
 TEXT = "Hello from the benchmark. " * 10  # the body scripts/bench.py sends
 
 
@@ -218,9 +216,8 @@ def stop_proc(proc: subprocess.Popen[bytes], name: str, timeout: float = 15) -> 
 def run_round(args: argparse.Namespace, tmp: Path, subs: int, n_round: int) -> dict[str, Any]:
     import httpx
 
-    from engine.embedded import RedisServer
+    from engine.embedded import ChildError, RedisServer, SinkProcess
     from fixtures.engine import EngineProcess
-    from fixtures.sink import SinkProcess
 
     msgs = [{"to": "bench@example.com", "subject": "Benchmark", "text": TEXT}] * args.batch
     body = json.dumps({"messages": msgs}).encode()
@@ -236,7 +233,7 @@ def run_round(args: argparse.Namespace, tmp: Path, subs: int, n_round: int) -> d
         stack.callback(stop_engine, engine)
         try:
             engine.wait_ready(timeout=30)
-        except AssertionError as exc:
+        except ChildError as exc:
             raise ScenarioFailed(str(exc)[-3000:]) from None
 
         def check_alive() -> None:
@@ -251,7 +248,7 @@ def run_round(args: argparse.Namespace, tmp: Path, subs: int, n_round: int) -> d
             wlog = open(tmp / f"{tag}-subscribers.log", "wb")  # noqa: SIM115
             stack.callback(wlog.close)
             worker = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "--subscribers-worker",
+                [sys.executable, "-m", "scripts.bench_events", "--subscribers-worker",
                  "--url", engine.base, "--subscribers", str(subs), "--expect", str(n),
                  "--out", str(out), "--deadline", str(args.worker_deadline),
                  "--ws-recv-bytes", str(args.ws_recv_bytes), "--measure", str(args.measure)]

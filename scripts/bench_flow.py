@@ -46,10 +46,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import httpx  # noqa: E402
-from benchlib import (  # noqa: E402  (scripts/ is on sys.path when run as a script)
+import httpx
+
+from engine.embedded import ChildError, RedisServer, SinkProcess
+from fixtures.engine import EngineProcess
+from scripts.benchlib import (
     TAG,
     ScenarioFailed,
     cpu_seconds,
@@ -61,10 +62,6 @@ from benchlib import (  # noqa: E402  (scripts/ is on sys.path when run as a scr
     workdir,
     yes,
 )
-
-from engine.embedded import RedisServer  # noqa: E402
-from fixtures.engine import EngineProcess  # noqa: E402
-from fixtures.sink import SinkProcess  # noqa: E402
 
 TEXT = "Hello from the benchmark. " * 10  # the body scripts/bench.py sends
 SCENARIOS = ("rate", "cost", "priority")
@@ -97,7 +94,7 @@ def start_engine(
     stack.callback(stop_engine, engine)
     try:
         engine.wait_ready(timeout=30)
-    except AssertionError as exc:
+    except ChildError as exc:
         raise ScenarioFailed(str(exc)[-3000:]) from None
     return engine
 

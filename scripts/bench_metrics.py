@@ -1,6 +1,6 @@
 """Micro-benchmark: what the metrics add to one ingest request and to one send.
 
-    .venv/bin/python scripts/bench_metrics.py
+    .venv/bin/python -m scripts.bench_metrics
 
 Ingest: the raw-ASGI route through ``timed`` (status-recording send, two clock reads,
 one observe) against the same route called directly; plus the accepted-messages
@@ -10,16 +10,12 @@ enqueue time from the id, one increment and one observe). Also one /metrics rend
 
 from __future__ import annotations
 
-import sys
 import time
 import timeit
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import trio
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.api.metrics import timed
 from engine.ids import id_time_ms, new_id

@@ -3,7 +3,7 @@
 Starts its own Redis and `engine serve` (with the embedded sink, so captured mail shows),
 posts a varying stream of mail for a while (some refused for good, some temporarily),
 opens the page in Debian's headless chromium, looks one retried message up, and saves
-the viewport. Run: .venv/bin/python scripts/dashboard_screenshot.py [--out FILE]
+the viewport. Run: .venv/bin/python -m scripts.dashboard_screenshot [--out FILE]
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+from playwright.sync_api import expect, sync_playwright
+
+from engine.embedded import RedisServer
+from fixtures.dashboard import chromium_path, engine_with_sink, post_batch
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import httpx  # noqa: E402
-from playwright.sync_api import expect, sync_playwright  # noqa: E402
-
-from engine.embedded import RedisServer  # noqa: E402
-from fixtures.dashboard import chromium_path, engine_with_sink, post_batch  # noqa: E402
 
 TENANTS = ["acme", "globex", "initech"]
 

@@ -1,6 +1,6 @@
 """Measure the sink's ceiling: one raw-socket pipelined SMTP client feeding it directly.
 
-Usage: python scripts/sink_ceiling.py [--seconds N] [--size BYTES] [--no-log]
+Usage: python -m scripts.sink_ceiling [--seconds N] [--size BYTES] [--no-log]
 Prints one JSON line {"sink_direct_msgs_per_s": ..., "sent": ...}; exits 1 if the
 sink's final statistics disagree with what was sent.
 """
@@ -12,11 +12,8 @@ import json
 import socket
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fixtures.sink import SinkProcess
+from engine.embedded import SinkProcess
 
 ENVELOPE = b"MAIL FROM:<bench@example.com>\r\nRCPT TO:<sink@example.com>\r\nDATA\r\n"
 

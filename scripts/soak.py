@@ -12,23 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import httpx
+import trio
 
-import httpx  # noqa: E402
-import trio  # noqa: E402
-
-from engine.embedded import RedisServer  # noqa: E402
-from engine.keys import Keys  # noqa: E402
-from engine.queue import open_redis  # noqa: E402
-from fixtures.engine import EngineProcess  # noqa: E402
-from fixtures.sink import SinkProcess  # noqa: E402
+from engine.embedded import RedisServer, SinkProcess
+from engine.keys import Keys
+from engine.queue import open_redis
+from fixtures.engine import EngineProcess
 
 MESSAGE = {"to": "soak@example.com", "subject": "Soak", "text": "Hello from the soak run. " * 10}
 

@@ -13,12 +13,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from engine.config import QueueSettings  # noqa: E402
+from engine.embedded import RedisServer  # noqa: E402
 from engine.queue import (  # noqa: E402
     Queue,
     Redis,
     open_redis,
 )
-from fixtures.redis import RedisServer  # noqa: E402
+from fixtures.postfix import postfix  # noqa: E402, F401 (the `postfix` fixture)
 
 
 @pytest.fixture(scope="session")

@@ -10,12 +10,11 @@ import pytest
 import trio
 
 from engine.config import HttpSettings, Settings, load_settings
-from engine.embedded import free_port
+from engine.embedded import RedisServer, free_port
 from engine.ids import is_id
 from engine.service import Running
 from engine.transport.memory import MemoryTransport
 from fixtures.inproc import inprocess_engine
-from fixtures.redis import RedisServer
 
 
 @dataclass

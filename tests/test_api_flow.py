@@ -13,14 +13,13 @@ import httpx
 import trio
 
 from engine.config import load_settings
-from engine.embedded import free_port
+from engine.embedded import RedisServer, free_port
 from engine.errors import TemporaryFailure
 from engine.queue import open_redis
 from engine.service import Running
 from engine.transport.base import OutgoingMail
 from engine.transport.memory import MemoryTransport
 from fixtures.inproc import inprocess_engine
-from fixtures.redis import RedisServer
 
 MSG = {"to": "ann@example.com", "subject": "Hello", "text": "Hi Ann"}
 

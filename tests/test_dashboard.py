@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
+from engine.embedded import RedisServer
 from fixtures.dashboard import chromium_path, engine_with_sink, post, post_batch
 from fixtures.engine import EngineProcess
-from fixtures.redis import RedisServer
 
 CHROMIUM = chromium_path()
 pytestmark = pytest.mark.skipif(
@@ -24,7 +24,6 @@ pytestmark = pytest.mark.skipif(
 )
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (a dev dependency)")
 expect = sync_api.expect
-
 
 
 def _flush(url: str) -> None:

@@ -16,9 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from engine.embedded import RedisServer, SinkProcess
 from fixtures.engine import EngineProcess
-from fixtures.redis import RedisServer
-from fixtures.sink import SinkProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -28,7 +28,7 @@ from trio_websocket import (
 
 from engine.api.hub import EventHub, HubStatistics, pause_s
 from engine.config import EventsSettings, load_settings
-from engine.embedded import free_port
+from engine.embedded import RedisServer, SinkProcess, free_port
 from engine.ids import new_id
 from engine.queue import EventLog, NewJob, Queue, Redis, event_order, open_redis, parse_event_id
 from engine.service import Running
@@ -36,8 +36,6 @@ from engine.transport.memory import MemoryTransport
 from engine.watch import WatchOptions, events_url
 from fixtures.engine import EngineProcess
 from fixtures.inproc import inprocess_engine
-from fixtures.redis import RedisServer
-from fixtures.sink import SinkProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.embedded import RedisServer, SinkProcess
 from fixtures.engine import EngineProcess
-from fixtures.redis import RedisServer
-from fixtures.sink import SinkProcess
 from loadtest.load import (
     LoadResult,
     LoadSettings,

@@ -12,7 +12,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.config import load_settings
-from engine.embedded import free_port
+from engine.embedded import RedisServer, free_port
 from engine.errors import PermanentFailure, TemporaryFailure, TransportError
 from engine.ids import id_time_ms, new_id
 from engine.metrics import INGEST_ROUTES, Metrics
@@ -20,7 +20,6 @@ from engine.queue import open_redis
 from engine.transport.base import OutgoingMail
 from engine.transport.memory import FailRule, MemoryTransport
 from fixtures.inproc import inprocess_engine
-from fixtures.redis import RedisServer
 
 MSG = {"to": "ann@example.com", "subject": "Hello", "text": "Hi Ann"}
 

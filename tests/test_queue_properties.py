@@ -37,9 +37,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from engine.config import QueueSettings
+from engine.embedded import RedisServer
 from engine.models import LANES
 from engine.queue import EnqueueRequest, Failure, NewJob, Queue, Redis, open_redis
-from fixtures.redis import RedisServer
 
 SETTINGS = QueueSettings(lease_s=2.0, heartbeat_s=1.0, max_stalls=1)
 N_INSTANCES = 3

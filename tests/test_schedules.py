@@ -25,13 +25,13 @@ from quart_trio import QuartTrio
 from engine.api.schedules import register_schedule_routes
 from engine.config import IngestSettings, QueueSettings, SchedulerSettings
 from engine.cron import check_cron, check_timezone, next_tick_ms
+from engine.embedded import RedisServer
 from engine.errors import ValidationError
 from engine.ids import is_id
 from engine.keys import Keys
 from engine.models import Message
 from engine.queue import NewJob, Queue, Redis, ScheduleStore, open_redis
 from engine.scheduler import Scheduler, build_tick_job, tick_job_id
-from fixtures.redis import RedisServer
 
 MINUTE = 60_000
 MSG = {"to": "ann@example.com", "subject": "Daily digest", "text": "Hi Ann"}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.embedded import SINK_COMMAND, ChildError, SinkProcess
 from engine.errors import ConfigError
 from engine.sink.cli import add_arguments, options_from_args
 from engine.sink.faults import (
@@ -35,7 +36,8 @@ from engine.sink.faults import (
 )
 from engine.sink.headers import scan_ids
 from engine.sink.protocol import DATA_LINE_LIMIT, fast_addr, read_data_lines, unstuff
-from fixtures.sink import REPO_ROOT, SINK_COMMAND, SinkError, SinkProcess, tagged
+from fixtures.engine import REPO_ROOT
+from fixtures.sink import tagged
 
 
 def message(mid: str, job: str = "job-1", body: str = "hello") -> bytes:
@@ -272,7 +274,7 @@ def test_ready_file_gives_a_real_port(sink: SinkProcess) -> None:
     assert sink.host == "127.0.0.1"
     assert sink.port > 0
     assert sink.url == f"smtp://127.0.0.1:{sink.port}"
-    assert f"sink listening on 127.0.0.1:{sink.port}" in sink.stdout_file.read_text()
+    assert f"sink listening on 127.0.0.1:{sink.port}" in sink.output()
 
 
 def test_single_message_is_logged_and_counted(sink: SinkProcess) -> None:
@@ -454,12 +456,12 @@ def test_signal_prints_one_summary_and_exits_0(tmp_path: Path, signum: int) -> N
             client.sendmail("a@example.com", ["b@example.com"], message("<s1@x>"))
         # A connection still open at shutdown must not prevent a clean exit.
         idle = connect(sink)
-        assert sink.process is not None
-        sink.process.send_signal(signum)
-        assert sink.process.wait(10) == 0
+        assert sink.child.popen is not None
+        sink.child.popen.send_signal(signum)
+        assert sink.child.popen.wait(10) == 0
         idle.close()
         summary = sink.stop()
-        stdout = sink.stdout_file.read_text().splitlines()
+        stdout = sink.output().splitlines()
         assert [line for line in stdout if line.startswith("sink summary:")] == [summary]
         assert summary.startswith(
             "sink summary: received=2 unique=1 duplicates=1 bytes="
@@ -496,7 +498,7 @@ def test_port_in_use_fails_with_a_clear_error(sink: SinkProcess) -> None:
 
 def test_start_failure_reports_stderr(tmp_path: Path) -> None:
     bad = SinkProcess(workdir=tmp_path, extra_args=["--no-such-flag"])
-    with pytest.raises(SinkError, match="no-such-flag"):
+    with pytest.raises(ChildError, match="no-such-flag"):
         bad.start()
     bad.close()
 

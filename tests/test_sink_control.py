@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from engine.embedded import SinkProcess
 from engine.sink.faults import NO_FAULTS, FaultOptions, control_faults
-from fixtures.sink import SinkProcess
 
 
 def test_no_control_file_means_the_flags() -> None:
@@ -151,7 +151,7 @@ def test_bad_control_file_keeps_the_faults_in_force(sink: SinkProcess, control: 
     write_control(control, {"fail_ratio": 0})  # a good file clears the error
     assert wait_faults(sink, fail_ratio=0.0, error=None)["source"] == "control"
     assert send(sink, 2) == (250, b"")
-    assert f"sink: control file {control} ignored" in sink.stderr_file.read_text()
+    assert f"sink: control file {control} ignored" in sink.output()
 
 
 def test_delay_and_drop_from_the_control_file(sink: SinkProcess, control: Path) -> None:

@@ -81,7 +81,7 @@ def test_every_script_has_a_keys_argv_header() -> None:
 def test_busy_port_is_a_clear_error(redis_server: object, tmp_path: Path) -> None:
     import socket
 
-    from fixtures.redis import RedisServer
+    from engine.embedded import RedisServer
 
     assert isinstance(redis_server, RedisServer)
     with socket.socket() as busy:
