@@ -209,7 +209,10 @@ def serve(args: argparse.Namespace) -> int:
             embedded.append("redis")
         smtp_url = settings.smtp.url
         if smtp_url is None:
-            sink = SinkProcess(settings.sink.bind, settings.sink.maildir).start()
+            # Its "listening" line and exit summary go to our stdout (output=False).
+            sink = SinkProcess(
+                bind=settings.sink.bind, maildir=settings.sink.maildir, log=False, output=False
+            ).start()
             smtp_url = sink.url
             embedded.append("sink")
 
@@ -230,6 +233,13 @@ def serve(args: argparse.Namespace) -> int:
         try:
             trio.run(main)
         except BaseExceptionGroup as group:
+            # A setting found wrong as the parts are built (the SMTP URL, CA file, EHLO
+            # name): one line saying what to fix, like the ones load_settings finds.
+            wrong: BaseException | None = group.subgroup(ConfigError)
+            while isinstance(wrong, BaseExceptionGroup):
+                wrong = wrong.exceptions[0]
+            if wrong is not None:
+                raise wrong from None
             in_use = _find_oserror(group, errno.EADDRINUSE)
             if in_use is None:
                 raise
@@ -239,7 +249,7 @@ def serve(args: argparse.Namespace) -> int:
             ) from None
     finally:
         if sink is not None:
-            sink.stop()
+            sink.close()
         if redis_server is not None:
             redis_server.stop()
     return 0

@@ -70,14 +70,26 @@ class SmtpSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pool_size: int = 16
     # Seconds to open a connection (TCP + greeting + EHLO + TLS + AUTH).
     connect_timeout_s: float = 10.0
+    # Seconds without any greeting byte after which a second connection checks whether
+    # the port speaks TLS: an implicit-TLS port (465) waits silently for the client, so
+    # smtp:// there fails at once with a hint to use smtps://. A plain server that is
+    # merely slow to greet (sendmail's greet_pause) is still waited for, up to
+    # connect_timeout_s. 0 = never check.
+    greeting_probe_s: float = 3.0
     # Seconds to wait for any one SMTP reply.
     command_timeout_s: float = 30.0
-    # Idle seconds after which a pooled connection is closed.
-    idle_timeout_s: float = 30.0
+    # Idle seconds after which a pooled connection is closed (QUIT). Below the servers'
+    # own idle limits, so we hang up first instead of meeting their "421 timeout" on the
+    # next send: Postfix's smtpd_timeout is 300 s but 10 s under load, Exim's 5 min,
+    # providers' 30-60 s. An idle connection the server closes is dropped at once.
+    idle_timeout_s: float = 8.0
     # Messages sent over one connection before it is recycled.
     max_messages_per_connection: int = 10_000
-    # Name sent in EHLO.
-    helo_name: str = "localhost"
+    # Name sent in EHLO/HELO; "" = this machine's fully-qualified name (getfqdn()).
+    # Servers refuse names that are not (Postfix: "504 5.5.2 need fully-qualified
+    # hostname"): with no dot in it and a server not on loopback, start-up fails and
+    # asks for this setting (ENGINE_SMTP__HELO_NAME).
+    helo_name: str = ""
 
 
 class SenderSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -6,10 +6,13 @@ returns the ``Message`` that is stored (msgpack) in the job record. Imports only
 
 from __future__ import annotations
 
+import functools
 import re
+import unicodedata
 from datetime import UTC, datetime
 from typing import Final, Literal
 
+import idna
 import msgspec
 
 from engine.errors import ValidationError
@@ -18,6 +21,8 @@ MAX_RECIPIENTS: Final = 100
 MAX_SUBJECT_CHARS: Final = 998
 MAX_TAGS: Final = 20
 MAX_ATTEMPTS: Final = 50
+# Longest a message may ask to be retried for (30 days).
+MAX_RETRY_FOR_S: Final = 30 * 24 * 3600
 # Furthest ahead a send_at / delay_s may schedule a message (one year).
 MAX_DELAY_S: Final = 366 * 24 * 3600
 # Priority lanes, most urgent first; ``priority`` 1-10 maps onto them (10 most urgent).
@@ -66,6 +71,9 @@ class MessageIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     tags: list[str] = []
     # Delivery attempts before the message is dead-lettered (default queue.max_attempts).
     max_attempts: int | None = None
+    # Seconds a temporarily failing message is retried after its first attempt before
+    # it is dead-lettered (default queue.retry_for_s).
+    retry_for_s: float | None = None
     # "high" | "normal" | "low", or 1-10 (8-10 high, 4-7 normal, 1-3 low).
     priority: str | int | None = None
     # Send no earlier than this RFC 3339 time, or this many seconds from now (not both).
@@ -96,6 +104,7 @@ class Message(msgspec.Struct, array_like=True, gc=False):
     reply_to: list[str]
     tags: list[str]
     max_attempts: int | None = None
+    retry_for_s: float | None = None
 
     def envelope_recipients(self) -> list[str]:
         """Bare addresses for RCPT TO, in order, without duplicates."""
@@ -183,10 +192,24 @@ class Problem(msgspec.Struct, omit_defaults=True):
 
 # -- validation -------------------------------------------------------------------------
 
-_LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+# RFC 5321 4.5.3.1: octets (UTF-8 octets for RFC 6531 addresses).
+MAX_ADDRESS_OCTETS: Final = 254
+MAX_LOCAL_PART_OCTETS: Final = 64
+# A whole "Display Name <address>" field; checked before any regex sees it.
+MAX_ADDRESS_FIELD_CHARS: Final = 998
+
+_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
+_LOCAL = rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = rf"(?:{_LABEL}\.)*{_LABEL}"
 _ADDR_RE: Final = re.compile(rf"^{_LOCAL}@{_DOMAIN}$")
+# RFC 6531 3.3: atext also takes UTF8-non-ascii; _intl_local_problem narrows which.
+_UATEXT = "\u0080-\U0010ffff" + _ATEXT  # _ATEXT ends in a literal "-"
+_ULOCAL_RE: Final = re.compile(rf"^[{_UATEXT}]+(?:\.[{_UATEXT}]+)*$")
+_DOMAIN_RE: Final = re.compile(rf"^{_DOMAIN}$")
+# Not in a local part: controls, format characters (bidi overrides, zero-width joiners:
+# spoofing), surrogates, private use, unassigned code points, and every kind of space.
+_BAD_LOCAL_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"})
 _NAMED_RE: Final = re.compile(r"^\s*(?P<name>[^<>\r\n]*?)\s*<(?P<addr>[^<>\s]+)>\s*$")
 _HEADER_NAME_RE: Final = re.compile(r"^[!-9;-~]+$")
 
@@ -211,12 +234,19 @@ def _no_newlines(field: str, value: str) -> None:
 
 
 def check_address(field: str, addr: str) -> str:
-    """Validate one address (bare or ``Name <addr>``) and return it trimmed."""
+    """Validate one address (bare or ``Name <addr>``) and return it trimmed.
+
+    Internationalised addresses are accepted (RFC 6531: UTF-8 local parts; IDNA 2008
+    domains, whose U-labels come back in canonical lower-case form, A-labels as given).
+    """
     if not isinstance(addr, str) or not addr.strip():
         raise ValidationError(field, "must be a non-empty email address")
+    if len(addr) > MAX_ADDRESS_FIELD_CHARS:
+        raise ValidationError(field, f"at most {MAX_ADDRESS_FIELD_CHARS} characters")
     _no_newlines(field, addr)
     addr = addr.strip()
     bare = addr
+    m = None
     if addr.endswith(">"):
         m = _NAMED_RE.match(addr)
         if not m:
@@ -224,9 +254,79 @@ def check_address(field: str, addr: str) -> str:
         bare = m.group("addr")
         if '"' in m.group("name"):
             raise ValidationError(field, "display names may not contain double quotes")
-    if len(bare) > 254 or not _ADDR_RE.match(bare) or len(bare.partition("@")[0]) > 64:
+    local, at, domain = bare.rpartition("@")
+    if (
+        len(bare) > MAX_ADDRESS_OCTETS
+        or len(local) > MAX_LOCAL_PART_OCTETS
+        or not at
+        or not (_ADDR_RE.match(bare) if bare.isascii() else _ULOCAL_RE.match(local))
+    ):
         raise ValidationError(field, f"{bare!r} is not a valid email address")
-    return addr
+    if bare.isascii():
+        if "xn--" in domain.lower():
+            _check_a_labels(field, bare, domain)
+        return addr
+    problem = "" if local.isascii() else _intl_local_problem(local)
+    if problem:
+        raise ValidationError(field, f"{bare!r} is not a valid email address: {problem}")
+    if domain.isascii():
+        a_domain = domain
+        if not _DOMAIN_RE.match(domain):
+            raise ValidationError(field, f"{bare!r} is not a valid email address")
+        if "xn--" in domain.lower():
+            _check_a_labels(field, bare, domain)
+    else:
+        try:
+            a_domain = ascii_domain(domain)
+            domain = str(idna.decode(a_domain))  # canonical U-labels: lower case, NFC
+        except UnicodeError as exc:
+            raise ValidationError(
+                field, f"{bare!r} is not a valid email address: bad IDNA 2008 domain ({exc})"
+            ) from None
+        if not _DOMAIN_RE.match(a_domain):  # e.g. a trailing dot, which IDNA allows
+            raise ValidationError(field, f"{bare!r} is not a valid email address")
+    canonical = f"{local}@{domain}"
+    if len(canonical.encode("utf-8")) > MAX_ADDRESS_OCTETS or (
+        local.isascii() and len(local) + 1 + len(a_domain) > MAX_ADDRESS_OCTETS
+    ):
+        raise ValidationError(field, f"{bare!r} is longer than {MAX_ADDRESS_OCTETS} octets")
+    if m is None:
+        return canonical
+    return addr[: m.start("addr")] + canonical + addr[m.end("addr") :]
+
+
+def _check_a_labels(field: str, bare: str, domain: str) -> None:
+    """An ``xn--`` label must be a valid A-label (Punycode of a valid U-label)."""
+    try:
+        idna.decode(domain)
+    except UnicodeError as exc:
+        raise ValidationError(
+            field, f"{bare!r} is not a valid email address: bad IDNA 2008 domain ({exc})"
+        ) from None
+
+
+def _intl_local_problem(local: str) -> str:
+    """Why a non-ASCII local part (already matched by _ULOCAL_RE) is unacceptable, or ""."""
+    for ch in local:
+        if ch >= "\x80" and unicodedata.category(ch) in _BAD_LOCAL_CATEGORIES:
+            return f"U+{ord(ch):04X} may not appear in a local part"
+    if len(local.encode("utf-8")) > MAX_LOCAL_PART_OCTETS:
+        return f"the local part is longer than {MAX_LOCAL_PART_OCTETS} octets"
+    if not unicodedata.is_normalized("NFC", local):
+        return "the local part is not in Unicode normalization form NFC (RFC 6532 3.1)"
+    return ""
+
+
+@functools.lru_cache(maxsize=1024)
+def ascii_domain(domain: str) -> str:
+    """A domain in ASCII: ``münchen.de`` -> ``xn--mnchen-3ya.de`` (IDNA 2008 A-labels,
+    after the UTS 46 mapping, which folds case); an ASCII domain as it is.
+
+    Raises UnicodeError (``idna.IDNAError``) when ``domain`` is not a valid IDN.
+    """
+    if domain.isascii():
+        return domain
+    return idna.encode(domain, uts46=True).decode("ascii")
 
 
 def _address_list(field: str, value: str | list[str] | None) -> list[str]:
@@ -283,9 +383,11 @@ def _normalize(msg: MessageIn, default_from: str) -> Message:
         _no_newlines(f"tags[{i}]", tag)
     if msg.max_attempts is not None and not 1 <= msg.max_attempts <= MAX_ATTEMPTS:
         raise ValidationError("max_attempts", f"must be 1 to {MAX_ATTEMPTS}")
+    if msg.retry_for_s is not None and not 0 < msg.retry_for_s <= MAX_RETRY_FOR_S:
+        raise ValidationError("retry_for_s", f"must be more than 0 and at most {MAX_RETRY_FOR_S}")
     return Message(
         sender, to, cc, bcc, msg.subject, msg.text, msg.html, headers, reply_to,
-        list(msg.tags), msg.max_attempts,
+        list(msg.tags), msg.max_attempts, msg.retry_for_s,
     )  # fmt: skip
 
 

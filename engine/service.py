@@ -46,7 +46,7 @@ from engine.queue import (
 from engine.reaper import Reaper
 from engine.scheduler import Scheduler
 from engine.sender import SenderPool
-from engine.transport import SmtpPool, Transport
+from engine.transport import MemoryTransport, SmtpPool, Transport
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,10 @@ def build(
         client, settings.queue, instance, rate_limits=settings.limits, ingest=settings.ingest
     )
     rate_limits = RateLimits(client, queue.keys, settings.limits)
-    transport = transport or SmtpPool(settings.smtp, smtp_url)
+    if transport is None:
+        # An api-only replica runs no senders: it needs no SMTP pool (nor an FQDN).
+        sends = settings.role in ("all", "sender")
+        transport = SmtpPool(settings.smtp, smtp_url) if sends else MemoryTransport()
     # One registry per process, shared by the parts that count (GET /metrics).
     metrics = Metrics(instance=instance, role=settings.role)
     breaker = Breaker(
@@ -265,6 +268,7 @@ async def run(
         # Bound before the senders start: a busy port fails the start cleanly.
         binds = await root.start(serve_http, parts.app, parts.settings.http, http_stop)
         if role in ("all", "sender"):
+            await root.start(parts.transport.serve)  # closes idle connections in time
             root.start_soon(run_senders)
         else:
             senders_done.set()

@@ -16,10 +16,12 @@ Synchronous: subprocesses, files and sockets, usable from threads, pytest and sc
 
 Every process runs in its own session (it outlives the process that started it) and is
 recorded with its pid in RUN/cluster.json, so ``Cluster.attach(run_dir)`` -- and
-``scripts/cluster status|down`` -- can find and stop it from anywhere. Logs go to
+``scripts/cluster status|down`` -- can find and stop it from anywhere (``detach=False``:
+they die with this process instead, as ``fixtures.chaos.Rig`` wants). Logs go to
 RUN/logs/<name>.log (a restarted process appends to its log). Command line: ``python -m
-loadtest.cluster --help`` (``scripts/cluster``). Imports from the engine only its key
-names and embedded-Redis helpers.
+loadtest.cluster --help`` (``scripts/cluster``). The processes are ``engine.embedded``'s
+(``Child``, ``RedisServer``, ``SinkProcess``); from the engine it imports only those and
+its key names.
 """
 
 from __future__ import annotations
@@ -32,20 +34,17 @@ import io
 import json
 import os
 import resource
-import shlex
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
-from engine.embedded import find_redis_server, free_port
+from engine.embedded import Child, ChildError, RedisServer, SinkProcess, free_port, redis_run
 from engine.keys import Keys
 from loadtest import tcpcut
 from loadtest.haproxy import LbSettings, check_config, engine_toml, ensure_haproxy, render
@@ -53,174 +52,14 @@ from loadtest.haproxy import LbSettings, check_config, engine_toml, ensure_hapro
 ROOT = Path(__file__).resolve().parents[1]
 STATE_FILE = "cluster.json"
 HOST = "127.0.0.1"
-POLL_S = 0.05
-T = TypeVar("T")
 
 
-class ClusterError(RuntimeError):
-    """A process did not start, a hook cannot act (e.g. no proxies), or a run dir is taken."""
+class ClusterError(ChildError):
+    """A hook cannot act (e.g. no proxies) or a run dir is taken; a process that does not
+    start raises the ChildError this is one of."""
 
 
-# -- processes ---------------------------------------------------------------------------
-
-
-def _start_ticks(pid: int) -> int | None:
-    """Start time of ``pid`` (clock ticks since boot) or None when it is gone or a zombie:
-    with the pid, it names one process even after the pid is reused."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):  # exited, not yet reaped
-        return None
-    return int(fields[19])
-
-
-@dataclass
-class Proc:
-    """One managed process: how to start it again, and the pid of its current run."""
-
-    name: str
-    argv: list[str]
-    log: Path
-    env: dict[str, str] = field(default_factory=dict)
-    port: int | None = None
-    pid: int | None = None
-    start_ticks: int | None = None
-    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-
-    def spawn(self, cwd: Path) -> None:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as out:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            out.write(f"--- {stamp} cluster: starting {shlex.join(self.argv)}\n".encode())
-            out.flush()
-            self.popen = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=cwd,
-                env={**os.environ, **self.env},
-                start_new_session=True,  # outlives `scripts/cluster up`; no terminal ^C
-            )
-        self.pid = self.popen.pid
-        self.start_ticks = _start_ticks(self.pid)
-
-    def alive(self) -> bool:
-        if self.pid is None:
-            return False
-        if self.popen is not None:
-            return self.popen.poll() is None
-        return self.start_ticks is not None and _start_ticks(self.pid) == self.start_ticks
-
-    @property
-    def returncode(self) -> int | None:
-        """Exit code when this process started it and it ended; None otherwise."""
-        return None if self.popen is None else self.popen.poll()
-
-    def send(self, sig: int) -> bool:
-        """Signal the process if it is still the one recorded; False if it is gone."""
-        if not self.alive():
-            return False
-        assert self.pid is not None
-        try:
-            os.kill(self.pid, sig)
-        except ProcessLookupError:
-            return False
-        return True
-
-    def wait(self, timeout: float) -> bool:
-        """Wait until it has exited; False on timeout."""
-        deadline = time.monotonic() + timeout
-        if self.popen is not None:
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                return False
-            return True
-        while self.alive():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(POLL_S)
-        return True
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
-        """``sig``, wait up to ``timeout``, then SIGKILL and wait."""
-        if self.send(sig) and not self.wait(timeout):
-            self.send(signal.SIGKILL)
-            self.wait(10.0)
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "pid": self.pid,
-            "start_ticks": self.start_ticks,
-            "argv": self.argv,
-            "env": self.env,
-            "log": str(self.log),
-            "port": self.port,
-        }
-
-
-# -- Redis, HTTP -------------------------------------------------------------------------
-
-
-class RedisReplyError(Exception):
-    """Redis answered with an error reply (e.g. LOADING while it reads its AOF)."""
-
-
-def _resp(*args: str | int) -> bytes:
-    out = [f"*{len(args)}\r\n".encode()]
-    for arg in args:
-        data = str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-def _read_reply(f: io.BufferedReader) -> Any:
-    line = f.readline()
-    if not line.endswith(b"\r\n"):
-        raise ConnectionError("redis closed the connection")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest.decode()
-    if kind == b"-":
-        raise RedisReplyError(rest.decode())
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        size = int(rest)
-        return None if size < 0 else f.read(size + 2)[:-2]
-    if kind == b"*":
-        size = int(rest)
-        return None if size < 0 else [_read_reply(f) for _ in range(size)]
-    raise ConnectionError(f"unexpected reply from redis: {line!r}")
-
-
-def redis_pipeline(
-    host: str, port: int, commands: Sequence[Sequence[str | int]], timeout: float = 30.0
-) -> list[Any]:
-    """Many commands over one fresh connection, sent together, replies in order."""
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(b"".join(_resp(*c) for c in commands))
-        with sock.makefile("rb") as f:
-            return [_read_reply(f) for _ in commands]
-
-
-def redis_command(host: str, port: int, *args: str | int, timeout: float = 2.0) -> Any:
-    """One command over a fresh connection (a few per second at most: no pool needed)."""
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(_resp(*args))
-        with sock.makefile("rb") as f:
-            return _read_reply(f)
+# -- HTTP -------------------------------------------------------------------------------
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -243,43 +82,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-# -- the sink ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SinkInfo:
-    """Where the sink listens and what it writes (see ``engine sink --help``)."""
-
-    host: str
-    port: int
-    # RUN/sink.jsonl: one JSON line per accepted message (RUNDIR.md).
-    log: Path
-    # JSON statistics, rewritten every 0.25 s ("faults": what is in force).
-    stats_file: Path
-    # The --control file the sink_faults hook writes.
-    control: Path
-
-    @property
-    def url(self) -> str:
-        return f"smtp://{self.host}:{self.port}"
-
-    def stats(self) -> dict[str, Any]:
-        """The latest statistics ({} before the first write)."""
-        try:
-            result: dict[str, Any] = json.loads(self.stats_file.read_text())
-        except (OSError, ValueError):
-            return {}
-        return result
-
-    def received(self) -> list[dict[str, Any]]:
-        """The log lines so far (a trailing partial line is ignored)."""
-        try:
-            data = self.log.read_text()
-        except FileNotFoundError:
-            return []
-        return [json.loads(line) for line in data.split("\n")[:-1] if line]
-
-
 # -- the cluster -------------------------------------------------------------------------
 
 
@@ -293,7 +95,8 @@ class Cluster:
     extra ``engine sink`` flags. Ports are free ones picked at construction, or
     consecutive from ``base_port`` (lb, stats, redis, sink, engines..., proxies...).
     ``redis_proxies=False`` connects the replicas to Redis directly (no ``cut_redis``;
-    the proxy costs ~30 us per Redis round trip and ~5 us of CPU per message).
+    the proxy costs ~30 us per Redis round trip and ~5 us of CPU per message);
+    ``lb=False`` runs no HAProxy (then ``replicas`` may be 0: Redis and the sink only).
     """
 
     def __init__(
@@ -309,9 +112,11 @@ class Cluster:
         sink_args: Sequence[str] = (),
         ports: Mapping[str, int] | None = None,
         startup_timeout_s: float = 60.0,
+        lb: bool = True,
+        detach: bool = True,
     ) -> None:
-        if replicas < 1:
-            raise ValueError("a cluster needs at least one replica")
+        if replicas < lb:
+            raise ValueError("a cluster with a balancer needs at least one replica")
         self.run_dir = Path(run_dir).resolve()
         self.replicas = replicas
         self.senders = senders
@@ -319,6 +124,8 @@ class Cluster:
         self.engine_env = dict(engine_env or {})
         self.redis_proxies = redis_proxies
         self.sink_args = list(sink_args)
+        self.lb = lb
+        self.detach = detach
         self.startup_timeout_s = startup_timeout_s
         self.names = [f"engine{i + 1}" for i in range(replicas)]
         self.ports = dict(ports) if ports is not None else self._plan_ports(base_port)
@@ -326,7 +133,7 @@ class Cluster:
         self.logs = self.run_dir / "logs"
         self.created_at: float | None = None
         self._lock = threading.RLock()
-        self.procs: dict[str, Proc] = {}
+        self.procs: dict[str, Child] = {}
         self._define()
 
     # -- layout -------------------------------------------------------------------------
@@ -351,21 +158,19 @@ class Cluster:
         py = sys.executable
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         env = {"PYTHONPATH": path}
+        self.redis = RedisServer(
+            self.run_dir / "redis", port=self.ports["redis"], log=self.logs / "redis.log",
+            loglevel="notice",
+        )  # fmt: skip
+        self.sink_control = self.run_dir / "sink-control.json"
+        self.sink = SinkProcess(
+            workdir=self.run_dir / "sink", bind=f"{HOST}:{self.ports['sink']}",
+            log=self.run_dir / "sink.jsonl", stats=self.run_dir / "sink-stats.json",
+            output=self.logs / "sink.log",
+            extra_args=["--control", str(self.sink_control), *self.sink_args],
+        )  # fmt: skip
+        self.procs["redis"], self.procs["sink"] = self.redis.child, self.sink.child
         redis = self.ports["redis"]
-        redis_argv = [
-            find_redis_server(), "--bind", HOST, "--port", str(redis),
-            "--dir", str(self.run_dir / "redis"), "--save", "",
-            "--appendonly", "yes", "--appendfsync", "everysec",
-            "--maxmemory-policy", "noeviction", "--daemonize", "no", "--protected-mode", "yes",
-            "--logfile", "", "--loglevel", "notice",
-        ]  # fmt: skip
-        self.procs["redis"] = Proc("redis", redis_argv, self.logs / "redis.log", port=redis)
-        sink = self.sink
-        sink_argv = [
-            py, "-m", "engine", "sink", "--bind", f"{HOST}:{sink.port}", "--log", str(sink.log),
-            "--stats", str(sink.stats_file), "--control", str(sink.control), *self.sink_args,
-        ]  # fmt: skip
-        self.procs["sink"] = Proc("sink", sink_argv, self.logs / "sink.log", env, sink.port)
         for i, name in enumerate(self.names):
             if self.redis_proxies:
                 proxy = f"redis-proxy{i + 1}"
@@ -374,19 +179,20 @@ class Cluster:
                     "--target", f"{HOST}:{redis}", "--control", str(self._cut_file(i)),
                 ]  # fmt: skip
                 log = self.logs / f"{proxy}.log"
-                self.procs[proxy] = Proc(proxy, proxy_argv, log, env, self.ports[proxy])
+                self.procs[proxy] = Child(proxy, proxy_argv, log, env, self.ports[proxy])
             engine_argv = [
                 py, "-m", "engine", "serve", "--redis-url", self.replica_redis_urls[i],
-                "--smtp-url", sink.url, "--bind", f"{HOST}:{self.ports[name]}",
+                "--smtp-url", self.sink.url, "--bind", f"{HOST}:{self.ports[name]}",
                 "--senders", str(self.senders), "--config", str(self.run_dir / "engine.toml"),
                 *self.engine_args,
             ]  # fmt: skip
             engine_env = {**env, **self.engine_env, "ENGINE_INSTANCE": name}
             log = self.logs / f"{name}.log"
-            self.procs[name] = Proc(name, engine_argv, log, engine_env, self.ports[name])
-        haproxy_argv = ["haproxy", "-db", "-f", str(self.run_dir / "haproxy.cfg")]
-        lb = self.ports["lb"]
-        self.procs["haproxy"] = Proc("haproxy", haproxy_argv, self.logs / "haproxy.log", port=lb)
+            self.procs[name] = Child(name, engine_argv, log, engine_env, self.ports[name])
+        if self.lb:
+            haproxy_argv = ["haproxy", "-db", "-f", str(self.run_dir / "haproxy.cfg")]
+            log = self.logs / "haproxy.log"
+            self.procs["haproxy"] = Child("haproxy", haproxy_argv, log, port=self.ports["lb"])
 
     def _cut_file(self, i: int) -> Path:
         return self.run_dir / f"redis-proxy{i + 1}.cut.json"
@@ -418,16 +224,6 @@ class Cluster:
         return [
             f"redis://{HOST}:{self.ports[f'redis-proxy{i + 1}']}/0" for i in range(self.replicas)
         ]
-
-    @property
-    def sink(self) -> SinkInfo:
-        return SinkInfo(
-            host=HOST,
-            port=self.ports["sink"],
-            log=self.run_dir / "sink.jsonl",
-            stats_file=self.run_dir / "sink-stats.json",
-            control=self.run_dir / "sink-control.json",
-        )
 
     @property
     def replica_pids(self) -> list[int | None]:
@@ -470,12 +266,13 @@ class Cluster:
             "redis_url": self.redis_url,
             "replica_redis_urls": self.replica_redis_urls,
             "redis_proxies": self.redis_proxies,
+            "lb": self.lb,
             "redis_dir": str(self.run_dir / "redis"),
             "sink": {
                 "url": sink.url,
-                "log": str(sink.log),
+                "log": str(sink.log_file),
                 "stats": str(sink.stats_file),
-                "control": str(sink.control),
+                "control": str(self.sink_control),
             },
             "engine_args": self.engine_args,
             "engine_env": self.engine_env,
@@ -508,6 +305,7 @@ class Cluster:
             redis_proxies=data["redis_proxies"],
             sink_args=data["sink_args"],
             ports=data["ports"],
+            lb=data.get("lb", True),
         )
         cluster.created_at = data["created_at"]
         for name, recorded in data["processes"].items():
@@ -526,7 +324,7 @@ class Cluster:
 
         A run dir that already holds a cluster is refused unless ``reuse`` (then its Redis
         data, AOF included, and its sink log are kept). On failure whatever was started
-        is stopped again and ClusterError carries the failing process's log tail.
+        is stopped again and ChildError carries the failing process's log tail.
         """
         with self._lock:
             state = self.run_dir / STATE_FILE
@@ -542,17 +340,17 @@ class Cluster:
                         f"{self.run_dir} already held a cluster; use a new run dir "
                         "(or reuse=True / --reuse to start on its data again)"
                     )
-            haproxy = ensure_haproxy()
-            self.procs["haproxy"].argv[0] = haproxy
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.logs.mkdir(exist_ok=True)
             (self.run_dir / "engine.toml").write_text(engine_toml([HOST]))
-            lb_config = self.run_dir / "haproxy.cfg"
-            lb_config.write_text(render(self.lb_settings()))
-            try:
-                check_config(haproxy, str(lb_config))
-            except ValueError as exc:
-                raise ClusterError(str(exc)) from None
+            if self.lb:
+                haproxy = self.procs["haproxy"].argv[0] = ensure_haproxy()
+                lb_config = self.run_dir / "haproxy.cfg"
+                lb_config.write_text(render(self.lb_settings()))
+                try:
+                    check_config(haproxy, str(lb_config))
+                except ValueError as exc:
+                    raise ClusterError(str(exc)) from None
             self.created_at = time.time()
             try:
                 self.start_redis()
@@ -564,8 +362,9 @@ class Cluster:
                     self.start_replica(i, wait_ready=False)
                 for i in range(self.replicas):
                     self.wait_replica_ready(i)
-                self._spawn("haproxy")
-                self.wait_lb(timeout=self.startup_timeout_s)
+                if self.lb:
+                    self._spawn("haproxy")
+                    self.wait_lb(timeout=self.startup_timeout_s)
             except BaseException:
                 self.down(graceful=False)
                 raise
@@ -595,7 +394,7 @@ class Cluster:
             stopped: list[str] = []
 
             def stop(names: list[str], sig: int) -> None:
-                live = [n for n in names if self.procs[n].send(sig)]
+                live = [n for n in names if n in self.procs and self.procs[n].send(sig)]
                 for n in live:
                     proc = self.procs[n]
                     if not proc.wait(timeout_s):
@@ -626,52 +425,34 @@ class Cluster:
 
     # -- starting pieces ----------------------------------------------------------------
 
-    def _spawn(self, name: str) -> Proc:
-        proc = self.procs[name]
-        if proc.alive():
-            raise ClusterError(f"{name} already runs (pid {proc.pid})")
-        proc.spawn(self.run_dir)
+    def _spawn(self, name: str) -> Child:
+        proc = self._not_running(name)
+        proc.spawn(self.run_dir, detach=self.detach)
         self.save()
         return proc
 
-    def _wait(self, proc: Proc, what: str, check: Callable[[], T | None], timeout: float) -> T:
-        deadline = time.monotonic() + timeout
-        while True:
-            if not proc.alive():
-                code = proc.returncode
-                raise ClusterError(
-                    f"{proc.name} exited (code {code}) before {what}; {proc.log}:\n{proc.tail()}"
-                )
-            got = check()
-            if got is not None:
-                return got
-            if time.monotonic() > deadline:
-                raise ClusterError(
-                    f"{proc.name} not {what} after {timeout:.0f}s; {proc.log}:\n{proc.tail()}"
-                )
-            time.sleep(POLL_S)
+    def _not_running(self, name: str) -> Child:
+        proc = self.procs[name]
+        if proc.alive():
+            raise ClusterError(f"{name} already runs (pid {proc.pid})")
+        return proc
 
     def start_redis(self) -> None:
         """Start Redis (same port, same data dir) and wait until it has loaded its AOF."""
         with self._lock:
-            (self.run_dir / "redis").mkdir(parents=True, exist_ok=True)
-            proc = self._spawn("redis")
-            self._wait(proc, "answering PING", self._redis_ready, self.startup_timeout_s)
-
-    def _redis_ready(self) -> bool | None:
-        try:
-            return redis_command(HOST, self.ports["redis"], "PING", timeout=1.0) == "PONG" or None
-        except (OSError, ConnectionError, RedisReplyError):  # refused, LOADING
-            return None
+            self._not_running("redis")
+            self.redis.start(self.startup_timeout_s, detach=self.detach)
+            self.save()
 
     def start_sink(self) -> None:
         with self._lock:
-            proc = self._spawn("sink")
-            self._wait(proc, "writing stats", lambda: self.sink.stats() or None, 30.0)
+            self._not_running("sink")
+            self.sink.start(detach=self.detach)
+            self.save()
 
     def _start_proxy(self, i: int) -> None:
         proc = self._spawn(f"redis-proxy{i + 1}")
-        self._wait(proc, "listening", lambda: _port_open(proc.port), 30.0)
+        proc.wait_until("listening", lambda: _port_open(proc.port), 30.0)
 
     def start_replica(self, i: int | str, *, wait_ready: bool = True) -> int:
         """Start replica ``i`` again (same port, instance name, flags); return its pid."""
@@ -688,8 +469,8 @@ class Cluster:
         i = self.replica(i)
         proc = self.procs[self.names[i]]
         url = self.replica_urls[i] + "/readyz"
-        self._wait(proc, "ready", lambda: self.probe(url) == 200 or None,
-                   timeout or self.startup_timeout_s)  # fmt: skip
+        proc.wait_until("ready", lambda: self.probe(url) == 200 or None,
+                        timeout or self.startup_timeout_s)  # fmt: skip
 
     @staticmethod
     def probe(url: str, timeout: float = 1.0) -> int | None:
@@ -725,21 +506,18 @@ class Cluster:
                 return None
             return servers if all(servers.get(n) == "UP" for n in want) else None
 
-        return self._wait(proc, f"showing {', '.join(want)} UP", check, timeout)
+        return proc.wait_until(f"showing {', '.join(want)} UP", check, timeout)
 
     # -- fault hooks --------------------------------------------------------------------
 
     def in_flight(self, i: int | str) -> int | None:
         """Jobs in replica ``i``'s processing list right now (claimed, not yet acked or
         failed); None when Redis does not answer."""
-        i = self.replica(i)
+        key = self.keys.processing(self.names[self.replica(i)])
         try:
-            n = redis_command(
-                HOST, self.ports["redis"], "LLEN", self.keys.processing(self.names[i])
-            )
-        except (OSError, ConnectionError, RedisReplyError):
+            return redis_run(self.redis_url, lambda r: r.llen(key), timeout_s=2.0)
+        except Exception:  # refused, reset, LOADING, timed out: coredis's or the OS's
             return None
-        return int(n)
 
     def kill_replica(self, i: int | str, sig: int = signal.SIGKILL) -> int | None:
         """Send ``sig`` (SIGKILL: a crash) to replica ``i``; return the jobs it held just
@@ -775,6 +553,19 @@ class Cluster:
             if not proc.send(sig):
                 raise ClusterError("redis is not running")
             if not proc.wait(30.0):
+                proc.send(signal.SIGKILL)
+                proc.wait(10.0)
+            self.save()
+
+    def stop_sink(self) -> None:
+        """Stop the SMTP sink as an operator stops a mail server (SIGTERM: it records
+        what it answered 250 to, cuts open sessions and exits); new connections are
+        refused until ``start_sink`` starts it again on the same port."""
+        with self._lock:
+            proc = self.procs["sink"]
+            if not proc.send(signal.SIGTERM):
+                raise ClusterError("the sink is not running")
+            if not proc.wait(10.0):
                 proc.send(signal.SIGKILL)
                 proc.wait(10.0)
             self.save()
@@ -832,7 +623,7 @@ class Cluster:
             )
             if value is not None
         }
-        _write_atomic(self.sink.control, json.dumps(control).encode())
+        _write_atomic(self.sink_control, json.dumps(control).encode())
         if not wait:
             return control
         return self._wait_sink_faults(
@@ -846,7 +637,7 @@ class Cluster:
     def sink_clear(self, *, wait: bool = True) -> dict[str, Any]:
         """Remove the control file: the sink's own flags apply again."""
         with contextlib.suppress(FileNotFoundError):
-            self.sink.control.unlink()
+            self.sink_control.unlink()
         if not wait:
             return {}
         return self._wait_sink_faults(lambda f: f.get("source") == "flags")
@@ -858,18 +649,19 @@ class Cluster:
                 raise ClusterError(f"the sink refused its control file: {faults['error']}")
             return faults if ok(faults) else None
 
-        return self._wait(self.procs["sink"], "applying the fault control", check, 5.0)
+        return self.sink.child.wait_until("applying the fault control", check, 5.0)
 
     # -- status -------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         """What runs (pid or None), HAProxy's view of the replicas, Redis, the sink."""
         out: dict[str, Any] = {"run_dir": str(self.run_dir), "processes": self.pids}
+        balancer = self.procs.get("haproxy")
         try:
-            out["lb_servers"] = self.lb_servers() if self.procs["haproxy"].alive() else None
+            out["lb_servers"] = self.lb_servers() if balancer and balancer.alive() else None
         except (OSError, ClusterError) as exc:
             out["lb_servers"] = f"unknown ({exc})"
-        out["redis"] = "up" if self._redis_ready() else "down"
+        out["redis"] = "up" if self.redis.ping() else "down"
         out["in_flight"] = {n: self.in_flight(i) for i, n in enumerate(self.names)}
         stats = self.sink.stats()
         out["sink"] = {k: stats.get(k) for k in ("received", "duplicates", "refused", "faults")}
@@ -928,7 +720,7 @@ def _print_urls(c: Cluster) -> None:
         via = f", redis via {c.replica_redis_urls[i]}" if c.redis_proxies else ""
         print(f"  {name:<14} {c.replica_urls[i]}   (instance {name}{via})")
     print(f"  redis          {c.redis_url}   (AOF everysec, data {c.run_dir / 'redis'})")
-    print(f"  sink           {sink.url}   (log {sink.log}, control {sink.control})")
+    print(f"  sink           {sink.url}   (log {sink.log_file}, control {c.sink_control})")
     print(f"  logs           {c.logs}/")
     print(f"stop with: scripts/cluster down --run-dir {c.run_dir}")
 
@@ -966,7 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _command(args)
-    except ClusterError as exc:
+    except ChildError as exc:  # a ClusterError, or a process that did not start
         print(f"cluster: {exc}", file=sys.stderr)
         return 1
 
@@ -1019,7 +811,7 @@ def _command(args: argparse.Namespace) -> int:
     if cmd == "down":
         stopped = cluster.down()
         print(f"stopped {', '.join(stopped) if stopped else 'nothing (nothing was running)'}")
-        print(f"logs in {cluster.logs}/; sink log {cluster.sink.log}")
+        print(f"logs in {cluster.logs}/; sink log {cluster.sink.log_file}")
         print(f"state in {cluster.run_dir / STATE_FILE}")
         return 0
     if cmd in ("kill", "start", "sigterm", "cut"):

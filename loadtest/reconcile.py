@@ -24,6 +24,11 @@ DUPLICATING_KINDS = frozenset({"kill9"})
 KILL_KINDS = frozenset({"kill9", "sigterm"})
 # Slack added to lease_s for the recovery target (seconds).
 RECOVERY_SLACK_S = 5.0
+# Transport outages: no attempt may be spent on them (nothing dead-lettered), and delivery
+# must resume within the breaker's longest probe interval + this slack (seconds) of the
+# server's return.
+OUTAGE_KINDS = frozenset({"smtp-outage"})
+OUTAGE_SLACK_S = 2.0
 # Seconds before a fault whose delivered/s median is the baseline.
 BASELINE_WINDOW_S = 15
 # Rolling-mean width (seconds) and the fraction of baseline that counts as recovered.
@@ -49,6 +54,7 @@ class Meta:
     started_at: float
     ended_at: float | None = None
     lease_s: float | None = None
+    breaker_probe_max_s: float | None = None
     replicas: int | None = None
     cores: int | None = None
     host: str | None = None
@@ -177,6 +183,7 @@ def parse_meta(text: str) -> Meta:
         started_at=started_at,
         ended_at=_float(raw.get("ended_at")),
         lease_s=_float(raw.get("lease_s")),
+        breaker_probe_max_s=_float(raw.get("breaker_probe_max_s")),
         replicas=_int(raw.get("replicas")),
         cores=_int(raw.get("cores")),
         host=str(raw["host"]) if raw.get("host") is not None else None,
@@ -633,12 +640,27 @@ class FaultResult:
     duration_s: float | None  # None for instant faults (until null)
     delivery: Recovery
     ingest: Recovery
-    target_s: float | None  # lease_s + 5 for kill faults, else None
-    within_target: bool | None  # None: not a kill, no lease_s, or no baseline
+    # kills: lease_s + 5 (back to full throughput, from the fault's start); outages:
+    # probe max + 2 (first delivery, from the fault's end); else None
+    target_s: float | None
+    within_target: bool | None  # None: no target, or no baseline
+    resumed_s: float | None = None  # outages: first delivery after the end, from the end
+
+
+def resumed_after(delivered: Sequence[float], end_s: float) -> float | None:
+    """Seconds from ``end_s`` to the end of the first whole second after it with a
+    delivery (an upper bound at one-second resolution); None if none came."""
+    for s in range(max(0, math.floor(end_s)), len(delivered)):
+        if delivered[s] > 0:
+            return max(0.0, s + 1 - end_s)
+    return None
 
 
 def fault_results(
-    series: Series, faults: Sequence[Fault], lease_s: float | None
+    series: Series,
+    faults: Sequence[Fault],
+    lease_s: float | None,
+    probe_max_s: float | None = None,
 ) -> list[FaultResult]:
     loaded = series.loaded
     delivered = [float(x) for x in series.delivered]
@@ -654,8 +676,13 @@ def fault_results(
         within: bool | None = None
         if target is not None and delivery.status != "no baseline":
             within = delivery.recovery_s is not None and delivery.recovery_s <= target
+        resumed = None
+        if f.kind in OUTAGE_KINDS and probe_max_s is not None:
+            target = probe_max_s + OUTAGE_SLACK_S
+            resumed = resumed_after(delivered, end_s)
+            within = resumed is not None and resumed <= target
         duration = f.until - f.at if f.until is not None else None
-        results.append(FaultResult(f, at_s, duration, delivery, ingest, target, within))
+        results.append(FaultResult(f, at_s, duration, delivery, ingest, target, within, resumed))
     return results
 
 
@@ -767,13 +794,17 @@ def assemble(data: RunData) -> Report:
     rec = reconcile(data.accepted.accepted_at, counts, data.states, deliveries_without_id=no_id)
     budget = duplicate_budget(rec.extra_deliveries, data.faults)
     series = build_series(meta, data.accepted.accepted_at, data.sink.deliveries, data.history or ())
-    results = fault_results(series, data.faults, meta.lease_s)
+    results = fault_results(series, data.faults, meta.lease_s, meta.breaker_probe_max_s)
     latencies = e2e_latencies_ms(data.accepted.accepted_at, first_deliveries(data.sink.deliveries))
     summary = summarize(meta, series, latencies.values(), data.locust_stats)
 
     failures: list[str] = []
     if rec.lost:
         failures.append(f"{_plural(rec.lost, 'accepted message')} lost")
+    if rec.dead_lettered and any(f.kind in OUTAGE_KINDS for f in data.faults):
+        failures.append(
+            f"{_plural(rec.dead_lettered, 'message')} dead-lettered through a transport outage"
+        )
     if data.watchers is not None and data.watchers.order_violations:
         failures.append(f"{_plural(data.watchers.order_violations, 'watcher order violation')}")
 
@@ -794,7 +825,12 @@ def assemble(data: RunData) -> Report:
         warnings.append(f"{rec.pending} still pending at the end")
     for fr in results:
         if fr.within_target is False:
-            warnings.append(f"{fr.fault.name} missed the lease_s + {RECOVERY_SLACK_S:g} s target")
+            what = (
+                f"breaker probe max + {OUTAGE_SLACK_S:g} s"
+                if fr.fault.kind in OUTAGE_KINDS
+                else f"lease_s + {RECOVERY_SLACK_S:g} s"
+            )
+            warnings.append(f"{fr.fault.name} missed the {what} target")
     if data.accepted.repeated:
         warnings.append(f"{_plural(len(data.accepted.repeated), 'id')} answered 202 more than once")
 

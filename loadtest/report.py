@@ -17,6 +17,7 @@ from pathlib import Path
 
 from loadtest.reconcile import (
     BASELINE_WINDOW_S,
+    OUTAGE_SLACK_S,
     RECOVERED_FRACTION,
     RECOVERY_SLACK_S,
     ROLLING_WINDOW_S,
@@ -160,6 +161,8 @@ def _fault_row(fr: FaultResult) -> str:
     in_flight = str(f.in_flight) if f.in_flight is not None else NA
     duration = _s(fr.duration_s) if fr.duration_s is not None else "instant"
     target = NA if fr.target_s is None else f"{_yes_no(fr.within_target)} (≤ {fr.target_s:g} s)"
+    if fr.resumed_s is not None:
+        target += f"; resumed {fr.resumed_s:.0f} s after its end"
     return (
         f"| {f.name} | {f.kind} | {f.target or NA} | +{fr.at_s:.1f} s | {duration} | {in_flight} "
         f"| {_recovery(fr.delivery)} | {_recovery(fr.ingest)} | {target} |"
@@ -231,7 +234,8 @@ def render_markdown(report: Report) -> str:
         add("")
         add(
             "| fault | kind | target | at | duration | in-flight | delivery recovery "
-            f"| ingest recovery | within lease + {RECOVERY_SLACK_S:g} s? |"
+            f"| ingest recovery | target met? (kills: lease + {RECOVERY_SLACK_S:g} s; "
+            f"outages: resumed within probe max + {OUTAGE_SLACK_S:g} s) |"
         )
         add("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
         for fr in report.faults:

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -276,11 +277,12 @@ def phase_compare(
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(ref_dir)],
                        check=False, capture_output=True)  # fmt: skip
-    best_current, best_ref = max(current), max(ref)
+    # Medians, not the best: one lucky round on a noisy 2-core machine must not decide.
+    mid_current, mid_ref = statistics.median(current), statistics.median(ref)
     say(
         f"    this tree {[round(x) for x in current]}  {args.compare_ref} {[round(x) for x in ref]}"
     )
-    return {"current": best_current, "ref": best_ref, "ratio": best_current / best_ref,
+    return {"current": mid_current, "ref": mid_ref, "ratio": mid_current / mid_ref,
             "runs_current": current, "runs_ref": ref}  # fmt: skip
 
 
@@ -310,7 +312,7 @@ def main() -> None:
         help="also run the end-to-end phase on this commit (a git worktree), alternating "
         "with this tree, and report the ratio (e.g. a release tag or an earlier issue's commit)",
     )
-    parser.add_argument("--compare-rounds", type=int, default=2, help="alternations (default 2)")
+    parser.add_argument("--compare-rounds", type=int, default=3, help="alternations (default 3)")
     parser.add_argument(
         "--out", default=str(ROOT / "bench-results"), help="directory for the JSON result"
     )
@@ -374,8 +376,10 @@ def main() -> None:
     if compare is not None:
         table.append(
             f"| End to end, this tree vs `{args.compare_ref}` (msgs/s) | "
-            f"{compare['current']:,.0f} vs {compare['ref']:,.0f} | alternating runs, best of each | "
-            f"{compare['ratio']:.2f} × `{args.compare_ref}` | ≥ 0.90 |"
+            f"{compare['current']:,.0f} vs {compare['ref']:,.0f} | median of alternating runs: "
+            f"{', '.join(f'{x:,.0f}' for x in compare['runs_current'])} vs "
+            f"{', '.join(f'{x:,.0f}' for x in compare['runs_ref'])} | "
+            f"{compare['ratio']:.2f} × `{args.compare_ref}` | ≥ 0.97 |"
         )
     print("\n" + "\n".join(table) + "\n", flush=True)
     if ingest.non_2xx or batch.non_2xx:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.policy
 from email.header import decode_header, make_header
 from email.message import EmailMessage, MIMEPart
 from typing import Any
 
+from engine.errors import PermanentFailure
 from engine.models import Message
+from engine.transport import OutgoingMail
 from engine.transport.compose import compose
 
 JOB = "01J0000000000000000000ABCD"
@@ -45,6 +48,14 @@ def content(part: MIMEPart | None) -> str:
     text = part.get_content()
     assert isinstance(text, str)
     return text.replace("\r\n", "\n")
+
+
+def seven_bit(mail: OutgoingMail) -> OutgoingMail:
+    """What goes to a server that offers neither 8BITMIME nor SMTPUTF8."""
+    form = mail.for_server(set())
+    assert isinstance(form, OutgoingMail), form
+    assert not form.needs_8bitmime and not form.needs_smtputf8
+    return form
 
 
 def lines(data: bytes) -> list[bytes]:
@@ -124,16 +135,21 @@ def test_non_ascii_round_trip() -> None:
         headers=[("X-Note", "café")],
     )
     out = compose(JOB, msg, message_id_domain="d.example", now=NOW)
-    assert out.data.isascii(), "headers are encoded words and the body is QP: 7-bit clean"
-    parsed = parse(out.data)
-    assert parsed["Subject"] == subject
-    assert parsed["From"].addresses[0].display_name == "Jörg Müller"
-    assert parsed["From"].addresses[0].addr_spec == "joerg@example.de"
-    assert parsed["To"].addresses[0].display_name == "Zoë"
-    assert parsed["X-Note"] == "café"
-    assert parsed["Content-Transfer-Encoding"] == "quoted-printable"
-    assert content(parsed) == text
-    assert b"=?utf-8?" in out.data
+    assert (out.needs_8bitmime, out.needs_smtputf8) == (True, False)
+    seven = seven_bit(out)
+    assert seven.data.isascii(), "headers are encoded words and the body is QP: 7-bit clean"
+    assert out.data.partition(b"\r\n\r\n")[0].isascii(), "headers are encoded words in both"
+    for data, encoding in ((out.data, "8bit"), (seven.data, "quoted-printable")):
+        parsed = parse(data)
+        assert parsed["Subject"] == subject
+        assert parsed["From"].addresses[0].display_name == "Jörg Müller"
+        assert parsed["From"].addresses[0].addr_spec == "joerg@example.de"
+        assert parsed["To"].addresses[0].display_name == "Zoë"
+        assert parsed["X-Note"] == "café"
+        assert parsed["Content-Transfer-Encoding"] == encoding
+        assert content(parsed) == text
+        assert b"=?utf-8?" in data
+    assert "Liebe Grüße,\r\nJörg ☕\r\n".encode() in out.data
 
 
 def test_display_names_with_specials_are_quoted() -> None:
@@ -230,3 +246,148 @@ def test_long_non_ascii_display_name() -> None:
 def test_empty_subject() -> None:
     parsed = parse(compose(JOB, make(subject=""), message_id_domain="d.example", now=NOW).data)
     assert parsed["Subject"] == ""
+
+
+# -- 8bit bodies and internationalised addresses (RFC 6152, 6531, 6532) ------------------
+
+
+def utf8_parse(data: bytes) -> EmailMessage:
+    """Parse a message whose headers may be UTF-8 (RFC 6532): email's bytes parser
+    would keep them as surrogate escapes."""
+    msg = email.message_from_string(data.decode("utf-8"), policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    return msg
+
+
+def test_ascii_mail_has_no_fallback() -> None:
+    out = compose(JOB, make(text="plain\n", html="<p>plain</p>"), message_id_domain="d", now=NOW)
+    assert (out.needs_8bitmime, out.needs_smtputf8, out.fallback) == (False, False, None)
+    assert out.for_server(set()) is out
+    assert out.data_for(set()) is out.data
+
+
+def test_8bit_fallback_changes_only_the_8bit_part() -> None:
+    msg = make(text="plain ascii\n", html="<p>Grüße</p>")
+    out = compose(JOB, msg, message_id_domain="d.example", now=NOW)
+    assert out.needs_8bitmime and not out.needs_smtputf8
+    assert out.for_server({"8BITMIME"}) is out
+    seven = seven_bit(out)
+    assert out.fallback is not None and out.fallback.head is None
+    assert seven.data[: out.fallback.split] == out.data[: out.fallback.split]
+    for data, html_encoding in ((out.data, "8bit"), (seven.data, "quoted-printable")):
+        plain, html = parse(data).iter_parts()
+        assert plain["Content-Transfer-Encoding"] == "7bit"
+        assert html["Content-Transfer-Encoding"] == html_encoding
+        assert content(html) == "<p>Grüße</p>\n"
+    assert out.data_for(set()) == seven.data
+    assert out.data_for({"8BITMIME"}) is out.data
+
+
+def test_long_8bit_line_is_quoted_printable_even_with_8bitmime() -> None:
+    # RFC 5322 2.1.1: 998 octets, not characters: 500 two-octet characters are too long.
+    out = compose(JOB, make(text="ü" * 500), message_id_domain="d.example", now=NOW)
+    assert not out.needs_8bitmime and out.fallback is None
+    assert out.data.isascii()
+    parsed = parse(out.data)
+    assert parsed["Content-Transfer-Encoding"] == "quoted-printable"
+    assert content(parsed) == "ü" * 500 + "\n"
+    fits = compose(JOB, make(text="ü" * 499), message_id_domain="d.example", now=NOW)
+    assert fits.needs_8bitmime
+    assert max(len(line) for line in lines(fits.data)) == 998
+
+
+def test_nul_is_never_sent_as_7bit_or_8bit() -> None:
+    for text in ("nul \0 here\n", "nül \0 here\n"):
+        out = compose(JOB, make(text=text), message_id_domain="d.example", now=NOW)
+        assert out.data.isascii() and b"\0" not in out.data
+        assert content(parse(out.data)) == text
+
+
+def test_idn_domains_utf8_with_smtputf8_a_labels_without() -> None:
+    msg = make(
+        sender="Jörg <joerg@bücher.example>",
+        to=["Zoë <zoe@例え.jp>", "plain@example.com"],
+        reply_to=["help@bücher.example"],
+        bcc=["audit@münchen.de"],
+        text="ascii body\n",
+    )
+    out = compose(JOB, msg, message_id_domain="d.example", now=NOW)
+    assert out.needs_smtputf8 and not out.needs_8bitmime
+    assert out.sender == "joerg@bücher.example"
+    assert out.recipients == ["zoe@例え.jp", "plain@example.com", "audit@münchen.de"]
+    best = utf8_parse(out.data)
+    assert best["From"].addresses[0].addr_spec == "joerg@bücher.example"
+    assert best["To"].addresses[0].addr_spec == "zoe@例え.jp"
+    assert out.data.startswith(b"From: =?utf-8?"), "display names stay encoded words"
+    # With SMTPUTF8 (which implies 8BITMIME) the mail goes as it is.
+    assert out.for_server({"8BITMIME", "SMTPUTF8"}) is out
+    for extensions in (set(), {"8BITMIME"}):
+        seven = out.for_server(extensions)
+        assert isinstance(seven, OutgoingMail) and seven.data.isascii()
+        assert not seven.needs_smtputf8
+        assert seven.sender == "joerg@xn--bcher-kva.example"
+        assert seven.recipients == [
+            "zoe@xn--r8jz45g.jp",
+            "plain@example.com",
+            "audit@xn--mnchen-3ya.de",
+        ]
+        parsed = parse(seven.data)
+        assert parsed["From"].addresses[0].display_name == "Jörg"
+        assert parsed["From"].addresses[0].addr_spec == "joerg@xn--bcher-kva.example"
+        assert [a.addr_spec for a in parsed["To"].addresses] == [
+            "zoe@xn--r8jz45g.jp",
+            "plain@example.com",
+        ]
+        assert parsed["Reply-To"] == "help@xn--bcher-kva.example"
+        assert content(parsed) == "ascii body\n"
+        assert b"audit" not in seven.data
+
+
+def test_idn_only_in_bcc_keeps_the_headers() -> None:
+    out = compose(JOB, make(bcc=["audit@münchen.de"]), message_id_domain="d.example", now=NOW)
+    assert out.needs_smtputf8 and out.data.isascii()
+    assert out.fallback is not None and out.fallback.head is None
+    seven = seven_bit(out)
+    assert seven.data == out.data
+    assert seven.recipients == ["bob@example.com", "audit@xn--mnchen-3ya.de"]
+
+
+def test_idn_and_8bit_body_each_fall_back_on_its_own() -> None:
+    msg = make(to=["zoe@bücher.example"], text="Grüße\n")
+    out = compose(JOB, msg, message_id_domain="d.example", now=NOW)
+    assert out.needs_8bitmime and out.needs_smtputf8
+    only_8bit = out.for_server({"8BITMIME"})
+    assert isinstance(only_8bit, OutgoingMail)
+    assert (only_8bit.needs_8bitmime, only_8bit.needs_smtputf8) == (True, False)
+    assert only_8bit.recipients == ["zoe@xn--bcher-kva.example"]
+    head, _, body = only_8bit.data.partition(b"\r\n\r\n")
+    assert head.isascii() and "Grüße".encode() in body
+    assert parse(only_8bit.data)["To"] == "zoe@xn--bcher-kva.example"
+    assert content(parse(only_8bit.data)) == "Grüße\n"
+    seven = seven_bit(out)
+    assert seven.data.isascii() and content(parse(seven.data)) == "Grüße\n"
+
+
+def test_non_ascii_local_part_needs_smtputf8() -> None:
+    msg = make(to=["Ünal <ünal@example.com>", "bob@bücher.example"], text="Grüße\n")
+    out = compose(JOB, msg, message_id_domain="d.example", now=NOW)
+    assert out.needs_smtputf8
+    assert out.for_server({"8BITMIME", "SMTPUTF8"}) is out
+    assert utf8_parse(out.data)["To"].addresses[0].addr_spec == "ünal@example.com"
+    for extensions in (set(), {"8BITMIME"}):
+        refused = out.for_server(extensions)
+        assert isinstance(refused, PermanentFailure)
+        assert str(refused) == (
+            "the server does not offer SMTPUTF8; "
+            "the address <ünal@example.com> has a non-ASCII local part"
+        )
+
+
+def test_fallback_follows_a_narrowed_recipient_list() -> None:
+    # A retry after a partial delivery replaces the recipients (engine/sender/pool.py).
+    out = compose(
+        JOB, make(to=["a@bücher.example", "b@münchen.de"]), message_id_domain="d", now=NOW
+    )
+    retry = dataclasses.replace(out, recipients=["b@münchen.de"])
+    seven = seven_bit(retry)
+    assert seven.recipients == ["b@xn--mnchen-3ya.de"]

@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from engine.errors import PermanentFailure, TemporaryFailure, TransportError
+from engine.errors import PermanentFailure, TemporaryFailure, TransportError, TransportUnavailable
 from engine.transport import MemoryTransport, OutgoingMail, SendOutcome, SendResult, Transport
 
 
@@ -151,3 +151,26 @@ async def test_send_many_on_closed_transport_fails_every_mail() -> None:
     assert [m for m, _ in outcomes] == mails
     assert all(isinstance(o, TemporaryFailure) for _, o in outcomes)
     assert transport.attempts == []
+
+
+async def test_transport_unavailable_ends_the_batch_untried() -> None:
+    """As over SMTP: after a TransportUnavailable no later mail of the batch is tried."""
+    transport = MemoryTransport()
+    transport.script(SendResult(250, "ok"), TransportUnavailable("connect: refused"))
+    outcomes = await collect(transport, [mail(f"J{i}") for i in range(4)])
+    assert [type(o).__name__ for _, o in outcomes] == [
+        "SendResult",
+        "TransportUnavailable",
+        "TransportUnavailable",
+        "TransportUnavailable",
+    ]
+    assert str(outcomes[2][1]) == "not tried: connect: refused"
+    assert [m.job_id for m in transport.attempts] == ["J0", "J1"]
+
+
+async def test_serve_starts_and_runs_until_cancelled() -> None:
+    transport: Transport = MemoryTransport()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(transport.serve)
+        assert isinstance(await send_one(transport, mail()), SendResult)
+        nursery.cancel_scope.cancel()

@@ -7,7 +7,16 @@ import pytest
 
 from engine.api.ingest import error_field
 from engine.errors import ValidationError
-from engine.models import BatchIn, Message, MessageIn, bare_address, ms_to_iso, normalize
+from engine.models import (
+    BatchIn,
+    Message,
+    MessageIn,
+    ascii_domain,
+    bare_address,
+    check_address,
+    ms_to_iso,
+    normalize,
+)
 
 
 def _norm(**body: object) -> Message:
@@ -109,3 +118,71 @@ def test_helpers() -> None:
     assert bare_address("Ann <a@b.co>") == "a@b.co"
     assert bare_address("a@b.co") == "a@b.co"
     assert ms_to_iso(0) == "1970-01-01T00:00:00.000Z"
+
+
+# -- internationalised addresses (RFC 6531 local parts, IDNA 2008 domains) ---------------
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        ("ünal@example.com", "ünal@example.com"),
+        ("用户@例子.广告", "用户@例子.广告"),
+        ("Jörg <jörg@münchen.de>", "Jörg <jörg@münchen.de>"),
+        # U-labels are stored in canonical form (UTS 46 mapping folds case); A-labels as given.
+        ("ann@MÜNCHEN.DE", "ann@münchen.de"),
+        ("Ann <ann@Bücher.Example>", "Ann <ann@bücher.example>"),
+        ("ann@xn--mnchen-3ya.de", "ann@xn--mnchen-3ya.de"),
+        ("ANN@EXAMPLE.COM", "ANN@EXAMPLE.COM"),
+        ("δοκιμή@παράδειγμα.δοκιμή", "δοκιμή@παράδειγμα.δοκιμή"),
+    ],
+)
+def test_international_addresses_are_accepted(given: str, stored: str) -> None:
+    assert check_address("to", given) == stored
+    assert _norm(to=given).to == [stored]
+
+
+@pytest.mark.parametrize(
+    ("address", "complaint"),
+    [
+        ("ü@exa_mple.de", "not a valid email address"),  # "_" is no hostname character
+        ("a@ü_b.de", "bad IDNA 2008 domain"),
+        ("a@xn--zz.de", "bad IDNA 2008 domain"),  # not Punycode
+        ("a@xn--a.de", "bad IDNA 2008 domain"),  # Punycode of a control character
+        ("a@-ü.de", "bad IDNA 2008 domain"),
+        ("a@ü..de", "bad IDNA 2008 domain"),
+        ("a@ü.de.", "not a valid email address"),
+        ("a@" + "ü" * 64 + ".de", "bad IDNA 2008 domain"),  # label over 63 octets as A-label
+        ("ü@" + "a" * 250 + ".de", "not a valid email address"),  # over 254 characters
+        ("ü" * 33 + "@example.com", "longer than 64 octets"),  # 66 octets, 33 characters
+        ("a\u200db@example.com", "U+200D may not appear"),  # zero-width joiner
+        ("a\u202eb@example.com", "U+202E may not appear"),  # bidi override
+        ("a\u00a0b@example.com", "U+00A0 may not appear"),  # no-break space
+        ("a\u0085b@example.com", "U+0085 may not appear"),  # C1 control (NEL)
+        ("u\u0308nal@example.com", "not in Unicode normalization form NFC"),
+        ("ü..x@example.com", "not a valid email address"),
+        (".ü@example.com", "not a valid email address"),
+        ("ü@", "not a valid email address"),
+        ("ü", "not a valid email address"),
+        ("Ann <ü b@example.com>", "not a valid email address"),
+    ],
+)
+def test_bad_international_addresses_are_refused(address: str, complaint: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        check_address("to", address)
+    assert complaint in info.value.detail
+    assert info.value.field == "to"
+
+
+def test_address_length_is_capped_before_parsing() -> None:
+    with pytest.raises(ValidationError) as info:
+        check_address("to", " " * 5000 + "a@example.com")
+    assert "at most 998 characters" in info.value.detail
+
+
+def test_ascii_domain() -> None:
+    assert ascii_domain("example.com") == "example.com"
+    assert ascii_domain("münchen.de") == "xn--mnchen-3ya.de"
+    assert ascii_domain("MÜNCHEN.de") == "xn--mnchen-3ya.de"
+    with pytest.raises(UnicodeError):
+        ascii_domain("ü_b.de")

@@ -20,7 +20,7 @@ import pytest
 import trustme
 
 from engine.config import SmtpSettings
-from engine.errors import PermanentFailure
+from engine.errors import TransportUnavailable
 from engine.transport.base import OutgoingMail, SendResult
 from engine.transport.smtp import SmtpPool
 from fixtures.postfix import PostfixServer
@@ -353,7 +353,7 @@ async def test_engine_pool_delivers_through_postfix(server: PostfixServer, smtps
     assert got[f"relayed-{smtps}"] == "dave@elsewhere.test"
 
 
-async def test_engine_default_helo_name_is_refused_by_strict_postfix(
+async def test_a_non_fqdn_helo_name_is_a_transport_failure_at_strict_postfix(
     server: PostfixServer,
 ) -> None:
     settings = SmtpSettings(tls_ca_file=str(server.ca_pem), helo_name="localhost")
@@ -363,6 +363,7 @@ async def test_engine_default_helo_name_is_refused_by_strict_postfix(
             [(_, outcome)] = [item async for item in outcomes]
     finally:
         await pool.aclose()
-    assert isinstance(outcome, PermanentFailure)
+    # The server refuses us, not the message: no attempt is spent, the breaker opens.
+    assert isinstance(outcome, TransportUnavailable)
     assert outcome.code == 504
-    assert "need fully-qualified hostname" in str(outcome)
+    assert "need fully-qualified hostname" in str(outcome) and "smtp.helo_name" in str(outcome)

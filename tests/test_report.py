@@ -524,3 +524,12 @@ def test_cli_help_and_public_surface() -> None:
     assert {"build_report", "write_report", "Report", "InputError", "main"} <= set(
         report_module.__all__
     )
+
+
+def test_outage_resume_is_measured_from_the_fault_end() -> None:
+    from loadtest.reconcile import resumed_after
+
+    delivered = [5.0, 5.0, 0.0, 0.0, 0.0, 0.0, 3.0, 5.0]
+    # The server came back at 3.4 s; the first delivery fell in second 6: at most 3.6 s.
+    assert resumed_after(delivered, 3.4) == pytest.approx(3.6)
+    assert resumed_after(delivered[:6], 3.4) is None

@@ -7,12 +7,14 @@ client against it and assert on what the server received and on ``statistics()``
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import socket
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,16 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
+from engine import cli
 from engine.config import SmtpSettings
-from engine.errors import ConfigError, PermanentFailure, TemporaryFailure, TransportError
+from engine.embedded import RedisServer
+from engine.errors import (
+    ConfigError,
+    PermanentFailure,
+    TemporaryFailure,
+    TransportError,
+    TransportUnavailable,
+)
 from engine.models import Message
 from engine.transport import OutgoingMail, SendOutcome, SendResult, SmtpPool, Transport, compose
 from engine.transport.smtp import (
@@ -32,6 +42,7 @@ from engine.transport.smtp import (
     SmtpConnection,
     SmtpProtocolError,
     SmtpUrl,
+    helo_name_for,
 )
 
 HOST = "127.0.0.1"
@@ -365,9 +376,14 @@ async def test_starttls_untrusted_certificate_fails(
 ) -> None:
     server = start_server(tls_context=server_tls, require_starttls=True)
     pool = pools(server.url())
-    with pytest.raises(TemporaryFailure) as info:
+    with pytest.raises(TransportUnavailable) as info:
         await send_one(pool, mail())
     assert info.value.code is None
+    assert str(info.value) == (
+        f"STARTTLS to {HOST}:{server.port}: certificate verify failed: unable to get local "
+        "issuer certificate (set smtp.tls_ca_file to your CA, or check the server's "
+        "certificate)"
+    )
     assert server.handler.received == []
     assert pool.statistics().open == 0
 
@@ -385,8 +401,11 @@ async def test_starttls_require_refuses_plain_server(
     server: Server, pools: Callable[..., SmtpPool]
 ) -> None:
     pool = pools(server.url(), starttls="require")
-    with pytest.raises(TemporaryFailure, match="STARTTLS"):
+    with pytest.raises(TransportUnavailable) as info:
         await send_one(pool, mail())
+    assert str(info.value) == (
+        f'{HOST}:{server.port} does not offer STARTTLS, and smtp.starttls is "require"'
+    )
     assert server.handler.received == []
 
 
@@ -437,15 +456,19 @@ async def test_auth_login_without_tls(
     assert len(handler.received) == 1
 
 
-async def test_auth_bad_credentials_is_temporary(
+async def test_auth_bad_credentials_is_transport_unavailable(
     start_server: Callable[..., Server], pools: Callable[..., SmtpPool]
 ) -> None:
     handler = Handler()
     server = start_server(handler, authenticator=authenticator(handler), auth_require_tls=False)
     pool = pools(server.url(userinfo="us%40r:wrong@"), starttls="never")
-    with pytest.raises(TemporaryFailure) as info:
+    with pytest.raises(TransportUnavailable) as info:
         await send_one(pool, mail())
     assert info.value.code == 535
+    assert str(info.value) == (
+        f"AUTH PLAIN as 'us@r' to {HOST}:{server.port}: 535 5.7.8 Authentication "
+        "credentials invalid (check the user and password in smtp.url)"
+    )
     assert handler.received == []
     assert pool.statistics().open == 0
 
@@ -563,15 +586,11 @@ async def test_server_drops_connection_mid_transaction(
 
 
 @pytest.mark.parametrize("pipelining", [True, False])
-async def test_idle_connection_closed_by_server_is_retried_transparently(
-    start_server: Callable[..., Server],
-    pools: Callable[..., SmtpPool],
-    caplog: pytest.LogCaptureFixture,
-    pipelining: bool,
+async def test_idle_connection_closed_by_server_is_replaced_at_checkout(
+    start_server: Callable[..., Server], pools: Callable[..., SmtpPool], pipelining: bool
 ) -> None:
-    caplog.set_level(logging.INFO, logger="engine.transport.smtp")
     server = start_server(Handler(pipelining=pipelining))
-    pool = pools(server.url(), starttls="never")
+    pool = pools(server.url(), starttls="never")  # serve() not running: checked at checkout
     await send_one(pool, mail(job_id="J1"))
     server.close_all_connections()
     await trio.sleep(0.2)  # let the FIN arrive
@@ -579,8 +598,8 @@ async def test_idle_connection_closed_by_server_is_retried_transparently(
     assert result.code == 250
     assert len(server.handler.received) == 2
     stats = pool.statistics()
-    assert (stats.connects, stats.open, stats.sends) == (2, 1, 2)
-    assert "smtp.send_many.stale_retry" in caplog.text
+    assert (stats.connects, stats.open, stats.sends, stats.stale) == (2, 1, 2, 1)
+    assert (stats.resent, stats.idle_closed) == (0, 0), "seen before anything was sent on it"
 
 
 async def test_command_timeout(
@@ -786,29 +805,20 @@ async def test_send_many_connection_failure_mid_batch(
     mails = batch(8)
     outcomes = await collect(pool.send_many(mails))
     assert [m for m, _ in outcomes] == mails, "each mail exactly once, in order"
-    assert all(isinstance(o, SendResult) for _, o in outcomes[:3])
-    for _, o in outcomes[3:]:
-        assert isinstance(o, ConnectionDropped)
-        assert o.code is None
-    # The content of J003 went out, so the server may have taken it; the rest never did.
+    # The content of J003 went out, so the server may have taken it: a failure of that
+    # message. The ones behind it never reached the server: sent over a new connection.
     in_flight = outcomes[3][1]
     assert isinstance(in_flight, ConnectionDropped) and not in_flight.before_reply
-    assert all(isinstance(o, ConnectionDropped) and o.before_reply for _, o in outcomes[4:])
+    assert in_flight.code is None
     if failure == "timeout":
         assert "0.3" in str(in_flight)
+    assert all(isinstance(o, SendResult) for _, o in outcomes[:3] + outcomes[4:])
     # (A stalled server may still record J003 after we gave up on it.)
     received = [r.rcpt_tos for r in handler.received if r.rcpt_tos != ["r3@example.com"]]
-    assert received == [m.recipients for m in mails[:3]]
-    stats = pool.statistics()
-    assert (stats.open, stats.in_use, stats.sends) == (0, 0, 3), "broken connection dropped"
-    # The pool recovers: the unsent mails go over a new connection.
-    handler.drop_at_data_for = handler.stall_at_data_for = None
-    handler.stall_at_data_s = 0.0
-    again = await collect(pool.send_many(mails[4:]))
-    assert all(isinstance(o, SendResult) for _, o in again)
-    assert pool.statistics().connects == 2
-    received = [r.rcpt_tos for r in handler.received if r.rcpt_tos != ["r3@example.com"]]
     assert received == [m.recipients for m in mails[:3] + mails[4:]]
+    stats = pool.statistics()
+    assert (stats.connects, stats.open, stats.in_use) == (2, 1, 0), "broken one dropped"
+    assert (stats.sends, stats.resent, stats.stale) == (7, 4, 0)
 
 
 @pytest.mark.parametrize("pipelining", [True, False])
@@ -902,8 +912,10 @@ async def test_send_many_retries_stale_idle_connection(
     assert all(isinstance(o, SendResult) for _, o in outcomes[1:])
     assert len(server.handler.received) == 4
     stats = pool.statistics()
-    assert (stats.connects, stats.open, stats.sends) == (2, 1, 4)
-    assert "smtp.send_many.stale_retry" in caplog.text
+    assert (stats.connects, stats.open, stats.sends, stats.stale) == (2, 1, 4, 1)
+    # Found closed at checkout (one poll): the stale retry at the first reply is for a
+    # server that closes as we send (test_stale_421_as_first_reply_is_resent).
+    assert "smtp.send_many.stale_retry" not in caplog.text
 
 
 async def test_send_many_of_one_is_send(
@@ -938,13 +950,535 @@ async def test_send_many_connect_failure_and_closed_pool(
     mails = batch(3)
     outcomes = await collect(dead.send_many(mails))
     assert [m for m, _ in outcomes] == mails
-    assert all(isinstance(o, TemporaryFailure) and o.code is None for _, o in outcomes)
+    assert all(isinstance(o, TransportUnavailable) and o.code is None for _, o in outcomes)
     assert dead.statistics().open == 0
     pool = pools(server.url(), starttls="never")
     await pool.aclose()
     outcomes = await collect(pool.send_many(mails))
-    assert all(isinstance(o, TemporaryFailure) for _, o in outcomes)
+    assert all(isinstance(o, TransportUnavailable) for _, o in outcomes)
     assert server.handler.received == []
+
+
+# -- a scripted server: what aiosmtpd cannot be made to do ------------------------------
+
+
+@dataclass
+class Scripted:
+    """A raw SMTP server in the test's own trio run, answering from a script.
+
+    ``answers[(connection, verb, transaction)]`` overrides the answer to that command
+    (connections and transactions count from 0; verbs: GREETING, EHLO, HELO, MAIL, RCPT,
+    DATA, "." for the final reply, RSET, QUIT); ``always[verb]`` for every connection.
+    An answer of None hangs up without one; after a 421 the server hangs up too.
+    """
+
+    greeting: str | None = "220 scripted.test ESMTP"  # None: silent, like an implicit-TLS port
+    extensions: tuple[str, ...] = ("PIPELINING",)
+    answers: dict[tuple[int, str, int], str | None] = field(default_factory=dict)
+    always: dict[str, str | None] = field(default_factory=dict)
+    port: int = 0
+    connections: int = 0
+    log: list[tuple[int, str]] = field(default_factory=list)  # (connection, command)
+    delivered: list[tuple[int, bytes]] = field(default_factory=list)
+
+    def commands(self, verb: str) -> list[tuple[int, str]]:
+        return [(c, line) for c, line in self.log if line[:4].upper().startswith(verb)]
+
+    def _answer(self, conn: int, verb: str, txn: int, default: str | None) -> str | None:
+        if (conn, verb, txn) in self.answers:
+            return self.answers[(conn, verb, txn)]
+        return self.always.get(verb, default)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        conn, self.connections = self.connections, self.connections + 1
+        buf = bytearray()
+
+        async def until(end: bytes) -> bytes | None:
+            while end not in buf:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return None
+                buf.extend(data)
+            cut = buf.index(end) + len(end)
+            got = bytes(buf[:cut])
+            del buf[:cut]
+            return got
+
+        try:
+            answer = self._answer(conn, "GREETING", 0, self.greeting)
+            if answer is None:
+                await trio.sleep_forever()
+            await stream.send_all(answer.encode() + b"\r\n")
+            txn = 0
+            while True:
+                raw = await until(b"\r\n")
+                if raw is None:
+                    return
+                line = raw.decode().rstrip("\r\n")
+                self.log.append((conn, line))
+                verb = line[:4].upper().strip()
+                ehlo = "\r\n".join(f"250-{x}" for x in ("scripted.test", *self.extensions))
+                default = {"EHLO": ehlo + "\r\n250 HELP", "DATA": "354 go ahead"}
+                default["QUIT"] = "221 bye"
+                answer = self._answer(conn, verb, txn, default.get(verb, "250 OK"))
+                if verb == "DATA" and answer is not None and answer.startswith("354"):
+                    await stream.send_all(answer.encode() + b"\r\n")
+                    buf[:0] = b"\r\n"  # the content may be empty: "." right away
+                    content = await until(b"\r\n.\r\n")
+                    if content is None:
+                        return
+                    content = content[2:]
+                    verb, txn = ".", txn + 1
+                    answer = self._answer(conn, ".", txn - 1, "250 2.0.0 Ok: queued")
+                    if answer is not None and answer.startswith("250"):
+                        self.delivered.append((conn, content))
+                if answer is None:
+                    return
+                await stream.send_all(answer.encode() + b"\r\n")
+                if answer.startswith("421") or verb == "QUIT":
+                    # Read what the client had pipelined, so closing sends FIN, not RST.
+                    with trio.move_on_after(0.05):
+                        while await stream.receive_some(65536):
+                            pass
+                    return
+        except trio.BrokenResourceError:
+            return
+        finally:
+            await trio.aclose_forcefully(stream)
+
+
+@pytest.fixture
+async def scripted(nursery: trio.Nursery) -> Callable[..., Awaitable[Scripted]]:
+    async def start(**kwargs: Any) -> Scripted:
+        server = Scripted(**kwargs)
+        serve = partial(trio.serve_tcp, server.handle, 0, host=HOST)
+        listeners = await nursery.start(serve)
+        server.port = listeners[0].socket.getsockname()[1]
+        return server
+
+    return start
+
+
+def url_of(server: Scripted, scheme: str = "smtp") -> str:
+    return f"{scheme}://{HOST}:{server.port}"
+
+
+PIPELINING = pytest.mark.parametrize(
+    "extensions", [("PIPELINING",), ()], ids=["pipelining", "one-by-one"]
+)
+
+
+# -- the transport's failures are not the messages' ---------------------------------------
+
+
+def unavailable(outcomes: list[SendOutcome]) -> list[TransportUnavailable]:
+    """The outcomes, each asserted to be TransportUnavailable."""
+    found = [o for _, o in outcomes]
+    assert all(isinstance(o, TransportUnavailable) for o in found), kinds(outcomes)
+    return found  # type: ignore[return-value]
+
+
+async def test_refused_connection_is_transport_unavailable(
+    pools: Callable[..., SmtpPool],
+) -> None:
+    port = free_port()
+    pool = pools(f"smtp://{HOST}:{port}")
+    outcomes = await collect(pool.send_many(batch(3)))
+    assert [m.job_id for m, _ in outcomes] == ["J000", "J001", "J002"]
+    failures = unavailable(outcomes)
+    assert str(failures[0]) == f"connect to {HOST}:{port}: connection refused"
+    assert pool.statistics().connects == 0
+
+
+async def test_refusing_greeting_is_transport_unavailable(
+    scripted: Callable[..., Awaitable[Scripted]], pools: Callable[..., SmtpPool]
+) -> None:
+    server = await scripted(greeting="421 4.3.2 scripted.test busy, come back later")
+    outcomes = await collect(pools(url_of(server)).send_many(batch(2)))
+    [first, _] = unavailable(outcomes)
+    assert first.code == 421
+    assert str(first) == (
+        f"greeting from {HOST}:{server.port}: 421 4.3.2 scripted.test busy, come back later"
+    )
+
+
+async def test_ehlo_and_helo_refused_names_the_setting(
+    scripted: Callable[..., Awaitable[Scripted]], pools: Callable[..., SmtpPool]
+) -> None:
+    refusal = "504 5.5.2 <localhost>: Helo command rejected: need fully-qualified hostname"
+    server = await scripted(always={"EHLO": refusal, "HELO": refusal})
+    outcomes = await collect(pools(url_of(server)).send_many(batch(2)))
+    [first, _] = unavailable(outcomes)
+    assert first.code == 504
+    assert str(first) == (
+        f"EHLO and HELO localhost to {HOST}:{server.port}: {refusal} (set smtp.helo_name "
+        "(ENGINE_SMTP__HELO_NAME) to this machine's fully-qualified name)"
+    )
+
+
+async def test_421_to_ehlo_sends_no_helo(
+    scripted: Callable[..., Awaitable[Scripted]], pools: Callable[..., SmtpPool]
+) -> None:
+    server = await scripted(always={"EHLO": "421 4.7.0 scripted.test closing"})
+    [(_, outcome)] = await collect(pools(url_of(server)).send_many(batch(1)))
+    assert isinstance(outcome, TransportUnavailable) and outcome.code == 421
+    assert "set smtp.helo_name" not in str(outcome)
+    assert server.commands("HELO") == []
+
+
+@PIPELINING
+async def test_helo_refused_at_rcpt_is_transport_unavailable_for_the_batch(
+    scripted: Callable[..., Awaitable[Scripted]],
+    pools: Callable[..., SmtpPool],
+    extensions: tuple[str, ...],
+) -> None:
+    """Postfix checks the HELO name at RCPT (smtpd_delay_reject): about us, every mail."""
+    refusal = "504 5.5.2 <localhost>: Helo command rejected: need fully-qualified hostname"
+    server = await scripted(extensions=extensions, always={"RCPT": refusal})
+    pool = pools(url_of(server))
+    outcomes = await collect(pool.send_many(batch(3)))
+    [first, *rest] = unavailable(outcomes)
+    assert first.code == 504
+    assert str(first).endswith(
+        f"{refusal} (set smtp.helo_name (ENGINE_SMTP__HELO_NAME) to this machine's "
+        "fully-qualified name)"
+    )
+    assert all(str(r).startswith("not tried: ") and r.code == 504 for r in rest)
+    assert len(server.commands("MAIL")) == 1, "the batch stopped at the first refusal"
+    assert pool.statistics().open == 0
+
+
+async def test_530_at_mail_from_is_transport_unavailable(
+    scripted: Callable[..., Awaitable[Scripted]], pools: Callable[..., SmtpPool]
+) -> None:
+    server = await scripted(always={"MAIL": "530 5.7.0 Must issue a STARTTLS command first"})
+    outcomes = await collect(pools(url_of(server)).send_many(batch(2)))
+    [first, _] = unavailable(outcomes)
+    assert "530 5.7.0 Must issue a STARTTLS command first (the server wants AUTH or TLS" in str(
+        first
+    )
+
+
+@PIPELINING
+async def test_stale_421_as_first_reply_is_resent(
+    scripted: Callable[..., Awaitable[Scripted]],
+    pools: Callable[..., SmtpPool],
+    caplog: pytest.LogCaptureFixture,
+    extensions: tuple[str, ...],
+) -> None:
+    """The server's idle-timeout 421 crosses our MAIL FROM on a reused connection: it
+    saw nothing of ours, so the batch goes over a new connection, with no outcome lost."""
+    caplog.set_level(logging.INFO, logger="engine.transport.smtp")
+    timeout = "421 4.4.2 scripted.test Error: timeout exceeded"
+    server = await scripted(extensions=extensions, answers={(0, "MAIL", 1): timeout})
+    pool = pools(url_of(server))
+    await send_one(pool, mail(job_id="J"))
+    outcomes = await collect(pool.send_many(batch(3)))
+    assert kinds(outcomes) == [(f"J00{i}", "SendResult", 250) for i in range(3)]
+    assert [c for c, _ in server.delivered] == [0, 1, 1, 1]
+    stats = pool.statistics()
+    assert (stats.connects, stats.stale, stats.resent, stats.sends) == (2, 1, 3, 4)
+    assert "smtp.send_many.stale_retry job=J000 unsent=3 error=421 4.4.2" in caplog.text
+
+
+@PIPELINING
+@pytest.mark.parametrize("where", [".", "RCPT"])
+async def test_421_mid_batch_fails_that_mail_and_resends_the_rest(
+    scripted: Callable[..., Awaitable[Scripted]],
+    pools: Callable[..., SmtpPool],
+    extensions: tuple[str, ...],
+    where: str,
+) -> None:
+    """A 421 answering a mail's own transaction is that mail's (temporary) failure; the
+    server hangs up, so the connection is not pooled and the rest go over a new one."""
+    server = await scripted(extensions=extensions, answers={(0, where, 1): "421 4.3.0 bye"})
+    pool = pools(url_of(server))
+    outcomes = await collect(pool.send_many(batch(4)))
+    assert kinds(outcomes) == [
+        ("J000", "SendResult", 250),
+        ("J001", "TemporaryFailure", 421),
+        ("J002", "SendResult", 250),
+        ("J003", "SendResult", 250),
+    ]
+    assert [c for c, _ in server.delivered] == [0, 1, 1]
+    stats = pool.statistics()
+    assert (stats.connects, stats.open, stats.resent, stats.stale) == (2, 1, 2, 0)
+
+
+async def test_lost_mid_batch_then_no_new_connection(
+    scripted: Callable[..., Awaitable[Scripted]], pools: Callable[..., SmtpPool]
+) -> None:
+    server = await scripted(
+        answers={(0, ".", 1): None, (1, "GREETING", 0): "554 5.3.2 scripted.test: no more"}
+    )
+    outcomes = await collect(pools(url_of(server)).send_many(batch(4)))
+    assert kinds(outcomes) == [
+        ("J000", "SendResult", 250),
+        ("J001", "ConnectionDropped", None),  # its content went out: may have arrived
+        ("J002", "TransportUnavailable", 554),  # never reached a server
+        ("J003", "TransportUnavailable", 554),
+    ]
+    assert "greeting from" in str(outcomes[2][1])
+
+
+@PIPELINING
+async def test_lost_mid_batch_twice(
+    scripted: Callable[..., Awaitable[Scripted]],
+    pools: Callable[..., SmtpPool],
+    extensions: tuple[str, ...],
+) -> None:
+    server = await scripted(
+        extensions=extensions, answers={(0, ".", 1): None, (1, "MAIL", 0): None}
+    )
+    pool = pools(url_of(server))
+    outcomes = await collect(pool.send_many(batch(4)))
+    assert kinds(outcomes) == [
+        ("J000", "SendResult", 250),
+        ("J001", "ConnectionDropped", None),
+        ("J002", "TransportUnavailable", None),
+        ("J003", "TransportUnavailable", None),
+    ]
+    assert str(outcomes[2][1]).endswith("(a new connection was lost too)")
+    assert server.connections == 2, "one new connection per batch, not more"
+    assert pool.statistics().open == 0
+
+
+async def test_silent_plain_server_is_waited_for_until_the_connect_timeout(
+    scripted: Callable[..., Awaitable[Scripted]], pools: Callable[..., SmtpPool]
+) -> None:
+    """No greeting and no TLS on the port either: a slow server; wait it out."""
+    server = await scripted(greeting=None)
+    pool = pools(url_of(server), connect_timeout_s=0.6, greeting_probe_s=0.2)
+    [(_, outcome)] = await collect(pool.send_many(batch(1)))
+    assert isinstance(outcome, TransportUnavailable)
+    assert str(outcome) == (
+        f"connect to {HOST}:{server.port}: no answer within 0.6s (during the greeting)"
+    )
+    assert server.connections == 2, "the probe asked the port whether it speaks TLS"
+
+
+async def test_smtp_scheme_on_implicit_tls_port_fails_fast_with_a_hint(
+    start_server: Callable[..., Server],
+    server_tls: ssl.SSLContext,
+    pools: Callable[..., SmtpPool],
+) -> None:
+    server = start_server(ssl_context=server_tls)  # TLS from the first byte
+    pool = pools(server.url("smtp"), connect_timeout_s=10.0, greeting_probe_s=0.2)
+    start = trio.current_time()
+    [(_, outcome)] = await collect(pool.send_many(batch(1)))
+    assert trio.current_time() - start < 2.0
+    assert isinstance(outcome, TransportUnavailable)
+    assert str(outcome) == (
+        f"connect to {HOST}:{server.port}: no SMTP greeting within 0.2s, and the port "
+        "answers TLS: it is an implicit-TLS port (like 465): use smtps://"
+    )
+
+
+async def test_smtps_scheme_on_plain_port_says_so(
+    server: Server, ca_file: str, pools: Callable[..., SmtpPool]
+) -> None:
+    [(_, outcome)] = await collect(
+        pools(server.url("smtps"), tls_ca_file=ca_file).send_many(batch(1))
+    )
+    assert isinstance(outcome, TransportUnavailable)
+    assert str(outcome) == (
+        f"TLS to {HOST}:{server.port}: wrong version number: the server speaks plain SMTP "
+        "on this port: use smtp:// (STARTTLS) or the implicit-TLS port"
+    )
+
+
+async def test_expired_certificate_says_so(
+    start_server: Callable[..., Server],
+    ca: trustme.CA,
+    ca_file: str,
+    pools: Callable[..., SmtpPool],
+) -> None:
+    expired = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert(
+        HOST, not_after=datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
+    ).configure_cert(expired)
+    server = start_server(tls_context=expired, require_starttls=True)
+    [(_, outcome)] = await collect(pools(server.url(), tls_ca_file=ca_file).send_many(batch(1)))
+    assert isinstance(outcome, TransportUnavailable)
+    assert str(outcome) == (
+        f"STARTTLS to {HOST}:{server.port}: certificate verify failed: certificate has "
+        "expired (the server's certificate must be renewed, or this machine's clock is wrong)"
+    )
+
+
+async def test_no_auth_offered_but_credentials_given(
+    server: Server, pools: Callable[..., SmtpPool]
+) -> None:
+    pool = pools(server.url(userinfo="ann:secret@"), starttls="never")
+    [(_, outcome)] = await collect(pool.send_many(batch(1)))
+    assert isinstance(outcome, TransportUnavailable)
+    assert "offers no AUTH, but smtp.url has a user and password" in str(outcome)
+    assert "secret" not in str(outcome)
+
+
+# -- idle connections -------------------------------------------------------------------
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float = 3.0) -> None:
+    with trio.fail_after(timeout_s):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def test_serve_drops_an_idle_connection_the_server_closes(
+    server: Server,
+    pools: Callable[..., SmtpPool],
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="engine.transport.smtp")
+    pool = pools(server.url(), starttls="never")
+    await nursery.start(pool.serve)
+    await send_one(pool, mail(job_id="J1"))
+    [conn] = pool._idle
+    server.close_all_connections()
+    await wait_for(lambda: pool.statistics().open == 0)  # without any send
+    await wait_for(lambda: conn.fileno() is None)  # our end is closed too: no CLOSE-WAIT
+    assert pool.statistics().idle_closed == 1
+    assert "smtp.idle.closed_by_server" in caplog.text
+    await send_one(pool, mail(job_id="J2"))
+    stats = pool.statistics()
+    assert (stats.connects, stats.sends, stats.stale) == (2, 2, 0)
+
+
+async def test_serve_quits_an_idle_connection_at_idle_timeout(
+    scripted: Callable[..., Awaitable[Scripted]],
+    pools: Callable[..., SmtpPool],
+    nursery: trio.Nursery,
+) -> None:
+    server = await scripted()
+    pool = pools(url_of(server), idle_timeout_s=0.2)
+    await nursery.start(pool.serve)
+    await send_one(pool, mail(job_id="J1"))
+    await wait_for(lambda: pool.statistics().open == 0)
+    assert pool.statistics().idle_closed == 1
+    await wait_for(lambda: server.commands("QUIT") == [(0, "QUIT")])  # (sent just after)
+
+
+async def test_checkout_takes_a_watched_connection_over(
+    server: Server, pools: Callable[..., SmtpPool], nursery: trio.Nursery
+) -> None:
+    """A checkout cancels the watcher at once: the sender reads the socket itself."""
+    pool = pools(server.url(), starttls="never", pool_size=2)
+    await send_one(pool, mail(job_id="J0"))  # idle before serve starts: watched from then
+    await nursery.start(pool.serve)
+    for i in range(1, 6):
+        await trio.sleep(0.01)  # let the watcher wait on the socket
+        await send_one(pool, mail(job_id=f"J{i}"))
+    async with trio.open_nursery() as senders:
+        for i in range(6, 12):
+            senders.start_soon(send_one, pool, mail(job_id=f"J{i}"))
+    stats = pool.statistics()
+    assert stats.sends == 12 and stats.connects <= 2 and stats.idle_closed == 0
+    server.close_all_connections()  # the connections idle since serve started: watched
+    await wait_for(lambda: pool.statistics().open == 0)
+
+
+async def test_serve_twice_is_an_error(server: Server, pools: Callable[..., SmtpPool]) -> None:
+    pool = pools(server.url())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.serve)
+        with pytest.raises(RuntimeError, match="already running"):
+            await pool.serve()
+        nursery.cancel_scope.cancel()
+
+
+# -- start-up errors ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (
+            "smtp://mailer:pa/ss@mx.example.com:587",
+            "smtp.url 'smtp://mailer:***@mx.example.com:587': the password contains /, which "
+            "ends the user part of a URL: percent-encode it (/ is %2F)",
+        ),
+        (
+            "smtp://mailer:a?b#c@mx.example.com",
+            "smtp.url 'smtp://mailer:***@mx.example.com': the password contains # ?, which "
+            "ends the user part of a URL: percent-encode it (# is %23, ? is %3F)",
+        ),
+        (
+            "http://mx.example.com",
+            "smtp.url 'http://mx.example.com': the scheme must be smtp:// (STARTTLS when "
+            "offered) or smtps:// (implicit TLS), not 'http://'",
+        ),
+        (
+            "mx.example.com:25",
+            "smtp.url 'mx.example.com:25': no scheme: write smtp://host:port or smtps://host:port",
+        ),
+    ],
+)
+def test_url_errors_say_what_to_fix(url: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        SmtpUrl.parse(url)
+    assert str(info.value) == message
+
+
+def test_url_user_may_hold_an_at_sign() -> None:
+    """The last @ ends the user info: an address as the user name works unencoded."""
+    parsed = SmtpUrl.parse("smtp://mailer@example.com:p@ss@mx.example.com:587")
+    assert (parsed.username, parsed.password, parsed.host) == (
+        "mailer@example.com",
+        "p@ss",
+        "mx.example.com",
+    )
+
+
+def test_ca_file_errors_say_what_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        SmtpPool(SmtpSettings(tls_ca_file="/nonexistent/ca.pem"), "smtp://127.0.0.1")
+    assert str(info.value) == (
+        "smtp.tls_ca_file '/nonexistent/ca.pem': no such file or directory: give a PEM "
+        "file of the CA that signed the server's certificate"
+    )
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"^smtp.tls_ca_file '.*junk.pem': no usable cert"):
+        SmtpPool(SmtpSettings(tls_ca_file=str(junk)), "smtp://127.0.0.1")
+
+
+def test_helo_name_defaults_to_the_fqdn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "getfqdn", lambda: "mail.example.org")
+    assert helo_name_for(SmtpSettings(), "mx.example.com") == "mail.example.org"
+    assert helo_name_for(SmtpSettings(helo_name="out.example.net"), "mx.example.com") == (
+        "out.example.net"
+    )
+
+
+@pytest.mark.parametrize("fqdn", ["vm", "localhost", "localhost.localdomain"])
+def test_helo_name_not_qualified_is_a_start_up_error(
+    monkeypatch: pytest.MonkeyPatch, fqdn: str
+) -> None:
+    monkeypatch.setattr(socket, "getfqdn", lambda: fqdn)
+    with pytest.raises(ConfigError) as info:
+        SmtpPool(SmtpSettings(), "smtp://mx.example.com:587")
+    assert "set smtp.helo_name (ENGINE_SMTP__HELO_NAME)" in str(info.value)
+    assert "\n" not in str(info.value)
+    # On loopback (the embedded sink, tests) "localhost" is fine.
+    for host in ("127.0.0.1", "localhost", "[::1]"):
+        SmtpPool(SmtpSettings(), f"smtp://{host}:2525")
+    assert helo_name_for(SmtpSettings(), "127.0.0.1") == "localhost"
+
+
+def test_helo_name_must_be_a_host_name() -> None:
+    with pytest.raises(ConfigError, match=r"smtp\.helo_name 'my host'"):
+        helo_name_for(SmtpSettings(helo_name="my host"), "127.0.0.1")
+
+
+async def test_ehlo_sends_the_configured_name(
+    scripted: Callable[..., Awaitable[Scripted]], pools: Callable[..., SmtpPool]
+) -> None:
+    server = await scripted()
+    await send_one(pools(url_of(server)), mail(job_id="J1"))
+    await send_one(pools(url_of(server), helo_name="out.example.net"), mail(job_id="J2"))
+    assert server.commands("EHLO") == [(0, "EHLO localhost"), (1, "EHLO out.example.net")]
 
 
 # -- pure parts -------------------------------------------------------------------------
@@ -1020,3 +1554,16 @@ def test_bad_settings_are_config_errors() -> None:
         SmtpPool(SmtpSettings(starttls="maybe"), "smtp://h")
     with pytest.raises(ConfigError, match="tls_ca_file"):
         SmtpPool(SmtpSettings(tls_ca_file="/nonexistent/ca.pem"), "smtp://h")
+
+
+def test_cli_prints_an_smtp_setting_error_as_one_line(
+    redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found as the engine builds its parts, inside trio.run: still one line, exit 2."""
+    argv = ["serve", "--redis-url", redis_server.url, "--bind", f"{HOST}:{free_port()}"]
+    code = cli.main([*argv, "--smtp-url", "smtp://mailer:pa/ss@mx.example.com:587"])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "error: smtp.url 'smtp://mailer:***@mx.example.com:587': the password contains /, "
+        "which ends the user part of a URL: percent-encode it (/ is %2F)\n"
+    )

@@ -1,6 +1,7 @@
 """Turn a stored ``Message`` into RFC 5322 bytes (CRLF, not dot-stuffed) for the wire.
 
-Pure and hand-built for speed (no ``EmailMessage`` on the hot path). Imports only leaves.
+Pure and hand-built for speed (no ``EmailMessage`` on the hot path). Mail that is not
+plain 7-bit (8bit bodies, UTF-8 addresses) also gets its 7-bit fallback. Imports only leaves.
 """
 
 from __future__ import annotations
@@ -8,19 +9,23 @@ from __future__ import annotations
 import binascii
 import functools
 import re
-from email.header import Header
+from collections.abc import Iterable, Mapping
 from email.utils import formataddr, formatdate
 from typing import Final
 
-from engine.models import Message, bare_address, split_address
-from engine.transport.base import OutgoingMail
+from engine.models import Message, ascii_domain, bare_address, split_address
+from engine.transport.base import OutgoingMail, SevenBitForm
 
 _FOLD_AT: Final = 78  # RFC 5322 2.1.1: lines SHOULD be at most 78 characters
-_MAX_LINE: Final = 998  # ... and MUST be at most 998
+_MAX_LINE: Final = 998  # ... and MUST be at most 998 octets (RFC 6152: 8bit lines too)
 # A display name made only of atext and spaces needs neither quoting nor encoding.
 _PLAIN_PHRASE_RE: Final = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]*$")
 _NEWLINES_RE: Final = re.compile(r"\r\n|\r|\n")
 _CRLF: Final = "\r\n"
+_BLANK_LINE: Final = b"\r\n\r\n"
+_NO_FORMS: Final[Mapping[str, str]] = {}
+# UTF-8 octets per encoded word: 56 base64 characters, 68 with the rest (RFC 2047 2: 75).
+_WORD_OCTETS: Final = 42
 
 
 @functools.lru_cache(maxsize=4)
@@ -29,16 +34,87 @@ def _date_header(second: int) -> str:
     return formatdate(second, usegmt=True)
 
 
+@functools.lru_cache(maxsize=16)
+def _part_headers(content_type: str, encoding: str) -> bytes:
+    return (
+        f"Content-Type: {content_type}; charset=utf-8\r\nContent-Transfer-Encoding: {encoding}"
+    ).encode("ascii")
+
+
 def compose(job_id: str, msg: Message, *, message_id_domain: str, now: float) -> OutgoingMail:
-    """Build the wire form of ``msg``; the Message-ID depends only on the job id."""
+    """Build the wire form of ``msg``; the Message-ID depends only on the job id.
+
+    ``data`` is the best form: 8bit bodies and UTF-8 addresses as they are. Only when
+    that is not plain 7-bit does the mail get flags and a ``fallback`` (quoted-printable
+    bodies, A-label domains), so ASCII mail costs nothing extra.
+    """
+    sender = bare_address(msg.sender)
+    recipients = msg.envelope_recipients()
+    multipart = ""  # the top-level Content-Type when there are two parts
+    if msg.text is not None and msg.html is not None:
+        # "=_" cannot occur in quoted-printable output, and a part that contains the
+        # boundary is forced to QP below, so the boundary never collides with content.
+        boundary = f"=_alt_{job_id}"
+        multipart = f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n'
+        text, text_7bit = _part("text/plain", msg.text, boundary)
+        html, html_7bit = _part("text/html", msg.html, boundary)
+        # The CRLF before a delimiter belongs to it, so each part keeps its own last one.
+        delimiter = f"\r\n--{boundary}\r\n".encode("ascii")
+        close = f"\r\n--{boundary}--\r\n".encode("ascii")
+        body = [delimiter, *text, delimiter, *html, close]
+        body_7bit = None
+        if text_7bit is not None or html_7bit is not None:
+            body_7bit = [delimiter, *(text_7bit or text), delimiter, *(html_7bit or html), close]
+    else:
+        subtype, content = (
+            ("text/plain", msg.text) if msg.text is not None else ("text/html", msg.html or "")
+        )
+        body, body_7bit = _part(subtype, content, None)
+    head = _head(job_id, msg, message_id_domain, now, _NO_FORMS) + multipart
+    head_bytes = head.encode("utf-8")
+    data = b"".join((head_bytes, *body))
+    needs_smtputf8 = (
+        not head.isascii() or not sender.isascii() or not all(r.isascii() for r in recipients)
+    )
+    if body_7bit is None and not needs_smtputf8:
+        return OutgoingMail(job_id, sender, recipients, data)
+    forms, unsendable = _ascii_forms(
+        bare_address(a) for a in (msg.sender, *msg.to, *msg.cc, *msg.bcc, *msg.reply_to)
+    )
+    head_7bit = None
+    if not head.isascii() and not unsendable:
+        head_7bit = (_head(job_id, msg, message_id_domain, now, forms) + multipart).encode("ascii")
+    fallback = SevenBitForm(
+        split=len(head_bytes),
+        body=None if body_7bit is None else b"".join(body_7bit),
+        head=head_7bit,
+        addresses=forms,
+        unsendable=unsendable,
+    )
+    return OutgoingMail(
+        job_id,
+        sender,
+        recipients,
+        data,
+        needs_8bitmime=body_7bit is not None,
+        needs_smtputf8=needs_smtputf8,
+        fallback=fallback,
+    )
+
+
+def _head(
+    job_id: str, msg: Message, message_id_domain: str, now: float, forms: Mapping[str, str]
+) -> str:
+    """The header section up to the MIME headers, each line ending in CRLF; addresses
+    are replaced by their ``forms`` (the ASCII ones) where given."""
     lines = [
-        _address_header("From", [msg.sender]),
-        _address_header("To", msg.to),
+        _address_header("From", [msg.sender], forms),
+        _address_header("To", msg.to, forms),
     ]
     if msg.cc:
-        lines.append(_address_header("Cc", msg.cc))
+        lines.append(_address_header("Cc", msg.cc, forms))
     if msg.reply_to:
-        lines.append(_address_header("Reply-To", msg.reply_to))
+        lines.append(_address_header("Reply-To", msg.reply_to, forms))
     lines += [
         _unstructured_header("Subject", msg.subject),
         f"Date: {_date_header(int(now))}",
@@ -47,92 +123,80 @@ def compose(job_id: str, msg: Message, *, message_id_domain: str, now: float) ->
         "MIME-Version: 1.0",
     ]
     lines += [_unstructured_header(name, value) for name, value in msg.headers]
-
-    if msg.text is not None and msg.html is not None:
-        # "=_" cannot occur in quoted-printable output, and a part that contains the
-        # boundary is forced to QP below, so the boundary never collides with content.
-        boundary = f"=_alt_{job_id}"
-        text_headers, text_body = _part("text/plain", msg.text, boundary)
-        html_headers, html_body = _part("text/html", msg.html, boundary)
-        lines.append(f'Content-Type: multipart/alternative; boundary="{boundary}"')
-        head = "\r\n".join(lines).encode("ascii")
-        data = b"".join(
-            (
-                head,
-                b"\r\n\r\n--",
-                boundary.encode("ascii"),
-                b"\r\n",
-                text_headers,
-                b"\r\n\r\n",
-                # The CRLF before a delimiter belongs to it: add one so the part keeps its own.
-                text_body,
-                b"\r\n",
-                b"--",
-                boundary.encode("ascii"),
-                b"\r\n",
-                html_headers,
-                b"\r\n\r\n",
-                html_body,
-                b"\r\n",
-                b"--",
-                boundary.encode("ascii"),
-                b"--\r\n",
-            )
-        )
-    else:
-        subtype, content = (
-            ("text/plain", msg.text) if msg.text is not None else ("text/html", msg.html or "")
-        )
-        part_headers, body = _part(subtype, content, None)
-        data = b"".join(
-            ("\r\n".join(lines).encode("ascii"), b"\r\n", part_headers, b"\r\n\r\n", body)
-        )
-    return OutgoingMail(
-        job_id=job_id,
-        sender=bare_address(msg.sender),
-        recipients=msg.envelope_recipients(),
-        data=data,
-    )
+    lines.append("")
+    return _CRLF.join(lines)
 
 
-def _part(content_type: str, text: str, boundary: str | None) -> tuple[bytes, bytes]:
-    """Content-Type/-Transfer-Encoding header lines and the encoded body (ending in CRLF)."""
+def _ascii_forms(addresses: Iterable[str]) -> tuple[dict[str, str], str]:
+    """The ASCII form (domain in A-labels) of each non-ASCII bare address, or why one
+    has none (a non-ASCII local part; RFC 6531 3.2 forbids rewriting it)."""
+    forms: dict[str, str] = {}
+    for bare in addresses:
+        if bare.isascii() or bare in forms:
+            continue
+        local, _, domain = bare.rpartition("@")
+        if not local.isascii():
+            return {}, f"the address <{bare}> has a non-ASCII local part"
+        try:
+            forms[bare] = f"{local}@{ascii_domain(domain)}"
+        except UnicodeError:
+            return {}, f"the address <{bare}> has a domain that is not a valid IDN"
+    return forms, ""
+
+
+def _part(
+    content_type: str, text: str, boundary: str | None
+) -> tuple[list[bytes], list[bytes] | None]:
+    """A MIME part (its Content-Type/-Transfer-Encoding lines, a blank line, the body
+    ending in CRLF) as chunks, in its best form; and its 7-bit form when that is 8bit."""
     text = _NEWLINES_RE.sub("\n", text)
     if not text.endswith("\n"):
         text += "\n"
     raw = text.encode("utf-8")
     if (
-        raw.isascii()
-        and (boundary is None or boundary not in text)
-        and all(len(line) <= _MAX_LINE for line in raw.split(b"\n"))
+        (boundary is not None and boundary in text)
+        or b"\0" in raw  # neither 7bit nor 8bit data may hold NUL (RFC 2045 2.7, 2.8)
+        or not (
+            len(raw) <= _MAX_LINE + 1 or all(len(line) <= _MAX_LINE for line in raw.split(b"\n"))
+        )
     ):
-        encoding, body = "7bit", raw
-    else:
-        encoding, body = "quoted-printable", binascii.b2a_qp(raw, istext=True)
-    headers = (
-        f"Content-Type: {content_type}; charset=utf-8\r\nContent-Transfer-Encoding: {encoding}"
+        return _encoded(content_type, "quoted-printable", _qp(raw)), None
+    if raw.isascii():
+        return _encoded(content_type, "7bit", raw), None
+    return (
+        _encoded(content_type, "8bit", raw),
+        _encoded(content_type, "quoted-printable", _qp(raw)),
     )
-    return headers.encode("ascii"), body.replace(b"\n", b"\r\n")
 
 
-def _format_address(addr: str) -> str:
-    """One address as header text: display names quoted or RFC 2047-encoded as needed."""
+def _qp(raw: bytes) -> bytes:
+    return binascii.b2a_qp(raw, istext=True)
+
+
+def _encoded(content_type: str, encoding: str, body: bytes) -> list[bytes]:
+    return [_part_headers(content_type, encoding), _BLANK_LINE, body.replace(b"\n", b"\r\n")]
+
+
+def _format_address(addr: str, forms: Mapping[str, str]) -> str:
+    """One address as header text: display names quoted or RFC 2047-encoded as needed
+    (in either form: RFC 6532 allows UTF-8 names, but they would need SMTPUTF8)."""
     name, bare = split_address(addr)
+    if forms and bare in forms:
+        bare = addr = forms[bare]
     if not name:
         return addr if bare == addr else f"<{bare}>"  # a bare address as given; "<a>" trimmed
     if _PLAIN_PHRASE_RE.match(name) and "=?" not in name:
         return f"{name} <{bare}>"
-    if name.isascii():
+    if name.isascii() and name.isprintable():
         return formataddr((name, bare))  # quotes and escapes specials
-    # Header splits a long name into several encoded words, folded between them.
-    return f"{Header(name, 'utf-8', maxlinelen=_FOLD_AT).encode(linesep=_CRLF)} <{bare}>"
+    return f"{_encoded_words(name)} <{bare}>"
 
 
-def _address_header(name: str, addresses: list[str]) -> str:
+def _address_header(name: str, addresses: list[str], forms: Mapping[str, str]) -> str:
     """``Name: a, b, c`` folded after a comma whenever a line would pass 78 characters."""
     out = f"{name}:"
     width = len(out)
-    items = [_format_address(a) for a in addresses]
+    items = [_format_address(a, forms) for a in addresses]
     for i, item in enumerate(items):
         piece = item + ("," if i < len(items) - 1 else "")
         first_line = piece.partition(_CRLF)[0]
@@ -145,13 +209,32 @@ def _address_header(name: str, addresses: list[str]) -> str:
 
 
 def _unstructured_header(name: str, value: str) -> str:
-    """A folded unstructured header; non-ASCII values become RFC 2047 encoded words."""
-    if value.isascii() and "=?" not in value:
+    """A folded unstructured header; values that would not survive as they are (non-ASCII,
+    controls, "=?", edge whitespace, an over-long word) become RFC 2047 encoded words."""
+    if value.isascii() and value.isprintable() and "=?" not in value and value == value.strip():
         folded = _fold_words(f"{name}: {value}")
-        if all(len(line) <= _MAX_LINE for line in folded.split("\r\n")):
+        if all(len(line) <= _MAX_LINE for line in folded.split(_CRLF)):
             return folded
-    encoded = Header(value, "utf-8", header_name=name, maxlinelen=_FOLD_AT).encode(linesep=_CRLF)
-    return f"{name}: {encoded}"
+    return f"{name}: {_encoded_words(value)}"
+
+
+def _encoded_words(value: str) -> str:
+    """``value`` as RFC 2047 encoded words (UTF-8, base64), one per folded line.
+
+    Not ``email.header.Header``: it breaks values at every character ``str.splitlines``
+    knows (form feed, U+2028 ...), which then do not survive the trip.
+    """
+    raw = value.encode("utf-8")
+    words = []
+    start = 0
+    while start < len(raw):
+        end = min(start + _WORD_OCTETS, len(raw))
+        while end < len(raw) and raw[end] & 0xC0 == 0x80:
+            end -= 1  # RFC 2047 5: a word never splits a character
+        b64 = binascii.b2a_base64(raw[start:end], newline=False).decode("ascii")
+        words.append(f"=?utf-8?b?{b64}?=")
+        start = end
+    return (_CRLF + " ").join(words)
 
 
 def _fold_words(line: str) -> str:

@@ -8,10 +8,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 import trio
 
-from engine.errors import TemporaryFailure, TransportError
+from engine.errors import TransportError, TransportUnavailable
 from engine.transport.base import OutgoingMail, SendOutcome, SendResult
 
 FailRule = Callable[[OutgoingMail], TransportError | None]
@@ -65,14 +66,27 @@ class MemoryTransport:
         """``Transport.send_many``: each mail decided in turn (see the class), yielded at once.
 
         Stopping early leaves the rest unattempted. A mail refused with a scripted
-        TemporaryFailure does not fail the ones after it (there is no connection to lose).
+        TemporaryFailure does not fail the ones after it (there is no connection to lose);
+        a TransportUnavailable does, as over SMTP: every later mail gets it, unattempted.
         """
-        for mail in mails:
-            yield mail, await self._attempt(mail)
+        for i, mail in enumerate(mails):
+            outcome = await self._attempt(mail)
+            yield mail, outcome
+            if isinstance(outcome, TransportUnavailable):
+                for rest in mails[i + 1 :]:
+                    yield rest, TransportUnavailable(f"not tried: {outcome}", code=outcome.code)
+                return
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """``Transport.serve``: nothing to keep up."""
+        task_status.started()
+        await trio.sleep_forever()
 
     async def _attempt(self, mail: OutgoingMail) -> SendResult | TransportError:
         if self._closed:
-            return TemporaryFailure("the memory transport is closed")
+            return TransportUnavailable("the memory transport is closed")
         self._in_flight += 1
         try:
             if self.delay_s > 0:

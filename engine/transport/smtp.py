@@ -7,18 +7,30 @@ EmailMessage per message: too slow for our throughput goal. Imports only the lea
 from __future__ import annotations
 
 import base64
+import errno
+import ipaddress
 import logging
+import os
+import re
+import select
+import socket
 import ssl
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from contextlib import aclosing, contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NoReturn
 from urllib.parse import unquote, urlsplit
 
 import trio
 
 from engine.config import SmtpSettings
-from engine.errors import ConfigError, PermanentFailure, TemporaryFailure, TransportError
+from engine.errors import (
+    ConfigError,
+    PermanentFailure,
+    TemporaryFailure,
+    TransportError,
+    TransportUnavailable,
+)
 from engine.transport.base import OutgoingMail, RecipientRejected, SendOutcome, SendResult
 
 log = logging.getLogger(__name__)
@@ -27,8 +39,15 @@ STARTTLS_MODES: Final = ("auto", "require", "never")
 _MAX_REPLY_BYTES: Final = 64 * 1024  # a reply that has not ended by then is garbage
 _RECV_BYTES: Final = 64 * 1024
 _QUIT_TIMEOUT_S: Final = 1.0  # best-effort QUIT and close; never hold shutdown longer
+_GOODBYE_READ_S: Final = 0.1  # what an idle connection's server said as it closed (a log line)
 # Errors that mean the connection is unusable; all become TemporaryFailure(code=None).
 _IO_ERRORS: Final = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+_HELO_HINT: Final = (
+    "set smtp.helo_name (ENGINE_SMTP__HELO_NAME) to this machine's fully-qualified name"
+)
+# A refusal of MAIL or RCPT that is about this client, not the message: the same for every
+# message, so a transport failure. Postfix words the HELO check's refusal this way.
+_HELO_REFUSED: Final = re.compile(r"helo command rejected", re.IGNORECASE)
 
 
 # -- URL and TLS ------------------------------------------------------------------------
@@ -46,29 +65,49 @@ class SmtpUrl:
 
     @classmethod
     def parse(cls, url: str) -> SmtpUrl:
-        """Parse ``url``; raise ConfigError naming what is wrong."""
+        """Parse ``url``; raise ConfigError saying what is wrong and how to fix it."""
+        where = f"smtp.url {_redact(url)!r}"
+        scheme, sep, rest = url.partition("://")
+        if not sep:
+            raise ConfigError(f"{where}: no scheme: write smtp://host:port or smtps://host:port")
+        if scheme.lower() not in ("smtp", "smtps"):
+            raise ConfigError(
+                f"{where}: the scheme must be smtp:// (STARTTLS when offered) or smtps:// "
+                f"(implicit TLS), not {scheme + '://'!r}"
+            )
+        # Only the last @ ends the user info, so an @ in it is unambiguous (as in Python's
+        # and curl's parsers); these characters end it early and leave a garbled host.
+        user, _, password = rest.rpartition("@")[0].partition(":")
+        for part, text in (("user", user), ("password", password)):
+            bad = sorted({c for c in text if c in _URL_DELIMITERS})
+            if bad:
+                codes = ", ".join(f"{c} is {_URL_DELIMITERS[c]}" for c in bad)
+                raise ConfigError(
+                    f"{where}: the {part} contains {' '.join(bad)}, which ends the user "
+                    f"part of a URL: percent-encode it ({codes})"
+                )
         try:
             parts = urlsplit(url)
             port = parts.port
         except ValueError as exc:
-            raise ConfigError(f"smtp url {_redact(url)!r}: {exc}") from None
-        if parts.scheme not in ("smtp", "smtps"):
-            raise ConfigError(
-                f"smtp url {_redact(url)!r}: scheme must be smtp or smtps, not {parts.scheme!r}"
-            )
+            raise ConfigError(f"{where}: {exc}") from None
         if not parts.hostname:
-            raise ConfigError(f"smtp url {_redact(url)!r}: no host")
+            raise ConfigError(f"{where}: no host")
         if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ConfigError(f"smtp url {_redact(url)!r}: no path, query or fragment allowed")
+            raise ConfigError(f"{where}: no path, query or fragment allowed")
         if port == 0:
-            raise ConfigError(f"smtp url {_redact(url)!r}: port 0 is not a valid port")
-        username = unquote(parts.username) if parts.username is not None else None
-        password = unquote(parts.password) if parts.password is not None else None
-        if (username is None) != (password is None) or username == "":
-            raise ConfigError(f"smtp url {_redact(url)!r}: give both user and password, or none")
-        implicit = parts.scheme == "smtps"
+            raise ConfigError(f"{where}: port 0 is not a valid port")
+        name = unquote(parts.username) if parts.username is not None else None
+        secret = unquote(parts.password) if parts.password is not None else None
+        if (name is None) != (secret is None) or name == "":
+            raise ConfigError(f"{where}: give both user and password, or none")
+        implicit = parts.scheme.lower() == "smtps"
         default_port = 465 if implicit else 25
-        return cls(parts.hostname, port or default_port, implicit, username, password)
+        return cls(parts.hostname, port or default_port, implicit, name, secret)
+
+
+# Characters that may not appear as such in a URL's user or password, and their escapes.
+_URL_DELIMITERS: Final = {"/": "%2F", "?": "%3F", "#": "%23", "[": "%5B", "]": "%5D"}
 
 
 def _redact(url: str) -> str:
@@ -84,14 +123,188 @@ def make_ssl_context(settings: SmtpSettings) -> ssl.SSLContext:
     """Client TLS context: default verification, plus ``tls_ca_file``, or none at all."""
     ctx = ssl.create_default_context()
     if settings.tls_ca_file:
+        where = f"smtp.tls_ca_file {settings.tls_ca_file!r}"
+        what = "give a PEM file of the CA that signed the server's certificate"
         try:
             ctx.load_verify_locations(cafile=settings.tls_ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"smtp.tls_ca_file {settings.tls_ca_file!r}: {exc}") from None
+        except ssl.SSLError as exc:
+            problem = f"no usable certificate in it ({_ssl_text(exc)})"
+            raise ConfigError(f"{where}: {problem}: {what}") from None
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).lower()
+            raise ConfigError(f"{where}: {reason}: {what}") from None
     if not settings.tls_verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def helo_name_for(settings: SmtpSettings, host: str) -> str:
+    """The name to send in EHLO: ``smtp.helo_name``, else this machine's fully-qualified
+    name. ConfigError when that is not fully qualified, unless the server is on loopback
+    (the embedded sink, tests), where "localhost" does."""
+    name = settings.helo_name.strip()
+    if name:
+        if not name.isascii() or any(c.isspace() or c in "<>" for c in name):
+            raise ConfigError(
+                f"smtp.helo_name {name!r}: give an ASCII host name (mail.example.com) or an "
+                "address literal ([192.0.2.1])"
+            )
+        return name
+    fqdn = socket.getfqdn()  # blocking, but once, at start-up
+    if "." in fqdn.strip(".") and fqdn.isascii() and not fqdn.startswith("localhost."):
+        return fqdn
+    if _is_loopback(host):
+        return "localhost"
+    raise ConfigError(
+        f"this machine's name {fqdn!r} is not fully qualified, and mail servers refuse such "
+        f"a name in EHLO (Postfix: 504 need fully-qualified hostname): {_HELO_HINT}, "
+        "e.g. mail.example.com"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# -- describing failures ----------------------------------------------------------------
+
+# What to do about a certificate OpenSSL refused, by X509_V_ERR_* code.
+_ISSUER_HINT: Final = "set smtp.tls_ca_file to your CA, or check the server's certificate"
+_CERT_HINTS: Final = {
+    2: _ISSUER_HINT,  # unable to get issuer certificate
+    18: _ISSUER_HINT,  # self-signed certificate
+    19: _ISSUER_HINT,  # self-signed certificate in certificate chain
+    20: _ISSUER_HINT,  # unable to get local issuer certificate
+    21: _ISSUER_HINT,  # unable to verify the first certificate
+    9: "check this machine's clock, or the server's certificate",  # not yet valid
+    10: "the server's certificate must be renewed, or this machine's clock is wrong",
+    62: "use a host name in smtp.url that the certificate is for, or fix the certificate",
+    64: "use a host name in smtp.url that the certificate is for, or fix the certificate",
+}
+# OpenSSL's complaints when what came back is not TLS at all (e.g. "220 mx ESMTP").
+_NOT_TLS: Final = frozenset(
+    {"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE", "HTTP_REQUEST"}
+)
+
+
+def _ssl_text(exc: ssl.SSLError) -> str:
+    """OpenSSL's words without the ``[SSL: X]`` and ``(_ssl.c:N)`` around them."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message.rstrip('.')}"
+    text = str(exc.args[1]) if len(exc.args) > 1 else str(exc)
+    return re.sub(r"^\[[^\]]*\]\s*|\s*\(_ssl\.c:\d+\)$", "", text) or type(exc).__name__
+
+
+def _describe_io(exc: BaseException) -> str:
+    """A short account of a socket, TLS, protocol or timeout error, for a message."""
+    if isinstance(exc, TransportError | SmtpProtocolError):
+        return str(exc)
+    if isinstance(exc, trio.BrokenResourceError):
+        cause = exc.__cause__
+        return _describe_io(cause) if cause is not None else str(exc) or "connection lost"
+    if isinstance(exc, trio.ClosedResourceError):
+        return "the connection was closed"
+    if isinstance(exc, ssl.SSLError):
+        return _ssl_text(exc)
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror})"
+    if isinstance(exc, OSError):
+        code = exc.errno
+        if code is None and isinstance(exc.__cause__, BaseExceptionGroup):
+            # trio's open_tcp_stream: one error per address it tried; the first says it.
+            tried = [e for e in exc.__cause__.exceptions if isinstance(e, OSError)]
+            code = tried[0].errno if tried else None
+        if code is not None:
+            return os.strerror(code).lower() if code != errno.ECONNRESET else "connection reset"
+        return str(exc)
+    return repr(exc)
+
+
+def _tls_problem(cause: BaseException | None, *, implicit: bool) -> str:
+    """Why a TLS handshake failed, and what to change when we can tell."""
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        hint = _CERT_HINTS.get(cause.verify_code, _ISSUER_HINT)
+        return f"{_ssl_text(cause)} ({hint})"
+    if isinstance(cause, ssl.SSLError) and implicit and cause.reason in _NOT_TLS:
+        return (
+            f"{_ssl_text(cause)}: the server speaks plain SMTP on this port: use smtp:// "
+            "(STARTTLS) or the implicit-TLS port"
+        )
+    if cause is None:
+        return "the TLS handshake failed"
+    return f"TLS handshake: {_describe_io(cause)}"
+
+
+@dataclass(slots=True)
+class _Step:
+    """Where opening a connection stands, for the message when it fails there."""
+
+    now: str = ""  # "" while the TCP connection is being made
+
+    def __str__(self) -> str:
+        return f" (during {self.now})" if self.now else ""
+
+
+def _readable_now(fd: int) -> bool:
+    """Whether ``fd`` has data, EOF or an error pending; never blocks."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+async def _start_tls(
+    stream: trio.abc.Stream, ctx: ssl.SSLContext, url: SmtpUrl, what: str
+) -> trio.SSLStream[trio.abc.Stream]:
+    """TLS over ``stream``. A failed handshake raises TransportUnavailable saying why,
+    after sending the server the alert that tells it why."""
+    tls = trio.SSLStream(stream, ctx, server_hostname=url.host)
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as exc:
+        await _send_alert(tls)
+        problem = _tls_problem(exc.__cause__, implicit=url.implicit_tls)
+        raise TransportUnavailable(f"{what} to {url.host}:{url.port}: {problem}") from None
+    return tls
+
+
+async def _send_alert(tls: trio.SSLStream[trio.abc.Stream]) -> None:
+    """Send what OpenSSL wrote for the server when our handshake failed: the alert
+    ("unknown ca", "bad certificate"). trio raises before sending it (python-trio/trio
+    PR 3413), and without it the server logs only "lost connection"."""
+    outgoing = getattr(tls, "_outgoing", None)  # trio's private BIO: no alert if it moves
+    if not isinstance(outgoing, ssl.MemoryBIO) or not outgoing.pending:
+        return
+    with trio.move_on_after(_QUIT_TIMEOUT_S), suppress(*_IO_ERRORS):
+        await tls.transport_stream.send_all(outgoing.read())
+
+
+async def _speaks_tls(url: SmtpUrl, timeout_s: float) -> bool:
+    """Whether ``url``'s port completes a TLS handshake (certificate not checked): tells
+    an implicit-TLS port, silent until the client's hello, from a server slow to greet."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with trio.move_on_after(timeout_s):
+        try:
+            stream = await trio.open_tcp_stream(url.host, url.port)
+        except OSError:
+            return False
+        try:
+            await trio.SSLStream(stream, ctx, server_hostname=url.host).do_handshake()
+        except trio.BrokenResourceError:
+            return False
+        finally:
+            await trio.aclose_forcefully(stream)
+        return True
+    return False
 
 
 # -- replies ----------------------------------------------------------------------------
@@ -133,6 +346,11 @@ class ReplyParser:
         """True when bytes of an unfinished or unread reply are buffered."""
         return bool(self._buf) or bool(self._lines)
 
+    @property
+    def buffered(self) -> str:
+        """The bytes not yet parsed into a reply, as text."""
+        return self._buf.decode("utf-8", "replace")
+
     def next_reply(self) -> Reply | None:
         """The next complete reply, or None until more bytes are fed."""
         while True:
@@ -160,25 +378,41 @@ class ReplyParser:
 
 
 def _failure(what: str, reply: Reply) -> TransportError:
-    """The engine error for a refusing reply: 5xx is permanent, anything else temporary."""
+    """The engine error for a refusing reply: 5xx is permanent, anything else temporary;
+    TransportUnavailable when the refusal is about this client, not the message."""
     message = f"{what}: {reply.code} {reply.text}"
+    about_us = _about_us(reply.code, reply.text)
+    if about_us is not None:
+        return TransportUnavailable(f"{message} ({about_us})", code=reply.code)
     if 500 <= reply.code < 600:
         return PermanentFailure(message, code=reply.code)
     return TemporaryFailure(message, code=reply.code)
 
 
+def _about_us(code: int, text: str) -> str | None:
+    """What to change when a refusal of MAIL, RCPT or DATA concerns this client rather
+    than the message (so every message would get it), else None. Postfix checks the HELO
+    name at RCPT (smtpd_delay_reject); 530 asks for AUTH or TLS first."""
+    if _HELO_REFUSED.search(text):
+        return _HELO_HINT
+    if code == 530:
+        return "the server wants AUTH or TLS first: credentials in smtp.url, smtp.starttls"
+    return None
+
+
 class ConnectionDropped(TemporaryFailure):
-    """The connection failed under us (reset, EOF, TLS error, garbage, timeout)."""
+    """The connection failed under us (reset, EOF, TLS error, garbage, timeout, 421)."""
 
     def __init__(self, message: str, *, before_reply: bool) -> None:
         super().__init__(message)
-        # True when no reply of the current transaction was read: the server cannot
-        # have accepted anything, so the message may safely go over another connection.
+        # True when the message's content was not sent (no 354 acted on): the server
+        # cannot have accepted it, so it may safely go over another connection.
         self.before_reply = before_reply
 
 
 class _StaleConnection(Exception):
-    """A reused idle connection was dead before any reply (pool-internal; never escapes)."""
+    """A reused idle connection had been closed by the server (EOF, or its 421 read as
+    the first answer): nothing was accepted (pool-internal; never escapes)."""
 
 
 @dataclass(slots=True)
@@ -190,9 +424,6 @@ class _Batch:
     """
 
     mails: Sequence[OutgoingMail]
-    # ``_replies`` when the batch began, if a dead connection must raise _StaleConnection
-    # rather than yield; None otherwise.
-    stale_mark: int | None
     next: int = 0  # index of the first mail not yet looked at
     body: tuple[OutgoingMail, list[RecipientRejected]] | None = None  # content written
     envelope: OutgoingMail | None = None  # MAIL/RCPT/DATA written, replies not read
@@ -214,18 +445,33 @@ class _Batch:
 class SmtpConnection:
     """One SMTP session. Not safe for concurrent use: the pool hands it to one task at a time.
 
-    Use ``await SmtpConnection.open(...)``; after any I/O error ``broken`` is True and the
-    connection must be closed, never reused.
+    Use ``await SmtpConnection.open(...)``; after any I/O error, or a 421 (the server
+    hangs up), ``broken`` is True and the connection must be closed, never reused.
     """
 
-    def __init__(self, stream: trio.abc.Stream, url: SmtpUrl, settings: SmtpSettings) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        url: SmtpUrl,
+        settings: SmtpSettings,
+        *,
+        helo_name: str = "localhost",
+    ) -> None:
         self._stream = stream
         self._url = url
+        self._where = f"{url.host}:{url.port}"
         self._settings = settings
+        self._helo_name = helo_name
         self._parser = ReplyParser()
         self._closed = False
         self._replies = 0  # replies read on this connection
-        self._send_mark = 0  # ``_replies`` when the current ``_send_one`` began
+        # ``_replies`` when a batch on a reused connection began: a 421 or EOF before any
+        # reply then means the server had closed it while idle (_StaleConnection).
+        self._stale_mark: int | None = None
+        self._data_accepted = False  # the current transaction's DATA got its 354
+        self._broken_why = "the connection is not usable"
+        # Set once a refusal showed that no message can go over this connection.
+        self._unavailable: TransportUnavailable | None = None
         self._scope: trio.CancelScope | None = None
         self.extensions: dict[str, str] = {}
         self.tls = url.implicit_tls
@@ -235,6 +481,7 @@ class SmtpConnection:
         self.writes = 0  # send_all calls
         self.reads = 0  # receive_some calls
         self.idle_since = 0.0
+        self.watch: trio.CancelScope | None = None  # the pool's idle watcher, while idle
 
     @property
     def pipelining(self) -> bool:
@@ -242,34 +489,54 @@ class SmtpConnection:
 
     @classmethod
     async def open(
-        cls, url: SmtpUrl, settings: SmtpSettings, ssl_context: ssl.SSLContext | None
+        cls,
+        url: SmtpUrl,
+        settings: SmtpSettings,
+        ssl_context: ssl.SSLContext | None,
+        *,
+        helo_name: str | None = None,
     ) -> SmtpConnection:
-        """Connect, greet, upgrade to TLS and authenticate, all within ``connect_timeout_s``."""
+        """Connect, greet, upgrade to TLS and authenticate, all within ``connect_timeout_s``.
+
+        Any failure is the transport's, not a message's: TransportUnavailable, saying
+        where it failed and, when that can be told, what to change.
+        """
         if settings.starttls not in STARTTLS_MODES:
             raise ConfigError(f"smtp.starttls must be one of {STARTTLS_MODES}")
         tls_ctx = ssl_context or make_ssl_context(settings)
+        name = helo_name or helo_name_for(settings, url.host)
+        where = f"{url.host}:{url.port}"
+        step = _Step()
         try:
             with trio.fail_after(settings.connect_timeout_s):
-                return await cls._open(url, settings, tls_ctx)
+                return await cls._open(url, settings, tls_ctx, name, step)
         except trio.TooSlowError:
-            raise TemporaryFailure(
-                f"connect to {url.host}:{url.port}: timed out after {settings.connect_timeout_s}s"
+            raise TransportUnavailable(
+                f"connect to {where}: no answer within {settings.connect_timeout_s:g}s{step}"
             ) from None
-        except _IO_ERRORS as exc:
-            raise TemporaryFailure(f"connect to {url.host}:{url.port}: {exc!r}") from None
+        except (ConnectionDropped, SmtpProtocolError, *_IO_ERRORS) as exc:
+            cause = exc.__cause__ if isinstance(exc, ConnectionDropped) else None
+            raise TransportUnavailable(
+                f"connect to {where}: {_describe_io(cause or exc)}{step}"
+            ) from None
 
     @classmethod
     async def _open(
-        cls, url: SmtpUrl, settings: SmtpSettings, tls_ctx: ssl.SSLContext
+        cls,
+        url: SmtpUrl,
+        settings: SmtpSettings,
+        tls_ctx: ssl.SSLContext,
+        helo_name: str,
+        step: _Step,
     ) -> SmtpConnection:
         stream: trio.abc.Stream = await trio.open_tcp_stream(url.host, url.port)
         conn: SmtpConnection | None = None
         try:
             if url.implicit_tls:
-                stream = trio.SSLStream(stream, tls_ctx, server_hostname=url.host)
-                await stream.do_handshake()
-            conn = cls(stream, url, settings)
-            await conn._handshake(tls_ctx)
+                step.now = "the TLS handshake"
+                stream = await _start_tls(stream, tls_ctx, url, "TLS")
+            conn = cls(stream, url, settings, helo_name=helo_name)
+            await conn._handshake(tls_ctx, step)
         except BaseException:
             if conn is None:
                 await trio.aclose_forcefully(stream)
@@ -279,36 +546,60 @@ class SmtpConnection:
             raise
         return conn
 
-    async def _handshake(self, tls_ctx: ssl.SSLContext) -> None:
-        greeting = await self._read_reply()
+    async def _handshake(self, tls_ctx: ssl.SSLContext, step: _Step) -> None:
+        where = self._where
+        step.now = "the greeting"
+        greeting = await self._greeting()
         if greeting.code != 220:
-            # A refusal to serve is about this server, not the message: always temporary.
-            raise TemporaryFailure(f"greeting: {greeting.code} {greeting.text}", code=greeting.code)
+            raise TransportUnavailable(
+                f"greeting from {where}: {greeting.code} {greeting.text}", code=greeting.code
+            )
+        step.now = "EHLO"
         await self._ehlo()
         mode = self._settings.starttls
         if not self.tls and mode != "never":
             if "STARTTLS" in self.extensions:
+                step.now = "STARTTLS"
                 reply = await self._command(b"STARTTLS\r\n")
                 if reply.code != 220:
-                    raise TemporaryFailure(f"STARTTLS: {reply.code} {reply.text}", code=reply.code)
+                    raise TransportUnavailable(
+                        f"STARTTLS to {where}: {reply.code} {reply.text}", code=reply.code
+                    )
                 if self._parser.pending:
                     # Plaintext injected after STARTTLS must not be read as if it were secure.
-                    raise TemporaryFailure("STARTTLS: server sent data before the TLS handshake")
-                with self._io("STARTTLS handshake"):
-                    ssl_stream = trio.SSLStream(
-                        self._stream, tls_ctx, server_hostname=self._url.host
+                    raise TransportUnavailable(
+                        f"STARTTLS to {where}: the server sent data before the TLS handshake"
                     )
-                    self._stream = ssl_stream
-                    await ssl_stream.do_handshake()
+                self._stream = await _start_tls(self._stream, tls_ctx, self._url, "STARTTLS")
                 self.tls = True
+                step.now = "EHLO after STARTTLS"
                 await self._ehlo()
             elif mode == "require":
-                raise TemporaryFailure("server does not offer STARTTLS and smtp.starttls=require")
+                raise TransportUnavailable(
+                    f'{where} does not offer STARTTLS, and smtp.starttls is "require"'
+                )
         if self._url.username is not None and self._url.password is not None:
+            step.now = "AUTH"
             await self._auth(self._url.username, self._url.password)
 
+    async def _greeting(self) -> Reply:
+        """The server's first reply. An implicit-TLS port sends none (it waits for our TLS
+        hello): after ``greeting_probe_s`` of silence a second connection asks the port
+        whether it speaks TLS, and if it does we stop waiting and say so."""
+        probe_s = self._settings.greeting_probe_s
+        if self.tls or probe_s <= 0:
+            return await self._read_reply()
+        with trio.move_on_after(probe_s):
+            return await self._read_reply()
+        if not self._parser.pending and await _speaks_tls(self._url, probe_s):
+            raise TransportUnavailable(
+                f"connect to {self._where}: no SMTP greeting within {probe_s:g}s, and the "
+                "port answers TLS: it is an implicit-TLS port (like 465): use smtps://"
+            )
+        return await self._read_reply()  # a plain server slow to greet (greet_pause)
+
     async def _ehlo(self) -> None:
-        name = self._settings.helo_name.encode("ascii")
+        name = self._helo_name.encode("ascii")
         reply = await self._command(b"EHLO " + name + b"\r\n")
         self.extensions = {}
         if reply.ok:
@@ -321,29 +612,77 @@ class SmtpConnection:
                     params = f"{self.extensions['AUTH']} {params}"
                 self.extensions[keyword] = params.strip()
             return
-        reply = await self._command(b"HELO " + name + b"\r\n")
-        if not reply.ok:
-            raise TemporaryFailure(f"HELO: {reply.code} {reply.text}", code=reply.code)
+        command = "EHLO"
+        if reply.code != 421:  # 421: the server is hanging up; HELO would get nowhere
+            command = "EHLO and HELO"
+            reply = await self._command(b"HELO " + name + b"\r\n")
+            if reply.ok:
+                return
+        hint = f" ({_HELO_HINT})" if 500 <= reply.code < 600 else ""
+        raise TransportUnavailable(
+            f"{command} {self._helo_name} to {self._where}: {reply.code} {reply.text}{hint}",
+            code=reply.code,
+        )
 
     async def _auth(self, username: str, password: str) -> None:
-        mechanisms = self.extensions.get("AUTH", "").upper().split()
+        offered = self.extensions.get("AUTH")
+        if offered is None:
+            later = "" if self.tls else " (servers often offer it only after STARTTLS)"
+            raise TransportUnavailable(
+                f"{self._where} offers no AUTH, but smtp.url has a user and password{later}"
+            )
+        mechanisms = offered.upper().split()
         user, secret = username.encode("utf-8"), password.encode("utf-8")
         if "PLAIN" in mechanisms:
+            mechanism = "PLAIN"
             token = base64.b64encode(b"\0" + user + b"\0" + secret)
             reply = await self._command(b"AUTH PLAIN " + token + b"\r\n")
         elif "LOGIN" in mechanisms:
+            mechanism = "LOGIN"
             reply = await self._command(b"AUTH LOGIN\r\n")
             for item in (user, secret):
                 if reply.code != 334:
                     break
                 reply = await self._command(base64.b64encode(item) + b"\r\n")
         else:
-            raise TemporaryFailure(
-                f"server offers no AUTH mechanism we support (PLAIN, LOGIN): {mechanisms}"
+            raise TransportUnavailable(
+                f"{self._where} offers AUTH {offered}, none of which we speak (PLAIN, LOGIN)"
             )
         if reply.code != 235:
-            # Bad credentials are a configuration problem: defer, do not dead-letter mail.
-            raise TemporaryFailure(f"AUTH: {reply.code} {reply.text}", code=reply.code)
+            # Bad credentials are a configuration problem: no message is at fault.
+            hint = " (check the user and password in smtp.url)" if reply.code == 535 else ""
+            raise TransportUnavailable(
+                f"AUTH {mechanism} as {username!r} to {self._where}: {reply.code} {reply.text}"
+                f"{hint}",
+                code=reply.code,
+            )
+
+    # -- the pool's view ----------------------------------------------------------------
+
+    def fileno(self) -> int | None:
+        """The TCP socket's descriptor (under TLS too: TLS runs over it), or None."""
+        stream = self._stream
+        while isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        if isinstance(stream, trio.SocketStream):
+            fd = stream.socket.fileno()
+            return fd if fd >= 0 else None
+        return None
+
+    def has_unread(self) -> bool:
+        """Whether the server sent something we did not ask for. A session at rest gets
+        nothing unless the server is closing it (421, EOF, TLS close_notify)."""
+        if self._parser.pending:
+            return True
+        fd = self.fileno()
+        return fd is not None and _readable_now(fd)
+
+    async def last_words(self) -> str:
+        """What the server sent an idle connection before hanging up (for a log line)."""
+        said = self._parser.buffered
+        with trio.move_on_after(_GOODBYE_READ_S), suppress(*_IO_ERRORS):
+            said += (await self._stream.receive_some(_RECV_BYTES)).decode("utf-8", "replace")
+        return said.strip() or "EOF"
 
     # -- I/O --------------------------------------------------------------------------
 
@@ -356,13 +695,30 @@ class SmtpConnection:
             self.broken = True
             raise ConnectionDropped(
                 f"{what}: no reply within {self._settings.command_timeout_s}s",
-                before_reply=False,  # a slow server may still be working on the message
+                before_reply=not self._data_accepted,  # else: it may still be working on it
             ) from None
         except (*_IO_ERRORS, SmtpProtocolError) as exc:
             self.broken = True
             raise ConnectionDropped(
-                f"{what}: {exc!r}", before_reply=self._replies == self._send_mark
+                f"{what}: {self._lost(exc)}", before_reply=not self._data_accepted
             ) from exc
+
+    def _lost(self, exc: BaseException) -> str:
+        self._broken_why = f"connection to {self._where} lost: {_describe_io(exc)}"
+        return self._broken_why
+
+    def _counted(self, reply: Reply) -> Reply:
+        """Count ``reply``. A 421 means the server is closing the connection: it is
+        broken, and if it was the first answer on a reused connection, stale."""
+        if reply.code == 421:
+            self.broken = True
+            self._broken_why = f"{self._where} is closing the connection: 421 {reply.text}"
+            if self._stale_mark == self._replies:
+                # Its idle timeout's 421, read as the answer to our MAIL FROM: the
+                # server saw nothing of ours, so it accepted nothing.
+                raise _StaleConnection(f"421 {reply.text}")
+        self._replies += 1
+        return reply
 
     # Inside ``_send_one`` one cancel scope covers the whole transaction (inside a
     # pipelined ``send_many`` one covers the I/O between two outcomes) and its deadline
@@ -383,8 +739,7 @@ class SmtpConnection:
     async def _read_reply(self) -> Reply:
         reply = self._parser.next_reply()
         if reply is not None:
-            self._replies += 1
-            return reply
+            return self._counted(reply)
         scope = self._scope
         if scope is None:
             with self._io("read reply"), trio.fail_after(self._settings.command_timeout_s):
@@ -401,8 +756,7 @@ class SmtpConnection:
             self._parser.feed(data)
             reply = self._parser.next_reply()
             if reply is not None:
-                self._replies += 1
-                return reply
+                return self._counted(reply)
 
     async def _command(self, line: bytes) -> Reply:
         await self._write(line)
@@ -411,13 +765,20 @@ class SmtpConnection:
     # -- sending ----------------------------------------------------------------------
 
     async def _send_one(self, mail: OutgoingMail) -> SendResult:
-        """One mail transaction. Raises TemporaryFailure / PermanentFailure on refusal.
+        """One mail transaction. Raises TemporaryFailure / PermanentFailure on refusal;
+        TransportUnavailable when the refusal is about this client (and then for every
+        later mail, untried).
 
-        Refusals leave the connection usable; I/O errors and cancellation mark it broken.
+        Refusals leave the connection usable; I/O errors, a 421 and cancellation mark it
+        broken.
         """
+        if self._unavailable is not None:
+            raise TransportUnavailable(
+                f"not tried: {self._unavailable}", code=self._unavailable.code
+            )
         if self.broken or self._closed:
-            raise ConnectionDropped("connection is not usable", before_reply=True)
-        self._send_mark = self._replies
+            raise ConnectionDropped(f"not sent: {self._broken_why}", before_reply=True)
+        self._data_accepted = False
         outcome: SendResult | TransportError | None = None
         try:
             with trio.CancelScope() as scope:
@@ -433,12 +794,19 @@ class SmtpConnection:
             self.broken = True
             raise ConnectionDropped(
                 f"send: no reply within {self._settings.command_timeout_s}s",
-                before_reply=False,  # a slow server may still be working on the message
+                before_reply=not self._data_accepted,  # else: it may still be working on it
             )
         self.messages += 1
+        if isinstance(outcome, TransportUnavailable):
+            self._unusable(outcome)
         if isinstance(outcome, TransportError):
             raise outcome
         return outcome
+
+    def _unusable(self, why: TransportUnavailable) -> None:
+        """No message can go over this connection (a refusal about this client)."""
+        self._unavailable = why
+        self.broken = True
 
     def _mail_params(self, mail: OutgoingMail, size: int) -> str | TransportError:
         params = ""
@@ -449,7 +817,9 @@ class SmtpConnection:
             params += f" SIZE={size}"
         if not mail.data.isascii() and "8BITMIME" in self.extensions:
             params += " BODY=8BITMIME"
-        if not (mail.sender.isascii() and all(r.isascii() for r in mail.recipients)):
+        if mail.needs_smtputf8 or not (
+            mail.sender.isascii() and all(r.isascii() for r in mail.recipients)
+        ):
             if "SMTPUTF8" not in self.extensions:
                 return PermanentFailure("non-ASCII address but the server lacks SMTPUTF8")
             params += " SMTPUTF8"
@@ -459,12 +829,16 @@ class SmtpConnection:
         """The MAIL, RCPT... and DATA lines for ``mail``, or why it cannot go to this server."""
         if not mail.recipients:
             return PermanentFailure("message has no recipients")
-        params = self._mail_params(mail, len(mail.data))
+        # The form this server can take: 8bit and UTF-8 as they are, or 7-bit stand-ins.
+        form = mail.for_server(self.extensions)
+        if isinstance(form, TransportError):
+            return form
+        params = self._mail_params(form, len(form.data))
         if isinstance(params, TransportError):
             return params
         return [
-            f"MAIL FROM:<{mail.sender}>{params}\r\n".encode(),
-            *[f"RCPT TO:<{r}>\r\n".encode() for r in mail.recipients],
+            f"MAIL FROM:<{form.sender}>{params}\r\n".encode(),
+            *[f"RCPT TO:<{r}>\r\n".encode() for r in form.recipients],
             b"DATA\r\n",
         ]
 
@@ -482,7 +856,7 @@ class SmtpConnection:
             accepted = await self._sequential_envelope(mail, envelope)
         if isinstance(accepted, TransportError):
             return accepted
-        final = await self._command(_dot_stuff(mail.data))
+        final = await self._command(_dot_stuff(mail.data_for(self.extensions)))
         return _final_outcome(mail, final, accepted)
 
     async def _read_envelope(self, mail: OutgoingMail) -> list[RecipientRejected] | TransportError:
@@ -491,9 +865,17 @@ class SmtpConnection:
         The refused recipients when the server now waits for the content; else the refusal,
         after RSET.
         """
-        mail_reply = await self._read_reply()
-        rcpt_replies = [await self._read_reply() for _ in mail.recipients]
-        data_reply = await self._read_reply()
+        replies: list[Reply] = []
+        for _ in range(len(mail.recipients) + 2):
+            replies.append(await self._read_reply())
+            if replies[-1].code == 421:
+                # The server hangs up: no more replies, no RSET; the rest of the batch
+                # goes over a new connection.
+                what = "MAIL FROM" if len(replies) == 1 else "RCPT TO"
+                if len(replies) == len(mail.recipients) + 2:
+                    what = "DATA"
+                return _failure(what, replies[-1])
+        mail_reply, *rcpt_replies, data_reply = replies
         rejected = _rejected(mail, rcpt_replies)
         if not mail_reply.ok:
             refusal = _failure("MAIL FROM", mail_reply)
@@ -502,6 +884,7 @@ class SmtpConnection:
         elif data_reply.code != 354:
             refusal = _failure("DATA", data_reply)
         else:
+            self._data_accepted = True
             return rejected
         if data_reply.code == 354:
             # Pipelined DATA was accepted although nothing may be sent: end it empty.
@@ -515,17 +898,25 @@ class SmtpConnection:
         mail_reply = await self._command(envelope[0])
         if not mail_reply.ok:
             return await self._abort(_failure("MAIL FROM", mail_reply))
-        rcpt_replies = [await self._command(cmd) for cmd in envelope[1:-1]]
+        rcpt_replies: list[Reply] = []
+        for command in envelope[1:-1]:
+            rcpt_replies.append(await self._command(command))
+            if rcpt_replies[-1].code == 421:  # the server hangs up
+                return _failure("RCPT TO", rcpt_replies[-1])
         rejected = _rejected(mail, rcpt_replies)
         if len(rejected) == len(mail.recipients):
             return await self._abort(_all_rejected(rejected))
         data_reply = await self._command(envelope[-1])
         if data_reply.code != 354:
             return await self._abort(_failure("DATA", data_reply))
+        self._data_accepted = True
         return rejected
 
     async def _abort(self, refusal: TransportError) -> TransportError:
-        """RSET after a refused transaction so the connection can carry the next one."""
+        """RSET after a refused transaction so the connection can carry the next one
+        (not after a 421: the server is hanging up)."""
+        if self.broken:
+            return refusal
         reply = await self._command(b"RSET\r\n")
         if not reply.ok:
             self.broken = True
@@ -548,24 +939,25 @@ class SmtpConnection:
     async def _send_many(
         self, mails: Sequence[OutgoingMail], *, stale: bool
     ) -> AsyncGenerator[SendOutcome, None]:
-        """``send_many``; with ``stale``, a connection that fails before giving any reply
-        raises _StaleConnection instead (nothing was accepted: the pool tries another).
+        """``send_many``; with ``stale`` (a reused connection), a 421 or EOF before any
+        reply raises _StaleConnection instead: the server had closed the connection while
+        it idled and accepted nothing, so the pool sends over a new one.
         """
-        stale_mark = self._replies if stale else None
+        self._stale_mark = self._replies if stale else None
         if not self.pipelining:
             for mail in mails:
                 outcome: SendResult | TransportError
                 try:
                     outcome = await self._send_one(mail)
                 except ConnectionDropped as exc:
-                    if exc.before_reply and stale_mark == self._replies:
-                        raise _StaleConnection from exc
+                    if exc.before_reply and self._stale_mark == self._replies:
+                        raise _StaleConnection(str(exc)) from exc
                     outcome = exc
                 except TransportError as exc:
                     outcome = exc
                 yield mail, outcome
             return
-        batch = _Batch(mails, stale_mark)
+        batch = _Batch(mails)
         try:
             while not batch.done:
                 # No cancel scope may be open across a yield (it would cover the consumer).
@@ -579,8 +971,11 @@ class SmtpConnection:
 
     async def _batch_step(self, batch: _Batch) -> list[SendOutcome]:
         """Advance ``batch`` to its next outcomes, in one cancel scope; map I/O errors."""
+        if self._unavailable is not None:
+            reason = f"not tried: {self._unavailable}"
+            return _dropped(batch, reason, unavailable=self._unavailable)
         if self.broken or self._closed:
-            return _dropped(batch, "connection is not usable")
+            return _dropped(batch, self._broken_why)
         outcomes: list[SendOutcome] | None = None
         try:
             with trio.CancelScope() as scope:
@@ -588,9 +983,9 @@ class SmtpConnection:
                 outcomes = await self._batch_advance(batch)
         except (*_IO_ERRORS, SmtpProtocolError) as exc:
             self.broken = True
-            if batch.stale_mark == self._replies:
-                raise _StaleConnection from exc
-            return _dropped(batch, repr(exc))
+            if self._stale_mark == self._replies:
+                raise _StaleConnection(_describe_io(exc)) from exc
+            return _dropped(batch, self._lost(exc))
         except BaseException:
             self.broken = True  # state unknown mid-transaction (includes Cancelled)
             raise
@@ -599,6 +994,9 @@ class SmtpConnection:
         if outcomes is None:  # our deadline expired
             self.broken = True
             return _dropped(batch, f"no reply within {self._settings.command_timeout_s}s")
+        for _, outcome in outcomes:
+            if isinstance(outcome, TransportUnavailable):
+                self._unusable(outcome)
         return outcomes
 
     async def _batch_advance(self, batch: _Batch) -> list[SendOutcome]:
@@ -624,7 +1022,7 @@ class SmtpConnection:
                 return [(mail, accepted)]
             batch.body, batch.envelope = (mail, accepted), None
             # RFC 2920 3.1: the content may open a group, and DATA end it.
-            await self._write(_dot_stuff(mail.data, self._take_next(batch)))
+            await self._write(_dot_stuff(mail.data_for(self.extensions), self._take_next(batch)))
         mail, rejected = batch.body
         final = await self._read_reply()
         batch.body = None
@@ -667,8 +1065,11 @@ class SmtpConnection:
                 await self._stream.aclose()
 
 
-def _dropped(batch: _Batch, reason: str) -> list[SendOutcome]:
-    """The connection failed: the outcome of every mail of ``batch`` not yet yielded."""
+def _dropped(
+    batch: _Batch, reason: str, *, unavailable: TransportUnavailable | None = None
+) -> list[SendOutcome]:
+    """The connection failed (or is no use: ``unavailable``): the outcome of every mail
+    of ``batch`` not yet yielded."""
     outcomes: list[SendOutcome] = []
     if batch.body is not None:
         # The content was (perhaps partly) written: the server may have taken it.
@@ -677,7 +1078,12 @@ def _dropped(batch: _Batch, reason: str) -> list[SendOutcome]:
     unsent = [] if batch.envelope is None else [batch.envelope]
     unsent += batch.mails[batch.next :]
     # No content went out for these: the server cannot have taken them.
-    outcomes += [(m, ConnectionDropped(f"not sent: {reason}", before_reply=True)) for m in unsent]
+    if unavailable is not None:
+        outcomes += [(m, TransportUnavailable(reason, code=unavailable.code)) for m in unsent]
+    else:
+        outcomes += [
+            (m, ConnectionDropped(f"not sent: {reason}", before_reply=True)) for m in unsent
+        ]
     batch.body = batch.envelope = None
     batch.skipped = []
     batch.next = len(batch.mails)
@@ -704,12 +1110,16 @@ def _final_outcome(
 
 
 def _all_rejected(rejected: list[RecipientRejected]) -> TransportError:
-    """Every recipient refused: temporary if any refusal was, since a retry may then work."""
+    """Every recipient refused: temporary if any refusal was, since a retry may then work;
+    TransportUnavailable when the refusal is about this client (Postfix's HELO check)."""
     temporary = [r for r in rejected if not 500 <= r.code < 600]
     first = (temporary or rejected)[0]
     message = (
         f"all {len(rejected)} recipients refused, first {first.address}: {first.code} {first.text}"
     )
+    about_us = _about_us(first.code, first.text)
+    if about_us is not None:
+        return TransportUnavailable(f"{message} ({about_us})", code=first.code)
     if temporary:
         return TemporaryFailure(message, code=first.code)
     return PermanentFailure(message, code=first.code)
@@ -735,58 +1145,118 @@ class SmtpPoolStatistics:
     in_use: int  # open connections carrying a transaction
     connects: int  # connections opened since the pool was made
     sends: int  # messages accepted by the server since the pool was made
+    # Reused connections the server had closed meanwhile (a 421 or EOF at the first
+    # command, or pending at checkout): replaced, their mails sent over a new one.
+    stale: int = 0
+    # Mails sent again over a new connection after theirs was lost before they reached
+    # the server (stale, or lost mid-batch); they got no outcome from the lost one.
+    resent: int = 0
+    # Idle connections closed while in the pool: idle_timeout_s reached (QUIT), or the
+    # server closed them (seen at once while ``serve`` runs).
+    idle_closed: int = 0
 
 
 class SmtpPool:
-    """The Transport over SMTP: up to ``pool_size`` connections, reused LIFO, shared by tasks."""
+    """The Transport over SMTP: up to ``pool_size`` connections, reused LIFO, shared by tasks.
+
+    ``serve`` watches the idle connections; without it the pool works the same, and
+    notices idle connections that expired or that the server closed at checkout.
+    """
 
     def __init__(self, settings: SmtpSettings, url: str) -> None:
         if settings.starttls not in STARTTLS_MODES:
             raise ConfigError(f"smtp.starttls must be one of {STARTTLS_MODES}")
         if settings.pool_size < 1:
             raise ConfigError("smtp.pool_size must be at least 1")
+        timeouts = (settings.connect_timeout_s, settings.command_timeout_s, settings.idle_timeout_s)
+        if min(timeouts) <= 0:
+            raise ConfigError("smtp.*_timeout_s must be > 0")
+        if settings.greeting_probe_s < 0:
+            raise ConfigError("smtp.greeting_probe_s must be >= 0 (0 = never probe)")
         self._settings = settings
         self._url = SmtpUrl.parse(url)
         self._ssl_context = make_ssl_context(settings)  # built once: contexts are costly
+        self._helo_name = helo_name_for(settings, self._url.host)
         self._slots = trio.Semaphore(settings.pool_size)
         self._idle: list[SmtpConnection] = []  # LIFO: the hottest connection on top
+        self._nursery: trio.Nursery | None = None  # the idle watchers', while serve runs
         self._open = 0
         self._connects = 0
         self._sends = 0
+        self._stale = 0
+        self._resent = 0
+        self._idle_closed = 0
         self._closed = False
 
     def statistics(self) -> SmtpPoolStatistics:
         idle = len(self._idle)
-        return SmtpPoolStatistics(self._open, idle, self._open - idle, self._connects, self._sends)
+        return SmtpPoolStatistics(
+            self._open,
+            idle,
+            self._open - idle,
+            self._connects,
+            self._sends,
+            self._stale,
+            self._resent,
+            self._idle_closed,
+        )
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Watch each idle connection until cancelled: close it as soon as the server
+        does (a 421, EOF or TLS close_notify makes its socket readable), else QUIT it
+        at ``idle_timeout_s``. No socket lingers half-closed (CLOSE-WAIT)."""
+        if self._nursery is not None:
+            raise RuntimeError("SmtpPool.serve is already running")
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                for conn in self._idle:
+                    self._watch_soon(conn)
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+                for conn in self._idle:
+                    conn.watch = None  # its watcher ends with the nursery
+        raise AssertionError("unreachable")
 
     async def send_many(self, mails: Sequence[OutgoingMail]) -> AsyncGenerator[SendOutcome, None]:
         """``Transport.send_many`` over one connection of the pool (contract there).
 
         The connection is held, with a pool slot, until the generator finishes or is
-        closed. A reused connection found dead before it gave any reply is replaced
-        once, transparently.
+        closed. Mails that never reached the server go over a new connection when
+        theirs fails under them: always when a reused connection turns out to have been
+        closed by the server (stale), and once per call when a connection is lost
+        mid-batch (the mail in flight then fails: the server may have taken it). When
+        no connection can be had, or the new one is lost too, every mail not yet
+        yielded gets TransportUnavailable: the transport is down, no message is at fault.
         """
         if not mails:
             return
         async with self._slots:
             done = 0  # mails yielded so far
             reuse = True
+            resends = 1  # new connections allowed after one was lost mid-batch
             while True:
                 try:
                     conn, reused = await self._acquire(reuse=reuse)
-                except TransportError as exc:  # pool closed, or connect failed
-                    failure = exc
+                except TransportError as exc:  # connect failed, or pool closed
+                    failure: TransportError = exc
                     break
-                dropped = False
+                lost: ConnectionDropped | None = None
                 try:
                     outcomes = conn._send_many(mails[done:] if done else mails, stale=reused)
                     async with aclosing(outcomes):
                         async for mail, outcome in outcomes:
+                            if isinstance(outcome, ConnectionDropped) and outcome.before_reply:
+                                lost = outcome  # it and the rest never reached the server
+                                break
                             done += 1
                             if isinstance(outcome, SendResult):
                                 self._sends += 1
-                            elif isinstance(outcome, ConnectionDropped) and not dropped:
-                                dropped = True
+                            elif isinstance(outcome, ConnectionDropped):
                                 log.warning(
                                     "smtp.send_many.failed job=%s unsent=%d error=%s",
                                     mail.job_id,
@@ -794,41 +1264,71 @@ class SmtpPool:
                                     outcome,
                                 )
                             yield mail, outcome
-                    return
                 except _StaleConnection as stale:
-                    # The server had closed this idle connection: nothing was accepted.
+                    self._stale += 1
+                    self._resent += len(mails) - done
                     log.info(
                         "smtp.send_many.stale_retry job=%s unsent=%d error=%s",
                         mails[done].job_id,
                         len(mails) - done,
-                        stale.__cause__,
+                        stale,
                     )
                     reuse = False
+                    continue
                 finally:
                     await self._checkin(conn)
+                if lost is None:
+                    return
+                if not resends:
+                    failure = TransportUnavailable(f"{lost} (a new connection was lost too)")
+                    break
+                resends -= 1
+                reuse = False
+                self._resent += len(mails) - done
+                log.warning(
+                    "smtp.send_many.resend job=%s unsent=%d error=%s",
+                    mails[done].job_id,
+                    len(mails) - done,
+                    lost,
+                )
             for mail in mails[done:]:
                 yield mail, failure
 
     async def _acquire(self, *, reuse: bool) -> tuple[SmtpConnection, bool]:
-        """A live connection, and whether it was reused; raise TemporaryFailure if none."""
+        """A live connection, and whether it was reused; raise TransportUnavailable if none."""
         if self._closed:
-            raise TemporaryFailure("the SMTP pool is closed")
-        conn, expired = self._checkout() if reuse else (None, [])
-        for old in expired:
+            raise TransportUnavailable("the SMTP pool is closed (shutting down)")
+        conn, done = self._checkout() if reuse else (None, [])
+        for old in done:
             await self._discard(old)
         if conn is not None:
             return conn, True
         return await self._connect(), False
 
     def _checkout(self) -> tuple[SmtpConnection | None, list[SmtpConnection]]:
-        """Pop the most recently used live connection; also hand back the expired ones."""
-        deadline = trio.current_time() - self._settings.idle_timeout_s
+        """Pop the most recently used live connection; also hand back the ones to close:
+        expired, and closed by the server meanwhile (``serve`` may not run, or not have
+        run since: the check costs one poll(2))."""
+        cutoff = trio.current_time() - self._settings.idle_timeout_s
         # LIFO: the bottom of the stack has idled longest, so expiry works from there.
         cut = 0
-        while cut < len(self._idle) and self._idle[cut].idle_since < deadline:
+        while cut < len(self._idle) and self._idle[cut].idle_since < cutoff:
             cut += 1
-        expired, self._idle = self._idle[:cut], self._idle[cut:]
-        return (self._idle.pop() if self._idle else None), expired
+        done, self._idle = self._idle[:cut], self._idle[cut:]
+        self._idle_closed += cut
+        conn: SmtpConnection | None = None
+        while self._idle and conn is None:
+            conn = self._idle.pop()
+            if conn.has_unread():
+                conn.broken = True  # the server is closing it: no QUIT
+                self._stale += 1
+                done.append(conn)
+                conn = None
+        for old in done:
+            _unwatch(old)
+        if conn is not None:
+            _unwatch(conn)  # before anything reads from its socket
+        return conn, done
 
     async def _checkin(self, conn: SmtpConnection) -> None:
         if (
@@ -840,10 +1340,47 @@ class SmtpPool:
         else:
             conn.idle_since = trio.current_time()
             self._idle.append(conn)
+            self._watch_soon(conn)
+
+    def _watch_soon(self, conn: SmtpConnection) -> None:
+        if self._nursery is not None:
+            conn.watch = trio.CancelScope()
+            self._nursery.start_soon(self._watch, conn, conn.watch)
+
+    async def _watch(self, conn: SmtpConnection, watch: trio.CancelScope) -> None:
+        """While ``conn`` idles: wait until its socket is readable (the server closes it)
+        or its idle time is up, then take it out of the pool and close it. A checkout
+        cancels ``watch`` first (synchronously: the socket is free for the sender)."""
+        fd = conn.fileno()
+        if watch.cancel_called or fd is None:
+            return
+        deadline = conn.idle_since + self._settings.idle_timeout_s
+        # (An I/O error: the socket was closed under us, by the pool.)
+        with watch, trio.move_on_at(deadline) as idle, suppress(*_IO_ERRORS):
+            await trio.lowlevel.wait_readable(fd)
+        if watch.cancel_called or conn not in self._idle:
+            return  # checked out, or being closed by the pool
+        self._idle.remove(conn)
+        conn.watch = None
+        self._idle_closed += 1
+        if idle.cancelled_caught:
+            log.debug("smtp.idle.expired host=%s port=%d", self._url.host, self._url.port)
+        else:
+            conn.broken = True  # the server hung up (or is about to): no QUIT
+            said = await conn.last_words()
+            log.debug(
+                "smtp.idle.closed_by_server host=%s port=%d said=%r",
+                self._url.host,
+                self._url.port,
+                said,
+            )
+        await self._discard(conn)
 
     async def _connect(self) -> SmtpConnection:
         try:
-            conn = await SmtpConnection.open(self._url, self._settings, self._ssl_context)
+            conn = await SmtpConnection.open(
+                self._url, self._settings, self._ssl_context, helo_name=self._helo_name
+            )
         except TransportError as exc:
             log.warning(
                 "smtp.connect.failed host=%s port=%d error=%s", self._url.host, self._url.port, exc
@@ -868,6 +1405,14 @@ class SmtpPool:
         """Close every idle connection; in-use ones are closed as their sends finish."""
         self._closed = True
         idle, self._idle = self._idle, []
+        for conn in idle:
+            _unwatch(conn)
         async with trio.open_nursery() as nursery:
             for conn in idle:
                 nursery.start_soon(self._discard, conn)
+
+
+def _unwatch(conn: SmtpConnection) -> None:
+    if conn.watch is not None:
+        conn.watch.cancel()
+        conn.watch = None

@@ -24,16 +24,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.embedded import ChildError, redis_run
+from engine.queue import Redis
 from loadtest.chaos.scenarios import Fault, Scenario
-from loadtest.cluster import (
-    HOST,
-    Cluster,
-    ClusterError,
-    RedisReplyError,
-    redis_command,
-    redis_pipeline,
+from loadtest.cluster import Cluster
+from loadtest.load import (
+    LoadRun,
+    LoadSettings,
+    default_lease_s,
+    default_probe_max_s,
+    start_load,
+    update_meta,
 )
-from loadtest.load import LoadRun, LoadSettings, default_lease_s, start_load, update_meta
 from loadtest.recorder import write_json
 from loadtest.report import write_report
 
@@ -105,27 +107,27 @@ def read_states(cluster: Cluster, ids: Iterable[str], chunk: int = 2000) -> dict
     """Each id's ``state`` field, pipelined HGETs straight to Redis; ``missing`` for an
     id without a record."""
     ids = list(ids)
-    out: dict[str, str] = {}
-    for i in range(0, len(ids), chunk):
-        part = ids[i : i + chunk]
-        replies = redis_pipeline(
-            HOST, cluster.ports["redis"], [("HGET", cluster.keys.job(j), "state") for j in part]
-        )
-        for job_id, value in zip(part, replies, strict=True):
-            out[job_id] = value.decode() if isinstance(value, bytes) else "missing"
-    return out
+
+    async def go(r: Redis) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for i in range(0, len(ids), chunk):
+            part = ids[i : i + chunk]
+            async with r.pipeline(transaction=False) as p:
+                replies = [p.hget(cluster.keys.job(j), "state") for j in part]
+            for job_id, reply in zip(part, replies, strict=True):
+                value = await reply
+                out[job_id] = value.decode() if isinstance(value, bytes) else "missing"
+        return out
+
+    return redis_run(cluster.redis_url, go, timeout_s=30.0)
 
 
 def _wait_redis(cluster: Cluster, timeout_s: float) -> None:
     """Redis answers PING (it may still be loading its AOF after a restart)."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if redis_command(HOST, cluster.ports["redis"], "PING") == "PONG":
-                return
-        except (OSError, ConnectionError, RedisReplyError):
-            if time.monotonic() > deadline:
-                raise
+    while not cluster.redis.ping():
+        if time.monotonic() > deadline:
+            raise ChildError(f"redis not answering PING after {timeout_s:g}s")
         time.sleep(0.2)
 
 
@@ -178,9 +180,12 @@ def run(settings: ChaosSettings) -> int:
             senders=s.senders,
             cores=os.cpu_count(),
             lease_s=lease_s,
+            breaker_probe_max_s=float(
+                env.get("ENGINE_SENDER__BREAKER_PROBE_MAX_S", default_probe_max_s())
+            ),
             host=cluster.lb_url,
         )
-        tally = Tally(run_dir, cluster.sink.log)
+        tally = Tally(run_dir, cluster.sink.log_file)
         load = start_load(
             LoadSettings(
                 cluster.lb_url,
@@ -233,7 +238,7 @@ def run(settings: ChaosSettings) -> int:
         states = read_states(cluster, sorted(tally.accepted))
         write_json(run_dir / "states.json", states)
         update_meta(run_dir, ended_at=time.time())
-    except ClusterError as exc:
+    except ChildError as exc:  # a ClusterError, or a process that did not start
         say(f"cluster failed: {exc}")
         return 2
     finally:
@@ -258,7 +263,7 @@ def _drain(cluster: Cluster, tally: Tally, drain_s: float, started: float) -> No
         if time.time() >= next_note or time.time() >= deadline:
             try:
                 states = read_states(cluster, waiting)
-            except (OSError, ConnectionError):
+            except Exception:  # Redis down or loading: coredis's or the OS's error
                 states = {}
             pending = sum(1 for v in states.values() if v in PENDING)
             if states and not pending:

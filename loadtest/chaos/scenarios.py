@@ -120,6 +120,22 @@ def sink_slow(window_s: float, delay_ms: int) -> Callable[[Cluster], Fault]:
     return run
 
 
+def smtp_outage(down_s: float) -> Callable[[Cluster], Fault]:
+    """The SMTP server is stopped for ``down_s`` (open sessions cut, connections
+    refused), then back on its port. The engine must spend no attempt on it (circuit
+    breaker), dead-letter nothing, and resume within its longest probe interval + 2 s
+    of the server's return."""
+
+    def run(c: Cluster) -> Fault:
+        at = time.time()
+        c.stop_sink()
+        time.sleep(down_s)
+        c.start_sink()
+        return _fault(f"SMTP server down for {down_s:g} s", "smtp-outage", "sink", at, time.time())
+
+    return run
+
+
 def redis_cut(replica: int, seconds: float) -> Callable[[Cluster], Fault]:
     """Reset one replica's connections to Redis and refuse new ones for ``seconds``
     (a network partition between that replica and Redis)."""
@@ -169,6 +185,12 @@ SCENARIOS: dict[str, Scenario] = {
             "the SMTP sink takes 500 ms per reply for 10 s",
             (Step(15, sink_slow(10.0, 500)),),
             min_seconds=45,
+        ),
+        Scenario(
+            "smtp-outage",
+            "the SMTP server is stopped for 60 s under load, then back",
+            (Step(15, smtp_outage(60.0)),),
+            min_seconds=100,
         ),
         Scenario(
             "redis-cut",
