@@ -62,6 +62,9 @@ class SinkHandler:
         self.log = log
         self.maildir = maildir
         self.set_faults(faults)
+        # Set when the sink stops: a transaction finishing after the log was closed is
+        # refused (421), never answered 250 without being recorded.
+        self.closing = False
         # One generator for the process: with a seed, the n-th transaction's fate is fixed.
         self._random = random.Random(faults.seed)
 
@@ -109,6 +112,8 @@ class SinkHandler:
         return "250 OK"
 
     async def handle_DATA(self, server: SinkSMTP, session: Session, envelope: SinkEnvelope) -> str:
+        if self.closing:
+            return "421 4.3.2 sink shutting down"
         if envelope.faults is not None or self._every_transaction:
             verdict = self._data_verdict(envelope.faults)
             if verdict.delay_s > 0:
@@ -299,6 +304,7 @@ async def serve_sink(options: SinkOptions, counters: Counters) -> None:
     finally:
         # Open connections are cancelled when the loop shuts down; nothing acked is lost:
         # handle_DATA records a message before its 250 is sent (and only then).
+        handler.closing = True
         if server is not None:
             server.close()
         for signum in (signal.SIGINT, signal.SIGTERM):
