@@ -303,7 +303,11 @@ async def test_idle_claim_wakes_on_enqueue(redis: Redis, nursery: trio.Nursery) 
         got.extend(j.id for j in await q.claim(5, block_s=5))
 
     nursery.start_soon(waiter)
-    await trio.sleep(0.2)
+    # Enqueue only once the waiter blocks on the doorbell (Redis lists it blocked).
+    with trio.fail_after(5):
+        while int((await redis.info("clients"))["blocked_clients"]) < 1:
+            await trio.sleep(0.01)
+    assert got == []
     (job,) = _jobs(1, lane="low", tenant="x")
     with trio.fail_after(2):
         await q.enqueue([job])
