@@ -122,7 +122,7 @@ class SenderSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # sender probes it with one message after breaker_probe_s, then after twice as
     # long, up to breaker_probe_max_s, until it works again.
     breaker_probe_s: float = 1.0
-    breaker_probe_max_s: float = 15.0
+    breaker_probe_max_s: float = 10.0
 
 
 class QueueSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

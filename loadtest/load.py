@@ -362,13 +362,13 @@ def parse_seconds(text: str) -> float:
 
 
 def default_probe_max_s() -> float:
-    """The engine's sender.breaker_probe_max_s default (15 s when not importable)."""
+    """The engine's sender.breaker_probe_max_s default (10 s when not importable)."""
     try:
         from engine.config import SenderSettings
 
         return float(SenderSettings().breaker_probe_max_s)
     except ImportError:
-        return 15.0
+        return 10.0
 
 
 def default_lease_s() -> float:
