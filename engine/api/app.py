@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import trio
 from quart import Response
 from quart_trio import QuartTrio
@@ -20,7 +21,8 @@ from engine.api.hub import register_history_route
 from engine.api.ingest import Ingest
 from engine.api.limits import register_limit_routes
 from engine.api.metrics import send_metrics, timed
-from engine.api.responses import problem_response
+from engine.api.responses import json_response, problem_response
+from engine.api.routes import index, openapi
 from engine.api.schedules import register_schedule_routes
 from engine.api.transports import register_transport_routes
 from engine.config import Settings
@@ -51,35 +53,15 @@ def _quart_app(backend: ApiBackend, settings: Settings) -> QuartTrio:
         max_body_bytes=settings.http.max_body_bytes,
     )
 
+    spec = msgspec.json.encode(openapi())
+
     @app.get("/v1")
-    async def index() -> dict[str, Any]:
-        return {
-            "service": "engine",
-            "endpoints": [
-                "POST /v1/messages",
-                "POST /v1/messages/batch",
-                "GET /v1/messages/{id}",
-                "DELETE /v1/messages/{id}",
-                "GET /v1/messages/{id}/events",
-                "WS /v1/events",
-                "GET /v1/limits",
-                "GET /v1/transports",
-                "POST /v1/schedules",
-                "GET /v1/schedules",
-                "GET /v1/schedules/{name}",
-                "DELETE /v1/schedules/{name}",
-                "GET /healthz",
-                "GET /readyz",
-                "GET /metrics",
-                "GET /v1/dead",
-                "POST /v1/dead/{id}/retry",
-                "POST /v1/dead/retry",
-                "DELETE /v1/dead/{id}",
-                "GET /v1/stats",
-                "GET /v1/sink/messages",
-                "GET / (dashboard)",
-            ],
-        }
+    async def list_routes() -> Response:
+        return json_response(200, index())
+
+    @app.get("/openapi.json")
+    async def openapi_json() -> Response:
+        return Response(spec, status=200, content_type="application/json")
 
     @app.errorhandler(QueueError)
     async def queue_unavailable(exc: QueueError) -> Response:

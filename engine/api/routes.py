@@ -1,0 +1,261 @@
+"""The route table: every route of the API declared once -- method, path, the scope a
+caller will need (API keys, issue 13), request and response types, every status it can
+answer -- and what is generated from it: ``GET /v1`` and ``GET /openapi.json``.
+
+Dispatch still goes through the fast path in ``app.py`` and Quart behind it;
+``tests/test_routes.py`` holds the table, the dispatchers and the answers together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgspec
+
+from engine import __version__
+from engine.api.dashboard import SinkPage, Stats
+from engine.api.limits import BucketView
+from engine.api.schedules import ScheduleIn, ScheduleView
+from engine.api.transports import TransportView
+from engine.models import Accepted, BatchAccepted, BatchIn, Event, JobView, MessageIn, Problem
+
+# Scopes an API key will carry (issue 13); "public" routes need none.
+SCOPES: Final = ("public", "send", "read", "events", "dead-letters", "schedules", "admin")
+
+
+class DeadPage(msgspec.Struct):
+    total: int
+    offset: int
+    limit: int
+    next_offset: int | None
+    items: list[JobView]
+
+
+class DeadRetried(msgspec.Struct):
+    retried: int
+    ids: list[str]
+
+
+class DeadRetryFilter(msgspec.Struct):
+    """Body of POST /v1/dead/retry; empty body or {} retries everything."""
+
+    ids: list[str] | None = None
+    error_contains: str | None = None
+
+
+class ScheduleList(msgspec.Struct):
+    items: list[ScheduleView]
+
+
+class LimitsView(msgspec.Struct):
+    configured: bool
+    buckets: list[BucketView]
+
+
+class TransportList(msgspec.Struct):
+    transports: list[TransportView]
+
+
+class Health(msgspec.Struct):
+    alive: bool
+
+
+class Readiness(msgspec.Struct):
+    ready: bool
+    redis: str
+    senders: int
+    draining: bool
+
+
+# Statuses every route may answer: 405 (wrong method) and, while Redis is down, 503.
+_COMMON: Final[dict[int, str]] = {405: "method not allowed (Allow lists the methods)"}
+_QUEUE: Final[dict[int, tuple[str, Any]]] = {503: ("Redis unavailable: retry (Retry-After)", None)}
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str  # GET, POST, DELETE, or WS (a websocket upgrade)
+    path: str  # OpenAPI template: /v1/messages/{id}
+    summary: str
+    scope: str
+    # status -> (description, body type or None for none, or a media type string)
+    responses: Mapping[int, tuple[str, Any]]
+    request: Any = None
+    query: Mapping[str, str] = field(default_factory=dict)  # name -> description
+    tag: str = "messages"
+
+
+def _ok(desc: str, body: Any = None) -> tuple[str, Any]:
+    return desc, body
+
+
+_INGEST_ERRORS: Final = {
+    400: _ok("malformed JSON, or an invalid Idempotency-Key header"),
+    409: _ok("Idempotency-Key reused with a different body"),
+    413: _ok("body over http.max_body_bytes"),
+    415: _ok("body is not JSON"),
+    422: _ok("a field is invalid (problem.field names it)"),
+    429: _ok("over this client's rate (Retry-After, RateLimit-* headers)"),
+    503: _ok("not accepted: Redis unavailable, backlog full or shutting down (Retry-After)"),
+}
+
+ROUTES: Final[tuple[Route, ...]] = (
+    Route("POST", "/v1/messages", "Send one message", "send",
+          {202: _ok("stored and queued (or scheduled)", Accepted),
+           200: _ok("a repeat of an Idempotency-Key: the first request's id", Accepted),
+           **_INGEST_ERRORS}, request=MessageIn),
+    Route("POST", "/v1/messages/batch", "Send up to http.max_batch_messages messages at once",
+          "send", {202: _ok("all stored", BatchAccepted),
+                   200: _ok("a repeat of an Idempotency-Key", BatchAccepted),
+                   **_INGEST_ERRORS}, request=BatchIn),
+    Route("GET", "/v1/messages/{id}", "A message's state", "read",
+          {200: _ok("the message", JobView), 404: _ok("no such message"), **_QUEUE}),
+    Route("DELETE", "/v1/messages/{id}", "Cancel a queued, scheduled or retrying message",
+          "send", {200: _ok("cancelled", Accepted), 404: _ok("no such message"),
+                   409: _ok("too late: processing or finished"), **_QUEUE}),
+    Route("GET", "/v1/messages/{id}/events", "A message's lifecycle events still kept",
+          "events", {200: _ok("oldest first (Events-Complete: false if the scan stopped)",
+                              list[Event]), 404: _ok("no such message"), **_QUEUE}),
+    Route("WS", "/v1/events", "Live lifecycle events (filters, since= resume)", "events",
+          {101: _ok("upgraded: text frames are JSON arrays of events"),
+           400: _ok("a bad filter or since"), 503: _ok("too many subscribers")},
+          query={"id": "message ids", "type": "event types", "tenant": "tenants",
+                 "tag": "tags", "since": "resume after this event id"}, tag="events"),
+    Route("GET", "/v1/dead", "The dead-letter queue, oldest first", "dead-letters",
+          {200: _ok("a page", DeadPage), 422: _ok("bad offset or limit"), **_QUEUE},
+          query={"offset": "first item (default 0)", "limit": "items (1-500, default 50)"},
+          tag="dead letters"),
+    Route("POST", "/v1/dead/{id}/retry", "Queue a dead letter again", "dead-letters",
+          {202: _ok("queued with fresh attempts", Accepted),
+           404: _ok("not in the dead-letter queue"), **_QUEUE}, tag="dead letters"),
+    Route("POST", "/v1/dead/retry", "Queue dead letters again (all, by ids or by error)",
+          "dead-letters", {202: _ok("queued", DeadRetried), 400: _ok("malformed JSON"),
+                           422: _ok("a field is invalid"), **_QUEUE},
+          request=DeadRetryFilter, tag="dead letters"),
+    Route("DELETE", "/v1/dead/{id}", "Delete a dead letter for good", "dead-letters",
+          {204: _ok("deleted"), 404: _ok("not in the dead-letter queue"), **_QUEUE},
+          tag="dead letters"),
+    Route("POST", "/v1/schedules", "Create or replace a recurring schedule", "schedules",
+          {201: _ok("created", ScheduleView), 200: _ok("replaced", ScheduleView),
+           400: _ok("malformed JSON"), 413: _ok("body too large"), 415: _ok("not JSON"),
+           422: _ok("invalid name, cron, zone or message"), **_QUEUE},
+          request=ScheduleIn, tag="schedules"),
+    Route("GET", "/v1/schedules", "Every schedule", "schedules",
+          {200: _ok("by name", ScheduleList), **_QUEUE}, tag="schedules"),
+    Route("GET", "/v1/schedules/{name}", "One schedule", "schedules",
+          {200: _ok("the schedule", ScheduleView), 404: _ok("no such schedule"), **_QUEUE},
+          tag="schedules"),
+    Route("DELETE", "/v1/schedules/{name}", "Delete a schedule", "schedules",
+          {204: _ok("deleted"), 404: _ok("no such schedule"), **_QUEUE}, tag="schedules"),
+    Route("GET", "/v1/limits", "The shared rate limits and their live state", "admin",
+          {200: _ok("every configured bucket", LimitsView), **_QUEUE}, tag="operations"),
+    Route("GET", "/v1/transports", "Whether each transport takes mail (its breaker)", "read",
+          {200: _ok("up, or down with the reason", TransportList), **_QUEUE},
+          tag="operations"),
+    Route("GET", "/v1/stats", "Queue-wide counts (the dashboard polls it)", "read",
+          {200: _ok("counts", Stats), **_QUEUE}, tag="operations"),
+    Route("GET", "/v1/sink/messages", "Mail the embedded sink captured", "read",
+          {200: _ok("newest first", SinkPage), 404: _ok("no embedded sink"),
+           422: _ok("bad limit")}, query={"limit": "1-200, default 50"}, tag="operations"),
+    Route("GET", "/v1", "This API's routes", "public",
+          {200: _ok("service and endpoints", dict[str, Any])}, tag="operations"),
+    Route("GET", "/openapi.json", "This document", "public",
+          {200: _ok("OpenAPI 3.1", dict[str, Any])}, tag="operations"),
+    Route("GET", "/healthz", "Liveness", "public", {200: _ok("alive", Health)},
+          tag="operations"),
+    Route("GET", "/readyz", "Readiness (Redis reachable, senders running, not draining)",
+          "public", {200: _ok("ready", Readiness), 503: _ok("not ready", Readiness)},
+          tag="operations"),
+    Route("GET", "/metrics", "Prometheus metrics", "public",
+          {200: _ok("text exposition format", "text/plain")}, tag="operations"),
+    Route("GET", "/", "The dashboard", "public", {200: _ok("the page", "text/html")},
+          tag="operations"),
+    Route("GET", "/static/{name}", "The dashboard's assets", "public",
+          {200: _ok("the file", "application/octet-stream"), 404: _ok("no such file")},
+          tag="operations"),
+)  # fmt: skip
+
+
+def index() -> dict[str, Any]:
+    """The body of ``GET /v1``."""
+    return {
+        "service": "engine",
+        "version": __version__,
+        "openapi": "/openapi.json",
+        "endpoints": [f"{r.method} {r.path}" for r in ROUTES],
+    }
+
+
+def openapi() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ``ROUTES`` (schemas from the msgspec types)."""
+    types: list[Any] = [Problem]
+    for r in ROUTES:
+        if r.request is not None:
+            types.append(r.request)
+        types += [body for _, body in r.responses.values() if _is_type(body)]
+    schemas, components = msgspec.json.schema_components(
+        types, ref_template="#/components/schemas/{name}"
+    )
+    by_type = dict(zip(map(repr, types), schemas, strict=True))
+    paths: dict[str, dict[str, Any]] = {}
+    for r in ROUTES:
+        op: dict[str, Any] = {
+            "summary": r.summary,
+            "tags": [r.tag],
+            "x-scope": r.scope,
+            "responses": {
+                str(status): _response(status, desc, body, by_type)
+                for status, (desc, body) in sorted({**_common(r), **r.responses}.items())
+            },
+        }
+        params = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in _path_params(r.path)
+        ] + [
+            {"name": name, "in": "query", "required": False, "description": desc,
+             "schema": {"type": "string"}}
+            for name, desc in r.query.items()
+        ]  # fmt: skip
+        if params:
+            op["parameters"] = params
+        if r.request is not None:
+            op["requestBody"] = {
+                "required": r.method != "POST" or r.path != "/v1/dead/retry",
+                "content": {"application/json": {"schema": by_type[repr(r.request)]}},
+            }
+        method = "get" if r.method == "WS" else r.method.lower()
+        if r.method == "WS":
+            op["description"] = "A websocket upgrade (GET with Upgrade: websocket)."
+        paths.setdefault(r.path, {})[method] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "engine", "version": __version__,
+                 "description": "Email delivery over HTTP: accepted (202) means stored."},
+        "paths": paths,
+        "components": {"schemas": components},
+    }  # fmt: skip
+
+
+def _common(route: Route) -> dict[int, tuple[str, Any]]:
+    return {s: (d, None) for s, d in _COMMON.items()} if route.method != "WS" else {}
+
+
+def _is_type(body: Any) -> bool:
+    return body is not None and not isinstance(body, str)
+
+
+def _path_params(path: str) -> list[str]:
+    return [part[1:-1] for part in path.split("/") if part.startswith("{")]
+
+
+def _response(status: int, desc: str, body: Any, by_type: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": desc}
+    if isinstance(body, str):
+        out["content"] = {body: {}}
+    elif body is not None:
+        out["content"] = {"application/json": {"schema": by_type[repr(body)]}}
+    elif status >= 400:
+        out["content"] = {"application/problem+json": {"schema": by_type[repr(Problem)]}}
+    return out
