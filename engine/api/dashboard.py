@@ -32,8 +32,10 @@ ASSETS: Final = {
     "dashboard.js": "text/javascript; charset=utf-8",
     "uPlot.iife.min.js": "text/javascript; charset=utf-8",
     "uPlot.min.css": "text/css; charset=utf-8",
+    "redoc.standalone.js": "text/javascript; charset=utf-8",
 }
 _PAGE: Final = "index.html"
+_DOCS: Final = "docs.html"
 # Same-origin only: the page loads nothing from elsewhere and runs no inline script.
 _PAGE_HEADERS: Final = {
     "Content-Security-Policy": (
@@ -43,6 +45,15 @@ _PAGE_HEADERS: Final = {
     ),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
+}
+# The API reference (Redoc) injects its styles and runs its search in a blob worker.
+_DOCS_HEADERS: Final = {
+    **_PAGE_HEADERS,
+    "Content-Security-Policy": (
+        "default-src 'self'; connect-src 'self'; img-src 'self' data:; font-src 'self' data:; "
+        "script-src 'self'; style-src 'self' 'unsafe-inline'; worker-src 'self' blob:; "
+        "base-uri 'none'; frame-ancestors 'none'; form-action 'none'"
+    ),
 }
 
 SINK_PAGE_MAX: Final = 500
@@ -112,7 +123,9 @@ class StaticFiles:
     async def get(self, name: str) -> _Asset | None:
         if name in self._cache:
             return self._cache[name]
-        content_type = ASSETS.get(name) or ("text/html; charset=utf-8" if name == _PAGE else None)
+        content_type = ASSETS.get(name) or (
+            "text/html; charset=utf-8" if name in (_PAGE, _DOCS) else None
+        )
         if content_type is None:
             return None
         body = await trio.Path(self._root / name).read_bytes()
@@ -208,6 +221,12 @@ def register_dashboard_routes(app: QuartTrio, backend: ApiBackend) -> None:
         asset = await static.get(_PAGE)
         assert asset is not None
         return _respond(asset, _PAGE_HEADERS)
+
+    @app.get("/docs")
+    async def docs() -> Response:
+        asset = await static.get(_DOCS)
+        assert asset is not None
+        return _respond(asset, _DOCS_HEADERS)
 
     @app.get("/static/<name>")
     async def asset(name: str) -> Response:

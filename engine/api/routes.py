@@ -172,6 +172,8 @@ ROUTES: Final[tuple[Route, ...]] = (
           {200: _ok("text exposition format", "text/plain")}, tag="operations"),
     Route("GET", "/", "The dashboard", "public", {200: _ok("the page", "text/html")},
           tag="operations"),
+    Route("GET", "/docs", "This reference, rendered (offline: vendored Redoc)", "public",
+          {200: _ok("the page", "text/html")}, tag="operations"),
     Route("GET", "/static/{name}", "The dashboard's assets", "public",
           {200: _ok("the file", "application/octet-stream"), 404: _ok("no such file")},
           tag="operations"),
