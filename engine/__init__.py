@@ -4,6 +4,7 @@ Layers (imports point down only; enforced by import-linter in pyproject.toml):
 
     cli -> service (composition root: the only place the whole task tree is visible)
              -> api (HTTP ingest, status; never imports sender/transport)
+             -> http (HTTP/1.1 + WebSocket server for ASGI; knows nothing of email)
              -> sender, reaper, embedded
                   -> queue (the only code that talks to Redis; Lua in queue/lua)
                   -> transport (SMTP client pool, in-memory transport)

@@ -43,6 +43,30 @@ class RedisSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class HttpSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # HOST:PORT the API listens on.
     bind: str = "127.0.0.1:8080"
+    # "builtin": the engine's own HTTP/1.1 + WebSocket server (engine/http: httptools +
+    # wsproto, ~35 us of CPU per request here); "hypercorn": hypercorn's trio worker
+    # (~900 us per request), kept as an alternative and as the conformance oracle.
+    server: str = "builtin"
+    # Open connections at most; at the cap the server stops accepting until one closes.
+    max_connections: int = 1000
+    # Seconds an idle keep-alive connection stays open (above load balancers' usual 60 s).
+    keep_alive_timeout_s: float = 75.0
+    # Seconds from a request's first byte to the end of its head (slowloris), and for a
+    # new connection's first request: 408.
+    head_timeout_s: float = 10.0
+    # Seconds without a body byte while the application waits for the body: 408.
+    body_timeout_s: float = 30.0
+    # Bytes of the request target at most (414), header fields at most and their bytes
+    # together at most (431).
+    max_url_bytes: int = 8 * 1024
+    max_headers: int = 100
+    max_header_bytes: int = 16 * 1024
+    # Bytes of one incoming websocket message at most (close 1009); seconds to wait for
+    # the client's close frame after ours.
+    ws_max_message_bytes: int = 1024 * 1024
+    ws_close_timeout_s: float = 5.0
+    # Seconds graceful shutdown gives in-flight requests and websocket closes.
+    shutdown_timeout_s: float = 5.0
     # Request bodies above this many bytes get 413.
     max_body_bytes: int = 10 * 1024 * 1024
     # Messages allowed in one POST /v1/messages/batch.
@@ -386,6 +410,8 @@ def _check(s: Settings) -> None:
         raise ConfigError("sender.senders must be at least 1")
     if s.sender.rate_per_s < 0:
         raise ConfigError("sender.rate_per_s must be >= 0 (0 means unlimited)")
+    if s.http.server not in ("builtin", "hypercorn"):
+        raise ConfigError("http.server must be builtin or hypercorn")
     if s.smtp.starttls not in ("auto", "require", "never"):
         raise ConfigError("smtp.starttls must be one of auto, require, never")
     if set(s.queue.lane_weights) != {"high", "normal", "low"} or any(

@@ -8,7 +8,7 @@ runs its task tree; ``run_engine`` does both on one Redis connection.
     ├── drain.serve      samples how fast the queue drains (Retry-After of a full backlog)
     ├── senders.serve    N sender tasks
     ├── hub.serve        tails the event stream for this replica's websockets (API roles)
-    └── serve_http       hypercorn (trio worker) running the API
+    └── serve_http       the HTTP server (engine/http, or hypercorn) running the API
 
 Shutdown (SIGTERM/SIGINT): stop intake (503), stop claiming, let in-flight sends
 finish within the grace period, hand claimed-but-unsent jobs back, exit. A second
@@ -32,6 +32,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from engine.api import ApiBackend, ASGIApp, EventHub, build_app
 from engine.config import HttpSettings, Settings
 from engine.errors import EngineError
+from engine.http import serve_http
 from engine.metrics import Metrics
 from engine.queue import (
     Breaker,
@@ -90,7 +91,7 @@ class _HypercornConfig(HypercornConfig):
         return sockets
 
 
-async def serve_http(
+async def serve_hypercorn(
     app: ASGIApp,
     settings: HttpSettings,
     shutdown: trio.Event,
@@ -266,7 +267,17 @@ async def run(
             await root.start(parts.drain.serve)
             await root.start(parts.hub.serve)
         # Bound before the senders start: a busy port fails the start cleanly.
-        binds = await root.start(serve_http, parts.app, parts.settings.http, http_stop)
+        http = parts.settings.http
+        serve = serve_http if http.server == "builtin" else serve_hypercorn
+        http_done = trio.Event()
+
+        async def run_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
+            try:
+                await serve(parts.app, http, http_stop, task_status=task_status)
+            finally:
+                http_done.set()
+
+        binds = await root.start(run_http)
         if role in ("all", "sender"):
             await root.start(parts.transport.serve)  # closes idle connections in time
             root.start_soon(run_senders)
@@ -293,7 +304,11 @@ async def run(
         with trio.move_on_at(deadline):
             await _hand_back(parts)
             await parts.hub.close()  # websockets get 1001 and can resume elsewhere
+        # The server drains (in-flight requests answered, idle connections closed)
+        # within the same deadline.
         http_stop.set()
+        with trio.move_on_at(deadline + http.shutdown_timeout_s):
+            await http_done.wait()
         root.cancel_scope.cancel()
 
 
