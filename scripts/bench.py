@@ -1,13 +1,18 @@
 """Benchmark the engine against ceilings measured in the same run.
 
 Phases (each prints progress; a table comes at the end):
-  1. HTTP ceiling: bare ASGI hello on hypercorn-trio, single POSTs by wrk (measured
-     before and after phase 2; the higher one counts).
-  2. Ingest: the engine (role api) under the same wrk load: req/s, p50, p99.
+  1. HTTP ceilings: a bare ASGI hello on hypercorn-trio (before and after the ingest
+     phases: the higher one counts) and on the built-in server (engine/http), single
+     POSTs by wrk; the server process's CPU per request.
+  2. Ingest: the engine (role all: senders running, delivering to a sink) under the same
+     wrk load, on the built-in server and on hypercorn: req/s, p50, p99, CPU/request.
   3. Batch ingest: POST /v1/messages/batch with BATCH messages each: accepted msgs/s.
   4. Sink ceiling: the sink fed directly by one pipelined SMTP client.
-  5. End to end: N messages posted in batches to one engine (role all); delivered
-     msgs/s = N / (last message received by the sink - first POST).
+  5. End to end, batches: N messages posted in batches to one engine (role all);
+     delivered msgs/s = N / (last message received by the sink - first POST).
+  6. End to end, single POSTs: wrk posts one message per request (--connections in
+     flight) for --seconds; delivered msgs/s = 2xx answers / (last one received by the
+     sink - start).
 Everything runs on 127.0.0.1: Redis (AOF everysec, as the embedded default), engine,
 sink and load generator share this machine's cores, so compare ratios, not absolutes.
 """
@@ -31,6 +36,7 @@ import httpx
 
 from engine.embedded import Child, RedisServer, SinkProcess, free_port
 from fixtures.engine import EngineProcess
+from scripts.benchlib import cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +58,7 @@ class WrkResult:
     p99_ms: float
     non_2xx: int
     requests: int
+    cpu_us_per_request: float = 0.0  # of the server process (engine or hello app)
 
 
 _UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -63,7 +70,10 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNIT[m.group(2)]
 
 
-def run_wrk(url: str, body: bytes, seconds: float, connections: int, tmp: Path) -> WrkResult:
+def run_wrk(
+    url: str, body: bytes, seconds: float, connections: int, tmp: Path, pid: int | None = None
+) -> WrkResult:
+    """wrk POSTing ``body``; with ``pid``, that process's CPU per request too."""
     body_file = tmp / f"body-{len(body)}.json"
     body_file.write_bytes(body)
     script = tmp / f"post-{len(body)}.lua"
@@ -72,6 +82,7 @@ def run_wrk(url: str, body: bytes, seconds: float, connections: int, tmp: Path) 
         'wrk.headers["Content-Type"] = "application/json"\n'
         f'local f = io.open("{body_file}", "rb"); wrk.body = f:read("*a"); f:close()\n'
     )
+    cpu0 = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(
         [
             "wrk",
@@ -92,16 +103,27 @@ def run_wrk(url: str, body: bytes, seconds: float, connections: int, tmp: Path) 
     p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     non = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    return WrkResult(rps, p50, p99, int(non.group(1)) if non else 0, total)
+    cpu_us = (cpu_seconds(pid) - cpu0) / total * 1e6 if pid and total else 0.0
+    return WrkResult(rps, p50, p99, int(non.group(1)) if non else 0, total, cpu_us)
 
 
 def start_engine(
-    redis_url: str, smtp_url: str, role: str, senders: int, workdir: Path, src: Path = ROOT
+    redis_url: str,
+    smtp_url: str,
+    role: str,
+    senders: int,
+    workdir: Path,
+    src: Path = ROOT,
+    server: str | None = None,
 ) -> EngineProcess:
-    """`engine serve` from the source tree ``src`` (another checkout for --compare-ref)."""
+    """`engine serve` from the source tree ``src`` (another checkout for --compare-ref);
+    ``server`` sets http.server (None: the tree's default, which older trees lack)."""
+    env = {"PYTHONPATH": str(src)}
+    if server is not None:
+        env["ENGINE_HTTP__SERVER"] = server
     engine = EngineProcess(
         redis_url, smtp_url, workdir, "--role", role, "--senders", str(senders),
-        "--log-level", "warning", env={"PYTHONPATH": str(src)}, wait_ready=False,
+        "--log-level", "warning", env=env, wait_ready=False,
     )  # fmt: skip
     engine.wait_ready(timeout=30)
     return engine
@@ -127,19 +149,22 @@ def phase_ceiling(args: argparse.Namespace, tmp: Path, server: str = "hypercorn"
     try:
         url = f"http://127.0.0.1:{port}/"
         hello.wait_until("answering", lambda: _answers(url), 30)
-        say(
-            f"1/5 HTTP ceiling: bare hello on {server}, wrk -c{args.connections} for {args.seconds}s"
-        )
+        say(f"HTTP ceiling: bare hello on {server}, wrk -c{args.connections} for {args.seconds}s")
+        assert hello.popen is not None
         res = run_wrk(
             f"http://127.0.0.1:{port}/v1/messages",
             json.dumps(MESSAGE).encode(),
             args.seconds,
             args.connections,
             tmp,
+            hello.popen.pid,
         )
     finally:
         hello.stop()
-    say(f"    {res.requests_per_s:,.0f} req/s  p50 {res.p50_ms:.1f} ms  p99 {res.p99_ms:.1f} ms")
+    say(
+        f"    {res.requests_per_s:,.0f} req/s  p50 {res.p50_ms:.1f} ms  p99 {res.p99_ms:.1f} ms"
+        f"  CPU {res.cpu_us_per_request:.0f} µs/request"
+    )
     return res
 
 
@@ -150,22 +175,31 @@ def _answers(url: str) -> bool | None:
         return None
 
 
-def phase_ingest(args: argparse.Namespace, redis: RedisServer, tmp: Path) -> WrkResult:
+def phase_ingest(args: argparse.Namespace, redis: RedisServer, tmp: Path, server: str) -> WrkResult:
     flush(redis)
-    engine = start_engine(redis.url, "smtp://127.0.0.1:9", "api", args.senders, tmp)
-    base = engine.base
-    try:
-        say(
-            f"2/5 single-message ingest: engine (role api), wrk -c{args.connections} for {args.seconds}s"
-        )
-        res = run_wrk(
-            base + "/v1/messages", json.dumps(MESSAGE).encode(), args.seconds, args.connections, tmp
-        )
-        stored = httpx.get(base + "/readyz").status_code  # still healthy after the run
-    finally:
-        engine.stop()
+    with SinkProcess(workdir=tmp / f"sink-ingest-{server}", log=False) as sink:
+        engine = start_engine(redis.url, sink.url, "all", args.senders, tmp, server=server)
+        base = engine.base
+        try:
+            say(
+                f"single-message ingest: engine (role all, senders delivering) on {server}, "
+                f"wrk -c{args.connections} for {args.seconds}s"
+            )
+            res = run_wrk(
+                base + "/v1/messages",
+                json.dumps(MESSAGE).encode(),
+                args.seconds,
+                args.connections,
+                tmp,
+                engine.proc.pid,
+            )
+            ready = httpx.get(base + "/readyz").status_code  # still healthy after the run
+        finally:
+            engine.stop()
     say(
-        f"    {res.requests_per_s:,.0f} req/s  p50 {res.p50_ms:.1f} ms  p99 {res.p99_ms:.1f} ms  non-2xx {res.non_2xx}  readyz {stored}"
+        f"    {res.requests_per_s:,.0f} req/s  p50 {res.p50_ms:.1f} ms  p99 {res.p99_ms:.1f} ms"
+        f"  non-2xx {res.non_2xx}  readyz {ready}  engine CPU {res.cpu_us_per_request:.0f} µs/request"
+        " (senders included)"
     )
     return res
 
@@ -176,7 +210,7 @@ def phase_batch(args: argparse.Namespace, redis: RedisServer, tmp: Path) -> tupl
     body = json.dumps({"messages": [MESSAGE] * args.batch}).encode()
     try:
         say(
-            f"3/5 batch ingest: {args.batch} messages per POST ({len(body) // 1024} KiB), wrk -c4 for {args.seconds}s"
+            f"batch ingest: {args.batch} messages per POST ({len(body) // 1024} KiB), wrk -c4 for {args.seconds}s"
         )
         res = run_wrk(engine.base + "/v1/messages/batch", body, args.seconds, 4, tmp)
     finally:
@@ -189,7 +223,7 @@ def phase_batch(args: argparse.Namespace, redis: RedisServer, tmp: Path) -> tupl
 
 
 def phase_sink_ceiling(args: argparse.Namespace) -> float:
-    say(f"4/5 sink ceiling: one pipelined SMTP client straight into the sink for {args.seconds}s")
+    say(f"sink ceiling: one pipelined SMTP client straight into the sink for {args.seconds}s")
     out = subprocess.run(
         [
             sys.executable,
@@ -219,7 +253,7 @@ def phase_e2e(
         base = engine.base
         try:
             say(
-                f"5/5 end to end: {n:,} messages posted in batches of {args.batch}, delivered to the sink "
+                f"end to end: {n:,} messages posted in batches of {args.batch}, delivered to the sink "
                 f"by {args.senders} senders"
             )
             body = json.dumps({"messages": [MESSAGE] * args.batch}).encode()
@@ -233,7 +267,7 @@ def phase_e2e(
                     r.raise_for_status()
                     posted += args.batch
             t_posted = time.monotonic() - t0
-            last = 0
+            last = 0.0
             deadline = time.monotonic() + max(120.0, n / 50)
             while True:
                 stats = sink.stats()
@@ -256,6 +290,49 @@ def phase_e2e(
         f"  duplicates {final.get('duplicates')}"
     )
     return rate, {"posted": posted, "elapsed_s": elapsed, "duplicates": final.get("duplicates")}
+
+
+def phase_e2e_single(args: argparse.Namespace, redis: RedisServer, tmp: Path) -> dict[str, Any]:
+    flush(redis)
+    with SinkProcess(workdir=tmp / "sink-e2e-single", log=False) as sink:
+        engine = start_engine(redis.url, sink.url, "all", args.senders, tmp)
+        try:
+            say(
+                f"end to end, single POSTs: wrk -c{args.connections} posts one message per "
+                f"request for {args.seconds}s, {args.senders} senders deliver to the sink"
+            )
+            t0 = time.monotonic()
+            res = run_wrk(
+                engine.base + "/v1/messages",
+                json.dumps(MESSAGE).encode(),
+                args.seconds,
+                args.connections,
+                tmp,
+                engine.proc.pid,
+            )
+            posted = res.requests - res.non_2xx
+            last = 0.0
+            deadline = time.monotonic() + max(120.0, posted / 50)
+            while (got := int(sink.stats().get("received", 0))) < posted:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"end-to-end (single POSTs) stalled at {got}/{posted}")
+                if time.monotonic() - last >= 1:
+                    say(f"    delivered {got:,}/{posted:,}")
+                    last = time.monotonic()
+                time.sleep(0.05)
+            elapsed = time.monotonic() - t0
+        finally:
+            engine.stop()
+        final = sink.wait_stats(timeout=5)
+    rate = posted / elapsed
+    say(
+        f"    {rate:,.0f} messages/s end to end ({posted:,} accepted at {res.requests_per_s:,.0f} "
+        f"req/s, all delivered after {elapsed:.1f}s)  non-2xx {res.non_2xx}"
+        f"  duplicates {final.get('duplicates')}"
+    )
+    return {"posted": posted, "elapsed_s": elapsed, "msgs_per_s": rate,
+            "ingest_req_per_s": res.requests_per_s, "non_2xx": res.non_2xx,
+            "duplicates": final.get("duplicates")}  # fmt: skip
 
 
 def phase_compare(
@@ -295,7 +372,7 @@ def main() -> None:
         "--seconds", type=float, default=10, help="duration of each wrk/sink phase (default 10)"
     )
     parser.add_argument(
-        "--connections", type=int, default=32, help="wrk connections for single POSTs (default 32)"
+        "--connections", type=int, default=64, help="wrk connections for single POSTs (default 64)"
     )
     parser.add_argument(
         "--batch", type=int, default=1000, help="messages per batch POST (default 1000)"
@@ -326,42 +403,40 @@ def main() -> None:
     ):
         tmp = Path(tmpdir)
         first = phase_ceiling(args, tmp)
-        ingest = phase_ingest(args, redis, tmp)
+        builtin = phase_ceiling(args, tmp, "builtin")
+        ingest = phase_ingest(args, redis, tmp, "builtin")
+        ingest_hc = phase_ingest(args, redis, tmp, "hypercorn")
         # The ceiling again, after: the better of the two is the one we compare with,
         # so a machine that warmed up (or cooled down) mid-run cannot flatter the ratio.
         second = phase_ceiling(args, tmp)
-        builtin = phase_ceiling(args, tmp, "builtin")
         hello = max(first, second, key=lambda r: r.requests_per_s)
         batch, batch_rate = phase_batch(args, redis, tmp)
         sink_rate = phase_sink_ceiling(args)
         e2e_rate, e2e = phase_e2e(args, redis, tmp)
+        single = phase_e2e_single(args, redis, tmp)
         compare: dict[str, Any] | None = None
         if args.compare_ref:
             compare = phase_compare(args, redis, tmp, e2e_rate)
 
+    def lat(r: WrkResult) -> str:
+        return f"p50 {r.p50_ms:.1f} / p99 {r.p99_ms:.1f} ms; CPU {r.cpu_us_per_request:.0f} µs/req"
+
     rows = [
-        (
-            "HTTP ceiling: bare hello on hypercorn-trio (req/s)",
-            f"{hello.requests_per_s:,.0f}",
-            f"p50 {hello.p50_ms:.1f} / p99 {hello.p99_ms:.1f} ms",
-            "",
-            "",
-        ),
-        (
-            "HTTP ceiling: bare hello on the built-in server (req/s)",
-            f"{builtin.requests_per_s:,.0f}",
-            f"p50 {builtin.p50_ms:.1f} / p99 {builtin.p99_ms:.1f} ms",
-            f"{builtin.requests_per_s / hello.requests_per_s:.1f} × hypercorn hello",
-            "",
-        ),
-        (
-            "Single-message ingest (req/s)",
-            f"{ingest.requests_per_s:,.0f}",
-            f"p50 {ingest.p50_ms:.1f} / p99 {ingest.p99_ms:.1f} ms",
-            f"{ingest.requests_per_s / hello.requests_per_s:.2f} × hypercorn hello; "
-            f"{ingest.requests_per_s / builtin.requests_per_s:.2f} × built-in hello",
-            "≥ 6 × hypercorn, ≥ 0.5 × built-in",
-        ),
+        ("HTTP ceiling: bare hello on hypercorn-trio (req/s)", f"{hello.requests_per_s:,.0f}",
+         lat(hello), "", ""),
+        ("HTTP ceiling: bare hello on the built-in server (req/s)",
+         f"{builtin.requests_per_s:,.0f}", lat(builtin),
+         f"{builtin.requests_per_s / hello.requests_per_s:.1f} × hypercorn hello", ""),
+        ("Single-message ingest, built-in server, senders running (req/s)",
+         f"{ingest.requests_per_s:,.0f}", lat(ingest),
+         f"{ingest.requests_per_s / hello.requests_per_s:.2f} × hypercorn hello; "
+         f"{ingest.requests_per_s / builtin.requests_per_s:.2f} × built-in hello",
+         "≥ 6 × hypercorn, ≥ 0.5 × built-in"),
+        ("Single-message ingest, http.server = hypercorn (req/s)",
+         f"{ingest_hc.requests_per_s:,.0f}", lat(ingest_hc),
+         f"{ingest_hc.requests_per_s / hello.requests_per_s:.2f} × hypercorn hello", ""),
+    ]  # fmt: skip
+    rows += [
         (
             f"Batch ingest, {args.batch}/POST (msgs/s)",
             f"{batch_rate:,.0f}",
@@ -376,6 +451,13 @@ def main() -> None:
             f"dupes {e2e['duplicates']}",
             f"{e2e_rate / sink_rate:.2f} × sink ceiling",
             "≥ 0.70",
+        ),
+        (
+            f"End to end, single POSTs, {single['posted']:,} msgs (msgs/s)",
+            f"{single['msgs_per_s']:,.0f}",
+            f"accepted at {single['ingest_req_per_s']:,.0f} req/s; dupes {single['duplicates']}",
+            f"{single['msgs_per_s'] / sink_rate:.2f} × sink ceiling",
+            "≥ 0.8",
         ),
     ]
     table = [
@@ -392,8 +474,11 @@ def main() -> None:
             f"{compare['ratio']:.2f} × `{args.compare_ref}` | ≥ 0.97 |"
         )
     print("\n" + "\n".join(table) + "\n", flush=True)
-    if ingest.non_2xx or batch.non_2xx:
-        say(f"WARNING: non-2xx answers: ingest {ingest.non_2xx}, batch {batch.non_2xx}")
+    if ingest.non_2xx or ingest_hc.non_2xx or batch.non_2xx or single["non_2xx"]:
+        say(
+            f"WARNING: non-2xx answers: ingest {ingest.non_2xx} / {ingest_hc.non_2xx}, "
+            f"batch {batch.non_2xx}, single end to end {single['non_2xx']}"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {
@@ -403,6 +488,8 @@ def main() -> None:
         "hello": vars(hello),
         "hello_builtin": vars(builtin),
         "ingest": vars(ingest),
+        "ingest_hypercorn": vars(ingest_hc),
+        "e2e_single": single,
         "batch": {**vars(batch), "msgs_per_s": batch_rate},
         "sink_ceiling_msgs_per_s": sink_rate,
         "compare": compare,

@@ -250,10 +250,14 @@ async def test_one_tenants_blast_does_not_hold_up_another(redis_server: RedisSer
 
 
 def test_identify_uses_forwarded_for_only_behind_trusted_proxies() -> None:
+    from engine.api.exchange import Request
     from engine.api.ingest import identify
 
-    def scope(peer: str, *headers: tuple[bytes, bytes]) -> dict[str, Any]:
-        return {"client": (peer, 5000), "headers": list(headers)}
+    async def nothing() -> dict[str, Any]:
+        return {}
+
+    def scope(peer: str, *headers: tuple[bytes, bytes]) -> Request:
+        return Request({"client": (peer, 5000), "headers": list(headers)}, nothing, {})
 
     lb = frozenset({"10.0.0.1", "10.0.0.2"})
     xff = (b"x-forwarded-for", b"6.6.6.6, 1.2.3.4, 10.0.0.2")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from engine.api.ingest import error_field
+from engine.api.exchange import error_field
 from engine.errors import ValidationError
 from engine.models import (
     BatchIn,

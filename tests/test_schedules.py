@@ -20,15 +20,17 @@ import httpx
 import msgspec
 import pytest
 import trio
-from quart_trio import QuartTrio
 
-from engine.api.schedules import register_schedule_routes
+from engine.api.router import Router
+from engine.api.routes import ROUTES
+from engine.api.schedules import ScheduleRoutes
 from engine.config import IngestSettings, QueueSettings, SchedulerSettings
 from engine.cron import check_cron, check_timezone, next_tick_ms
 from engine.embedded import RedisServer
 from engine.errors import ValidationError
 from engine.ids import is_id
 from engine.keys import Keys
+from engine.metrics import Metrics
 from engine.models import Message
 from engine.queue import NewJob, Queue, Redis, ScheduleStore, open_redis
 from engine.scheduler import Scheduler, build_tick_job, tick_job_id
@@ -216,11 +218,12 @@ async def test_messages_of_any_size_and_script_survive_the_lua_round_trip(redis:
 
 @pytest.fixture
 async def api(redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
-    app = QuartTrio("test")
     store = ScheduleStore(redis, Keys(), clock=FakeClock(T0))
-    register_schedule_routes(app, store, default_from="engine@example.com")
-    asgi: Any = app  # ASGI; Quart types its scopes with its own TypedDicts
-    transport = httpx.ASGITransport(app=asgi)
+    handlers = ScheduleRoutes(store, default_from="engine@example.com", max_body_bytes=100_000)
+    ops = ("put_schedule", "list_schedules", "get_schedule", "delete_schedule")
+    routes = [r for r in ROUTES if r.op in ops]
+    app = Router(routes, {op: getattr(handlers, op) for op in ops}, Metrics().ingest)
+    transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://engine") as client:
         yield client
 

@@ -1,4 +1,4 @@
-"""HTTP surface: a raw-ASGI fast path for ingest and status, Quart for everything else.
+"""HTTP surface: the route table, its router, and the handlers bound to it.
 
 Imports the queue and leaves; never the senders or transports. Callers use this face.
 """

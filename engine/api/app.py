@@ -1,84 +1,32 @@
-"""The ASGI application: fast-path router in front of a Quart-Trio app.
+"""The ASGI application: the route table's router with a handler bound to every op.
 
-The router answers the ingest, status, health and metrics routes itself; every other path goes
-to Quart (the place for the dashboard, websockets and admin routes of later issues).
+Handlers live with what they serve (ingest, dead letters, schedules, the dashboard...);
+this module only builds them from the backend and names which route each one answers.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
 import trio
-from quart import Response
-from quart_trio import QuartTrio
 
-from engine.api.asgi import ASGIApp, Receive, Scope, Send, send_json, send_problem
+from engine.api.asgi import ASGIApp
 from engine.api.backend import ApiBackend
-from engine.api.dashboard import register_dashboard_routes
-from engine.api.dead import register_dead_routes
-from engine.api.hub import register_history_route
+from engine.api.dashboard import DashboardRoutes
+from engine.api.dead import DeadRoutes
+from engine.api.exchange import Reply, Request, json_reply
+from engine.api.hub import history_route
 from engine.api.ingest import Ingest
-from engine.api.limits import register_limit_routes
-from engine.api.metrics import send_metrics, timed
-from engine.api.responses import json_response, problem_response
-from engine.api.routes import index, openapi
-from engine.api.schedules import register_schedule_routes
-from engine.api.transports import register_transport_routes
+from engine.api.limits import limits_route
+from engine.api.metrics import metrics_route
+from engine.api.router import Handler, Router, Socket
+from engine.api.routes import ROUTES, Health, Readiness, index, openapi
+from engine.api.schedules import ScheduleRoutes
+from engine.api.transports import transports_route
 from engine.config import Settings
 from engine.errors import QueueError
-from engine.models import CLOSE_POLICY
 
-_MESSAGES = "/v1/messages"
-_BATCH = "/v1/messages/batch"
-_ONE = "/v1/messages/{id}"
-_EVENTS = "/v1/events"
-_OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # all a sender-only replica serves
-
-
-def _quart_app(backend: ApiBackend, settings: Settings) -> QuartTrio:
-    queue = backend.queue
-    app = QuartTrio("engine")
-    register_dead_routes(app, queue)
-    # The dashboard page at "/" and its JSON (issue 5, scope 4).
-    register_dashboard_routes(app, backend)
-    register_limit_routes(app, backend.limits)
-    register_transport_routes(app, backend.breaker)
-    if backend.events is not None:
-        register_history_route(app, backend.events.log, settings.events)
-    register_schedule_routes(
-        app,
-        backend.schedules,
-        default_from=settings.sender.default_from,
-        max_body_bytes=settings.http.max_body_bytes,
-    )
-
-    spec = msgspec.json.encode(openapi())
-
-    @app.get("/v1")
-    async def list_routes() -> Response:
-        return json_response(200, index())
-
-    @app.get("/openapi.json")
-    async def openapi_json() -> Response:
-        return Response(spec, status=200, content_type="application/json")
-
-    @app.errorhandler(QueueError)
-    async def queue_unavailable(exc: QueueError) -> Response:
-        # One answer for every Quart route that cannot reach Redis.
-        return problem_response(
-            503, "queue-unavailable", "Queue unavailable", str(exc), headers={"Retry-After": "1"}
-        )
-
-    @app.errorhandler(404)
-    async def not_found(_: Exception) -> Response:
-        return problem_response(404, "not-found", "Not Found", "no such route")
-
-    @app.errorhandler(405)
-    async def not_allowed(_: Exception) -> Response:
-        return problem_response(405, "method-not-allowed", "Method Not Allowed")
-
-    return app
+# All a sender-only replica (role sender) serves.
+OPS_ONLY = frozenset({"healthz", "readyz", "metrics"})
 
 
 def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
@@ -89,22 +37,22 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         settings.ingest,
         backend.drain,
         backend.metrics.ingest,
+        stopping=backend.stopping,
     )
-    # ASGI; typed with its own scope TypedDicts
-    quart: Any = _quart_app(backend, settings)
-    measure = backend.metrics.ingest
+    dead = DeadRoutes(backend.queue)
+    schedules = ScheduleRoutes(
+        backend.schedules,
+        default_from=settings.sender.default_from,
+        max_body_bytes=settings.http.max_body_bytes,
+    )
+    dashboard = DashboardRoutes(backend)
+    spec = msgspec.json.encode(openapi())
+    listing = msgspec.json.encode(index())
 
-    async def draining(send: Send) -> None:
-        await send_problem(
-            send,
-            503,
-            "draining",
-            "Shutting down",
-            "this instance is shutting down; retry on another",
-            extra_headers=[(b"retry-after", b"1")],
-        )
+    async def healthz(_: Request) -> Reply:
+        return json_reply(200, Health(alive=True))
 
-    async def readyz(send: Send) -> None:
+    async def readyz(_: Request) -> Reply:
         redis_ok = False
         with trio.move_on_after(1.0):
             try:
@@ -115,88 +63,51 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         senders_ok = senders > 0 or not backend.expects_senders
         draining = backend.stopping.is_set()
         ok = redis_ok and senders_ok and not draining
-        await send_json(
-            send,
-            200 if ok else 503,
-            {
-                "ready": ok,
-                "redis": "ok" if redis_ok else "unavailable",
-                "senders": senders,
-                "draining": draining,
-            },
-        )
+        ready = Readiness(ok, "ok" if redis_ok else "unavailable", senders, draining)
+        return json_reply(200 if ok else 503, ready)
 
-    async def method_not_allowed(send: Send, allowed: bytes) -> None:
-        await send_problem(
-            send,
-            405,
-            "method-not-allowed",
-            "Method Not Allowed",
-            extra_headers=[(b"allow", allowed)],
-        )
+    async def routes_index(_: Request) -> Reply:
+        return Reply(200, listing)
 
-    async def messages(route: str, scope: Scope, receive: Receive, send: Send) -> None:
-        """The ingest and status routes (timed by the caller)."""
-        method: str = scope["method"]
-        if route != _ONE:
-            if method != "POST":
-                await method_not_allowed(send, b"POST")
-            elif backend.stopping.is_set():
-                measure.rejected("draining")
-                await draining(send)
-            elif route == _MESSAGES:
-                await ingest.post_message(scope, receive, send)
-            else:
-                await ingest.post_batch(scope, receive, send)
-        elif method == "GET":
-            await ingest.get_message(scope["path"].rsplit("/", 1)[1], send)
-        elif method == "DELETE":
-            await ingest.cancel_message(scope["path"].rsplit("/", 1)[1], send)
-        else:
-            await method_not_allowed(send, b"GET, DELETE")
+    async def openapi_json(_: Request) -> Reply:
+        return Reply(200, spec)
 
-    ops_only = settings.role == "sender"
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            if ops_only and scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": CLOSE_POLICY})
-                return
-            if scope["type"] == "websocket" and scope["path"] == _EVENTS and backend.events:
-                await backend.events.websocket(scope, receive, send)
-                return
-            await quart(scope, receive, send)  # lifespan, other websockets
-            return
-        path: str = scope["path"]
-        method: str = scope["method"]
-        if ops_only and path not in _OPS_PATHS:
-            await send_problem(
-                send,
-                404,
-                "not-found",
-                "Not Found",
-                "this replica runs senders only (role sender): it answers "
-                "/healthz, /readyz and /metrics; send to an api replica",
-            )
-            return
-        if path in (_MESSAGES, _BATCH):
-            await timed(measure, path, messages, scope, receive, send)
-            return
-        if path.startswith("/v1/messages/") and path.count("/") == 3:
-            await timed(measure, _ONE, messages, scope, receive, send)
-            return
-        if path == "/healthz":
-            await send_json(send, 200, {"alive": True})
-            return
-        if path == "/readyz":
-            await readyz(send)
-            return
-        if path == "/metrics":
-            if method == "GET":
-                await send_metrics(backend.queue, backend.metrics, send)
-            else:
-                await method_not_allowed(send, b"GET")
-            return
-        await quart(scope, receive, send)
-
-    return app
+    handlers: dict[str, Handler | Socket] = {
+        "send_message": ingest.send_message,
+        "send_batch": ingest.send_batch,
+        "get_message": ingest.get_message,
+        "cancel_message": ingest.cancel_message,
+        "list_dead": dead.list_dead,
+        "retry_dead": dead.retry_dead,
+        "retry_dead_many": dead.retry_dead_many,
+        "delete_dead": dead.delete_dead,
+        "put_schedule": schedules.put_schedule,
+        "list_schedules": schedules.list_schedules,
+        "get_schedule": schedules.get_schedule,
+        "delete_schedule": schedules.delete_schedule,
+        "list_limits": limits_route(backend.limits),
+        "list_transports": transports_route(backend.breaker),
+        "stats": dashboard.stats,
+        "sink_messages": dashboard.sink_messages,
+        "dashboard": dashboard.dashboard,
+        "docs": dashboard.docs,
+        "static": dashboard.static,
+        "index": routes_index,
+        "openapi": openapi_json,
+        "healthz": healthz,
+        "readyz": readyz,
+        "metrics": metrics_route(backend.queue, backend.metrics),
+    }
+    routes = ROUTES
+    if backend.events is not None:
+        handlers["watch_events"] = backend.events.websocket
+        handlers["message_events"] = history_route(backend.events.log, settings.events)
+    else:  # no event stream configured: those routes do not exist here
+        routes = tuple(r for r in ROUTES if r.op not in ("watch_events", "message_events"))
+    if settings.role == "sender":
+        return Router(
+            routes, handlers, backend.metrics.ingest, only=OPS_ONLY,
+            refusal="this replica runs senders only (role sender): it answers "
+            "/healthz, /readyz and /metrics; send to an api replica",
+        )  # fmt: skip
+    return Router(routes, handlers, backend.metrics.ingest)

@@ -17,11 +17,9 @@ from typing import Final
 
 import msgspec
 import trio
-from quart import Response, request
-from quart_trio import QuartTrio
 
 from engine.api.backend import ApiBackend
-from engine.api.responses import json_response, problem_response
+from engine.api.exchange import Fail, Headers, Reply, Request, empty_reply, json_reply, not_found
 from engine.api.transports import TransportView, transport_view
 from engine.models import ms_to_iso
 
@@ -37,24 +35,27 @@ ASSETS: Final = {
 _PAGE: Final = "index.html"
 _DOCS: Final = "docs.html"
 # Same-origin only: the page loads nothing from elsewhere and runs no inline script.
-_PAGE_HEADERS: Final = {
-    "Content-Security-Policy": (
-        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
-        "script-src 'self'; style-src 'self'; base-uri 'none'; frame-ancestors 'none'; "
-        "form-action 'none'"
+_SAFE: Final = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+_PAGE_HEADERS: Final = [
+    (
+        b"content-security-policy",
+        b"default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+        b"script-src 'self'; style-src 'self'; base-uri 'none'; frame-ancestors 'none'; "
+        b"form-action 'none'",
     ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
+    *_SAFE,
+]
 # The API reference (Redoc) injects its styles and runs its search in a blob worker.
-_DOCS_HEADERS: Final = {
-    **_PAGE_HEADERS,
-    "Content-Security-Policy": (
-        "default-src 'self'; connect-src 'self'; img-src 'self' data:; font-src 'self' data:; "
-        "script-src 'self'; style-src 'self' 'unsafe-inline'; worker-src 'self' blob:; "
-        "base-uri 'none'; frame-ancestors 'none'; form-action 'none'"
+_DOCS_HEADERS: Final = [
+    (
+        b"content-security-policy",
+        b"default-src 'self'; connect-src 'self'; img-src 'self' data:; font-src 'self' data:; "
+        b"script-src 'self'; style-src 'self' 'unsafe-inline'; worker-src 'self' blob:; "
+        b"base-uri 'none'; frame-ancestors 'none'; form-action 'none'",
     ),
-}
+    *_SAFE,
+]
+_NO_STORE: Final = (b"cache-control", b"no-store")
 
 SINK_PAGE_MAX: Final = 500
 # A message's header block is read up to this many bytes (the body is never read).
@@ -109,8 +110,8 @@ class SinkPage(msgspec.Struct, frozen=True):
 
 class _Asset(msgspec.Struct, frozen=True):
     body: bytes
-    content_type: str
-    etag: str
+    content_type: bytes
+    etag: bytes
 
 
 class StaticFiles:
@@ -129,16 +130,16 @@ class StaticFiles:
         if content_type is None:
             return None
         body = await trio.Path(self._root / name).read_bytes()
-        etag = '"' + hashlib.sha256(body).hexdigest()[:20] + '"'
-        asset = self._cache[name] = _Asset(body, content_type, etag)
+        etag = b'"' + hashlib.sha256(body).hexdigest()[:20].encode() + b'"'
+        asset = self._cache[name] = _Asset(body, content_type.encode(), etag)
         return asset
 
 
-def _respond(asset: _Asset, extra: dict[str, str] | None = None) -> Response:
-    headers = {"ETag": asset.etag, "Cache-Control": "no-cache", **(extra or {})}
-    if request.headers.get("If-None-Match") == asset.etag:
-        return Response(b"", status=304, headers=headers)
-    return Response(asset.body, status=200, content_type=asset.content_type, headers=headers)
+def _respond(req: Request, asset: _Asset, extra: Headers) -> Reply:
+    headers = [(b"etag", asset.etag), (b"cache-control", b"no-cache"), *extra]
+    if req.header(b"if-none-match") == asset.etag:
+        return empty_reply(304, headers)
+    return Reply(200, asset.body, asset.content_type, headers)
 
 
 def _header(msg: EmailMessage, name: str) -> str | None:
@@ -212,34 +213,35 @@ def _read_header_block(readline: Callable[[int], bytes]) -> bytes:
     return b"".join(lines)
 
 
-def register_dashboard_routes(app: QuartTrio, backend: ApiBackend) -> None:
-    queue, sink_maildir = backend.queue, backend.sink_maildir
-    static = StaticFiles()
+class DashboardRoutes:
+    """Handlers of the page, its files and the JSON it polls."""
 
-    @app.get("/")
-    async def page() -> Response:
-        asset = await static.get(_PAGE)
+    def __init__(self, backend: ApiBackend) -> None:
+        self._backend = backend
+        self._static = StaticFiles()
+
+    async def dashboard(self, req: Request) -> Reply:
+        asset = await self._static.get(_PAGE)
         assert asset is not None
-        return _respond(asset, _PAGE_HEADERS)
+        return _respond(req, asset, _PAGE_HEADERS)
 
-    @app.get("/docs")
-    async def docs() -> Response:
-        asset = await static.get(_DOCS)
+    async def docs(self, req: Request) -> Reply:
+        asset = await self._static.get(_DOCS)
         assert asset is not None
-        return _respond(asset, _DOCS_HEADERS)
+        return _respond(req, asset, _DOCS_HEADERS)
 
-    @app.get("/static/<name>")
-    async def asset(name: str) -> Response:
-        found = await static.get(name) if name in ASSETS else None
+    async def static(self, req: Request) -> Reply:
+        name = req.params["name"]
+        found = await self._static.get(name) if name in ASSETS else None
         if found is None:
-            return problem_response(404, "not-found", "Not Found", f"no static file {name!r}")
-        return _respond(found, {"X-Content-Type-Options": "nosniff"})
+            raise not_found("Not Found", f"no static file {name!r}")
+        return _respond(req, found, [(b"x-content-type-options", b"nosniff")])
 
-    @app.get("/v1/stats")
-    async def stats() -> Response:
-        c = await queue.counts()
+    async def stats(self, _: Request) -> Reply:
+        backend = self._backend
+        c = await backend.queue.counts()
         body = Stats(
-            at=queue.now_ms(),
+            at=backend.queue.now_ms(),
             ready=c.ready,
             ready_by_lane=c.ready_by_lane,
             processing=c.processing,
@@ -257,27 +259,18 @@ def register_dashboard_routes(app: QuartTrio, backend: ApiBackend) -> None:
             senders=backend.senders.statistics().running,
             transports=[await transport_view(backend.breaker)],
         )
-        return json_response(200, body, headers={"Cache-Control": "no-store"})
+        return json_reply(200, body, [_NO_STORE])
 
-    @app.get("/v1/sink/messages")
-    async def sink_messages() -> Response:
-        if sink_maildir is None:
-            return problem_response(
+    async def sink_messages(self, req: Request) -> Reply:
+        maildir = self._backend.sink_maildir
+        if maildir is None:
+            raise Fail(
                 404,
                 "no-sink",
                 "No embedded sink",
                 "this engine sends to an external SMTP server (smtp.url is set) or its "
                 "embedded sink keeps no mail (sink.maildir is empty)",
             )
-        raw = request.args.get("limit", "50")
-        if not raw.isdigit() or not 1 <= int(raw) <= SINK_PAGE_MAX:
-            return problem_response(
-                422,
-                "invalid-field",
-                "Invalid query parameter",
-                f"limit must be an integer from 1 to {SINK_PAGE_MAX}",
-                "limit",
-            )
-        root, limit = Path(sink_maildir), int(raw)
-        body = await trio.to_thread.run_sync(read_maildir, root, limit)
-        return json_response(200, body, headers={"Cache-Control": "no-store"})
+        limit = req.int_query("limit", 50, 1, SINK_PAGE_MAX)
+        body = await trio.to_thread.run_sync(read_maildir, Path(maildir), limit)
+        return json_reply(200, body, [_NO_STORE])

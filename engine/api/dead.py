@@ -1,21 +1,17 @@
-"""Dead-letter queue routes (Quart): list, retry one / many / all, delete.
-
-Not on the hot path, so they use Quart's routing and request objects.
-"""
+"""Dead-letter queue routes: list, retry one / many / all, delete."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
-from quart import Response, request
-from quart_trio import QuartTrio
 
-from engine.api.responses import json_response, problem_response
+from engine.api.exchange import Reply, Request, decode_json, empty_reply, json_reply, not_found
 from engine.ids import is_id
+from engine.models import Accepted, JobView
 from engine.queue import Queue, job_view
 
 MAX_PAGE = 500
+# The retry filter is small: ids of one page at most, and a needle.
+MAX_FILTER_BYTES = 1024 * 1024
 
 
 class RetryFilter(msgspec.Struct, forbid_unknown_fields=True):
@@ -25,64 +21,60 @@ class RetryFilter(msgspec.Struct, forbid_unknown_fields=True):
     error_contains: str | None = None
 
 
-def _not_dead(job_id: str) -> Response:
-    return problem_response(404, "not-found", "Not in the dead-letter queue", f"id {job_id!r}")
+class DeadPage(msgspec.Struct):
+    total: int
+    offset: int
+    limit: int
+    next_offset: int | None
+    items: list[JobView]
 
 
-def _int_arg(name: str, default: int, low: int, high: int) -> int | Response:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
-        return problem_response(422, "invalid-field", "Invalid query parameter",
-                        f"{name} must be an integer from {low} to {high}", name)  # fmt: skip
-    return int(raw)
+class DeadRetried(msgspec.Struct):
+    retried: int
+    ids: list[str]
 
 
-def register_dead_routes(app: QuartTrio, queue: Queue) -> None:
-    @app.get("/v1/dead")
-    async def list_dead() -> Response:
-        offset = _int_arg("offset", 0, 0, 10**9)
-        limit = _int_arg("limit", 50, 1, MAX_PAGE)
-        if isinstance(offset, Response):
-            return offset
-        if isinstance(limit, Response):
-            return limit
-        total, records = await queue.dead_page(offset, limit)
+_decode_filter = msgspec.json.Decoder(RetryFilter).decode
+
+
+def _not_dead(job_id: str) -> Exception:
+    return not_found("Not in the dead-letter queue", f"id {job_id!r}")
+
+
+class DeadRoutes:
+    """Handlers of the /v1/dead routes."""
+
+    def __init__(self, queue: Queue) -> None:
+        self._queue = queue
+
+    async def list_dead(self, req: Request) -> Reply:
+        offset = req.int_query("offset", 0, 0, 10**9)
+        limit = req.int_query("limit", 50, 1, MAX_PAGE)
+        total, records = await self._queue.dead_page(offset, limit)
         following = offset + limit if offset + limit < total else None
-        body: dict[str, Any] = {
-            "total": total, "offset": offset, "limit": limit, "next_offset": following,
-            "items": [job_view(r) for r in records],
-        }  # fmt: skip
-        return json_response(200, body)
+        page = DeadPage(total, offset, limit, following, [job_view(r) for r in records])
+        return json_reply(200, page)
 
-    @app.post("/v1/dead/<job_id>/retry")
-    async def retry_one(job_id: str) -> Response:
-        done = await queue.dead_retry([job_id]) if is_id(job_id) else []
-        if not done:
-            return _not_dead(job_id)
-        return json_response(202, {"id": job_id, "state": "queued"})
+    async def retry_dead(self, req: Request) -> Reply:
+        job_id = req.params["id"]
+        if not (is_id(job_id) and await self._queue.dead_retry([job_id])):
+            raise _not_dead(job_id)
+        return json_reply(202, Accepted(job_id, "queued"))
 
-    @app.post("/v1/dead/retry")
-    async def retry_many() -> Response:
-        raw = await request.get_data()
-        try:
-            flt = msgspec.json.decode(raw, type=RetryFilter) if raw.strip() else RetryFilter()
-        except msgspec.ValidationError as exc:
-            return problem_response(422, "invalid-field", "Invalid field", str(exc))
-        except msgspec.DecodeError as exc:
-            return problem_response(400, "malformed-json", "Malformed JSON", str(exc))
+    async def retry_dead_many(self, req: Request) -> Reply:
+        raw = await req.body(MAX_FILTER_BYTES, "the retry filter's limit")
+        flt = decode_json(_decode_filter, raw) if raw.strip() else RetryFilter()
+        queue = self._queue
         ids = [i for i in (flt.ids if flt.ids is not None else await queue.dead_ids()) if is_id(i)]
         if flt.error_contains:
             needle = flt.error_contains.lower()
             records = await queue.get_many(ids)
             ids = [r.id for r in records if r and r.last_error and needle in r.last_error.lower()]
         done = await queue.dead_retry(ids)
-        return json_response(202, {"retried": len(done), "ids": done})
+        return json_reply(202, DeadRetried(len(done), done))
 
-    @app.delete("/v1/dead/<job_id>")
-    async def delete_one(job_id: str) -> Response:
-        done = await queue.dead_delete([job_id]) if is_id(job_id) else []
-        if not done:
-            return _not_dead(job_id)
-        return Response(b"", status=204)
+    async def delete_dead(self, req: Request) -> Reply:
+        job_id = req.params["id"]
+        if not (is_id(job_id) and await self._queue.dead_delete([job_id])):
+            raise _not_dead(job_id)
+        return empty_reply(204)

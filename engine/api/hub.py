@@ -24,8 +24,8 @@ client; reconnect with since=<the last event_id received>), 1011 the event strea
 unavailable, 1001 the server is shutting down. Bad parameters are refused before the
 upgrade with 400 (503 when the replica has events.max_subscribers already).
 
-Raw ASGI rather than a Quart websocket route: the fan-out runs for every event at full
-send rate, and the handshake is answered only once the subscriber is attached to the
+A websocket route gets the raw ASGI triple from the router: the fan-out runs for every
+event at full send rate, and the handshake is answered only once the subscriber is attached to the
 tail, so a client that is connected misses nothing that happens afterwards.
 """
 
@@ -33,17 +33,16 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, NoReturn
 from urllib.parse import parse_qsl
 
 import msgspec
 import trio
-from quart import Response
-from quart_trio import QuartTrio
 
 from engine.api.asgi import Receive, Scope, Send, problem_body
-from engine.api.responses import problem_response
+from engine.api.exchange import JSON, Reply, Request, not_found
 from engine.config import EventsSettings
 from engine.errors import QueueError, ValidationError
 from engine.ids import is_id
@@ -502,20 +501,20 @@ async def _refuse(
     await send({"type": "websocket.http.response.body", "body": body})
 
 
-def register_history_route(app: QuartTrio, log: EventLog, settings: EventsSettings) -> None:
+def history_route(log: EventLog, settings: EventsSettings) -> Callable[[Request], Awaitable[Reply]]:
     """GET /v1/messages/{id}/events: the message's events still in the stream, oldest
     first. ``Events-Complete: false`` when the scan stopped at events.history_scan_entries."""
 
-    @app.get("/v1/messages/<job_id>/events")
-    async def message_events(job_id: str) -> Response:
-        if not is_id(job_id):
-            return problem_response(404, "not-found", "No such message", f"unknown id {job_id!r}")
-        found = await log.history(job_id, max_entries=settings.history_scan_entries)
-        if not found.events and not found.exists:
-            return problem_response(404, "not-found", "No such message", f"unknown id {job_id!r}")
-        return Response(
-            _encode(found.events),
-            status=200,
-            content_type="application/json",
-            headers={"Events-Complete": "true" if found.complete else "false"},
+    async def message_events(req: Request) -> Reply:
+        job_id = req.params["id"]
+        found = (
+            await log.history(job_id, max_entries=settings.history_scan_entries)
+            if is_id(job_id)
+            else None
         )
+        if found is None or (not found.events and not found.exists):
+            raise not_found("No such message", f"unknown id {job_id!r}")
+        complete = b"true" if found.complete else b"false"
+        return Reply(200, _encode(found.events), JSON, [(b"events-complete", complete)])
+
+    return message_events

@@ -1,8 +1,5 @@
-"""Hot-path handlers in raw ASGI: POST /v1/messages[/batch], GET and DELETE
-/v1/messages/{id}; the ingest's back-pressure answers (429 per client, 503 backlog).
-
-Raw ASGI rather than Quart routes because these run for every message: Quart's
-request/response machinery costs ~20 % of a request on its own (measured; README).
+"""The hot-path handlers: POST /v1/messages[/batch], GET and DELETE /v1/messages/{id};
+the ingest's back-pressure answers (429 per client, 503 backlog, 503 draining).
 """
 
 from __future__ import annotations
@@ -10,23 +7,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import re
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Final
 
 import msgspec
 import trio
 
-from engine.api.asgi import (
-    BodyTooLarge,
-    Receive,
-    Scope,
-    Send,
-    header,
-    read_body,
-    send_json,
-    send_problem,
+from engine.api.exchange import (
+    RETRY_AFTER_1,
+    Fail,
+    Reply,
+    Request,
+    decode_json,
+    invalid,
+    json_reply,
+    not_found,
 )
 from engine.config import HttpSettings, IngestSettings
 from engine.errors import QueueError, QueueUnavailable, ValidationError
@@ -35,71 +30,33 @@ from engine.metrics import IngestMetrics, Metrics
 from engine.models import DEFAULT_TENANT, Accepted, BatchAccepted, BatchIn, MessageIn
 from engine.queue import DrainMeter, EnqueueResult, NewJob, Queue, job_view, new_job
 
-D = TypeVar("D")
-
 _decode_one = msgspec.json.Decoder(MessageIn).decode
 _decode_batch = msgspec.json.Decoder(BatchIn).decode
 
-# msgspec says "... - at `$.messages[0].to`"; unknown fields "... field `x`".
-_AT_RE: Final = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
-_UNKNOWN_RE: Final = re.compile(r"unknown field `(?P<name>[^`]+)`")
-_RETRY_AFTER: Final = [(b"retry-after", b"1")]
+_RETRY_AFTER: Final = [RETRY_AFTER_1]
 _REPLAYED: Final = (b"idempotent-replayed", b"true")
 
 
-def error_field(exc: msgspec.ValidationError) -> tuple[str, str]:
-    """(field path, detail) of a msgspec validation error."""
-    text = str(exc)
-    path = ""
-    m = _AT_RE.search(text)
-    if m:
-        path = m.group("path")
-        text = text[: m.start()]
-    unknown = _UNKNOWN_RE.search(text)
-    if unknown:
-        path = f"{path}.{unknown.group('name')}" if path else unknown.group("name")
-    if text.startswith("Object missing required field"):
-        name = text.rsplit("`", 2)[-2]
-        path = f"{path}.{name}" if path else name
-    return path or "$", text
+def _no_such(job_id: str) -> Fail:
+    return not_found("No such message", f"unknown id {job_id!r}")
 
 
-def _is_json(content_type: bytes | None) -> bool:
-    if content_type is None:
-        return False
-    mime = content_type.split(b";", 1)[0].strip().lower()
-    return mime == b"application/json" or mime.endswith(b"+json")
-
-
-async def _decode(decode: Callable[[bytes], D], body: bytes, send: Send) -> D | None:
-    """Decode a JSON body; answer 400 (malformed) or 422 (naming the field) and return
-    None when it does not fit."""
-    try:
-        return decode(body)
-    except msgspec.ValidationError as exc:
-        field, detail = error_field(exc)
-        await send_problem(send, 422, "invalid-field", "Invalid field", detail, field)
-    except msgspec.DecodeError as exc:
-        await send_problem(send, 400, "malformed-json", "Malformed JSON", str(exc))
-    return None
-
-
-def identify(scope: Scope, trusted_proxies: frozenset[str] = frozenset()) -> tuple[str, str]:
+def identify(req: Request, trusted_proxies: frozenset[str] = frozenset()) -> tuple[str, str]:
     """(client id, default tenant) of a request: its API key (``Authorization: Bearer``
     or ``X-API-Key``), hashed so no secret lands in Redis key names; else its address --
     behind a trusted proxy, the right-most X-Forwarded-For address that is not one."""
-    raw = header(scope, b"x-api-key")
+    raw = req.header(b"x-api-key")
     if raw is None:
-        auth = header(scope, b"authorization")
+        auth = req.header(b"authorization")
         if auth is not None and auth[:7].lower() == b"bearer ":
             raw = auth[7:].strip()
     if raw:
         name = "key-" + hashlib.blake2b(raw, digest_size=8).hexdigest()
         return name, name
-    client = scope.get("client")
+    client = req.scope.get("client")
     peer = str(client[0]) if client else "unknown"
     if peer in trusted_proxies:
-        forwarded = header(scope, b"x-forwarded-for")
+        forwarded = req.header(b"x-forwarded-for")
         if forwarded:
             hops = [h.strip() for h in forwarded.decode("latin-1").split(",") if h.strip()]
             for hop in reversed(hops):
@@ -118,44 +75,20 @@ class Ingest:
     # How fast the queue drains (all replicas), for Retry-After when full; None: unknown.
     drain: DrainMeter | None = None
     metrics: IngestMetrics = dataclasses.field(default_factory=lambda: Metrics().ingest)
+    # Set while this replica shuts down: new messages get 503 (draining).
+    stopping: trio.Event | None = None
     _trusted: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         self._trusted = frozenset(self.ingest.trusted_proxies)
 
-    async def _json_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
-        if not _is_json(header(scope, b"content-type")):
-            await send_problem(
-                send,
-                415,
-                "unsupported-media-type",
-                "Unsupported Media Type",
-                "send the body as JSON with Content-Type: application/json",
-            )
-            return None
-        try:
-            return await read_body(scope, receive, self.http.max_body_bytes)
-        except BodyTooLarge:
-            await send_problem(
-                send,
-                413,
-                "body-too-large",
-                "Request body too large",
-                f"the body limit is {self.http.max_body_bytes} bytes (http.max_body_bytes)",
-            )
-            return None
-
-    async def post_message(self, scope: Scope, receive: Receive, send: Send) -> None:
-        idem = await self._idempotency_key(scope, send)
-        if idem is None:
-            return
-        body = await self._json_body(scope, receive, send)
-        if body is None:
-            return
-        incoming = await _decode(_decode_one, body, send)
-        if incoming is None:
-            return
-        client, tenant = identify(scope, self._trusted)
+    async def send_message(self, req: Request) -> Reply:
+        """POST /v1/messages."""
+        self._open()
+        idem = _idempotency_key(req)
+        body = await req.json_body(self.http.max_body_bytes)
+        incoming = decode_json(_decode_one, body)
+        client, tenant = identify(req, self._trusted)
         now_ms = self.queue.now_ms()
         try:
             job = new_job(
@@ -163,41 +96,24 @@ class Ingest:
                 now_ms=now_ms, default_tenant=tenant,
             )  # fmt: skip
         except ValidationError as exc:
-            await send_problem(send, 422, "invalid-field", "Invalid field", exc.detail, exc.field)
-            return
-        result = await self._enqueue(send, [job], idem, body, client)
-        if result is None:
-            return
+            raise invalid(exc.field, exc.detail) from None
+        result = await self._enqueue([job], idem, body, client)
         job_id = result.ids[0]
         headers = [(b"location", f"/v1/messages/{job_id}".encode()), *self._limit_headers(result)]
         if result.outcome == "replayed":
-            await send_json(send, 200, Accepted(job_id), [*headers, _REPLAYED])
-        else:
-            accepted = Accepted(job_id, "scheduled" if job.due_ms else "queued")
-            await send_json(send, 202, accepted, headers)
+            return json_reply(200, Accepted(job_id), [*headers, _REPLAYED])
+        return json_reply(202, Accepted(job_id, "scheduled" if job.due_ms else "queued"), headers)
 
-    async def post_batch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        idem = await self._idempotency_key(scope, send)
-        if idem is None:
-            return
-        body = await self._json_body(scope, receive, send)
-        if body is None:
-            return
-        batch = await _decode(_decode_batch, body, send)
-        if batch is None:
-            return
+    async def send_batch(self, req: Request) -> Reply:
+        """POST /v1/messages/batch."""
+        self._open()
+        idem = _idempotency_key(req)
+        body = await req.json_body(self.http.max_body_bytes)
+        batch = decode_json(_decode_batch, body)
         limit = self.http.max_batch_messages
         if not batch.messages or len(batch.messages) > limit:
-            await send_problem(
-                send,
-                422,
-                "invalid-field",
-                "Invalid field",
-                f"a batch holds 1 to {limit} messages",
-                "messages",
-            )
-            return
-        client, tenant = identify(scope, self._trusted)
+            raise invalid("messages", f"a batch holds 1 to {limit} messages")
+        client, tenant = identify(req, self._trusted)
         now_ms = self.queue.now_ms()
         ids = new_ids(len(batch.messages), now_ms)
         jobs: list[NewJob] = []
@@ -210,17 +126,21 @@ class Ingest:
                 )  # fmt: skip
                 jobs.append(job)
         except ValidationError as exc:
-            field = f"messages[{i}].{exc.field}"
-            await send_problem(send, 422, "invalid-field", "Invalid field", exc.detail, field)
-            return
-        result = await self._enqueue(send, jobs, idem, b"batch:" + body, client)
-        if result is None:
-            return
+            raise invalid(f"messages[{i}].{exc.field}", exc.detail) from None
+        result = await self._enqueue(jobs, idem, b"batch:" + body, client)
         headers = self._limit_headers(result)
         if result.outcome == "replayed":
-            await send_json(send, 200, BatchAccepted(result.ids), [*headers, _REPLAYED])
-        else:
-            await send_json(send, 202, BatchAccepted(result.ids), headers)
+            return json_reply(200, BatchAccepted(result.ids), [*headers, _REPLAYED])
+        return json_reply(202, BatchAccepted(result.ids), headers)
+
+    def _open(self) -> None:
+        """503 while this replica shuts down: another one takes the message."""
+        if self.stopping is not None and self.stopping.is_set():
+            self.metrics.rejected("draining")
+            raise Fail(
+                503, "draining", "Shutting down",
+                "this instance is shutting down; retry on another", headers=_RETRY_AFTER,
+            )  # fmt: skip
 
     def _limit_headers(self, result: EnqueueResult) -> list[tuple[bytes, bytes]]:
         """RateLimit-* headers (IETF draft names) while per-client limits are on."""
@@ -235,25 +155,10 @@ class Ingest:
             (b"ratelimit-reset", str(reset).encode()),
         ]
 
-    async def _idempotency_key(self, scope: Scope, send: Send) -> str | None:
-        """The request's Idempotency-Key ('' when absent); None after answering 400."""
-        raw = header(scope, b"idempotency-key")
-        if raw is None:
-            return ""
-        key = raw.decode("latin-1").strip()
-        if not 1 <= len(key) <= 255 or not key.isprintable() or not key.isascii():
-            await send_problem(
-                send, 400, "invalid-header", "Invalid Idempotency-Key",
-                "the Idempotency-Key header takes 1 to 255 printable ASCII characters",
-                "Idempotency-Key",
-            )  # fmt: skip
-            return None
-        return key
-
     async def _enqueue(
-        self, send: Send, jobs: list[NewJob], idem: str, body: bytes, client: str
-    ) -> EnqueueResult | None:
-        """Enqueue; on failure answer the problem and return None."""
+        self, jobs: list[NewJob], idem: str, body: bytes, client: str
+    ) -> EnqueueResult:
+        """Enqueue; Fail with the answer when nothing was stored."""
         fingerprint = hashlib.blake2b(body, digest_size=16).hexdigest() if idem else ""
         if self.ingest.client_rate_per_s <= 0:
             client = ""  # not limited: skip the bucket
@@ -265,128 +170,106 @@ class Ingest:
                 )
         except QueueUnavailable:
             self.metrics.rejected("queue-unavailable")
-            await send_problem(
-                send,
-                503,
-                "queue-unavailable",
-                "Queue unavailable",
-                "the message was NOT accepted; retry shortly",
-                extra_headers=_RETRY_AFTER,
-            )
-            return None
+            raise Fail(
+                503, "queue-unavailable", "Queue unavailable",
+                "the message was NOT accepted; retry shortly", headers=_RETRY_AFTER,
+            ) from None  # fmt: skip
         except QueueError as exc:
             self.metrics.rejected("queue-error")
-            await send_problem(
-                send,
-                503,
-                "queue-error",
-                "Queue error",
-                f"the message was NOT accepted: {exc}",
-                extra_headers=_RETRY_AFTER,
-            )
-            return None
+            raise Fail(
+                503, "queue-error", "Queue error", f"the message was NOT accepted: {exc}",
+                headers=_RETRY_AFTER,
+            ) from None  # fmt: skip
         if result is None:
             self.metrics.rejected("queue-timeout")
-            await send_problem(
-                send, 503, "queue-timeout", "Queue did not answer in time",
+            raise Fail(
+                503, "queue-timeout", "Queue did not answer in time",
                 f"Redis did not confirm within {self.http.enqueue_timeout_s}s: the message may "
                 "or may not have been stored; retry with the same Idempotency-Key to be safe",
-                extra_headers=_RETRY_AFTER,
+                headers=_RETRY_AFTER,
             )  # fmt: skip
-            return None
         if result.outcome == "conflict":
-            await send_problem(
-                send, 409, "idempotency-conflict", "Idempotency-Key reused",
+            raise Fail(
+                409, "idempotency-conflict", "Idempotency-Key reused",
                 "this Idempotency-Key was used for a different request body in the last "
                 "24 h; use a new key for a new request", "Idempotency-Key",
             )  # fmt: skip
-            return None
         if result.outcome == "limited":
             self.metrics.rejected("rate-limited")
-            await self._too_many(send, result.value, len(jobs))
-            return None
+            raise self._too_many(result.value, len(jobs))
         if result.outcome == "backlog":
             self.metrics.rejected("backlog-full")
-            await self._backlog_full(send, result.value)
-            return None
+            raise self._backlog_full(result.value)
         if result.outcome == "stored":
             self.metrics.accepted(len(jobs))
         return result
 
-    async def _too_many(self, send: Send, retry_ms: int, n: int) -> None:
+    def _too_many(self, retry_ms: int, n: int) -> Fail:
         rate, burst = self.ingest.client_rate_per_s, self.ingest.client_burst_or_default()
         headers = [(b"ratelimit-limit", str(burst).encode()), (b"ratelimit-remaining", b"0")]
         if retry_ms < 0:  # can never pass: larger than the whole burst
-            await send_problem(
-                send, 429, "rate-limited", "Too many messages",
+            return Fail(
+                429, "rate-limited", "Too many messages",
                 f"{n} messages at once exceed this client's burst of {burst} "
-                "(ingest.client_burst); split the batch", "messages",
-                extra_headers=headers,
+                "(ingest.client_burst); split the batch", "messages", headers=headers,
             )  # fmt: skip
-            return
         retry = str(max(1, math.ceil(retry_ms / 1000))).encode()
-        await send_problem(
-            send, 429, "rate-limited", "Too many messages",
+        return Fail(
+            429, "rate-limited", "Too many messages",
             f"this client may submit {rate:g} messages/s (ingest.client_rate_per_s); "
             "nothing was stored: retry after Retry-After seconds",
-            extra_headers=[(b"retry-after", retry), *headers, (b"ratelimit-reset", retry)],
+            headers=[(b"retry-after", retry), *headers, (b"ratelimit-reset", retry)],
         )  # fmt: skip
 
-    async def _backlog_full(self, send: Send, backlog: int) -> None:
+    def _backlog_full(self, backlog: int) -> Fail:
         high = self.ingest.max_backlog
         rate = self.drain.rate() if self.drain is not None else 0.0
         retry = backlog_retry_after_s(backlog, high, rate)
-        await send_problem(
-            send, 503, "backlog-full", "Backlog full",
+        return Fail(
+            503, "backlog-full", "Backlog full",
             f"{backlog} messages are waiting (ingest.max_backlog = {high}); nothing was "
             "stored: retry after Retry-After seconds",
-            extra_headers=[(b"retry-after", str(retry).encode())],
+            headers=[(b"retry-after", str(retry).encode())],
         )  # fmt: skip
 
-    async def get_message(self, job_id: str, send: Send) -> None:
-        if not is_id(job_id):
-            await send_problem(send, 404, "not-found", "No such message", f"unknown id {job_id!r}")
-            return
-        try:
-            rec = await self.queue.get(job_id)
-        except QueueError as exc:
-            await send_problem(
-                send,
-                503,
-                "queue-unavailable",
-                "Queue unavailable",
-                str(exc),
-                extra_headers=_RETRY_AFTER,
-            )
-            return
+    async def get_message(self, req: Request) -> Reply:
+        """GET /v1/messages/{id}."""
+        job_id = req.params["id"]
+        rec = await self.queue.get(job_id) if is_id(job_id) else None
         if rec is None:
-            await send_problem(send, 404, "not-found", "No such message", f"unknown id {job_id!r}")
-            return
-        await send_json(send, 200, job_view(rec))
+            raise _no_such(job_id)
+        return json_reply(200, job_view(rec))
 
-    async def cancel_message(self, job_id: str, send: Send) -> None:
+    async def cancel_message(self, req: Request) -> Reply:
         """DELETE /v1/messages/{id}: 200 cancelled; 409 once processing or finished."""
+        job_id = req.params["id"]
         if not is_id(job_id):
-            await send_problem(send, 404, "not-found", "No such message", f"unknown id {job_id!r}")
-            return
-        try:
-            outcome, state = await self.queue.cancel(job_id)
-        except QueueError as exc:
-            await send_problem(
-                send, 503, "queue-unavailable", "Queue unavailable", str(exc),
-                extra_headers=_RETRY_AFTER,
-            )  # fmt: skip
-            return
+            raise _no_such(job_id)
+        outcome, state = await self.queue.cancel(job_id)
         if outcome == "unknown":
-            await send_problem(send, 404, "not-found", "No such message", f"unknown id {job_id!r}")
-        elif outcome == "too_late":
-            await send_problem(
-                send, 409, "not-cancellable", "Too late to cancel",
+            raise _no_such(job_id)
+        if outcome == "too_late":
+            raise Fail(
+                409, "not-cancellable", "Too late to cancel",
                 f"the message is {state}; only queued, scheduled or retrying messages can be "
                 "cancelled",
             )  # fmt: skip
-        else:
-            await send_json(send, 200, Accepted(job_id, "cancelled"))
+        return json_reply(200, Accepted(job_id, "cancelled"))
+
+
+def _idempotency_key(req: Request) -> str:
+    """The request's Idempotency-Key ('' when absent); 400 when it is not one."""
+    raw = req.header(b"idempotency-key")
+    if raw is None:
+        return ""
+    key = raw.decode("latin-1").strip()
+    if not 1 <= len(key) <= 255 or not key.isprintable() or not key.isascii():
+        raise Fail(
+            400, "invalid-header", "Invalid Idempotency-Key",
+            "the Idempotency-Key header takes 1 to 255 printable ASCII characters",
+            "Idempotency-Key",
+        )  # fmt: skip
+    return key
 
 
 def backlog_retry_after_s(backlog: int, high_water: int, drain_per_s: float) -> int:

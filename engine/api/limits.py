@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import msgspec
-from quart import Response
-from quart_trio import QuartTrio
+from collections.abc import Awaitable, Callable
 
-from engine.api.responses import json_response
+import msgspec
+
+from engine.api.exchange import Reply, Request, json_reply
 from engine.queue import RateLimits
 
 
@@ -22,9 +22,13 @@ class BucketView(msgspec.Struct):
     deferred_s: float
 
 
-def register_limit_routes(app: QuartTrio, limits: RateLimits) -> None:
-    @app.get("/v1/limits")
-    async def list_limits() -> Response:
+class LimitsView(msgspec.Struct):
+    configured: bool
+    buckets: list[BucketView]
+
+
+def limits_route(limits: RateLimits) -> Callable[[Request], Awaitable[Reply]]:
+    async def list_limits(_: Request) -> Reply:
         buckets = [
             BucketView(
                 b.name, b.limit_per_s, round(b.rate_per_s, 3), b.rate_per_s < b.limit_per_s,
@@ -32,5 +36,6 @@ def register_limit_routes(app: QuartTrio, limits: RateLimits) -> None:
             )
             for b in await limits.state()
         ]  # fmt: skip
-        body = {"configured": limits.settings.configured(), "buckets": buckets}
-        return json_response(200, body)
+        return json_reply(200, LimitsView(limits.settings.configured(), buckets))
+
+    return list_limits

@@ -2,8 +2,8 @@
 caller will need (API keys, issue 13), request and response types, every status it can
 answer -- and what is generated from it: ``GET /v1`` and ``GET /openapi.json``.
 
-Dispatch still goes through the fast path in ``app.py`` and Quart behind it;
-``tests/test_routes.py`` holds the table, the dispatchers and the answers together.
+``router.py`` dispatches from it (``app.py`` binds a handler to each route's ``op``);
+``tests/test_routes.py`` checks that every route answers only the statuses listed here.
 """
 
 from __future__ import annotations
@@ -16,46 +16,14 @@ import msgspec
 
 from engine import __version__
 from engine.api.dashboard import SinkPage, Stats
-from engine.api.limits import BucketView
-from engine.api.schedules import ScheduleIn, ScheduleView
-from engine.api.transports import TransportView
+from engine.api.dead import DeadPage, DeadRetried, RetryFilter
+from engine.api.limits import LimitsView
+from engine.api.schedules import ScheduleIn, ScheduleList, ScheduleView
+from engine.api.transports import TransportList
 from engine.models import Accepted, BatchAccepted, BatchIn, Event, JobView, MessageIn, Problem
 
 # Scopes an API key will carry (issue 13); "public" routes need none.
 SCOPES: Final = ("public", "send", "read", "events", "dead-letters", "schedules", "admin")
-
-
-class DeadPage(msgspec.Struct):
-    total: int
-    offset: int
-    limit: int
-    next_offset: int | None
-    items: list[JobView]
-
-
-class DeadRetried(msgspec.Struct):
-    retried: int
-    ids: list[str]
-
-
-class DeadRetryFilter(msgspec.Struct):
-    """Body of POST /v1/dead/retry; empty body or {} retries everything."""
-
-    ids: list[str] | None = None
-    error_contains: str | None = None
-
-
-class ScheduleList(msgspec.Struct):
-    items: list[ScheduleView]
-
-
-class LimitsView(msgspec.Struct):
-    configured: bool
-    buckets: list[BucketView]
-
-
-class TransportList(msgspec.Struct):
-    transports: list[TransportView]
 
 
 class Health(msgspec.Struct):
@@ -76,6 +44,7 @@ _QUEUE: Final[dict[int, tuple[str, Any]]] = {503: ("Redis unavailable: retry (Re
 
 @dataclass(frozen=True, slots=True)
 class Route:
+    op: str  # the handler's name (OpenAPI operationId); app.py binds one to each
     method: str  # GET, POST, DELETE, or WS (a websocket upgrade)
     path: str  # OpenAPI template: /v1/messages/{id}
     summary: str
@@ -102,79 +71,87 @@ _INGEST_ERRORS: Final = {
 }
 
 ROUTES: Final[tuple[Route, ...]] = (
-    Route("POST", "/v1/messages", "Send one message", "send",
+    Route("send_message", "POST", "/v1/messages", "Send one message", "send",
           {202: _ok("stored and queued (or scheduled)", Accepted),
            200: _ok("a repeat of an Idempotency-Key: the first request's id", Accepted),
            **_INGEST_ERRORS}, request=MessageIn),
-    Route("POST", "/v1/messages/batch", "Send up to http.max_batch_messages messages at once",
+    Route("send_batch", "POST", "/v1/messages/batch",
+          "Send up to http.max_batch_messages messages at once",
           "send", {202: _ok("all stored", BatchAccepted),
                    200: _ok("a repeat of an Idempotency-Key", BatchAccepted),
                    **_INGEST_ERRORS}, request=BatchIn),
-    Route("GET", "/v1/messages/{id}", "A message's state", "read",
+    Route("get_message", "GET", "/v1/messages/{id}", "A message's state", "read",
           {200: _ok("the message", JobView), 404: _ok("no such message"), **_QUEUE}),
-    Route("DELETE", "/v1/messages/{id}", "Cancel a queued, scheduled or retrying message",
+    Route("cancel_message", "DELETE", "/v1/messages/{id}",
+          "Cancel a queued, scheduled or retrying message",
           "send", {200: _ok("cancelled", Accepted), 404: _ok("no such message"),
                    409: _ok("too late: processing or finished"), **_QUEUE}),
-    Route("GET", "/v1/messages/{id}/events", "A message's lifecycle events still kept",
+    Route("message_events", "GET", "/v1/messages/{id}/events",
+          "A message's lifecycle events still kept",
           "events", {200: _ok("oldest first (Events-Complete: false if the scan stopped)",
                               list[Event]), 404: _ok("no such message"), **_QUEUE}),
-    Route("WS", "/v1/events", "Live lifecycle events (filters, since= resume)", "events",
+    Route("watch_events", "WS", "/v1/events",
+          "Live lifecycle events (filters, since= resume)", "events",
           {101: _ok("upgraded: text frames are JSON arrays of events"),
            400: _ok("a bad filter or since"), 503: _ok("too many subscribers")},
           query={"id": "message ids", "type": "event types", "tenant": "tenants",
                  "tag": "tags", "since": "resume after this event id"}, tag="events"),
-    Route("GET", "/v1/dead", "The dead-letter queue, oldest first", "dead-letters",
+    Route("list_dead", "GET", "/v1/dead", "The dead-letter queue, oldest first", "dead-letters",
           {200: _ok("a page", DeadPage), 422: _ok("bad offset or limit"), **_QUEUE},
           query={"offset": "first item (default 0)", "limit": "items (1-500, default 50)"},
           tag="dead letters"),
-    Route("POST", "/v1/dead/{id}/retry", "Queue a dead letter again", "dead-letters",
+    Route("retry_dead", "POST", "/v1/dead/{id}/retry", "Queue a dead letter again", "dead-letters",
           {202: _ok("queued with fresh attempts", Accepted),
            404: _ok("not in the dead-letter queue"), **_QUEUE}, tag="dead letters"),
-    Route("POST", "/v1/dead/retry", "Queue dead letters again (all, by ids or by error)",
+    Route("retry_dead_many", "POST", "/v1/dead/retry",
+          "Queue dead letters again (all, by ids or by error)",
           "dead-letters", {202: _ok("queued", DeadRetried), 400: _ok("malformed JSON"),
                            422: _ok("a field is invalid"), **_QUEUE},
-          request=DeadRetryFilter, tag="dead letters"),
-    Route("DELETE", "/v1/dead/{id}", "Delete a dead letter for good", "dead-letters",
+          request=RetryFilter, tag="dead letters"),
+    Route("delete_dead", "DELETE", "/v1/dead/{id}", "Delete a dead letter for good", "dead-letters",
           {204: _ok("deleted"), 404: _ok("not in the dead-letter queue"), **_QUEUE},
           tag="dead letters"),
-    Route("POST", "/v1/schedules", "Create or replace a recurring schedule", "schedules",
+    Route("put_schedule", "POST", "/v1/schedules",
+          "Create or replace a recurring schedule", "schedules",
           {201: _ok("created", ScheduleView), 200: _ok("replaced", ScheduleView),
            400: _ok("malformed JSON"), 413: _ok("body too large"), 415: _ok("not JSON"),
            422: _ok("invalid name, cron, zone or message"), **_QUEUE},
           request=ScheduleIn, tag="schedules"),
-    Route("GET", "/v1/schedules", "Every schedule", "schedules",
+    Route("list_schedules", "GET", "/v1/schedules", "Every schedule", "schedules",
           {200: _ok("by name", ScheduleList), **_QUEUE}, tag="schedules"),
-    Route("GET", "/v1/schedules/{name}", "One schedule", "schedules",
+    Route("get_schedule", "GET", "/v1/schedules/{name}", "One schedule", "schedules",
           {200: _ok("the schedule", ScheduleView), 404: _ok("no such schedule"), **_QUEUE},
           tag="schedules"),
-    Route("DELETE", "/v1/schedules/{name}", "Delete a schedule", "schedules",
+    Route("delete_schedule", "DELETE", "/v1/schedules/{name}", "Delete a schedule", "schedules",
           {204: _ok("deleted"), 404: _ok("no such schedule"), **_QUEUE}, tag="schedules"),
-    Route("GET", "/v1/limits", "The shared rate limits and their live state", "admin",
+    Route("list_limits", "GET", "/v1/limits",
+          "The shared rate limits and their live state", "admin",
           {200: _ok("every configured bucket", LimitsView), **_QUEUE}, tag="operations"),
-    Route("GET", "/v1/transports", "Whether each transport takes mail (its breaker)", "read",
+    Route("list_transports", "GET", "/v1/transports",
+          "Whether each transport takes mail (its breaker)", "read",
           {200: _ok("up, or down with the reason", TransportList), **_QUEUE},
           tag="operations"),
-    Route("GET", "/v1/stats", "Queue-wide counts (the dashboard polls it)", "read",
+    Route("stats", "GET", "/v1/stats", "Queue-wide counts (the dashboard polls it)", "read",
           {200: _ok("counts", Stats), **_QUEUE}, tag="operations"),
-    Route("GET", "/v1/sink/messages", "Mail the embedded sink captured", "read",
+    Route("sink_messages", "GET", "/v1/sink/messages", "Mail the embedded sink captured", "read",
           {200: _ok("newest first", SinkPage), 404: _ok("no embedded sink"),
            422: _ok("bad limit")}, query={"limit": "1-200, default 50"}, tag="operations"),
-    Route("GET", "/v1", "This API's routes", "public",
+    Route("index", "GET", "/v1", "This API's routes", "public",
           {200: _ok("service and endpoints", dict[str, Any])}, tag="operations"),
-    Route("GET", "/openapi.json", "This document", "public",
+    Route("openapi", "GET", "/openapi.json", "This document", "public",
           {200: _ok("OpenAPI 3.1", dict[str, Any])}, tag="operations"),
-    Route("GET", "/healthz", "Liveness", "public", {200: _ok("alive", Health)},
+    Route("healthz", "GET", "/healthz", "Liveness", "public", {200: _ok("alive", Health)},
           tag="operations"),
-    Route("GET", "/readyz", "Readiness (Redis reachable, senders running, not draining)",
+    Route("readyz", "GET", "/readyz", "Readiness (Redis reachable, senders running, not draining)",
           "public", {200: _ok("ready", Readiness), 503: _ok("not ready", Readiness)},
           tag="operations"),
-    Route("GET", "/metrics", "Prometheus metrics", "public",
+    Route("metrics", "GET", "/metrics", "Prometheus metrics", "public",
           {200: _ok("text exposition format", "text/plain")}, tag="operations"),
-    Route("GET", "/", "The dashboard", "public", {200: _ok("the page", "text/html")},
+    Route("dashboard", "GET", "/", "The dashboard", "public", {200: _ok("the page", "text/html")},
           tag="operations"),
-    Route("GET", "/docs", "This reference, rendered (offline: vendored Redoc)", "public",
+    Route("docs", "GET", "/docs", "This reference, rendered (offline: vendored Redoc)", "public",
           {200: _ok("the page", "text/html")}, tag="operations"),
-    Route("GET", "/static/{name}", "The dashboard's assets", "public",
+    Route("static", "GET", "/static/{name}", "The dashboard's assets", "public",
           {200: _ok("the file", "application/octet-stream"), 404: _ok("no such file")},
           tag="operations"),
 )  # fmt: skip
@@ -204,6 +181,7 @@ def openapi() -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for r in ROUTES:
         op: dict[str, Any] = {
+            "operationId": r.op,
             "summary": r.summary,
             "tags": [r.tag],
             "x-scope": r.scope,

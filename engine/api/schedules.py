@@ -1,4 +1,4 @@
-"""Recurring schedule routes (Quart): create or replace, list, show, delete.
+"""Recurring schedule routes: create or replace, list, show, delete.
 
 A schedule's message is validated like POST /v1/messages when it is put, so a bad
 one is refused up front rather than skipped at every tick. Never imports the senders.
@@ -10,11 +10,17 @@ import re
 from typing import Final
 
 import msgspec
-from quart import Response, request
-from quart_trio import QuartTrio
 
-from engine.api.ingest import error_field
-from engine.api.responses import json_response, problem_response
+from engine.api.exchange import (
+    Reply,
+    Request,
+    decode_json,
+    empty_reply,
+    error_field,
+    invalid,
+    json_reply,
+    not_found,
+)
 from engine.cron import check_cron, check_timezone
 from engine.errors import ValidationError
 from engine.models import MessageIn, ms_to_iso, normalize, route
@@ -53,6 +59,13 @@ class ScheduleView(msgspec.Struct):
     skipped: int
 
 
+class ScheduleList(msgspec.Struct):
+    items: list[ScheduleView]
+
+
+_decode_schedule = msgspec.json.Decoder(ScheduleIn).decode
+
+
 def schedule_view(s: Schedule) -> ScheduleView:
     return ScheduleView(
         s.name, s.cron, s.timezone, msgspec.Raw(s.message.encode()), s.version,
@@ -61,10 +74,6 @@ def schedule_view(s: Schedule) -> ScheduleView:
         ms_to_iso(s.last_tick_ms) if s.last_tick_ms is not None else None,
         s.last_job_id, s.fired, s.skipped,
     )  # fmt: skip
-
-
-def _invalid(exc: ValidationError) -> Response:
-    return problem_response(422, "invalid-field", "Invalid field", exc.detail, exc.field)
 
 
 def check_schedule(body: ScheduleIn, *, default_from: str, now_ms: int) -> tuple[str, str]:
@@ -87,53 +96,44 @@ def check_schedule(body: ScheduleIn, *, default_from: str, now_ms: int) -> tuple
     return cron, bytes(body.message).decode()
 
 
-def register_schedule_routes(
-    app: QuartTrio, store: ScheduleStore, *, default_from: str, max_body_bytes: int = 100_000
-) -> None:
-    """Add /v1/schedules routes to ``app`` (its QueueError handler answers 503)."""
+class ScheduleRoutes:
+    """Handlers of the /v1/schedules routes."""
 
-    @app.post("/v1/schedules")
-    async def put_schedule() -> Response:
-        if not request.is_json:
-            detail = "send the body as JSON with Content-Type: application/json"
-            return problem_response(415, "unsupported-media-type", "Unsupported Media Type", detail)
-        limit = f"the body limit is {max_body_bytes} bytes"
-        too_large = problem_response(413, "body-too-large", "Request body too large", limit)
-        if (request.content_length or 0) > max_body_bytes:
-            return too_large
-        raw = await request.get_data(cache=False, as_text=False)
-        if len(raw) > max_body_bytes:
-            return too_large
+    def __init__(self, store: ScheduleStore, *, default_from: str, max_body_bytes: int) -> None:
+        self._store = store
+        self._default_from = default_from
+        self._max_body_bytes = max_body_bytes
+
+    async def put_schedule(self, req: Request) -> Reply:
+        raw = await req.json_body(self._max_body_bytes)
+        body = decode_json(_decode_schedule, raw)
+        store = self._store
         try:
-            body = msgspec.json.decode(raw, type=ScheduleIn)
-        except msgspec.ValidationError as exc:
-            field, detail = error_field(exc)
-            return problem_response(422, "invalid-field", "Invalid field", detail, field)
-        except msgspec.DecodeError as exc:
-            return problem_response(400, "malformed-json", "Malformed JSON", str(exc))
-        try:
-            cron, message = check_schedule(body, default_from=default_from, now_ms=store.now_ms())
+            cron, message = check_schedule(
+                body, default_from=self._default_from, now_ms=store.now_ms()
+            )
             created, schedule = await store.put(body.name, cron, body.timezone, message)
         except ValidationError as exc:
-            return _invalid(exc)
+            raise invalid(exc.field, exc.detail) from None
         view = schedule_view(schedule)
         if created:
-            return json_response(201, view, {"Location": f"/v1/schedules/{schedule.name}"})
-        return json_response(200, view)
+            return json_reply(201, view, [(b"location", f"/v1/schedules/{schedule.name}".encode())])
+        return json_reply(200, view)
 
-    @app.get("/v1/schedules")
-    async def list_schedules() -> Response:
-        return json_response(200, {"items": [schedule_view(s) for s in await store.list_all()]})
+    async def list_schedules(self, _: Request) -> Reply:
+        return json_reply(
+            200, ScheduleList([schedule_view(s) for s in await self._store.list_all()])
+        )
 
-    @app.get("/v1/schedules/<name>")
-    async def get_schedule(name: str) -> Response:
-        schedule = await store.get(name) if _NAME_RE.match(name) else None
+    async def get_schedule(self, req: Request) -> Reply:
+        name = req.params["name"]
+        schedule = await self._store.get(name) if _NAME_RE.match(name) else None
         if schedule is None:
-            return problem_response(404, "not-found", "No such schedule", f"schedule {name!r}")
-        return json_response(200, schedule_view(schedule))
+            raise not_found("No such schedule", f"schedule {name!r}")
+        return json_reply(200, schedule_view(schedule))
 
-    @app.delete("/v1/schedules/<name>")
-    async def delete_schedule(name: str) -> Response:
-        if not (_NAME_RE.match(name) and await store.delete(name)):
-            return problem_response(404, "not-found", "No such schedule", f"schedule {name!r}")
-        return Response(b"", status=204)
+    async def delete_schedule(self, req: Request) -> Reply:
+        name = req.params["name"]
+        if not (_NAME_RE.match(name) and await self._store.delete(name)):
+            raise not_found("No such schedule", f"schedule {name!r}")
+        return empty_reply(204)

@@ -3,11 +3,11 @@ open (the senders of every replica wait and probe it); the dashboard shows a ban
 
 from __future__ import annotations
 
-import msgspec
-from quart import Response
-from quart_trio import QuartTrio
+from collections.abc import Awaitable, Callable
 
-from engine.api.responses import json_response
+import msgspec
+
+from engine.api.exchange import Reply, Request, json_reply
 from engine.models import ms_to_iso
 from engine.queue import Breaker
 
@@ -32,7 +32,12 @@ async def transport_view(breaker: Breaker) -> TransportView:
     )  # fmt: skip
 
 
-def register_transport_routes(app: QuartTrio, breaker: Breaker) -> None:
-    @app.get("/v1/transports")
-    async def list_transports() -> Response:
-        return json_response(200, {"transports": [await transport_view(breaker)]})
+class TransportList(msgspec.Struct):
+    transports: list[TransportView]
+
+
+def transports_route(breaker: Breaker) -> Callable[[Request], Awaitable[Reply]]:
+    async def list_transports(_: Request) -> Reply:
+        return json_reply(200, TransportList([await transport_view(breaker)]))
+
+    return list_transports
