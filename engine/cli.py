@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import __version__
-from engine.config import Settings, load_settings
+from engine.config import Settings, load_settings, redact_url
 from engine.errors import ConfigError
 
 EPILOG = """\
@@ -82,11 +82,177 @@ def _send_parser(sub: Any) -> None:
     when = p.add_mutually_exclusive_group()
     when.add_argument("--send-at", metavar="TIME", help="RFC 3339, e.g. 2026-11-22T18:00:00Z")
     when.add_argument("--delay", type=float, metavar="SECONDS", help="send this much later")
+    _client_arguments(p)
+
+
+def _client_arguments(p: Any) -> None:
+    """--url and --key of the commands that call a running engine's API."""
     p.add_argument(
         "--url",
         default=os.environ.get("ENGINE_URL", "http://127.0.0.1:8080"),
         help="engine base URL (default http://127.0.0.1:8080, env ENGINE_URL)",
     )
+    p.add_argument(
+        "--key",
+        default=None,
+        help="API key (default: env ENGINE_API_KEY, else the file auth.admin_key_file, "
+        "var/admin.key, that the first `engine serve` writes)",
+    )
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """The key a client command presents: --key, ENGINE_API_KEY, or the admin key file."""
+    if getattr(args, "key", None):
+        return str(args.key)
+    if os.environ.get("ENGINE_API_KEY"):
+        return os.environ["ENGINE_API_KEY"]
+    path = Path(os.environ.get("ENGINE_AUTH__ADMIN_KEY_FILE") or "var/admin.key")
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _access_parsers(sub: Any) -> None:
+    keys = sub.add_parser(
+        "keys",
+        help="make, list and revoke API keys (through the API, with an admin key)",
+        description="API keys: `create` prints the new key once (only its hash is kept); "
+        "`list` shows kid, name, scopes and tenants; `revoke KID` stops it on every replica "
+        "within auth.refresh_s. Scopes: send, read, events, dead-letters, schedules, admin.",
+    )
+    ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    create = ksub.add_parser("create", help="make a key and print it (shown once)")
+    create.add_argument("--name", default="", help="what it is for (shown in lists)")
+    create.add_argument(
+        "--scope", action="append", dest="scopes", metavar="SCOPE",
+        help="send, read, events, dead-letters, schedules or admin (repeatable; default send)",
+    )  # fmt: skip
+    create.add_argument("--tenant", default="default", help="its tenant (default: default)")
+    create.add_argument(
+        "--also", action="append", default=[], dest="tenants", metavar="TENANT",
+        help="a further tenant it may send for (repeatable; * for every tenant)",
+    )  # fmt: skip
+    ksub.add_parser("list", help="list the keys (never the keys themselves)")
+    ksub.add_parser(
+        "generate",
+        help="print a new key without an engine (for auth.admin_key / ENGINE_ADMIN_KEY)",
+    )
+    revoke = ksub.add_parser("revoke", help="revoke a key by its kid")
+    revoke.add_argument("kid")
+    tenants = sub.add_parser(
+        "tenants",
+        help="set and list tenants' sender identities (From domains or addresses)",
+        description="A tenant's keys may send From its identities only: domains "
+        "(example.com: any address there), addresses, or * (any).",
+    )
+    tsub = tenants.add_subparsers(dest="tenants_command", metavar="ACTION", required=True)
+    put = tsub.add_parser("set", help="set a tenant's identities (replaces them)")
+    put.add_argument("name")
+    put.add_argument(
+        "--from", action="append", default=[], dest="identities", metavar="IDENTITY",
+        help="a domain, an address or * (repeatable)",
+    )  # fmt: skip
+    tsub.add_parser("list", help="list tenants and their identities")
+    for p in (create, ksub.choices["list"], revoke, put, tsub.choices["list"]):  # API calls
+        _client_arguments(p)
+
+
+def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """One API call: (status, decoded JSON or None); (0, reason) when unreachable."""
+    headers = {"Accept": "application/json"}
+    key = api_key(args)
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(
+        args.url.rstrip("/") + path, data=data, headers=headers, method=method
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw)
+        except ValueError:
+            return exc.code, raw.decode(errors="replace")
+    except urllib.error.URLError as exc:
+        return 0, str(exc.reason)
+
+
+def _failed(args: argparse.Namespace, status: int, answer: Any) -> int:
+    if status == 0:
+        print(
+            f"error: cannot reach the engine at {args.url}: {answer} "
+            "(is `engine serve` running? set --url or ENGINE_URL)",
+            file=sys.stderr,
+        )
+    elif status == 401:
+        print(
+            "error: the engine wants an API key: --key, ENGINE_API_KEY, or run from the "
+            "directory whose var/admin.key the first `engine serve` wrote",
+            file=sys.stderr,
+        )
+    else:
+        detail = answer.get("detail", answer) if isinstance(answer, dict) else answer
+        print(f"error: the engine answered {status}: {detail}", file=sys.stderr)
+    return 1
+
+
+def keys_command(args: argparse.Namespace) -> int:
+    if args.keys_command == "generate":
+        from engine.auth import make_key
+
+        print(make_key()[1])
+        return 0
+    if args.keys_command == "create":
+        body = {"name": args.name, "scopes": args.scopes or ["send"], "tenant": args.tenant,
+                "tenants": args.tenants}  # fmt: skip
+        status, answer = _call(args, "POST", "/v1/keys", body)
+        if status != 201:
+            return _failed(args, status, answer)
+        print(answer["key"])
+        print(
+            f"kid {answer['kid']}  scopes {','.join(answer['scopes'])}  tenant "
+            f"{answer['tenant']}  (the key is shown this once)",
+            file=sys.stderr,
+        )
+        return 0
+    if args.keys_command == "list":
+        status, answer = _call(args, "GET", "/v1/keys")
+        if status != 200:
+            return _failed(args, status, answer)
+        for k in answer["items"]:
+            also = f" +{','.join(k['tenants'])}" if k["tenants"] else ""
+            print(f"{k['kid']}  {','.join(k['scopes']):<28} {k['tenant']}{also:<12} "
+                  f"{k['created_at']}  {k['name']}")  # fmt: skip
+        return 0
+    status, answer = _call(args, "DELETE", f"/v1/keys/{args.kid}")
+    if status != 204:
+        return _failed(args, status, answer)
+    print(f"revoked {args.kid}", file=sys.stderr)
+    return 0
+
+
+def tenants_command(args: argparse.Namespace) -> int:
+    if args.tenants_command == "set":
+        body = {"identities": args.identities}
+        status, answer = _call(args, "PUT", f"/v1/tenants/{args.name}", body)
+        if status not in (200, 201):
+            return _failed(args, status, answer)
+        print(f"{answer['name']}: {', '.join(answer['identities']) or '(none)'}")
+        return 0
+    status, answer = _call(args, "GET", "/v1/tenants")
+    if status != 200:
+        return _failed(args, status, answer)
+    for t in answer["items"]:
+        print(f"{t['name']}: {', '.join(t['identities']) or '(none)'}")
+    return 0
 
 
 def _watch_parser(sub: Any) -> None:
@@ -97,11 +263,7 @@ def _watch_parser(sub: Any) -> None:
         "reconnects after a drop and resumes where it stopped. Filters of one kind are "
         "OR-ed, different kinds AND-ed. Ctrl-C stops.",
     )
-    p.add_argument(
-        "--url",
-        default=os.environ.get("ENGINE_URL", "http://127.0.0.1:8080"),
-        help="engine base URL (default http://127.0.0.1:8080, env ENGINE_URL)",
-    )
+    _client_arguments(p)
     p.add_argument(
         "--id", action="append", default=[], dest="ids", metavar="ID", help="a message (repeatable)"
     )
@@ -145,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(sink)
     _send_parser(sub)
     _watch_parser(sub)
+    _access_parsers(sub)
     return parser
 
 
@@ -166,23 +329,37 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _banner(settings: Settings, redis_url: str, smtp_url: str, embedded: list[str]) -> str:
+def _banner(
+    settings: Settings, redis_url: str, smtp_url: str, embedded: list[str], admin: Any = None
+) -> str:
     host, _, port = settings.http.bind.rpartition(":")
     base = f"http://{host}:{port}"
+    key_file = settings.auth.admin_key_file or "<your key file>"
+    auth = f'-H "Authorization: Bearer $(cat {key_file})" ' if settings.auth.enabled else ""
     curl = (
-        f"curl -sS -X POST {base}/v1/messages -H 'Content-Type: application/json' \\\n"
+        f"curl -sS -X POST {base}/v1/messages {auth}-H 'Content-Type: application/json' \\\n"
         '     -d \'{"to":"you@example.com","subject":"Hello","text":"It works."}\''
     )
     lines = [
         f"engine {__version__} ready",
         f"  API        {base}   (health {base}/healthz, ready {base}/readyz)",
         f"  Dashboard  {base}/",
-        f"  Redis      {redis_url}{'  (embedded)' if 'redis' in embedded else ''}",
-        f"  SMTP       {smtp_url}{'  (embedded sink)' if 'sink' in embedded else ''}",
+        f"  Redis      {redact_url(redis_url)}{'  (embedded)' if 'redis' in embedded else ''}",
+        f"  SMTP       {redact_url(smtp_url)}{'  (embedded sink)' if 'sink' in embedded else ''}",
     ]
     if "sink" in embedded and settings.sink.maildir:
         lines.append(f"  Mail       {Path(settings.sink.maildir).resolve()}/new")
-    lines += ["", "Send a message:", curl, f"Then: curl -sS {base}/v1/messages/<id>", ""]
+    if not settings.auth.enabled:
+        lines.append("  Auth       OFF (auth.enabled = false): whoever reaches the port is admin")
+    elif admin is not None and admin.made:
+        kept = f"; kept in {admin.file} (0600)" if admin.file else ""
+        lines += ["", f"Admin API key (made now, shown once{kept}):", f"  {admin.made}"]
+    elif admin is not None and admin.file:
+        lines.append(f"  API key    admin key in {admin.file}  (engine keys create makes more)")
+    else:
+        lines.append("  API key    send one: Authorization: Bearer <key>  (engine keys --help)")
+    lines += ["", "Send a message:", curl,
+              f"Then: curl -sS {auth}{base}/v1/messages/<id>", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -204,7 +381,9 @@ def serve(args: argparse.Namespace) -> int:
     try:
         redis_url = settings.redis.url
         if redis_url is None:
-            redis_server = RedisServer(settings.redis.data_dir).start()
+            redis_server = RedisServer(
+                settings.redis.data_dir, maxmemory_bytes=settings.redis.maxmemory_bytes
+            ).start()
             redis_url = redis_server.url
             embedded.append("redis")
         smtp_url = settings.smtp.url
@@ -218,7 +397,7 @@ def serve(args: argparse.Namespace) -> int:
 
         async def main() -> None:
             async with trio.open_nursery() as nursery:
-                await nursery.start(
+                running = await nursery.start(
                     lambda task_status: run_engine(
                         settings,
                         redis_url=redis_url,
@@ -227,7 +406,7 @@ def serve(args: argparse.Namespace) -> int:
                         task_status=task_status,
                     )
                 )
-                print(_banner(settings, redis_url, smtp_url, embedded), flush=True)
+                print(_banner(settings, redis_url, smtp_url, embedded, running.admin), flush=True)
                 _tune_gc()
 
         try:
@@ -298,10 +477,14 @@ def send(args: argparse.Namespace) -> int:
             body[key] = value
     if args.text is None and args.html is None:
         body["text"] = ""
+    headers = {"Content-Type": "application/json"}
+    presented = api_key(args)
+    if presented:
+        headers["Authorization"] = f"Bearer {presented}"
     req = urllib.request.Request(
         args.url.rstrip("/") + "/v1/messages",
         data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
+        headers=headers,
         method="POST",
     )
     try:
@@ -332,7 +515,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "watch":
             from engine.watch import run as watch
 
-            return watch(args)
+            return watch(args, api_key(args))
+        if args.command == "keys":
+            return keys_command(args)
+        if args.command == "tenants":
+            return tenants_command(args)
         from engine.sink import run
 
         return run(args)

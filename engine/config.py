@@ -17,12 +17,14 @@ messages per second. One convention per concept:
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -34,15 +36,25 @@ class RedisSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     url: str | None = None
     # Where the embedded server keeps its RDB/AOF files.
     data_dir: str = "var/redis"
+    # Bytes the embedded Redis may hold (its maxmemory, with maxmemory-policy noeviction:
+    # it refuses writes rather than evict a job). 0 = half of this machine's memory (or
+    # of the container's limit). Ingest refuses new work first: ingest.max_memory_ratio.
+    maxmemory_bytes: int = 0
     # Seconds to establish a connection before Redis counts as unavailable.
     connect_timeout_s: float = 5.0
     # Seconds to wait for a reply to an ordinary (non-blocking) command.
     command_timeout_s: float = 5.0
 
+    def __repr__(self) -> str:
+        return _redacted_repr(self)
+
 
 class HttpSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # HOST:PORT the API listens on.
     bind: str = "127.0.0.1:8080"
+    # Host header values served (port ignored; "*" any). Empty: automatic -- bound to a
+    # loopback address, only localhost names (defeats DNS rebinding); else any. Others: 421.
+    allowed_hosts: list[str] = []
     # "builtin": the engine's own HTTP/1.1 + WebSocket server (engine/http: httptools +
     # wsproto, ~35 us of CPU per request here); "hypercorn": hypercorn's trio worker
     # (~900 us per request), kept as an alternative and as the conformance oracle.
@@ -85,6 +97,8 @@ class SmtpSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # None: start the embedded sink and send to it.
     url: str | None = None
     # "auto": upgrade when the server offers STARTTLS; "require": refuse plain; "never".
+    # With a user and password in url, "auto" is "require" (AUTH never goes in clear),
+    # and "never" is refused at start-up unless url is smtps://.
     starttls: str = "auto"
     # Verify the server certificate (turn off only for test servers).
     tls_verify: bool = True
@@ -114,6 +128,9 @@ class SmtpSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # hostname"): with no dot in it and a server not on loopback, start-up fails and
     # asks for this setting (ENGINE_SMTP__HELO_NAME).
     helo_name: str = ""
+
+    def __repr__(self) -> str:
+        return _redacted_repr(self)
 
 
 class SenderSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -185,6 +202,10 @@ class QueueSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     events_maxlen: int = 100_000
     # Most jobs written by one group-committed enqueue round-trip.
     enqueue_batch_max: int = 2000
+    # A delivery whose whole message went out but whose final reply never came (the
+    # connection died or went silent): "retry" sends it again, which may duplicate it;
+    # "dead-letter" leaves it for a human (POST /v1/dead/retry). Its bounce is "uncertain".
+    on_uncertain: Literal["retry", "dead-letter"] = "retry"
     # Share of claims each priority lane gets while all three have work (an empty
     # lane's share goes to the others, most urgent first): no lane starves.
     lane_weights: dict[str, int] = msgspec.field(
@@ -254,13 +275,21 @@ class IngestSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # client_rate_per_s, but at least 1000 so a full batch (http.max_batch_messages,
     # default 1000) can pass.
     client_burst: int = 0
-    # Addresses of load balancers in front of the engine: a request from one of them is
-    # counted against the client named by X-Forwarded-For (the right-most address that
-    # is not a trusted proxy), not against the balancer.
+    # Addresses or CIDR ranges (10.0.0.0/8) of load balancers in front of the engine: a
+    # request from one of them is counted against the client named by X-Forwarded-For
+    # (all its header lines; the right-most address that is not a trusted proxy), not
+    # against the balancer. Only matters for requests without a key (auth off).
     trusted_proxies: list[str] = []
     # Jobs waiting (ready + scheduled) beyond which new work gets 503 + Retry-After, so
     # Redis memory stays bounded (~1 KB per waiting job). 0 = unbounded.
     max_backlog: int = 1_000_000
+    # The same bound in bytes: the share of Redis's maxmemory its used_memory may reach
+    # (INFO memory, read every 0.25 s) before new work gets 503 + Retry-After. It counts
+    # all Redis holds: records of sent, failed and cancelled messages too while they are
+    # kept (queue.keep_sent_s, keep_failed_s). The rest is headroom for what senders
+    # write as they drain, which Redis never refuses. 0 = no check; a Redis without a
+    # maxmemory (an external one) cannot be checked: a warning at start says so.
+    max_memory_ratio: float = 0.9
 
     def client_burst_or_default(self) -> int:
         return self.client_burst or max(int(self.client_rate_per_s), 1000)
@@ -309,6 +338,54 @@ class SinkSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     maildir: str | None = "var/maildir"
 
 
+class AuthSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Every route but health, the spec and the page needs an API key (or a dashboard
+    # session). false serves everyone as admin: only behind your own auth (logs a warning).
+    enabled: bool = True
+    # An admin key to register at start (ek_<12 hex>_<43 chars>, e.g. from a secret store
+    # in a container); registered if its kid is new. Redacted everywhere it is shown.
+    admin_key: str = ""
+    # Where the first start writes the admin key it makes when no key exists yet (0600);
+    # `engine keys`, `engine send` and `engine watch` read it. "" makes none.
+    admin_key_file: str = "var/admin.key"
+    # Seconds between checks of the shared key table's version: how long a revocation
+    # or a tenant change takes to reach every replica, at most.
+    refresh_s: float = 1.0
+    # Seconds a dashboard login (session cookie) lasts.
+    session_ttl_s: float = 8 * 3600.0
+    # Sender identities by tenant, in the settings (added to those set through the API,
+    # PUT /v1/tenants/{name}): {"acme": ["acme.com", "noreply@acme.org"]}; the tenant "*"
+    # applies to every tenant, the identity "*" is any From. A tenant with none may send
+    # only as sender.default_from.
+    identities: dict[str, list[str]] = {}
+
+    def __repr__(self) -> str:
+        return _redacted_repr(self)
+
+
+class WebhookSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Replicas that run senders also dispatch webhooks (a consumer group on the event
+    # stream: each event reaches each endpoint at least once across replicas).
+    enabled: bool = True
+    # Seconds to wait for an endpoint's answer (a 2xx in time is a delivery).
+    timeout_s: float = 10.0
+    # Bytes of an answer read at most (its first 512 are kept with the attempt).
+    max_response_bytes: int = 64 * 1024
+    # Retries: exponential from first_retry_s to max_retry_s with jitter, for up to
+    # retry_window_s (default for new endpoints); past it the endpoint is disabled.
+    first_retry_s: float = 5.0
+    max_retry_s: float = 3600.0
+    retry_window_s: float = 86_400.0
+    # Deliveries in flight at once: per endpoint, and per replica in all.
+    per_endpoint: int = 4
+    max_in_flight: int = 64
+    # Addresses or CIDR ranges an endpoint may resolve to although they are loopback,
+    # private or link-local (refused otherwise: SSRF), e.g. ["10.1.2.0/24"].
+    allow: list[str] = []
+    # Seconds a claimed delivery is held before another replica may take it over.
+    lease_s: float = 60.0
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     redis: RedisSettings = RedisSettings()
     http: HttpSettings = HttpSettings()
@@ -320,6 +397,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     scheduler: SchedulerSettings = SchedulerSettings()
     sink: SinkSettings = SinkSettings()
     events: EventsSettings = EventsSettings()
+    auth: AuthSettings = AuthSettings()
+    webhooks: WebhookSettings = WebhookSettings()
     # This process's instance id (names its processing list); "" picks host-pid-random.
     instance: str = ""
     # "all": API + senders; "api": ingest only (no senders); "sender": senders only (no HTTP).
@@ -354,11 +433,11 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             _set(tree, section, field, value)
         elif name.startswith("ENGINE_") and "__" in name:
             section, _, field = name[len("ENGINE_") :].lower().partition("__")
-            if value.lstrip().startswith("{"):  # a table, e.g. {"gmail.com": 20}
+            if value.lstrip().startswith(("{", "[")):  # {"gmail.com": 20}, ["10.0.0.0/8"]
                 try:
                     _set(tree, section, field, json.loads(value))
                 except ValueError as exc:
-                    raise ConfigError(f"{name} is not a JSON object: {exc}") from exc
+                    raise ConfigError(f"{name} is not a JSON object or array: {exc}") from exc
                 continue
             _set(tree, section, field, value)
     return tree
@@ -412,6 +491,23 @@ def _check(s: Settings) -> None:
         raise ConfigError("sender.rate_per_s must be >= 0 (0 means unlimited)")
     if s.http.server not in ("builtin", "hypercorn"):
         raise ConfigError("http.server must be builtin or hypercorn")
+    for entry in s.ingest.trusted_proxies:
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"ingest.trusted_proxies: {entry!r} is not an IP address or CIDR range "
+                "(e.g. 10.0.0.7 or 10.0.0.0/8)"
+            ) from None
+    for entry in s.webhooks.allow:
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"webhooks.allow: {entry!r} is not an IP address or CIDR range"
+            ) from None
+    if s.auth.refresh_s <= 0 or s.auth.session_ttl_s <= 0:
+        raise ConfigError("auth.refresh_s and auth.session_ttl_s must be > 0")
     if s.smtp.starttls not in ("auto", "require", "never"):
         raise ConfigError("smtp.starttls must be one of auto, require, never")
     if set(s.queue.lane_weights) != {"high", "normal", "low"} or any(
@@ -426,6 +522,13 @@ def _check(s: Settings) -> None:
         raise ConfigError("limits.max_wait_s must be shorter than queue.lease_s")
     if s.ingest.client_rate_per_s < 0 or s.ingest.max_backlog < 0:
         raise ConfigError("ingest.client_rate_per_s and ingest.max_backlog must be >= 0")
+    if not 0 <= s.ingest.max_memory_ratio < 1:
+        raise ConfigError("ingest.max_memory_ratio must be >= 0 and < 1 (0 = no check)")
+    if s.redis.maxmemory_bytes and s.redis.maxmemory_bytes < MIN_MAXMEMORY_BYTES:
+        raise ConfigError(
+            "redis.maxmemory_bytes must be 0 (half of this machine's memory) or at least "
+            f"{MIN_MAXMEMORY_BYTES} (4 MiB)"
+        )
     if s.scheduler.interval_s <= 0 or s.scheduler.batch < 1:
         raise ConfigError("scheduler.interval_s must be > 0 and scheduler.batch >= 1")
     if s.queue.keep_sent_s and s.scheduler.misfire_grace_s >= s.queue.keep_sent_s:
@@ -451,6 +554,41 @@ def _check(s: Settings) -> None:
         )
     for name, bind in (("http.bind", s.http.bind), ("sink.bind", s.sink.bind)):
         parse_hostport(bind, what=name)
+
+
+# Below this an embedded Redis refuses writes from its first byte of data.
+MIN_MAXMEMORY_BYTES = 4 * 1024 * 1024
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:password|pass|secret|token)=)[^&#]*")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password, and any ``password=`` query value, replaced by ``***``:
+    the one way a URL may reach a banner, a log line, an error message or a repr.
+
+    The last ``@`` ends the user info, as ``SmtpUrl.parse`` reads it, so a password
+    holding an unencoded ``/`` or ``@`` is still hidden whole.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    userinfo, at, hostpart = rest.rpartition("@")
+    if at and ":" in userinfo:
+        rest = f"{userinfo.partition(':')[0]}:***@{hostpart}"
+    return _SECRET_QUERY.sub(r"\1***", f"{scheme}://{rest}")
+
+
+def _redacted_repr(settings: msgspec.Struct) -> str:
+    """msgspec's repr, with every ``url`` field's password redacted and secrets (an
+    ``admin_key``) replaced by ``***``."""
+    fields = []
+    for name in settings.__struct_fields__:
+        value = getattr(settings, name)
+        if name == "url" and isinstance(value, str):
+            value = redact_url(value)
+        elif name == "admin_key" and value:
+            value = "***"
+        fields.append(f"{name}={value!r}")
+    return f"{type(settings).__name__}({', '.join(fields)})"
 
 
 def parse_hostport(text: str, *, what: str = "address") -> tuple[str, int]:

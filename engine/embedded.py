@@ -28,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from engine.config import redact_url
 from engine.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -48,6 +49,15 @@ SINK_COMMAND: tuple[str, ...] = (sys.executable, "-m", "engine", "sink")
 
 class ChildError(ConfigError):
     """A child process did not start or stop as asked (with its last output lines)."""
+
+
+def _redacted(argv: list[str]) -> list[str]:
+    """``argv`` as a log may show it: URLs without their password, no --requirepass."""
+    out = [redact_url(arg) for arg in argv]
+    for i, arg in enumerate(argv[:-1]):
+        if arg in ("--requirepass", "--masterauth"):
+            out[i + 1] = "***"
+    return out
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -101,7 +111,8 @@ class Child:
             self.log.parent.mkdir(parents=True, exist_ok=True)
             out = self.log.open("ab")
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            out.write(f"--- {stamp} starting {shlex.join(self.argv)}\n".encode())
+            argv = shlex.join(_redacted(self.argv))
+            out.write(f"--- {stamp} starting {argv}\n".encode())
             out.flush()
         try:
             self.popen = subprocess.Popen(
@@ -274,8 +285,25 @@ def find_redis_server(data_dir: Path | None = None) -> str:
     )
 
 
+def machine_memory_bytes() -> int:
+    """This machine's memory, or the container's limit (cgroup v2) when lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()  # "max": none
+        if limit.isdigit():
+            total = min(total, int(limit))
+    return int(total)
+
+
+def default_maxmemory_bytes() -> int:
+    """Half of the machine's memory: the rest for the engine, the OS, and the copy of
+    written pages an AOF rewrite's fork may need."""
+    return machine_memory_bytes() // 2
+
+
 class RedisServer:
-    """A Redis-compatible server on loopback with AOF (appendfsync everysec) on.
+    """A Redis-compatible server on loopback with AOF (appendfsync everysec) on, and a
+    ``maxmemory`` with ``noeviction``: full, it refuses writes rather than evict jobs.
 
     ``with RedisServer(data_dir) as r: r.url`` -- data survives restarts in ``data_dir``,
     always run by the server that wrote it (``find_redis_server``, ``SERVER_MARKER``).
@@ -292,6 +320,8 @@ class RedisServer:
         extra_args: list[str] | None = None,
         log: Path | None = None,
         loglevel: str = "warning",
+        maxmemory_bytes: int = 0,
+        password: str | None = None,
     ) -> None:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if data_dir is None:
@@ -301,27 +331,43 @@ class RedisServer:
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.binary = binary or find_redis_server(self.data_dir)
+        # redis.maxmemory_bytes: 0 = default_maxmemory_bytes().
+        self.maxmemory_bytes = maxmemory_bytes or default_maxmemory_bytes()
+        # requirepass, in ``url`` as it is (coredis does not percent-decode): URL-safe ones.
+        self.password = password
         argv = [
             self.binary, "--bind", self.host, "--port", str(self.port),
             "--dir", str(self.data_dir), "--save", "",
             "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
-            "--maxmemory-policy", "noeviction", "--daemonize", "no", "--protected-mode", "yes",
-            "--logfile", "", "--loglevel", loglevel, *(extra_args or []),
+            "--maxmemory", str(self.maxmemory_bytes), "--maxmemory-policy", "noeviction",
+            "--daemonize", "no", "--protected-mode", "yes",
+            "--logfile", "", "--loglevel", loglevel,
+            *(["--requirepass", password] if password is not None else []), *(extra_args or []),
         ]  # fmt: skip
         name = f"redis server ({self.binary})"
         self.child = Child(name, argv, log or self.data_dir / "server.log", port=self.port)
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{self.password}@" if self.password is not None else ""  # URL-safe ones
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def ping(self) -> bool | None:
         """True once the server answers PING (not while it loads its data), else None."""
         # An inline command, not a client: this runs inside Trio tests too (no trio.run).
+        ask, replies = b"*1\r\n$4\r\nPING\r\n", 1
+        if self.password is not None:
+            secret = self.password.encode()
+            ask = b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(secret), secret) + ask
+            replies = 2
         try:
             with socket.create_connection((self.host, self.port), timeout=1.0) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG") or None
+                s.sendall(ask)
+                answer = b""
+                while answer.count(b"\r\n") < replies and (more := s.recv(256)):
+                    answer += more
+                lines = answer.split(b"\r\n")
+                return (len(lines) > replies and lines[replies - 1].startswith(b"+PONG")) or None
         except OSError:
             return None
 
@@ -340,7 +386,7 @@ class RedisServer:
             ) from None
         marker = {"binary": self.binary, "version": server_version(self.binary)}
         (self.data_dir / SERVER_MARKER).write_text(json.dumps(marker) + "\n")
-        log.info("embedded.redis.started url=%s dir=%s", self.url, self.data_dir)
+        log.info("embedded.redis.started url=%s dir=%s", redact_url(self.url), self.data_dir)
         return self
 
     def kill(self) -> None:

@@ -7,9 +7,11 @@
     │   └── QueueUnavailable   Redis unreachable or timing out
     └── TransportError         delivery failed (carries SMTP code when there is one)
         ├── TemporaryFailure   worth retrying: network errors, timeouts, 4xx
-        │   └── TransportUnavailable  the server (or the way to it) is down or refuses us
-        │                              before any message's transaction: not the message's
-        │                              fault; it costs no attempt and opens the breaker
+        │   ├── TransportUnavailable  the server (or the way to it) is down or refuses us
+        │   │                          before any message's transaction: not the message's
+        │   │                          fault; it costs no attempt and opens the breaker
+        │   └── DeliveryUncertain  the whole message went out, no final reply came: it may
+        │                          have been delivered (queue.on_uncertain decides)
         └── PermanentFailure   not worth retrying: 5xx
 
 Imports nothing from the engine.
@@ -58,6 +60,11 @@ class TemporaryFailure(TransportError):
 class TransportUnavailable(TemporaryFailure):
     """The transport cannot take any message now: connection refused or reset before MAIL
     FROM, TLS failure, a 421 greeting, EHLO/AUTH refused. The message was not tried."""
+
+
+class DeliveryUncertain(TemporaryFailure):
+    """The whole message was sent (end of DATA written), then the connection broke or the
+    server went silent before its final reply: the server may have taken it."""
 
 
 class PermanentFailure(TransportError):

@@ -102,3 +102,46 @@ class Keys:
     def stats(self) -> str:
         """Hash of monotonically increasing counters (enqueued, sent, failed...)."""
         return self.prefix + "stats"
+
+    # -- access (API keys, tenants): read by every replica, changed by admins ---------
+
+    @property
+    def api_keys(self) -> str:
+        """Hash kid -> API key record (JSON: its sha256, scopes, tenant; never the key)."""
+        return self.prefix + "auth:keys"
+
+    @property
+    def tenants(self) -> str:
+        """Hash tenant -> tenant record (JSON: the sender identities it may use)."""
+        return self.prefix + "auth:tenants"
+
+    @property
+    def auth_version(self) -> str:
+        """Counter bumped by every change of keys or tenants: replicas poll it."""
+        return self.prefix + "auth:version"
+
+    @property
+    def auth_secret(self) -> str:
+        """The deployment's secret that signs dashboard session cookies."""
+        return self.prefix + "auth:secret"
+
+    # -- webhooks: endpoints, and the deliveries owed to them ---------------------------
+
+    @property
+    def webhooks(self) -> str:
+        """Hash endpoint id -> endpoint record (JSON: url, filters, secret, state)."""
+        return self.prefix + "webhooks"
+
+    @property
+    def webhook_due(self) -> str:
+        """Sorted set of deliveries owed, ``<endpoint>|<event id>``, by when to try next
+        (a claimed one is pushed a lease ahead: a crashed dispatcher's comes back)."""
+        return self.prefix + "webhook:due"
+
+    def webhook_delivery(self, delivery: str) -> str:
+        """Hash of one delivery owed: the event's JSON, attempts, first try."""
+        return self.prefix + "webhook:d:" + delivery
+
+    def webhook_attempts(self, endpoint: str) -> str:
+        """List of an endpoint's latest delivery attempts (newest first, capped)."""
+        return self.prefix + "webhook:attempts:" + endpoint

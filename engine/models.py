@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import re
+import string
 import unicodedata
 from datetime import UTC, datetime
-from typing import Final, Literal
+from typing import Annotated, Final, Literal
 
 import idna
 import msgspec
@@ -20,6 +21,7 @@ from engine.errors import ValidationError
 MAX_RECIPIENTS: Final = 100
 MAX_SUBJECT_CHARS: Final = 998
 MAX_TAGS: Final = 20
+MAX_TAG_CHARS: Final = 64
 MAX_ATTEMPTS: Final = 50
 # Longest a message may ask to be retried for (30 days).
 MAX_RETRY_FOR_S: Final = 30 * 24 * 3600
@@ -28,10 +30,33 @@ MAX_DELAY_S: Final = 366 * 24 * 3600
 # Priority lanes, most urgent first; ``priority`` 1-10 maps onto them (10 most urgent).
 LANES: Final = ("high", "normal", "low")
 DEFAULT_TENANT: Final = "default"
+MAX_TENANT_CHARS: Final = 64
 # Tenant names become part of Redis key names: keep them short and plain.
 _TENANT_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
-# Header names the engine writes itself; user headers may not replace them.
+# Size caps on every string of a request, so that no parser, regex or encoder ever
+# sees more than this (the body itself is capped by http.max_body_bytes). The ones in
+# ``Meta`` below msgspec checks in C while it decodes; ``normalize`` checks them all
+# again first thing (a MessageIn built in code skips the decoder).
+# A bare address: RFC 5321 4.5.3.1 allows 64 + 1 + 255; the 254-octet path limit
+# (MAX_ADDRESS_OCTETS) is checked after this one.
+MAX_ADDRESS_CHARS: Final = 320
+MAX_DISPLAY_NAME_CHARS: Final = 256
+# A whole "Display Name <address>" field (plus a little surrounding white space).
+MAX_ADDRESS_FIELD_CHARS: Final = MAX_DISPLAY_NAME_CHARS + MAX_ADDRESS_CHARS + 8
+# Custom headers: how many, and how long a name (RFC 5322 2.1.1: 78 with ": ") and a
+# value may be. Every header line on the wire stays within 998 octets (compose folds).
+MAX_HEADERS: Final = 50
+MAX_HEADER_NAME_CHARS: Final = 76
+MAX_HEADER_VALUE_CHARS: Final = 2000
+MAX_REPLY_TO: Final = 10
+# "normal" is the longest lane name; RFC 3339 times with fractions fit in 40.
+MAX_PRIORITY_CHARS: Final = 16
+MAX_SEND_AT_CHARS: Final = 64
+
+# Header names the engine writes itself, and trace and authentication headers that a
+# relay adds and receivers trust (RFC 5322 3.6.6-3.6.7, RFC 6376, RFC 8617, RFC 8601):
+# user headers may not set them. Matched in lower case, by name or by prefix.
 RESERVED_HEADERS: Final = frozenset(
     {
         "from",
@@ -43,15 +68,34 @@ RESERVED_HEADERS: Final = frozenset(
         "date",
         "message-id",
         "mime-version",
-        "content-type",
-        "content-transfer-encoding",
         "x-engine-job-id",
         "sender",
         "return-path",
+        "received",
+        "received-spf",
+        "dkim-signature",
+        "domainkey-signature",
+        "authentication-results",
     }
 )
+RESERVED_HEADER_PREFIXES: Final = ("content-", "arc-", "resent-")
 
 JobState = Literal["queued", "processing", "sent", "retrying", "failed", "scheduled", "cancelled"]
+
+# The capped shapes of MessageIn's fields (msgspec checks them while decoding and the
+# OpenAPI document shows them as maxLength / maxItems).
+Address = Annotated[str, msgspec.Meta(max_length=MAX_ADDRESS_FIELD_CHARS)]
+Recipients = Address | Annotated[list[Address], msgspec.Meta(max_length=MAX_RECIPIENTS)]
+ReplyTo = Address | Annotated[list[Address], msgspec.Meta(max_length=MAX_REPLY_TO)]
+Subject = Annotated[str, msgspec.Meta(max_length=MAX_SUBJECT_CHARS)]
+# Names and values are checked in ``normalize``, which can name the header at fault.
+CustomHeaders = Annotated[dict[str, str], msgspec.Meta(max_length=MAX_HEADERS)]
+Tags = Annotated[
+    list[Annotated[str, msgspec.Meta(max_length=MAX_TAG_CHARS)]], msgspec.Meta(max_length=MAX_TAGS)
+]
+Priority = Annotated[str, msgspec.Meta(max_length=MAX_PRIORITY_CHARS)] | int
+SendAt = Annotated[str, msgspec.Meta(max_length=MAX_SEND_AT_CHARS)]
+Tenant = Annotated[str, msgspec.Meta(max_length=MAX_TENANT_CHARS)]
 
 
 # gc=False: these never form reference cycles, and skipping GC tracking matters when
@@ -59,29 +103,30 @@ JobState = Literal["queued", "processing", "sent", "retrying", "failed", "schedu
 class MessageIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """Body of POST /v1/messages (one item of a batch)."""
 
-    to: str | list[str]
-    from_: str | None = msgspec.field(default=None, name="from")
-    cc: str | list[str] = []
-    bcc: str | list[str] = []
-    subject: str = ""
+    to: Recipients
+    from_: Address | None = msgspec.field(default=None, name="from")
+    cc: Recipients = []
+    bcc: Recipients = []
+    subject: Subject = ""
+    # Bodies are bounded by http.max_body_bytes only.
     text: str | None = None
     html: str | None = None
-    headers: dict[str, str] = {}
-    reply_to: str | list[str] | None = None
-    tags: list[str] = []
+    headers: CustomHeaders = {}
+    reply_to: ReplyTo | None = None
+    tags: Tags = []
     # Delivery attempts before the message is dead-lettered (default queue.max_attempts).
     max_attempts: int | None = None
     # Seconds a temporarily failing message is retried after its first attempt before
     # it is dead-lettered (default queue.retry_for_s).
     retry_for_s: float | None = None
     # "high" | "normal" | "low", or 1-10 (8-10 high, 4-7 normal, 1-3 low).
-    priority: str | int | None = None
+    priority: Priority | None = None
     # Send no earlier than this RFC 3339 time, or this many seconds from now (not both).
-    send_at: str | None = None
+    send_at: SendAt | None = None
     delay_s: float | None = None
     # Whose mail this is, for per-tenant rate limits and fair claiming; default: the
     # request's API key, else "default".
-    tenant: str | None = None
+    tenant: Tenant | None = None
 
 
 class BatchIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -135,6 +180,7 @@ class JobView(msgspec.Struct):
     next_attempt_at: str | None = None  # set while retrying or scheduled
     priority: str = "normal"  # the lane
     tenant: str = DEFAULT_TENANT
+    bounce: str | None = None  # the last failure's class (engine.bounce), next to last_error
 
 
 # Every event type (= the job state it leaves the job in; "deleted": dropped from the
@@ -170,6 +216,7 @@ class Event(msgspec.Struct, omit_defaults=True, gc=False):
     tenant: str = DEFAULT_TENANT
     error: str | None = None
     tags: list[str] = []
+    bounce: str | None = None  # retrying, failed: the failure's class (engine.bounce)
 
 
 class Routing(msgspec.Struct, frozen=True, gc=False):
@@ -191,35 +238,53 @@ class Problem(msgspec.Struct, omit_defaults=True):
 
 
 # -- validation -------------------------------------------------------------------------
+# No regex here may backtrack on request data: addresses are parsed with string methods,
+# and the patterns left are single character classes, each run once over a capped string.
 
 # RFC 5321 4.5.3.1: octets (UTF-8 octets for RFC 6531 addresses).
 MAX_ADDRESS_OCTETS: Final = 254
 MAX_LOCAL_PART_OCTETS: Final = 64
-# A whole "Display Name <address>" field; checked before any regex sees it.
-MAX_ADDRESS_FIELD_CHARS: Final = 998
 
-_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
-_LOCAL = rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*"
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DOMAIN = rf"(?:{_LABEL}\.)*{_LABEL}"
-_ADDR_RE: Final = re.compile(rf"^{_LOCAL}@{_DOMAIN}$")
-# RFC 6531 3.3: atext also takes UTF8-non-ascii; _intl_local_problem narrows which.
-_UATEXT = "\u0080-\U0010ffff" + _ATEXT  # _ATEXT ends in a literal "-"
-_ULOCAL_RE: Final = re.compile(rf"^[{_UATEXT}]+(?:\.[{_UATEXT}]+)*$")
-_DOMAIN_RE: Final = re.compile(rf"^{_DOMAIN}$")
+_ATEXT: Final = string.ascii_letters + string.digits + "!#$%&'*+/=?^_`{|}~-"
+_ATEXT_OR_DOT: Final = _ATEXT + "."
+_LDH_OR_DOT: Final = string.ascii_letters + string.digits + "-."
 # Not in a local part: controls, format characters (bidi overrides, zero-width joiners:
 # spoofing), surrogates, private use, unassigned code points, and every kind of space.
 _BAD_LOCAL_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"})
-_NAMED_RE: Final = re.compile(r"^\s*(?P<name>[^<>\r\n]*?)\s*<(?P<addr>[^<>\s]+)>\s*$")
 _HEADER_NAME_RE: Final = re.compile(r"^[!-9;-~]+$")
+# C0 controls but TAB, and DEL: never in a header value, a subject, a display name or a
+# tag (CR and LF among them: they would start a header of their own).
+_LINE_CONTROL_RE: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# ... nor in a body, where CR and LF are line breaks and TAB is text.
+_BODY_CONTROL_RE: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_BODY_CONTROLS: Final = tuple(chr(c) for c in (*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F))
+# Above this many characters an ASCII body is scanned with str.__contains__ (memchr, ~10x
+# faster than the regex on megabytes); below it the regex is cheaper.
+_BODY_SCAN_CHARS: Final = 4096
+
+
+def _named_split(addr: str) -> int:
+    """Where ``"Name <addr>"`` (``addr`` ends with ">") opens its angle bracket, or -1
+    when it is not that shape: one "<", no ">" before the last character, no white
+    space or CR/LF inside the brackets, something inside them."""
+    lt = addr.rfind("<")
+    if lt < 0:
+        return -1
+    inner = addr[lt + 1 : -1]
+    name = addr[:lt]
+    if not inner or ">" in inner or inner.split() != [inner]:
+        return -1
+    if "<" in name or ">" in name or "\r" in name or "\n" in name:
+        return -1
+    return lt
 
 
 def split_address(addr: str) -> tuple[str, str]:
     """``"Ann <ann@x.org>"`` -> ``("Ann", "ann@x.org")``; anything else -> ``("", addr)``."""
     if addr.endswith(">"):
-        m = _NAMED_RE.match(addr)
-        if m:
-            return m.group("name"), m.group("addr")
+        lt = _named_split(addr)
+        if lt >= 0:
+            return addr[:lt].strip(), addr[lt + 1 : -1]
     return "", addr
 
 
@@ -228,9 +293,87 @@ def bare_address(addr: str) -> str:
     return split_address(addr)[1]
 
 
-def _no_newlines(field: str, value: str) -> None:
-    if "\r" in value or "\n" in value:
+def _line_text(field: str, value: str) -> None:
+    """``value`` goes into a header: no CR, LF or other control character (TAB is fine)."""
+    if value.isprintable():  # the common case, in C: no control character at all
+        return
+    m = _LINE_CONTROL_RE.search(value)
+    if m is None:
+        return
+    ch = m.group()
+    if ch in "\r\n":
         raise ValidationError(field, "must not contain CR or LF")
+    raise ValidationError(
+        field, f"must not contain control characters (U+{ord(ch):04X} at {m.start()})"
+    )
+
+
+def _body_text(field: str, value: str) -> None:
+    """A body may hold CR, LF and TAB, but no other C0 control character, nor DEL."""
+    if (
+        len(value) > _BODY_SCAN_CHARS
+        and value.isascii()
+        and not any(ch in value for ch in _BODY_CONTROLS)
+    ):
+        return
+    m = _BODY_CONTROL_RE.search(value)
+    if m is not None:
+        raise ValidationError(
+            field,
+            f"must not contain control characters other than CR, LF and TAB "
+            f"(U+{ord(m.group()):04X} at {m.start()})",
+        )
+
+
+def _dot_atom(text: str, chars: str = _ATEXT_OR_DOT) -> bool:
+    """``text`` is atoms of ``chars`` joined by single dots (RFC 5322 3.2.3 dot-atom-text)."""
+    return (
+        bool(text)
+        and not text.strip(chars)  # strip() leaves nothing iff every character is in chars
+        and text[0] != "."
+        and text[-1] != "."
+        and ".." not in text
+    )
+
+
+def _hostname(domain: str) -> bool:
+    """An ASCII domain of LDH labels, 1 to 63 characters, no hyphen at either end."""
+    return (
+        0 < len(domain) <= 255
+        and not domain.strip(_LDH_OR_DOT)
+        and domain[0] not in ".-"
+        and domain[-1] not in ".-"
+        and ".." not in domain
+        and ".-" not in domain
+        and "-." not in domain
+        and (len(domain) <= 63 or max(map(len, domain.split("."))) <= 63)
+    )
+
+
+def _ascii_address(local: str, domain: str) -> bool:
+    return _dot_atom(local) and _hostname(domain)
+
+
+def _intl_local(local: str) -> bool:
+    """RFC 6531 3.3: a dot-atom whose atext also takes UTF8-non-ascii (which non-ASCII
+    characters is _intl_local_problem's business)."""
+    if not local or local[0] == "." or local[-1] == "." or ".." in local:
+        return False
+    return not local.encode("ascii", "ignore").decode("ascii").strip(_ATEXT_OR_DOT)
+
+
+def _display_name(field: str, name: str) -> None:
+    if len(name) > MAX_DISPLAY_NAME_CHARS:
+        raise ValidationError(
+            field, f"display names are at most {MAX_DISPLAY_NAME_CHARS} characters"
+        )
+    if '"' in name:
+        raise ValidationError(field, "display names may not contain double quotes")
+    if "=?" in name:
+        # Taken as is it would be decoded by the reader: a name that says something else.
+        raise ValidationError(
+            field, "display names may not contain encoded words (=?...?=); send plain UTF-8"
+        )
 
 
 def check_address(field: str, addr: str) -> str:
@@ -239,27 +382,28 @@ def check_address(field: str, addr: str) -> str:
     Internationalised addresses are accepted (RFC 6531: UTF-8 local parts; IDNA 2008
     domains, whose U-labels come back in canonical lower-case form, A-labels as given).
     """
-    if not isinstance(addr, str) or not addr.strip():
+    if not isinstance(addr, str):
         raise ValidationError(field, "must be a non-empty email address")
     if len(addr) > MAX_ADDRESS_FIELD_CHARS:
         raise ValidationError(field, f"at most {MAX_ADDRESS_FIELD_CHARS} characters")
-    _no_newlines(field, addr)
+    _line_text(field, addr)
     addr = addr.strip()
+    if not addr:
+        raise ValidationError(field, "must be a non-empty email address")
     bare = addr
-    m = None
+    lt = -1
     if addr.endswith(">"):
-        m = _NAMED_RE.match(addr)
-        if not m:
+        lt = _named_split(addr)
+        if lt < 0:
             raise ValidationError(field, f"{addr!r} is not a valid email address")
-        bare = m.group("addr")
-        if '"' in m.group("name"):
-            raise ValidationError(field, "display names may not contain double quotes")
+        bare = addr[lt + 1 : -1]
+        _display_name(field, addr[:lt].strip())
     local, at, domain = bare.rpartition("@")
     if (
         len(bare) > MAX_ADDRESS_OCTETS
         or len(local) > MAX_LOCAL_PART_OCTETS
         or not at
-        or not (_ADDR_RE.match(bare) if bare.isascii() else _ULOCAL_RE.match(local))
+        or not (_ascii_address(local, domain) if bare.isascii() else _intl_local(local))
     ):
         raise ValidationError(field, f"{bare!r} is not a valid email address")
     if bare.isascii():
@@ -271,7 +415,7 @@ def check_address(field: str, addr: str) -> str:
         raise ValidationError(field, f"{bare!r} is not a valid email address: {problem}")
     if domain.isascii():
         a_domain = domain
-        if not _DOMAIN_RE.match(domain):
+        if not _hostname(domain):
             raise ValidationError(field, f"{bare!r} is not a valid email address")
         if "xn--" in domain.lower():
             _check_a_labels(field, bare, domain)
@@ -283,16 +427,16 @@ def check_address(field: str, addr: str) -> str:
             raise ValidationError(
                 field, f"{bare!r} is not a valid email address: bad IDNA 2008 domain ({exc})"
             ) from None
-        if not _DOMAIN_RE.match(a_domain):  # e.g. a trailing dot, which IDNA allows
+        if not _hostname(a_domain):  # e.g. a trailing dot, which IDNA allows
             raise ValidationError(field, f"{bare!r} is not a valid email address")
     canonical = f"{local}@{domain}"
     if len(canonical.encode("utf-8")) > MAX_ADDRESS_OCTETS or (
         local.isascii() and len(local) + 1 + len(a_domain) > MAX_ADDRESS_OCTETS
     ):
         raise ValidationError(field, f"{bare!r} is longer than {MAX_ADDRESS_OCTETS} octets")
-    if m is None:
+    if lt < 0:
         return canonical
-    return addr[: m.start("addr")] + canonical + addr[m.end("addr") :]
+    return f"{addr[: lt + 1]}{canonical}>"
 
 
 def _check_a_labels(field: str, bare: str, domain: str) -> None:
@@ -306,7 +450,7 @@ def _check_a_labels(field: str, bare: str, domain: str) -> None:
 
 
 def _intl_local_problem(local: str) -> str:
-    """Why a non-ASCII local part (already matched by _ULOCAL_RE) is unacceptable, or ""."""
+    """Why a non-ASCII local part (already passed by _intl_local) is unacceptable, or ""."""
     for ch in local:
         if ch >= "\x80" and unicodedata.category(ch) in _BAD_LOCAL_CATEGORIES:
             return f"U+{ord(ch):04X} may not appear in a local part"
@@ -351,36 +495,82 @@ def normalize(msg: MessageIn, *, default_from: str, field_prefix: str = "") -> M
         raise
 
 
+def _header_field(name: str) -> str:
+    """``headers.<name>``, the name clipped: a field path is echoed in the answer."""
+    if len(name) > MAX_HEADER_NAME_CHARS:
+        name = name[:MAX_HEADER_NAME_CHARS] + "..."
+    return f"headers.{name}"
+
+
+def _count(field: str, value: str | list[str] | None, most: int) -> int:
+    """How many addresses an address field holds; ValidationError past ``most``."""
+    n = 0 if value is None else 1 if isinstance(value, str) else len(value)
+    if n > most:
+        raise ValidationError(field, f"at most {most} addresses")
+    return n
+
+
+def _check_counts(msg: MessageIn) -> None:
+    """The caps on how many addresses, headers and tags (the decoder has checked them
+    already; a MessageIn built in code has not). Each string's own length is checked
+    where it is validated, before any regex or parser sees it."""
+    recipients = _count("to", msg.to, MAX_RECIPIENTS)
+    recipients += _count("cc", msg.cc, MAX_RECIPIENTS)
+    recipients += _count("bcc", msg.bcc, MAX_RECIPIENTS)
+    if recipients > MAX_RECIPIENTS:
+        raise ValidationError("to", f"at most {MAX_RECIPIENTS} recipients (to+cc+bcc)")
+    _count("reply_to", msg.reply_to, MAX_REPLY_TO)
+    if len(msg.headers) > MAX_HEADERS:
+        raise ValidationError("headers", f"at most {MAX_HEADERS} headers")
+    if len(msg.tags) > MAX_TAGS:
+        raise ValidationError("tags", f"at most {MAX_TAGS} tags")
+
+
+def is_reserved_header(name: str) -> bool:
+    """A header the engine writes, or a trace/authentication header (RESERVED_HEADERS)."""
+    lower = name.lower()
+    return lower in RESERVED_HEADERS or lower.startswith(RESERVED_HEADER_PREFIXES)
+
+
 def _normalize(msg: MessageIn, default_from: str) -> Message:
+    _check_counts(msg)
     sender = check_address("from", msg.from_) if msg.from_ is not None else default_from
     to = _address_list("to", msg.to)
     cc = _address_list("cc", msg.cc)
     bcc = _address_list("bcc", msg.bcc)
     if not to:
         raise ValidationError("to", "at least one recipient is required")
-    if len(to) + len(cc) + len(bcc) > MAX_RECIPIENTS:
-        raise ValidationError("to", f"at most {MAX_RECIPIENTS} recipients (to+cc+bcc)")
-    _no_newlines("subject", msg.subject)
     if len(msg.subject) > MAX_SUBJECT_CHARS:
         raise ValidationError("subject", f"at most {MAX_SUBJECT_CHARS} characters")
+    _line_text("subject", msg.subject)
     if msg.text is None and msg.html is None:
         raise ValidationError("text", "a message needs a text or an html body")
+    if msg.text is not None:
+        _body_text("text", msg.text)
+    if msg.html is not None:
+        _body_text("html", msg.html)
     headers: list[tuple[str, str]] = []
     for name, value in msg.headers.items():
-        where = f"headers.{name}"
+        where = _header_field(name)
+        if len(name) > MAX_HEADER_NAME_CHARS:
+            raise ValidationError(
+                where, f"header names are at most {MAX_HEADER_NAME_CHARS} characters"
+            )
+        if len(value) > MAX_HEADER_VALUE_CHARS:
+            raise ValidationError(
+                where, f"header values are at most {MAX_HEADER_VALUE_CHARS} characters"
+            )
         if not _HEADER_NAME_RE.match(name):
             raise ValidationError(where, "header names are printable ASCII without ':'")
-        if name.lower() in RESERVED_HEADERS:
-            raise ValidationError(where, "this header is set by the engine; use the field")
-        _no_newlines(where, value)
+        if is_reserved_header(name):
+            raise ValidationError(where, "this header is set by the engine or by relays")
+        _line_text(where, value)
         headers.append((name, value))
     reply_to = _address_list("reply_to", msg.reply_to)
-    if len(msg.tags) > MAX_TAGS:
-        raise ValidationError("tags", f"at most {MAX_TAGS} tags")
     for i, tag in enumerate(msg.tags):
-        if not tag or len(tag) > 64:
-            raise ValidationError(f"tags[{i}]", "tags are 1 to 64 characters")
-        _no_newlines(f"tags[{i}]", tag)
+        if not tag or len(tag) > MAX_TAG_CHARS:
+            raise ValidationError(f"tags[{i}]", f"tags are 1 to {MAX_TAG_CHARS} characters")
+        _line_text(f"tags[{i}]", tag)
     if msg.max_attempts is not None and not 1 <= msg.max_attempts <= MAX_ATTEMPTS:
         raise ValidationError("max_attempts", f"must be 1 to {MAX_ATTEMPTS}")
     if msg.retry_for_s is not None and not 0 < msg.retry_for_s <= MAX_RETRY_FOR_S:
@@ -396,7 +586,7 @@ def lane_of(priority: str | int | None) -> str:
     if priority is None:
         return "normal"
     if isinstance(priority, str):
-        if priority in LANES:
+        if len(priority) <= MAX_PRIORITY_CHARS and priority in LANES:
             return priority
         raise ValidationError("priority", "must be high, normal, low or 1 to 10")
     if isinstance(priority, bool) or not 1 <= priority <= 10:
@@ -405,7 +595,7 @@ def lane_of(priority: str | int | None) -> str:
 
 
 def check_tenant(field: str, tenant: str) -> str:
-    if not _TENANT_RE.match(tenant):
+    if len(tenant) > MAX_TENANT_CHARS or not _TENANT_RE.match(tenant):
         raise ValidationError(field, "1 to 64 characters from A-Z a-z 0-9 . _ -")
     return tenant
 
@@ -446,6 +636,8 @@ def _route(msg: MessageIn, now_ms: int, default_tenant: str) -> Routing:
 
 def parse_rfc3339_ms(field: str, text: str) -> int:
     """RFC 3339 date-time with an offset (``2026-11-22T10:00:00Z``) -> epoch ms."""
+    if len(text) > MAX_SEND_AT_CHARS:
+        raise ValidationError(field, f"at most {MAX_SEND_AT_CHARS} characters")
     try:
         dt = datetime.fromisoformat(text)
     except ValueError:

@@ -30,11 +30,13 @@ from hypercorn.config import Sockets
 from hypercorn.trio import serve as hypercorn_serve
 
 from engine.api import ApiBackend, ASGIApp, EventHub, build_app
+from engine.auth import AccessTable, AdminKey, ensure_admin
 from engine.config import HttpSettings, Settings
-from engine.errors import EngineError
+from engine.errors import ConfigError, EngineError
 from engine.http import serve_http
 from engine.metrics import Metrics
 from engine.queue import (
+    AccessStore,
     Breaker,
     DrainMeter,
     EventLog,
@@ -42,12 +44,14 @@ from engine.queue import (
     RateLimits,
     Redis,
     ScheduleStore,
+    WebhookStore,
     open_redis,
 )
 from engine.reaper import Reaper
 from engine.scheduler import Scheduler
 from engine.sender import SenderPool
 from engine.transport import MemoryTransport, SmtpPool, Transport
+from engine.webhooks import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,8 @@ class Running:
     http_binds: list[str]
     queue: Queue
     senders: SenderPool
+    # The admin key this start made (shown once) and the file that keeps it; None: auth off.
+    admin: AdminKey | None = None
 
 
 def instance_id(settings: Settings) -> str:
@@ -123,6 +129,8 @@ class Components:
     hub: EventHub
     app: ASGIApp
     stopping: trio.Event  # set when shutdown begins: intake answers 503
+    access: AccessTable | None  # None: auth.enabled is false
+    dispatcher: Dispatcher | None  # None: webhooks.enabled is false
 
 
 def build(
@@ -158,6 +166,16 @@ def build(
     hub = EventHub(EventLog(client, queue.keys), settings.events)
     metrics.subscribers = lambda: hub.statistics().subscribers
     stopping = trio.Event()
+    access = (
+        AccessTable(
+            AccessStore(client, queue.keys),
+            refresh_s=settings.auth.refresh_s,
+            identities=settings.auth.identities,
+        )
+        if settings.auth.enabled
+        else None
+    )
+    hooks = WebhookStore(client, queue.keys) if settings.webhooks.enabled else None
     backend = ApiBackend(
         queue=queue,
         limits=rate_limits,
@@ -170,6 +188,8 @@ def build(
         metrics=metrics,
         events=hub,
         sink_maildir=sink_maildir,
+        access=access,
+        webhooks=hooks,
     )
     return Components(
         settings=settings,
@@ -186,6 +206,8 @@ def build(
         hub=hub,
         app=build_app(backend, settings),
         stopping=stopping,
+        access=access,
+        dispatcher=Dispatcher(hooks, settings.webhooks, instance) if hooks else None,
     )
 
 
@@ -266,6 +288,14 @@ async def run(
         if role in ("all", "api"):
             await root.start(parts.drain.serve)
             await root.start(parts.hub.serve)
+        if parts.access is not None:
+            await _load_access(parts.access)
+            await root.start(parts.access.serve)
+        else:
+            log.warning(
+                "auth.disabled: every request acts as admin (auth.enabled = false); put "
+                "the engine behind something that authenticates, or turn auth on"
+            )
         # Bound before the senders start: a busy port fails the start cleanly.
         http = parts.settings.http
         serve = serve_http if http.server == "builtin" else serve_hypercorn
@@ -278,13 +308,17 @@ async def run(
                 http_done.set()
 
         binds = await root.start(run_http)
+        # Only once the port is ours: a start that fails writes no key.
+        admin = await _bootstrap_access(parts.access, parts.settings) if parts.access else None
+        if role in ("all", "sender") and parts.dispatcher is not None:
+            await root.start(parts.dispatcher.serve)
         if role in ("all", "sender"):
             await root.start(parts.transport.serve)  # closes idle connections in time
             root.start_soon(run_senders)
         else:
             senders_done.set()
         log.info("engine.started instance=%s role=%s http=%s", parts.instance, role, binds)
-        task_status.started(Running(parts.instance, binds, parts.queue, parts.senders))
+        task_status.started(Running(parts.instance, binds, parts.queue, parts.senders, admin))
 
         await stop.wait()
         # One deadline for the whole shutdown: in-flight sends get the grace period,
@@ -310,6 +344,29 @@ async def run(
         with trio.move_on_at(deadline + http.shutdown_timeout_s):
             await http_done.wait()
         root.cancel_scope.cancel()
+
+
+async def _load_access(access: AccessTable) -> None:
+    try:
+        await access.load()
+    except EngineError as exc:  # Redis down: keys are refused until it is back
+        log.warning("auth.load.failed error=%s", exc)
+
+
+async def _bootstrap_access(access: AccessTable, settings: Settings) -> AdminKey:
+    """Load the key table and make sure an admin can get in (the first start makes a
+    key). With Redis down the engine still starts: keys are refused until it is back."""
+    try:
+        if access.version < 0:
+            await access.load()
+        return await ensure_admin(
+            access, admin_key=settings.auth.admin_key, key_file=settings.auth.admin_key_file
+        )
+    except EngineError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        log.warning("auth.bootstrap.failed error=%s", exc)
+        return AdminKey(None, None)
 
 
 async def _hand_back(parts: Components) -> None:

@@ -49,6 +49,7 @@ class WatchOptions:
     tags: Sequence[str] = ()
     since: str = ""  # an event id to resume after
     json: bool = False
+    key: str | None = None  # the API key presented (Authorization: Bearer)
 
 
 def events_url(options: WatchOptions, since: str = "") -> str:
@@ -69,13 +70,16 @@ def events_url(options: WatchOptions, since: str = "") -> str:
 
 def format_event(e: Event) -> str:
     """One readable line: local time, the id's last 12 characters (the first ones are
-    its creation time, shared by a batch), state, attempt, tenant, tags, error."""
+    its creation time, shared by a batch), state, attempt, tenant, tags, a failure's
+    bounce class, error."""
     at = datetime.fromtimestamp(e.at / 1000).strftime("%H:%M:%S.%f")[:-3]
     line = f"{at}  {e.id[-12:]}  {e.state:<10}  attempt {e.attempt}"
     if e.tenant != DEFAULT_TENANT:
         line += f"  tenant={e.tenant}"
     if e.tags:
         line += "  tags=" + ",".join(e.tags)
+    if e.bounce:
+        line += f"  bounce={e.bounce}"
     if e.error:
         line += f"  error: {e.error}"
     return line
@@ -92,7 +96,12 @@ async def follow(options: WatchOptions, out: TextIO, err: TextIO) -> None:
     while True:
         url = events_url(options, since)
         try:
-            async with open_websocket_url(url, max_message_size=_MAX_MESSAGE_BYTES) as ws:
+            headers = (
+                [(b"authorization", b"Bearer " + options.key.encode())] if options.key else None
+            )
+            async with open_websocket_url(
+                url, max_message_size=_MAX_MESSAGE_BYTES, extra_headers=headers
+            ) as ws:
                 if backoff > 0.5:
                     print(f"watch: connected to {options.url}", file=err, flush=True)
                 backoff = 0.5
@@ -160,11 +169,11 @@ async def _main(options: WatchOptions) -> int:
     return code
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, key: str | None = None) -> int:
     """``engine watch`` (its flags are defined in engine.cli)."""
     options = WatchOptions(
         url=args.url, ids=args.ids, types=args.types, tenants=args.tenants,
-        tags=args.tags, since=args.since, json=args.json,
+        tags=args.tags, since=args.since, json=args.json, key=key,
     )  # fmt: skip
     try:
         events_url(options)

@@ -46,6 +46,7 @@ from typing import Any
 
 from engine.embedded import Child, ChildError, RedisServer, SinkProcess, free_port, redis_run
 from engine.keys import Keys
+from fixtures.auth import AUTH_ENV, TEST_ADMIN_KEY
 from loadtest import tcpcut
 from loadtest.haproxy import LbSettings, check_config, engine_toml, ensure_haproxy, render
 
@@ -186,7 +187,8 @@ class Cluster:
                 "--senders", str(self.senders), "--config", str(self.run_dir / "engine.toml"),
                 *self.engine_args,
             ]  # fmt: skip
-            engine_env = {**env, **self.engine_env, "ENGINE_INSTANCE": name}
+            # Every replica registers the test admin key (fixtures/auth.py): send AUTH.
+            engine_env = {**env, **AUTH_ENV, **self.engine_env, "ENGINE_INSTANCE": name}
             log = self.logs / f"{name}.log"
             self.procs[name] = Child(name, engine_argv, log, engine_env, self.ports[name])
         if self.lb:
@@ -722,6 +724,7 @@ def _print_urls(c: Cluster) -> None:
     print(f"  redis          {c.redis_url}   (AOF everysec, data {c.run_dir / 'redis'})")
     print(f"  sink           {sink.url}   (log {sink.log_file}, control {c.sink_control})")
     print(f"  logs           {c.logs}/")
+    print(f"  api key        {TEST_ADMIN_KEY}   (admin, the test key of fixtures/auth.py)")
     print(f"stop with: scripts/cluster down --run-dir {c.run_dir}")
 
 

@@ -66,6 +66,8 @@ class LoadSettings:
     print_stats: bool = True  # Locust's table every 2 s (else only the final summary)
     extra_env: Mapping[str, str] = field(default_factory=dict)  # more LOAD_* variables
     extra_args: tuple[str, ...] = ()  # more Locust arguments
+    # The API key the users present (ENGINE_API_KEY); None: the environment's, if any.
+    api_key: str | None = field(default=None, repr=False)
 
     def describe(self) -> dict[str, Any]:
         """The ``load`` object of meta.json."""
@@ -73,6 +75,7 @@ class LoadSettings:
         out.pop("host")
         out.pop("run_dir")
         out.pop("print_stats")
+        out.pop("api_key")  # a secret: never in meta.json
         out["tags"] = list(self.tags)
         out["exclude_tags"] = list(self.exclude_tags)
         out["extra_args"] = list(self.extra_args)
@@ -119,6 +122,8 @@ class LoadSettings:
             if value is not None:
                 env[var] = str(value)
         env.update(self.extra_env)
+        if self.api_key is not None:
+            env["ENGINE_API_KEY"] = self.api_key
         return env
 
 
@@ -381,6 +386,20 @@ def default_lease_s() -> float:
         return 10.0
 
 
+def api_key(given: str | None) -> str | None:
+    """The key to present: ``given``, else ENGINE_API_KEY, else the admin key file that
+    the first ``engine serve`` writes (ENGINE_AUTH__ADMIN_KEY_FILE, var/admin.key)."""
+    if given:
+        return given
+    if os.environ.get("ENGINE_API_KEY"):
+        return os.environ["ENGINE_API_KEY"]
+    path = Path(os.environ.get("ENGINE_AUTH__ADMIN_KEY_FILE") or ROOT / "var" / "admin.key")
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
 def _check_host(host: str, timeout_s: float) -> str | None:
     """None when GET /healthz answers 200 within ``timeout_s``, else why not."""
     deadline = time.monotonic() + timeout_s
@@ -426,6 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--host", default=DEFAULT_HOST, help="engine base URL (default %(default)s)")
+    p.add_argument(
+        "--key",
+        default=None,
+        help="API key the users present (default: env ENGINE_API_KEY, else var/admin.key, "
+        "the admin key the first `engine serve` writes)",
+    )
     p.add_argument(
         "--time",
         default="60s",
@@ -551,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         processes=args.processes,
         print_stats=not args.quiet,
         extra_args=tuple(args.locust_args),
+        api_key=api_key(args.key),
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     update_meta(

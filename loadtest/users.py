@@ -26,6 +26,10 @@ Environment or locustfile option (--batch-size, ...), read when a user starts:
                            accepted none of its own
     LOAD_HTTP_TIMEOUT_S    connect and network timeout of every request (10)
 
+Environment, read at import: ENGINE_API_KEY, the API key every request and websocket
+presents (``Authorization: Bearer``); ``scripts/load --key`` and ``LoadSettings.api_key``
+set it. Unset: no key (an engine with auth on answers 401).
+
 Tags for --tags/--exclude-tags: single, batch, status, watch (one per user class).
 """
 
@@ -101,6 +105,9 @@ if os.environ.get("LOAD_WEIGHTS"):
     _WEIGHTS = {name: _given.get(name, 0) for name in _WEIGHTS}
 _WAIT = parse_wait(os.environ.get("LOAD_WAIT") or DEFAULT_WAIT)
 _HTTP_TIMEOUT_S = float(os.environ.get("LOAD_HTTP_TIMEOUT_S") or 10)
+_API_KEY = os.environ.get("ENGINE_API_KEY", "").strip()
+# What every request presents: the API key, when there is one.
+AUTH_HEADERS: Final[dict[str, str]] = {"Authorization": f"Bearer {_API_KEY}"} if _API_KEY else {}
 
 # -- messages and answers -------------------------------------------------------------
 
@@ -159,6 +166,7 @@ class _Base(FastHttpUser):
     wait_time = _WAIT
     network_timeout = _HTTP_TIMEOUT_S
     connection_timeout = _HTTP_TIMEOUT_S
+    default_headers = dict(AUTH_HEADERS) or None
 
     def on_start(self) -> None:
         self.to_tags = setting(self.environment, "to_tags", "LOAD_TO_TAGS", "")
@@ -275,7 +283,12 @@ class Watcher(_Base):
         url = f"{self.ws_base}?id={','.join(ids)}&since={since}"
         started = time.perf_counter()
         try:
-            ws = websocket.create_connection(url, timeout=_HTTP_TIMEOUT_S, enable_multithread=False)
+            ws = websocket.create_connection(
+                url,
+                timeout=_HTTP_TIMEOUT_S,
+                enable_multithread=False,
+                header=[f"{name}: {value}" for name, value in AUTH_HEADERS.items()],
+            )
         except websocket.WebSocketBadStatusException as exc:
             TALLY.connect_failures += 1
             reason = f"backpressure {exc.status_code}" if exc.status_code in (429, 503) else ""

@@ -35,6 +35,7 @@ from typing import Any
 import httpx
 
 from engine.embedded import Child, RedisServer, SinkProcess, free_port
+from fixtures.auth import AUTH
 from fixtures.engine import EngineProcess
 from scripts.benchlib import cpu_seconds
 
@@ -71,7 +72,13 @@ def _ms(text: str) -> float:
 
 
 def run_wrk(
-    url: str, body: bytes, seconds: float, connections: int, tmp: Path, pid: int | None = None
+    url: str,
+    body: bytes,
+    seconds: float,
+    connections: int,
+    tmp: Path,
+    pid: int | None = None,
+    headers: dict[str, str] | None = AUTH,
 ) -> WrkResult:
     """wrk POSTing ``body``; with ``pid``, that process's CPU per request too."""
     body_file = tmp / f"body-{len(body)}.json"
@@ -80,7 +87,8 @@ def run_wrk(
     script.write_text(
         'wrk.method = "POST"\n'
         'wrk.headers["Content-Type"] = "application/json"\n'
-        f'local f = io.open("{body_file}", "rb"); wrk.body = f:read("*a"); f:close()\n'
+        + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in (headers or {}).items())
+        + f'local f = io.open("{body_file}", "rb"); wrk.body = f:read("*a"); f:close()\n'
     )
     cpu0 = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(
@@ -115,12 +123,14 @@ def start_engine(
     workdir: Path,
     src: Path = ROOT,
     server: str | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> EngineProcess:
     """`engine serve` from the source tree ``src`` (another checkout for --compare-ref);
     ``server`` sets http.server (None: the tree's default, which older trees lack)."""
     env = {"PYTHONPATH": str(src)}
     if server is not None:
         env["ENGINE_HTTP__SERVER"] = server
+    env.update(extra_env or {})
     engine = EngineProcess(
         redis_url, smtp_url, workdir, "--role", role, "--senders", str(senders),
         "--log-level", "warning", env=env, wait_ready=False,
@@ -260,7 +270,7 @@ def phase_e2e(
             t0 = time.monotonic()
             posted = 0
             with httpx.Client(
-                base_url=base, timeout=30, headers={"content-type": "application/json"}
+                base_url=base, timeout=30, headers={"content-type": "application/json", **AUTH}
             ) as c:
                 while posted < n:
                     r = c.post("/v1/messages/batch", content=body)
@@ -335,6 +345,33 @@ def phase_e2e_single(args: argparse.Namespace, redis: RedisServer, tmp: Path) ->
             "duplicates": final.get("duplicates")}  # fmt: skip
 
 
+def phase_auth_cost(args: argparse.Namespace, redis: RedisServer, tmp: Path) -> dict[str, Any]:
+    """Single-message ingest (role api) with auth on (a key per request) and off,
+    alternating rounds: the cost of checking the key on the hot path."""
+    runs: dict[str, list[float]] = {"on": [], "off": []}
+    for i in range(args.auth_rounds):
+        for arm in ("on", "off"):
+            flush(redis)
+            env = {} if arm == "on" else {"ENGINE_AUTH__ENABLED": "false"}
+            engine = start_engine(
+                redis.url, "smtp://127.0.0.1:9", "api", args.senders, tmp, extra_env=env
+            )
+            try:
+                say(f"auth cost {i + 1}/{args.auth_rounds}: single-message ingest, auth {arm}")
+                res = run_wrk(
+                    engine.base + "/v1/messages", json.dumps(MESSAGE).encode(), args.seconds,
+                    args.connections, tmp, headers=AUTH if arm == "on" else None,
+                )  # fmt: skip
+            finally:
+                engine.stop()
+            if res.non_2xx:
+                raise SystemExit(f"auth {arm}: {res.non_2xx} answers were not 2xx")
+            runs[arm].append(res.requests_per_s)
+            say(f"    {res.requests_per_s:,.0f} req/s")
+    on, off = statistics.median(runs["on"]), statistics.median(runs["off"])
+    return {"on": on, "off": off, "ratio": on / off, "runs": runs}
+
+
 def phase_compare(
     args: argparse.Namespace, redis: RedisServer, tmp: Path, first: float
 ) -> dict[str, Any]:
@@ -392,6 +429,10 @@ def main() -> None:
     )
     parser.add_argument("--compare-rounds", type=int, default=3, help="alternations (default 3)")
     parser.add_argument(
+        "--auth-rounds", type=int, default=2,
+        help="rounds of ingest with auth on and off, alternating (default 2; 0 skips)",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", default=str(ROOT / "bench-results"), help="directory for the JSON result"
     )
     args = parser.parse_args()
@@ -414,6 +455,7 @@ def main() -> None:
         sink_rate = phase_sink_ceiling(args)
         e2e_rate, e2e = phase_e2e(args, redis, tmp)
         single = phase_e2e_single(args, redis, tmp)
+        auth = phase_auth_cost(args, redis, tmp) if args.auth_rounds else None
         compare: dict[str, Any] | None = None
         if args.compare_ref:
             compare = phase_compare(args, redis, tmp, e2e_rate)
@@ -460,6 +502,16 @@ def main() -> None:
             "≥ 0.8",
         ),
     ]
+    if auth is not None:
+        rows.append((
+            "Single-message ingest (role api), auth on vs off (req/s, median)",
+            f"{auth['on']:,.0f} vs {auth['off']:,.0f}",
+            "runs: " + " / ".join(f"{a:,.0f} vs {b:,.0f}"
+                                  for a, b in zip(auth["runs"]["on"], auth["runs"]["off"],
+                                                  strict=True)),
+            f"{auth['ratio']:.2f} × auth off",
+            "≥ 0.95",
+        ))  # fmt: skip
     table = [
         "| measurement | result | latency / notes | ratio | target |",
         "|---|---:|---|---|---|",
@@ -490,6 +542,7 @@ def main() -> None:
         "ingest": vars(ingest),
         "ingest_hypercorn": vars(ingest_hc),
         "e2e_single": single,
+        "auth_cost": auth,
         "batch": {**vars(batch), "msgs_per_s": batch_rate},
         "sink_ceiling_msgs_per_s": sink_rate,
         "compare": compare,

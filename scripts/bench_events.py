@@ -98,6 +98,8 @@ def subscribers_worker(args: argparse.Namespace) -> int:
     import trio
     from trio_websocket import ConnectionClosed, open_websocket_url
 
+    from fixtures.auth import TEST_ADMIN_KEY
+
     class Ev(msgspec.Struct):  # only what is needed: the other fields are skipped
         type: str
         at: int
@@ -116,12 +118,16 @@ def subscribers_worker(args: argparse.Namespace) -> int:
     errors: dict[int, str] = {}
     state = {"connected": 0, "first_event": 0.0, "last_event": 0.0}
     all_connected = trio.Event()
+    auth = [(b"authorization", b"Bearer " + TEST_ADMIN_KEY.encode())]
     cpu0 = cpu_seconds(os.getpid())
 
     async def subscriber(i: int) -> None:
         try:
             async with open_websocket_url(
-                url, max_message_size=16 * 1024 * 1024, receive_buffer_size=args.ws_recv_bytes
+                url,
+                max_message_size=16 * 1024 * 1024,
+                receive_buffer_size=args.ws_recv_bytes,
+                extra_headers=auth,
             ) as ws:
                 state["connected"] += 1
                 if state["connected"] == n:
@@ -217,6 +223,7 @@ def run_round(args: argparse.Namespace, tmp: Path, subs: int, n_round: int) -> d
     import httpx
 
     from engine.embedded import ChildError, RedisServer, SinkProcess
+    from fixtures.auth import AUTH
     from fixtures.engine import EngineProcess
 
     msgs = [{"to": "bench@example.com", "subject": "Benchmark", "text": TEXT}] * args.batch
@@ -274,7 +281,9 @@ def run_round(args: argparse.Namespace, tmp: Path, subs: int, n_round: int) -> d
 
         c = stack.enter_context(
             httpx.Client(
-                base_url=engine.base, timeout=30, headers={"content-type": "application/json"}
+                base_url=engine.base,
+                timeout=30,
+                headers={"content-type": "application/json", **AUTH},
             )
         )
         cpu0 = cpu_seconds(engine.proc.pid)

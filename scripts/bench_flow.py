@@ -49,6 +49,7 @@ from typing import Any
 import httpx
 
 from engine.embedded import ChildError, RedisServer, SinkProcess
+from fixtures.auth import AUTH
 from fixtures.engine import EngineProcess
 from scripts.benchlib import (
     TAG,
@@ -138,7 +139,8 @@ def domain_of(entry: dict[str, Any]) -> str:
 
 
 def client(base: str) -> httpx.Client:
-    return httpx.Client(base_url=base, timeout=30, headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json", **AUTH}
+    return httpx.Client(base_url=base, timeout=30, headers=headers)
 
 
 def post_batch(c: httpx.Client, body: bytes) -> list[str]:
@@ -242,7 +244,7 @@ def rate_run(
 
         sleep_until(w1 + 0.5, progress)
         check_alive(*engines)
-        limits = httpx.get(engines[0].base + "/v1/limits", timeout=10).json()
+        limits = httpx.get(engines[0].base + "/v1/limits", headers=AUTH, timeout=10).json()
         time.sleep(0.3)  # the sink flushes its log every 0.2 s
         seen.extend(tail.read())
 

@@ -21,6 +21,7 @@ import httpx
 from playwright.sync_api import expect, sync_playwright
 
 from engine.embedded import RedisServer
+from fixtures.auth import AUTH, TEST_ADMIN_KEY
 from fixtures.dashboard import chromium_path, engine_with_sink, post_batch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,10 +78,19 @@ def main() -> int:
     ):
         engine = engine_with_sink(redis.url, Path(tmp), "--senders", "8")
         try:
-            with httpx.Client(base_url=engine.base, timeout=10) as client, sync_playwright() as p:
+            with (
+                httpx.Client(base_url=engine.base, headers=AUTH, timeout=10) as client,
+                sync_playwright() as p,
+            ):
+                for tenant in TENANTS:  # each may send From example.com
+                    r = client.put(f"/v1/tenants/{tenant}", json={"identities": ["example.com"]})
+                    r.raise_for_status()
                 browser = p.chromium.launch(executable_path=chromium)
                 page = browser.new_page(viewport={"width": args.width, "height": args.height})
                 page.goto(engine.base + "/")
+                page.fill("#login-key", TEST_ADMIN_KEY)  # the page asks for a key first
+                page.click("#login-form button[type=submit]")
+                expect(page.locator("main")).to_be_visible()
                 # A few scheduled for later, so every counter has something to show.
                 post_batch(client, [{**_message(rng, i), "delay_s": 600} for i in range(12)])
                 n = _traffic(client, rng, args.seconds, 100)

@@ -23,6 +23,7 @@ import trio
 from engine.embedded import RedisServer, SinkProcess
 from engine.keys import Keys
 from engine.queue import open_redis
+from fixtures.auth import AUTH
 from fixtures.engine import EngineProcess
 
 MESSAGE = {"to": "soak@example.com", "subject": "Soak", "text": "Hello from the soak run. " * 10}
@@ -73,6 +74,8 @@ def main() -> None:
             env = {
                 "ENGINE_QUEUE__KEEP_SENT_S": str(args.keep_s),
                 "ENGINE_QUEUE__EVENTS_MAXLEN": str(args.events),
+                # Must be shorter than keep_sent_s (the engine refuses to start otherwise).
+                "ENGINE_SCHEDULER__MISFIRE_GRACE_S": str(args.keep_s / 2),
             }
             engine = EngineProcess(
                 redis.url, sink.url, Path(tmp), "--log-level", "warning", env=env
@@ -84,7 +87,9 @@ def main() -> None:
                 posted = 0
                 next_sample = t0
                 with httpx.Client(
-                    base_url=engine.base, timeout=30, headers={"content-type": "application/json"}
+                    base_url=engine.base,
+                    timeout=30,
+                    headers={"content-type": "application/json", **AUTH},
                 ) as c:
                     while (now := time.monotonic()) - t0 < args.seconds:
                         due = int((now - t0) * args.rate)

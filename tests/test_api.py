@@ -14,6 +14,7 @@ from engine.embedded import RedisServer, free_port
 from engine.ids import is_id
 from engine.service import Running
 from engine.transport.memory import MemoryTransport
+from fixtures.auth import AUTH
 from fixtures.inproc import inprocess_engine
 
 
@@ -43,7 +44,7 @@ async def engine(redis_server: RedisServer) -> AsyncIterator[Engine]:
 
 @pytest.fixture
 async def client(engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=engine.base, timeout=10) as c:
+    async with httpx.AsyncClient(base_url=engine.base, headers=AUTH, timeout=10) as c:
         yield c
 
 

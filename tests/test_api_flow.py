@@ -19,6 +19,7 @@ from engine.queue import open_redis
 from engine.service import Running
 from engine.transport.base import OutgoingMail
 from engine.transport.memory import MemoryTransport
+from fixtures.auth import AUTH
 from fixtures.inproc import inprocess_engine
 
 MSG = {"to": "ann@example.com", "subject": "Hello", "text": "Hi Ann"}
@@ -44,11 +45,20 @@ async def engine(
     overrides["http"] = {**overrides.get("http", {}), "bind": bind}
     settings = load_settings(environ={}, overrides=overrides)
     transport = MemoryTransport(fail=fail)
+    headers = AUTH if settings.auth.enabled else {}
     async with (
         inprocess_engine(settings, redis_server.url, transport) as running,
-        httpx.AsyncClient(base_url=f"http://{bind}", timeout=10) as client,
+        httpx.AsyncClient(base_url=f"http://{bind}", headers=headers, timeout=10) as client,
     ):
         yield Engine(client, running, transport)
+
+
+async def _key(client: httpx.AsyncClient, name: str, *, x_api_key: bool = False) -> dict[str, str]:
+    """Headers presenting a new send-only API key of tenant t1 (made with the admin key)."""
+    r = await client.post("/v1/keys", json={"name": name, "scopes": ["send"], "tenant": "t1"})
+    assert r.status_code == 201, r.text
+    key = r.json()["key"]
+    return {"X-API-Key": key} if x_api_key else {"Authorization": f"Bearer {key}"}
 
 
 async def _state(client: httpx.AsyncClient, job_id: str, state: str) -> dict[str, Any]:
@@ -88,9 +98,13 @@ async def test_priority_and_tenant_are_kept(redis_server: RedisServer) -> None:
         assert r.status_code == 202
         body = await _state(e.client, r.json()["id"], "sent")
         assert body["priority"] == "high" and body["tenant"] == "acme"
-        r = await e.client.post("/v1/messages", json=MSG, headers={"X-API-Key": "secret-1"})
+        # Without a tenant field, a message is the tenant's of the key that sent it.
+        r = await e.client.post("/v1/messages", json=MSG, headers=await _key(e.client, "t1"))
+        assert r.status_code == 202, r.text
         body = await _state(e.client, r.json()["id"], "sent")
-        assert body["tenant"].startswith("key-") and "secret" not in body["tenant"]
+        assert body["tenant"] == "t1"
+        r = await e.client.post("/v1/messages", json=MSG)  # the admin key's own: "default"
+        assert (await _state(e.client, r.json()["id"], "sent"))["tenant"] == "default"
 
 
 async def test_scheduled_message_can_be_cancelled(redis_server: RedisServer) -> None:
@@ -129,7 +143,8 @@ async def test_send_at_in_the_near_future_is_sent_on_time(redis_server: RedisSer
 async def test_client_rate_limit_answers_429_with_headers(redis_server: RedisServer) -> None:
     overrides = {"ingest": {"client_rate_per_s": 2, "client_burst": 3}}
     async with engine(redis_server, overrides) as e:
-        key = {"X-API-Key": "k1"}
+        key, k3 = await _key(e.client, "k1"), await _key(e.client, "k3")
+        k2 = await _key(e.client, "k2", x_api_key=True)  # either header names the key
         for left in (2, 1, 0):
             r = await e.client.post("/v1/messages", json=MSG, headers=key)
             assert r.status_code == 202
@@ -139,10 +154,10 @@ async def test_client_rate_limit_answers_429_with_headers(redis_server: RedisSer
         assert r.status_code == 429
         assert r.headers["retry-after"] == "1" and r.headers["ratelimit-remaining"] == "0"
         assert r.json()["type"].endswith("rate-limited")
-        other = await e.client.post("/v1/messages", json=MSG, headers={"X-API-Key": "k2"})
+        other = await e.client.post("/v1/messages", json=MSG, headers=k2)
         assert other.status_code == 202
         batch = {"messages": [MSG] * 4}  # a batch counts per message: over the burst
-        r = await e.client.post("/v1/messages/batch", json=batch, headers={"X-API-Key": "k3"})
+        r = await e.client.post("/v1/messages/batch", json=batch, headers=k3)
         assert r.status_code == 429 and r.json()["field"] == "messages"
 
 
@@ -270,8 +285,11 @@ def test_identify_uses_forwarded_for_only_behind_trusted_proxies() -> None:
 
 
 async def test_client_limit_behind_a_trusted_proxy(redis_server: RedisServer) -> None:
+    # A request without a key is told apart by its address: with auth off (an authenticated
+    # one is its key's, whatever the proxy says).
     overrides = {
-        "ingest": {"client_rate_per_s": 1, "client_burst": 1, "trusted_proxies": ["127.0.0.1"]}
+        "ingest": {"client_rate_per_s": 1, "client_burst": 1, "trusted_proxies": ["127.0.0.1"]},
+        "auth": {"enabled": False},
     }
     async with engine(redis_server, overrides) as e:
         ann = {"X-Forwarded-For": "1.1.1.1"}

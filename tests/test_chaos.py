@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fixtures.auth import AUTH
 from fixtures.chaos import (
     Deadline,
     Poster,
@@ -192,7 +193,7 @@ def test_kill9_redis_engine_recovers_without_restart(rig: Rig) -> None:
         t_unready = wait_status(e.base + "/readyz", 503, budget.left(5))
         assert http_status(e.base + "/healthz") == 200
         down_posts: list[tuple[int, float, str | None]] = []
-        with httpx.Client(base_url=e.base, timeout=10) as client:
+        with httpx.Client(base_url=e.base, headers=AUTH, timeout=10) as client:
             for i in range(3):
                 t0 = time.monotonic()
                 r = client.post("/v1/messages", json=message("down", i))
@@ -216,7 +217,7 @@ def test_kill9_redis_engine_recovers_without_restart(rig: Rig) -> None:
         t_up, t_up_wall = time.monotonic(), time.time()
         rig.redis.start()
         t_ready = wait_status(e.base + "/readyz", 200, budget.left(15))
-        with httpx.Client(base_url=e.base, timeout=10) as client:
+        with httpx.Client(base_url=e.base, headers=AUTH, timeout=10) as client:
             r = client.post("/v1/messages", json=message("after", 0))
             assert r.status_code == 202, r.text
             after_id = r.json()["id"]
@@ -292,7 +293,7 @@ def test_sink_refusals_retry_then_dead_letter(rig: Rig) -> None:
     env = settings_env(max_attempts=max_attempts, backoff_base_s=0.05, backoff_max_s=0.2)
     e = rig.engine("chaos-f", "--senders", str(SENDERS), env=env)
     ids: dict[str, list[str]] = {"451": [], "550": [], "plain": [], "mixed": []}
-    with httpx.Client(base_url=e.base, timeout=10) as client:
+    with httpx.Client(base_url=e.base, headers=AUTH, timeout=10) as client:
 
         def post(kind: str, to: str | list[str]) -> None:
             r = client.post("/v1/messages", json=message(kind, len(ids[kind]), to=to))
@@ -364,7 +365,7 @@ def test_smtp_outage_spends_no_attempt_and_loses_nothing(rig: Rig, down_s: float
     rig.tail.wait_count(300, budget.left(15))
     rig.cluster.stop_sink()
     stopped = time.time()
-    with httpx.Client(base_url=e.base, timeout=5) as client:
+    with httpx.Client(base_url=e.base, headers=AUTH, timeout=5) as client:
         poll(lambda: client.get("/v1/transports").json()["transports"][0]["state"] == "down",
              budget.left(10), "the breaker to open")  # fmt: skip
     time.sleep(max(0.0, down_s - (time.time() - stopped)))
@@ -378,7 +379,7 @@ def test_smtp_outage_spends_no_attempt_and_loses_nothing(rig: Rig, down_s: float
     except AssertionError as exc:
         missing = rig.tail.missing(accepted)
         raise AssertionError(f"{exc}\n{evidence(rig.redis.url, missing)}") from None
-    with httpx.Client(base_url=e.base, timeout=10) as client:
+    with httpx.Client(base_url=e.base, headers=AUTH, timeout=10) as client:
         views = wait_states(client, accepted, {"sent"}, budget.left(10))
     snap = rig.snapshot(accepted)
     assert not snap.dead, f"dead-lettered: {snap.dead[:5]}"

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from fixtures.auth import AUTH, TEST_ADMIN_KEY
 from loadtest import tcpcut
 from loadtest.cluster import Cluster, ClusterError, main
 from loadtest.haproxy import HaproxyMissing, ensure_haproxy
@@ -73,6 +74,7 @@ class WebSocket:
         self.sock.sendall(
             f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Authorization: Bearer {TEST_ADMIN_KEY}\r\n"
             "Sec-WebSocket-Version: 13\r\n\r\n".encode()
         )
         self.buf = b""
@@ -223,7 +225,7 @@ def test_cluster_story(cluster: Cluster) -> None:
         "redis", "sink", "haproxy", "engine1", "engine2", "redis-proxy1", "redis-proxy2",
     }  # fmt: skip
     assert c.lb_servers() == {"engine1": "UP", "engine2": "UP"}
-    http = httpx.Client(timeout=10)
+    http = httpx.Client(headers=AUTH, timeout=10)
 
     # A websocket through the balancer sees what either replica does.
     ws = WebSocket(c.lb_url, "/v1/events?type=sent")

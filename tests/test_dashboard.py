@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from engine.embedded import RedisServer
+from fixtures.auth import AUTH, TEST_ADMIN_KEY
 from fixtures.dashboard import chromium_path, engine_with_sink, post, post_batch
 from fixtures.engine import EngineProcess
 
@@ -53,7 +54,7 @@ def engine(
 
 @pytest.fixture
 def api(engine: EngineProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=engine.base, timeout=10) as client:
+    with httpx.Client(base_url=engine.base, timeout=10, headers=AUTH) as client:
         yield client
 
 
@@ -94,9 +95,52 @@ def dash(browser: Any, engine: EngineProcess) -> Iterator[Dashboard]:
     page.on("console", d.on_console)
     page.on("pageerror", lambda exc: d.errors.append(f"page error: {exc}"))
     page.goto(engine.base + "/")
+    log_in(page, TEST_ADMIN_KEY)
     expect(page.locator("#api-status")).to_have_text("API: ok")
     try:
         yield d
+    finally:
+        context.close()
+
+
+def log_in(page: Any, key: str) -> None:
+    """The page asks for a key first (no session cookie yet)."""
+    expect(page.locator("#login")).to_be_visible()
+    expect(page.locator("main")).to_be_hidden()
+    page.fill("#login-key", key)
+    page.click("#login-form button[type=submit]")
+    expect(page.locator("main")).to_be_visible()
+
+
+def test_login_refuses_a_bad_key_and_logout_forgets_the_session(
+    browser: Any, engine: EngineProcess, api: httpx.Client
+) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    try:
+        page.goto(engine.base + "/")
+        expect(page.locator("#login")).to_be_visible()
+        page.fill("#login-key", "ek_000000000000_" + "x" * 43)
+        page.click("#login-form button[type=submit]")
+        expect(page.locator("#login-error")).to_contain_text("422")
+        expect(page.locator("main")).to_be_hidden()
+        # A send-only key cannot open the dashboard either.
+        made = api.post("/v1/keys", json={"name": "app", "scopes": ["send"]})
+        assert made.status_code == 201, made.text
+        page.fill("#login-key", made.json()["key"])
+        page.click("#login-form button[type=submit]")
+        expect(page.locator("#login-error")).to_contain_text("read or admin")
+        log_in_again = TEST_ADMIN_KEY
+        page.fill("#login-key", log_in_again)
+        page.click("#login-form button[type=submit]")
+        expect(page.locator("#api-status")).to_have_text("API: ok")
+        expect(page.locator("#who")).to_contain_text("default")
+        cookie = next(c for c in context.cookies() if c["name"] == "engine_session")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        page.click("#logout")
+        expect(page.locator("#login")).to_be_visible()
+        assert not [c for c in context.cookies() if c["name"] == "engine_session"]
     finally:
         context.close()
 
@@ -267,8 +311,9 @@ def test_feed_resumes_after_a_drop_without_missing_events(
         page = context.new_page()
         page.set_default_timeout(20_000)
         page.goto(first.base + "/")
+        log_in(page, TEST_ADMIN_KEY)
         expect(page.locator("#feed-status")).to_have_text("events: live")
-        with httpx.Client(base_url=other.base, timeout=10) as api:
+        with httpx.Client(base_url=other.base, timeout=10, headers=AUTH) as api:
             before = post(api, "before@example.com")
             expect(page.locator(f'#feed tr[data-id="{before}"][data-type="sent"]')).to_have_count(1)
             port = first.port

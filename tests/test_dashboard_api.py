@@ -17,6 +17,7 @@ from engine.config import load_settings
 from engine.embedded import RedisServer, free_port
 from engine.service import run_engine
 from engine.transport.memory import MemoryTransport
+from fixtures.auth import AUTH, with_test_key
 
 
 @asynccontextmanager
@@ -28,7 +29,7 @@ async def _engine(
     async with open_redis(redis_server.url) as r:
         await r.flushall()
     bind = f"127.0.0.1:{free_port()}"
-    settings = load_settings(environ={}, overrides={"http": {"bind": bind}})
+    settings = with_test_key(load_settings(environ={}, overrides={"http": {"bind": bind}}))
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(
@@ -43,7 +44,7 @@ async def _engine(
                 task_status=task_status,
             )
         )
-        async with httpx.AsyncClient(base_url=f"http://{bind}", timeout=10) as client:
+        async with httpx.AsyncClient(base_url=f"http://{bind}", headers=AUTH, timeout=10) as client:
             yield client
         stop.set()
 

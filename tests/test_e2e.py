@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from engine.embedded import RedisServer, SinkProcess
+from fixtures.auth import AUTH, TEST_ADMIN_KEY
 from fixtures.engine import EngineProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +67,10 @@ def test_single_and_batch_messages_reach_the_sink_exactly_once(
     engine: EngineProcess, sink: SinkProcess, tmp_path: Path
 ) -> None:
     singles: dict[str, dict[str, object]] = {}
-    with httpx.Client(base_url=engine.base, timeout=10) as client:
+    with httpx.Client(base_url=engine.base, headers=AUTH, timeout=10) as client:
+        # The admin key's tenant ("default") may send From example.com addresses.
+        r = client.put("/v1/tenants/default", json={"identities": ["example.com"]})
+        assert r.status_code in (200, 201), r.text
         for i in range(20):
             body = {
                 "to": [f"user{i}@example.com"],
@@ -149,6 +153,8 @@ def test_engine_send_cli_prints_an_id_that_is_delivered(
             "send",
             "--url",
             engine.base,
+            "--key",
+            TEST_ADMIN_KEY,
             "--to",
             "cli@example.com",
             "--subject",
@@ -177,6 +183,8 @@ def test_engine_send_cli_reports_validation_errors(engine: EngineProcess) -> Non
             "send",
             "--url",
             engine.base,
+            "--key",
+            TEST_ADMIN_KEY,
             "--to",
             "broken",
             "--text",
@@ -202,10 +210,12 @@ def test_second_signal_exits_at_once(redis_server: RedisServer, tmp_path: Path) 
     # The sink holds every final reply for 5 s: the engine is mid-send when signalled.
     with SinkProcess(workdir=tmp_path / "slow-sink", extra_args=["--delay-ms", "5000"]) as slow:
         e = EngineProcess(redis_server.url, slow.url, tmp_path / "e2")
-        r = httpx.post(e.base + "/v1/messages", json={"to": "a@example.com", "text": "x"})
+        msg = {"to": "a@example.com", "text": "x"}
+        r = httpx.post(e.base + "/v1/messages", json=msg, headers=AUTH)
         assert r.status_code == 202
         deadline = time.monotonic() + 5
-        while httpx.get(e.base + f"/v1/messages/{r.json()['id']}").json()["state"] != "processing":
+        job = e.base + f"/v1/messages/{r.json()['id']}"
+        while httpx.get(job, headers=AUTH).json()["state"] != "processing":
             assert time.monotonic() < deadline
             time.sleep(0.02)
         e.proc.send_signal(signal.SIGTERM)
@@ -220,9 +230,10 @@ def test_second_signal_exits_at_once(redis_server: RedisServer, tmp_path: Path) 
 def test_admin_routes_answer_503_while_redis_is_down(tmp_path: Path) -> None:
     with RedisServer(tmp_path / "own-redis") as own:
         e = EngineProcess(own.url, "smtp://127.0.0.1:9", tmp_path / "e3", "--role", "api")
-        assert httpx.get(e.base + "/v1/dead").status_code == 200
+        assert httpx.get(e.base + "/v1/dead", headers=AUTH).status_code == 200
         own.kill()
-        for r in (httpx.get(e.base + "/v1/dead"), httpx.post(e.base + "/v1/dead/retry")):
+        dead = e.base + "/v1/dead"
+        for r in (httpx.get(dead, headers=AUTH), httpx.post(dead + "/retry", headers=AUTH)):
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
             assert r.headers["content-type"] == "application/problem+json"
         assert e.stop() == 0

@@ -22,9 +22,9 @@ from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
     WebSocketConnection,
-    open_websocket_url,
     wrap_client_stream,
 )
+from trio_websocket import open_websocket_url as _open_websocket_url
 
 from engine.api.hub import EventHub, HubStatistics, pause_s
 from engine.config import EventsSettings, load_settings
@@ -34,12 +34,20 @@ from engine.queue import EventLog, NewJob, Queue, Redis, event_order, open_redis
 from engine.service import Running
 from engine.transport.memory import MemoryTransport
 from engine.watch import WatchOptions, events_url
+from fixtures.auth import AUTH, TEST_ADMIN_KEY
 from fixtures.engine import EngineProcess
 from fixtures.inproc import inprocess_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 
 Events = list[dict[str, Any]]
+# The websocket upgrade presents the test admin key, as every HTTP request does.
+WS_AUTH = [(b"authorization", b"Bearer " + TEST_ADMIN_KEY.encode())]
+
+
+def open_websocket_url(url: str, **kwargs: Any) -> Any:
+    """trio_websocket's ``open_websocket_url`` with the test admin key."""
+    return _open_websocket_url(url, extra_headers=WS_AUTH, **kwargs)
 
 
 def _msg(**extra: Any) -> dict[str, Any]:
@@ -162,7 +170,7 @@ async def engine(
     transport = MemoryTransport()
     async with (
         inprocess_engine(settings, redis_server.url, transport) as running,
-        httpx.AsyncClient(base_url=f"http://{bind}", timeout=10) as client,
+        httpx.AsyncClient(base_url=f"http://{bind}", headers=AUTH, timeout=10) as client,
     ):
         yield Engine(f"http://{bind}", f"ws://{bind}/v1/events", client, running, transport)
 
@@ -295,7 +303,12 @@ async def test_a_subscriber_that_never_reads_is_dropped_and_others_keep_up(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         await sock.connect((host, int(port)))
         slow = await wrap_client_stream(
-            nursery, trio.SocketStream(sock), host, "/v1/events", message_queue_size=1
+            nursery,
+            trio.SocketStream(sock),
+            host,
+            "/v1/events",
+            message_queue_size=1,
+            extra_headers=WS_AUTH,
         )
         got: Events = []
 
@@ -377,7 +390,7 @@ def test_a_watcher_on_one_replica_sees_what_another_sends(
         watch = subprocess.Popen(
             # since 0-0: from the start of the (flushed) stream, however late it connects.
             [sys.executable, "-m", "engine", "watch", "--json", "--url", api.base,
-             "--since", "0-0"],
+             "--key", TEST_ADMIN_KEY, "--since", "0-0"],
             stdout=out, stderr=err, cwd=ROOT,
         )  # fmt: skip
     engines = [api, worker]
@@ -392,7 +405,9 @@ def test_a_watcher_on_one_replica_sees_what_another_sends(
             time.sleep(0.05)
 
     def post_to_worker() -> str:
-        r = httpx.post(worker.base + "/v1/messages", json=_msg(tags=["x"]), timeout=10)
+        r = httpx.post(
+            worker.base + "/v1/messages", json=_msg(tags=["x"]), headers=AUTH, timeout=10
+        )
         assert r.status_code == 202, r.text
         job: str = r.json()["id"]
         return job

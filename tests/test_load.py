@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from engine.embedded import RedisServer, SinkProcess
+from fixtures.auth import TEST_ADMIN_KEY
 from fixtures.engine import EngineProcess
 from loadtest.load import (
     LoadResult,
@@ -76,7 +77,8 @@ def test_load_run_writes_the_run_dir_and_every_accepted_id_is_delivered(
     run_dir = tmp_path / "run"
     started = time.time()
     proc = subprocess.run(
-        [sys.executable, "-m", "loadtest.load", "--host", engine.base, "--time", "8s",
+        [sys.executable, "-m", "loadtest.load", "--host", engine.base, "--key", TEST_ADMIN_KEY,
+         "--time", "8s",
          "--users", "4", "--spawn-rate", "4", "--weights", "single=1,batch=1,status=1,watch=1",
          "--batch-size", "10", "--quiet", "--out", str(run_dir)],
         check=False, cwd=ROOT, capture_output=True, text=True, timeout=60,
@@ -89,6 +91,7 @@ def test_load_run_writes_the_run_dir_and_every_accepted_id_is_delivered(
                  "locust_exceptions.csv", "locust.html", "meta.json", "watchers.json"):  # fmt: skip
         assert (run_dir / name).is_file(), name
     meta = json.loads((run_dir / "meta.json").read_text())
+    assert TEST_ADMIN_KEY not in (run_dir / "meta.json").read_text()
     assert meta["scenario"] == "load-steady" and meta["host"] == engine.base
     assert meta["cores"] >= 1 and meta["replicas"] == 1 and meta["lease_s"] > 0
     assert started <= meta["started_at"] < meta["ended_at"] <= ended
@@ -133,7 +136,7 @@ def test_background_run_stops_early_on_sigterm_and_keeps_its_reports(
     run_dir = tmp_path / "run"
     run = start_load(
         LoadSettings(engine.base, run_dir, seconds=60, users=2, spawn_rate=2,
-                     weights="single=1,watch=1", print_stats=False)
+                     weights="single=1,watch=1", print_stats=False, api_key=TEST_ADMIN_KEY)
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 15

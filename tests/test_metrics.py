@@ -19,6 +19,7 @@ from engine.metrics import INGEST_ROUTES, Metrics
 from engine.queue import open_redis
 from engine.transport.base import OutgoingMail
 from engine.transport.memory import FailRule, MemoryTransport
+from fixtures.auth import AUTH
 from fixtures.inproc import inprocess_engine
 
 MSG = {"to": "ann@example.com", "subject": "Hello", "text": "Hi Ann"}
@@ -37,7 +38,7 @@ async def _engine(
     transport = MemoryTransport(fail=fail)
     async with (
         inprocess_engine(settings, redis_server.url, transport),
-        httpx.AsyncClient(base_url=f"http://{bind}", timeout=10) as client,
+        httpx.AsyncClient(base_url=f"http://{bind}", headers=AUTH, timeout=10) as client,
     ):
         yield client, transport
 

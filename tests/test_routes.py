@@ -13,12 +13,13 @@ import pytest
 
 from engine.api.exchange import Reply, Request, json_reply
 from engine.api.router import Router
-from engine.api.routes import ROUTES, Route, openapi
+from engine.api.routes import ROUTES, Route, openapi, statuses
 from engine.config import load_settings
 from engine.embedded import RedisServer, free_port
 from engine.metrics import Metrics
 from engine.queue import open_redis
 from engine.transport import MemoryTransport
+from fixtures.auth import AUTH, TEST_ADMIN_KEY
 from fixtures.inproc import inprocess_engine
 
 MSG = {"to": "ann@example.com", "subject": "Hi", "text": "Hello"}
@@ -96,17 +97,20 @@ async def base(redis_server: RedisServer) -> AsyncIterator[str]:
 
 def _requests(r: Route) -> list[tuple[str, str, dict[str, Any]]]:
     """(method, path, httpx kwargs) to try on a route: a plain one and bad ones."""
-    path = r.path.replace("{id}", UNKNOWN).replace("{name}", "nope")
+    path = r.path.replace("{id}", UNKNOWN).replace("{name}", "nope").replace("{kid}", "nope")
     path = path.replace("/static/nope", "/static/dashboard.js")
     out: list[tuple[str, str, dict[str, Any]]] = []
-    if r.method == "POST":
+    if r.method in ("POST", "PUT"):
         good: dict[str, Any] = {
             "/v1/messages": MSG, "/v1/messages/batch": {"messages": [MSG]},
             "/v1/schedules": {"name": "daily", "cron": "@daily", "message": MSG},
+            "/v1/keys": {"name": "routes", "scopes": ["send"], "tenant": "t1"},
+            "/v1/tenants/{name}": {"identities": ["example.com"]},
+            "/v1/session": {"key": TEST_ADMIN_KEY},
         }.get(r.path, {})  # fmt: skip
         bad = {"content": b"{nope", "headers": {"content-type": "application/json"}}
-        out += [("POST", path, {"json": good}), ("POST", path, bad),
-                ("POST", path, {"json": {"unexpected": 1}})]  # fmt: skip
+        out += [(r.method, path, {"json": good}), (r.method, path, bad),
+                (r.method, path, {"json": {"unexpected": 1}})]  # fmt: skip
     elif r.method != "WS":
         out.append((r.method, path, {}))
         if r.path == "/v1/dead":
@@ -118,9 +122,9 @@ def _requests(r: Route) -> list[tuple[str, str, dict[str, Any]]]:
 
 async def test_every_answer_is_a_status_the_spec_lists(base: str) -> None:
     seen: dict[str, set[int]] = {}
-    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+    async with httpx.AsyncClient(base_url=base, headers=AUTH, timeout=10) as client:
         for r in ROUTES:
-            allowed = set(r.responses) | {405}
+            allowed = statuses(r)
             for method, path, kwargs in _requests(r):
                 got = await client.request(method, path, **kwargs)
                 assert got.status_code in allowed, (method, path, got.status_code, got.text)
@@ -131,3 +135,5 @@ async def test_every_answer_is_a_status_the_spec_lists(base: str) -> None:
     # The canned requests reached the routes (not only 405s).
     assert all(statuses - {405} for statuses in seen.values()), seen
     assert 202 in seen["POST /v1/messages"] and 201 in seen["POST /v1/schedules"]
+    assert 201 in seen["POST /v1/keys"] and 201 in seen["PUT /v1/tenants/{name}"]
+    assert 200 in seen["POST /v1/session"] and 200 in seen["GET /v1/session"]

@@ -237,7 +237,8 @@ async def test_schedule_routes(api: httpx.AsyncClient) -> None:
     view = r.json()
     # 2025-01-01 is a Wednesday; 09:00 in Berlin (CET) is 08:00 UTC.
     assert view["next_tick"] == "2025-01-01T08:00:00.000Z"
-    assert view["message"] == MSG and view["version"] == 1
+    # The message is pinned to a tenant: the caller's (here auth is off: "default").
+    assert view["message"] == {**MSG, "tenant": "default"} and view["version"] == 1
     assert (view["fired"], view["skipped"], view["last_tick"], view["last_job_id"]) == (
         0, 0, None, None,
     )  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from importlib import resources
@@ -12,6 +13,7 @@ import pytest
 from engine.cli import build_parser
 from engine.keys import Keys
 from engine.queue import SCRIPT_NAMES, load_script_sources
+from fixtures.auth import AUTH_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,6 +94,7 @@ def test_busy_port_is_a_clear_error(redis_server: object, tmp_path: Path) -> Non
             [sys.executable, "-m", "engine", "serve", "--redis-url", redis_server.url,
              "--smtp-url", "smtp://127.0.0.1:9", "--bind", f"127.0.0.1:{port}"],
             capture_output=True, text=True, check=False, cwd=ROOT, timeout=60,
+            env={**os.environ, **AUTH_ENV},  # no first-start key file in the checkout
         )  # fmt: skip
     assert out.returncode == 2, out.stderr[-2000:]
     assert "address already in use" in out.stderr and "Traceback" not in out.stderr

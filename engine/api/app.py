@@ -9,24 +9,27 @@ from __future__ import annotations
 import msgspec
 import trio
 
+from engine.api.access import AccessRoutes
 from engine.api.asgi import ASGIApp
 from engine.api.backend import ApiBackend
 from engine.api.dashboard import DashboardRoutes
 from engine.api.dead import DeadRoutes
 from engine.api.exchange import Reply, Request, json_reply
+from engine.api.guard import Guard, allowed_hosts
 from engine.api.hub import history_route
 from engine.api.ingest import Ingest
 from engine.api.limits import limits_route
 from engine.api.metrics import metrics_route
-from engine.api.router import Handler, Router, Socket
+from engine.api.router import PROBES, Handler, Router, Socket
 from engine.api.routes import ROUTES, Health, Readiness, index, openapi
 from engine.api.schedules import ScheduleRoutes
 from engine.api.transports import transports_route
+from engine.api.webhooks import WebhookRoutes
 from engine.config import Settings
 from engine.errors import QueueError
 
 # All a sender-only replica (role sender) serves.
-OPS_ONLY = frozenset({"healthz", "readyz", "metrics"})
+OPS_ONLY = PROBES
 
 
 def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
@@ -38,12 +41,14 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         backend.drain,
         backend.metrics.ingest,
         stopping=backend.stopping,
+        access=backend.access,
     )
     dead = DeadRoutes(backend.queue)
     schedules = ScheduleRoutes(
         backend.schedules,
         default_from=settings.sender.default_from,
         max_body_bytes=settings.http.max_body_bytes,
+        access=backend.access,
     )
     dashboard = DashboardRoutes(backend)
     spec = msgspec.json.encode(openapi())
@@ -99,15 +104,40 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         "metrics": metrics_route(backend.queue, backend.metrics),
     }
     routes = ROUTES
+    if backend.access is not None:
+        access = AccessRoutes(backend.access, session_ttl_s=settings.auth.session_ttl_s)
+        handlers.update(
+            create_key=access.create_key, list_keys=access.list_keys,
+            revoke_key=access.revoke_key, put_tenant=access.put_tenant,
+            list_tenants=access.list_tenants, login=access.login, whoami=access.whoami,
+            logout=access.logout,
+        )  # fmt: skip
+    else:  # auth off: no keys to manage, nobody to log in
+        routes = tuple(r for r in routes if r.tag != "access")
+    if backend.webhooks is not None:
+        hooks = WebhookRoutes(
+            backend.webhooks, backend.events.log if backend.events else None, settings.webhooks
+        )
+        handlers.update(
+            create_webhook=hooks.create_webhook, list_webhooks=hooks.list_webhooks,
+            get_webhook=hooks.get_webhook, update_webhook=hooks.update_webhook,
+            delete_webhook=hooks.delete_webhook, webhook_attempts=hooks.webhook_attempts,
+            replay_webhook=hooks.replay_webhook,
+        )  # fmt: skip
+    else:
+        routes = tuple(r for r in routes if r.tag != "webhooks")
     if backend.events is not None:
         handlers["watch_events"] = backend.events.websocket
-        handlers["message_events"] = history_route(backend.events.log, settings.events)
+        handlers["message_events"] = history_route(
+            backend.events.log, backend.queue, settings.events
+        )
     else:  # no event stream configured: those routes do not exist here
-        routes = tuple(r for r in ROUTES if r.op not in ("watch_events", "message_events"))
+        routes = tuple(r for r in routes if r.op not in ("watch_events", "message_events"))
+    guard = Guard(backend.access, allowed_hosts(settings.http.allowed_hosts, settings.http.bind))
     if settings.role == "sender":
         return Router(
-            routes, handlers, backend.metrics.ingest, only=OPS_ONLY,
+            routes, handlers, backend.metrics.ingest, guard=guard, only=OPS_ONLY,
             refusal="this replica runs senders only (role sender): it answers "
             "/healthz, /readyz and /metrics; send to an api replica",
         )  # fmt: skip
-    return Router(routes, handlers, backend.metrics.ingest)
+    return Router(routes, handlers, backend.metrics.ingest, guard=guard)

@@ -9,8 +9,9 @@ from typing import Protocol
 import trio
 
 from engine.api.hub import EventHub
+from engine.auth import AccessTable
 from engine.metrics import Metrics
-from engine.queue import Breaker, DrainMeter, Queue, RateLimits, ScheduleStore
+from engine.queue import Breaker, DrainMeter, Queue, RateLimits, ScheduleStore, WebhookStore
 
 
 class SenderCounts(Protocol):
@@ -47,3 +48,7 @@ class ApiBackend:
     events: EventHub | None = None
     # Maildir of the embedded sink (the dashboard lists captured mail); None: no such sink.
     sink_maildir: str | None = None
+    # API keys and tenants (kept fresh by the composition root); None: auth is off.
+    access: AccessTable | None = None
+    # Webhook endpoints and deliveries (/v1/webhooks); None: webhooks are off.
+    webhooks: WebhookStore | None = None

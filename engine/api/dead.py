@@ -5,11 +5,14 @@ from __future__ import annotations
 import msgspec
 
 from engine.api.exchange import Reply, Request, decode_json, empty_reply, json_reply, not_found
+from engine.auth import Principal
 from engine.ids import is_id
 from engine.models import Accepted, JobView
 from engine.queue import Queue, job_view
 
 MAX_PAGE = 500
+# Dead letters a tenant-restricted key's listing reads at most (oldest first).
+MAX_TENANT_SCAN = 10_000
 # The retry filter is small: ids of one page at most, and a needle.
 MAX_FILTER_BYTES = 1024 * 1024
 
@@ -50,14 +53,36 @@ class DeadRoutes:
     async def list_dead(self, req: Request) -> Reply:
         offset = req.int_query("offset", 0, 0, 10**9)
         limit = req.int_query("limit", 50, 1, MAX_PAGE)
+        if req.principal.tenants is not None:  # a tenant's key pages through its own
+            return json_reply(200, await self._tenant_page(req.principal, offset, limit))
         total, records = await self._queue.dead_page(offset, limit)
         following = offset + limit if offset + limit < total else None
         page = DeadPage(total, offset, limit, following, [job_view(r) for r in records])
         return json_reply(200, page)
 
+    async def _tenant_page(self, p: Principal, offset: int, limit: int) -> DeadPage:
+        """The dead letters of ``p``'s tenants: the list is filtered by reading records
+        (at most MAX_TENANT_SCAN of the oldest; a tenant key is not an operator's view)."""
+        ids = (await self._queue.dead_ids())[:MAX_TENANT_SCAN]
+        mine = [r for r in await self._queue.get_many(ids) if r is not None and p.sees(r.tenant)]
+        page = mine[offset : offset + limit]
+        following = offset + limit if offset + limit < len(mine) else None
+        return DeadPage(len(mine), offset, limit, following, [job_view(r) for r in page])
+
+    async def _visible(self, p: Principal, ids: list[str]) -> list[str]:
+        """``ids`` narrowed to the jobs of ``p``'s tenants."""
+        if p.tenants is None:
+            return ids
+        records = await self._queue.get_many(ids)
+        return [r.id for r in records if r is not None and p.sees(r.tenant)]
+
     async def retry_dead(self, req: Request) -> Reply:
         job_id = req.params["id"]
-        if not (is_id(job_id) and await self._queue.dead_retry([job_id])):
+        if not (
+            is_id(job_id)
+            and await self._visible(req.principal, [job_id])
+            and await self._queue.dead_retry([job_id])
+        ):
             raise _not_dead(job_id)
         return json_reply(202, Accepted(job_id, "queued"))
 
@@ -66,6 +91,7 @@ class DeadRoutes:
         flt = decode_json(_decode_filter, raw) if raw.strip() else RetryFilter()
         queue = self._queue
         ids = [i for i in (flt.ids if flt.ids is not None else await queue.dead_ids()) if is_id(i)]
+        ids = await self._visible(req.principal, ids)
         if flt.error_contains:
             needle = flt.error_contains.lower()
             records = await queue.get_many(ids)
@@ -75,6 +101,10 @@ class DeadRoutes:
 
     async def delete_dead(self, req: Request) -> Reply:
         job_id = req.params["id"]
-        if not (is_id(job_id) and await self._queue.dead_delete([job_id])):
+        if not (
+            is_id(job_id)
+            and await self._visible(req.principal, [job_id])
+            and await self._queue.dead_delete([job_id])
+        ):
             raise _not_dead(job_id)
         return empty_reply(204)

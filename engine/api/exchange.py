@@ -14,6 +14,8 @@ from urllib.parse import parse_qsl
 import msgspec
 
 from engine.api.asgi import BodyTooLarge, Receive, Scope, header, problem_body, read_body
+from engine.api.jsonguard import TooDeep, duplicate_key
+from engine.auth import UNCHECKED, Principal
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -82,6 +84,8 @@ class Request:
     scope: Scope
     receive: Receive
     params: dict[str, str]
+    # Who it acts as (the router's guard sets it before the handler runs).
+    principal: Principal = UNCHECKED
     _query: dict[str, str] | None = None
 
     @property
@@ -95,6 +99,10 @@ class Request:
     def header(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (lower-case bytes)."""
         return header(self.scope, name)
+
+    def header_values(self, name: bytes) -> list[bytes]:
+        """Every value of header ``name``, in the order the lines came."""
+        return [value for key, value in self.scope["headers"] if key == name]
 
     def query(self, name: str) -> str | None:
         """The first value of query parameter ``name``."""
@@ -110,7 +118,8 @@ class Request:
         raw = self.query(name)
         if raw is None:
             return default
-        if not raw.isdigit() or not low <= int(raw) <= high:
+        # ASCII digits only ("²".isdigit() is true), and few enough for int().
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 18) or not low <= int(raw) <= high:
             raise invalid(
                 name, f"{name} must be an integer from {low} to {high}", "Invalid query parameter"
             )
@@ -161,11 +170,18 @@ def error_field(exc: msgspec.ValidationError) -> tuple[str, str]:
 
 
 def decode_json(decode: Callable[[bytes], D], body: bytes) -> D:
-    """``decode(body)``; 422 naming the field, or 400 for malformed JSON."""
+    """``decode(body)``; 422 naming the field (or a key an object repeats: msgspec would
+    keep the last one silently), or 400 for malformed or too deeply nested JSON."""
     try:
-        return decode(body)
+        value = decode(body)
+        repeated = duplicate_key(body)
     except msgspec.ValidationError as exc:
         path, detail = error_field(exc)
         raise invalid(path, detail) from None
     except msgspec.DecodeError as exc:
         raise Fail(400, "malformed-json", "Malformed JSON", str(exc)) from None
+    except (RecursionError, TooDeep):
+        raise Fail(400, "malformed-json", "Malformed JSON", "the body nests too deeply") from None
+    if repeated is not None:
+        raise invalid(*repeated)
+    return value

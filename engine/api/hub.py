@@ -31,6 +31,7 @@ tail, so a client that is connected misses nothing that happens afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -43,6 +44,8 @@ import trio
 
 from engine.api.asgi import Receive, Scope, Send, problem_body
 from engine.api.exchange import JSON, Reply, Request, not_found
+from engine.api.guard import PRINCIPAL
+from engine.auth import Principal
 from engine.config import EventsSettings
 from engine.errors import QueueError, ValidationError
 from engine.ids import is_id
@@ -55,7 +58,7 @@ from engine.models import (
     Event,
     check_tenant,
 )
-from engine.queue import EventLog, event_order, parse_event_id
+from engine.queue import EventLog, Queue, event_order, parse_event_id
 
 log = logging.getLogger(__name__)
 
@@ -375,6 +378,9 @@ class EventHub:
             return
         try:
             filt, since = parse_query(scope.get("query_string", b""))
+            principal = scope.get(PRINCIPAL)
+            if isinstance(principal, Principal):
+                filt = within_tenants(filt, principal)
         except ValidationError as exc:
             await _refuse(
                 scope, send, 400, "invalid-field", "Invalid parameter", exc.detail, exc.field
@@ -501,12 +507,27 @@ async def _refuse(
     await send({"type": "websocket.http.response.body", "body": body})
 
 
-def history_route(log: EventLog, settings: EventsSettings) -> Callable[[Request], Awaitable[Reply]]:
+def within_tenants(filt: EventFilter, p: Principal) -> EventFilter:
+    """A subscriber's filter narrowed to the tenants its key acts for."""
+    if p.tenants is None:
+        return filt
+    if filt.tenants and not filt.tenants & p.tenants:
+        raise ValidationError("tenant", "this API key acts for none of these tenants")
+    return dataclasses.replace(filt, tenants=(filt.tenants & p.tenants) or p.tenants)
+
+
+def history_route(
+    log: EventLog, queue: Queue, settings: EventsSettings
+) -> Callable[[Request], Awaitable[Reply]]:
     """GET /v1/messages/{id}/events: the message's events still in the stream, oldest
     first. ``Events-Complete: false`` when the scan stopped at events.history_scan_entries."""
 
     async def message_events(req: Request) -> Reply:
         job_id = req.params["id"]
+        if req.principal.tenants is not None and is_id(job_id):
+            rec = await queue.get(job_id)  # whose message is it?
+            if rec is None or not req.principal.sees(rec.tenant):
+                raise not_found("No such message", f"unknown id {job_id!r}")
         found = (
             await log.history(job_id, max_entries=settings.history_scan_entries)
             if is_id(job_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import math
 from dataclasses import dataclass
 from typing import Final
@@ -23,11 +24,18 @@ from engine.api.exchange import (
     json_reply,
     not_found,
 )
+from engine.auth import UNCHECKED, AccessTable, Principal, check_may_send
 from engine.config import HttpSettings, IngestSettings
 from engine.errors import QueueError, QueueUnavailable, ValidationError
 from engine.ids import is_id, new_ids
 from engine.metrics import IngestMetrics, Metrics
-from engine.models import DEFAULT_TENANT, Accepted, BatchAccepted, BatchIn, MessageIn
+from engine.models import (
+    DEFAULT_TENANT,
+    Accepted,
+    BatchAccepted,
+    BatchIn,
+    MessageIn,
+)
 from engine.queue import DrainMeter, EnqueueResult, NewJob, Queue, job_view, new_job
 
 _decode_one = msgspec.json.Decoder(MessageIn).decode
@@ -41,10 +49,46 @@ def _no_such(job_id: str) -> Fail:
     return not_found("No such message", f"unknown id {job_id!r}")
 
 
-def identify(req: Request, trusted_proxies: frozenset[str] = frozenset()) -> tuple[str, str]:
-    """(client id, default tenant) of a request: its API key (``Authorization: Bearer``
-    or ``X-API-Key``), hashed so no secret lands in Redis key names; else its address --
-    behind a trusted proxy, the right-most X-Forwarded-For address that is not one."""
+class TrustedProxies:
+    """Addresses and CIDR ranges (``ingest.trusted_proxies``) whose X-Forwarded-For
+    is believed: load balancers in front of the engine."""
+
+    def __init__(self, entries: list[str]) -> None:
+        self._networks = [ipaddress.ip_network(e.strip(), strict=False) for e in entries]
+
+    def __contains__(self, address: str) -> bool:
+        if not self._networks:
+            return False
+        try:
+            ip = ipaddress.ip_address(address.strip().strip("[]"))
+        except ValueError:
+            return False
+        return any(ip in net for net in self._networks)
+
+
+def client_address(req: Request, trusted: TrustedProxies) -> str:
+    """The client's address: the peer's; behind trusted proxies, the right-most address of
+    X-Forwarded-For (all its header lines, in order) that is not a trusted proxy."""
+    client = req.scope.get("client")
+    peer = str(client[0]) if client else "unknown"
+    if peer not in trusted:
+        return peer
+    hops = [
+        hop.strip()
+        for line in req.header_values(b"x-forwarded-for")
+        for hop in line.decode("latin-1").split(",")
+        if hop.strip()
+    ]
+    for hop in reversed(hops):
+        peer = hop
+        if hop not in trusted:
+            break
+    return peer
+
+
+def identify(req: Request, trusted: TrustedProxies) -> tuple[str, str]:
+    """(client id, default tenant) of a request when auth is off: the key it presents,
+    hashed so no secret lands in Redis key names; else its address."""
     raw = req.header(b"x-api-key")
     if raw is None:
         auth = req.header(b"authorization")
@@ -53,17 +97,7 @@ def identify(req: Request, trusted_proxies: frozenset[str] = frozenset()) -> tup
     if raw:
         name = "key-" + hashlib.blake2b(raw, digest_size=8).hexdigest()
         return name, name
-    client = req.scope.get("client")
-    peer = str(client[0]) if client else "unknown"
-    if peer in trusted_proxies:
-        forwarded = req.header(b"x-forwarded-for")
-        if forwarded:
-            hops = [h.strip() for h in forwarded.decode("latin-1").split(",") if h.strip()]
-            for hop in reversed(hops):
-                peer = hop
-                if hop not in trusted_proxies:
-                    break
-    return "ip-" + peer, DEFAULT_TENANT
+    return "ip-" + client_address(req, trusted), DEFAULT_TENANT
 
 
 @dataclass(slots=True)
@@ -77,10 +111,12 @@ class Ingest:
     metrics: IngestMetrics = dataclasses.field(default_factory=lambda: Metrics().ingest)
     # Set while this replica shuts down: new messages get 503 (draining).
     stopping: trio.Event | None = None
-    _trusted: frozenset[str] = frozenset()
+    # Tenants' sender identities (auth on); None: auth off, no identity rule.
+    access: AccessTable | None = None
+    _trusted: TrustedProxies = dataclasses.field(default_factory=lambda: TrustedProxies([]))
 
     def __post_init__(self) -> None:
-        self._trusted = frozenset(self.ingest.trusted_proxies)
+        self._trusted = TrustedProxies(self.ingest.trusted_proxies)
 
     async def send_message(self, req: Request) -> Reply:
         """POST /v1/messages."""
@@ -88,16 +124,17 @@ class Ingest:
         idem = _idempotency_key(req)
         body = await req.json_body(self.http.max_body_bytes)
         incoming = decode_json(_decode_one, body)
-        client, tenant = identify(req, self._trusted)
+        client, tenant = self._who(req)
         now_ms = self.queue.now_ms()
         try:
             job = new_job(
                 incoming, new_ids(1, now_ms)[0], default_from=self.default_from,
                 now_ms=now_ms, default_tenant=tenant,
             )  # fmt: skip
+            self._may_send(req.principal, incoming, job.tenant)
         except ValidationError as exc:
             raise invalid(exc.field, exc.detail) from None
-        result = await self._enqueue([job], idem, body, client)
+        result = await self._enqueue([job], _scoped(idem, tenant), body, client)
         job_id = result.ids[0]
         headers = [(b"location", f"/v1/messages/{job_id}".encode()), *self._limit_headers(result)]
         if result.outcome == "replayed":
@@ -113,7 +150,7 @@ class Ingest:
         limit = self.http.max_batch_messages
         if not batch.messages or len(batch.messages) > limit:
             raise invalid("messages", f"a batch holds 1 to {limit} messages")
-        client, tenant = identify(req, self._trusted)
+        client, tenant = self._who(req)
         now_ms = self.queue.now_ms()
         ids = new_ids(len(batch.messages), now_ms)
         jobs: list[NewJob] = []
@@ -124,14 +161,28 @@ class Ingest:
                     incoming, ids[i], default_from=self.default_from, now_ms=now_ms,
                     default_tenant=tenant,
                 )  # fmt: skip
+                self._may_send(req.principal, incoming, job.tenant)
                 jobs.append(job)
         except ValidationError as exc:
             raise invalid(f"messages[{i}].{exc.field}", exc.detail) from None
-        result = await self._enqueue(jobs, idem, b"batch:" + body, client)
+        result = await self._enqueue(jobs, _scoped(idem, tenant), b"batch:" + body, client)
         headers = self._limit_headers(result)
         if result.outcome == "replayed":
             return json_reply(200, BatchAccepted(result.ids), [*headers, _REPLAYED])
         return json_reply(202, BatchAccepted(result.ids), headers)
+
+    def _who(self, req: Request) -> tuple[str, str]:
+        """(client id for the per-client limit, default tenant): the key's, when the
+        request was authenticated; else the address's (auth off)."""
+        p = req.principal
+        if p.kid and p is not UNCHECKED:
+            return "key-" + p.kid, p.tenant
+        return identify(req, self._trusted)
+
+    def _may_send(self, p: Principal, incoming: MessageIn, tenant: str) -> None:
+        if self.access is not None:
+            identities = self.access.identities(tenant)
+            check_may_send(p, tenant, incoming.from_, identities, self.default_from)
 
     def _open(self) -> None:
         """503 while this replica shuts down: another one takes the message."""
@@ -199,7 +250,7 @@ class Ingest:
             raise self._too_many(result.value, len(jobs))
         if result.outcome == "backlog":
             self.metrics.rejected("backlog-full")
-            raise self._backlog_full(result.value)
+            raise self._backlog_full(result.value, result.used_bytes, result.limit_bytes)
         if result.outcome == "stored":
             self.metrics.accepted(len(jobs))
         return result
@@ -221,7 +272,18 @@ class Ingest:
             headers=[(b"retry-after", retry), *headers, (b"ratelimit-reset", retry)],
         )  # fmt: skip
 
-    def _backlog_full(self, backlog: int) -> Fail:
+    def _backlog_full(self, backlog: int, used_bytes: int = 0, limit_bytes: int = 0) -> Fail:
+        if used_bytes:
+            # Memory frees as kept records expire and waiting jobs go, at no rate we
+            # measure: a fixed pause (the budget is re-read every 0.25 s).
+            return Fail(
+                503, "backlog-full", "Backlog full",
+                f"Redis holds {used_bytes} bytes, over ingest's budget of {limit_bytes} "
+                f"(ingest.max_memory_ratio = {self.ingest.max_memory_ratio:g} of its "
+                "maxmemory; records of sent messages count while kept); nothing was "
+                "stored: retry after Retry-After seconds",
+                headers=[(b"retry-after", b"30")],
+            )  # fmt: skip
         high = self.ingest.max_backlog
         rate = self.drain.rate() if self.drain is not None else 0.0
         retry = backlog_retry_after_s(backlog, high, rate)
@@ -233,10 +295,10 @@ class Ingest:
         )  # fmt: skip
 
     async def get_message(self, req: Request) -> Reply:
-        """GET /v1/messages/{id}."""
+        """GET /v1/messages/{id} (another tenant's message does not exist for this key)."""
         job_id = req.params["id"]
         rec = await self.queue.get(job_id) if is_id(job_id) else None
-        if rec is None:
+        if rec is None or not req.principal.sees(rec.tenant):
             raise _no_such(job_id)
         return json_reply(200, job_view(rec))
 
@@ -245,6 +307,10 @@ class Ingest:
         job_id = req.params["id"]
         if not is_id(job_id):
             raise _no_such(job_id)
+        if req.principal.tenants is not None:  # restricted: first, whose is it?
+            rec = await self.queue.get(job_id)
+            if rec is None or not req.principal.sees(rec.tenant):
+                raise _no_such(job_id)
         outcome, state = await self.queue.cancel(job_id)
         if outcome == "unknown":
             raise _no_such(job_id)
@@ -255,6 +321,11 @@ class Ingest:
                 "cancelled",
             )  # fmt: skip
         return json_reply(200, Accepted(job_id, "cancelled"))
+
+
+def _scoped(idem: str, tenant: str) -> str:
+    """Idempotency keys are per tenant: two tenants' "signup-42" are two requests."""
+    return f"{tenant}/{idem}" if idem else ""
 
 
 def _idempotency_key(req: Request) -> str:

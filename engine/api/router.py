@@ -1,8 +1,9 @@
 """Dispatch from the route table: the ASGI application that matches a request to its
 ``Route`` in ``routes.ROUTES`` and runs the handler bound to the route's ``op``.
 
-It owns what every route shares: 404 and 405 (with ``Allow``) in problem+json, HEAD for
-GET routes, ``Fail`` and ``QueueError`` turned into answers, the ingest routes' latency
+It owns what every route shares: the guard (host, credentials, the route's scope), 404
+and 405 (with ``Allow``) in problem+json, HEAD for GET routes, ``Fail`` and
+``QueueError`` turned into answers, the ingest routes' latency
 metrics, websocket routes (handed the raw ASGI triple: the hub streams), and ASGI lifespan.
 A table route without a handler, or a handler without a route, is an error at build time.
 """
@@ -16,7 +17,8 @@ from time import perf_counter
 from typing import Final, cast
 
 from engine.api.asgi import Receive, Scope, Send
-from engine.api.exchange import RETRY_AFTER_1, Fail, Reply, Request
+from engine.api.exchange import PROBLEM_JSON, RETRY_AFTER_1, Fail, Reply, Request
+from engine.api.guard import PRINCIPAL, Guard
 from engine.api.routes import Route
 from engine.errors import QueueError
 from engine.metrics import INGEST_ROUTES, IngestMetrics
@@ -28,6 +30,8 @@ Handler = Callable[[Request], Awaitable[Reply]]
 Socket = Callable[[Scope, Receive, Send], Awaitable[None]]  # a websocket route: raw ASGI
 
 _TIMED: Final = frozenset(INGEST_ROUTES)
+# Health and metrics: load balancers and scrapers call them with Host names of their own.
+PROBES: Final = frozenset({"healthz", "readyz", "metrics"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +78,7 @@ class Router:
         handlers: Mapping[str, Handler | Socket],
         metrics: IngestMetrics,
         *,
+        guard: Guard | None = None,
         only: frozenset[str] | None = None,
         refusal: str = "",
     ) -> None:
@@ -82,17 +87,18 @@ class Router:
         if missing:
             raise ValueError(f"routes and handlers disagree on {sorted(missing)}")
         self._metrics = metrics
+        self._guard = guard if guard is not None else Guard(None, None)
         self._refusal = refusal
         self._static: dict[str, _Path] = {}
         self._dynamic: list[tuple[_Path, list[str]]] = []
-        self._sockets: dict[str, Socket] = {}
+        self._sockets: dict[str, tuple[Route, Socket]] = {}
         by_template: dict[str, _Path] = {}
         for r in routes:
             if only is not None and r.op not in only:
                 continue
             handler = handlers[r.op]
             if r.method == "WS":
-                self._sockets[r.path] = cast(Socket, handler)
+                self._sockets[r.path] = (r, cast(Socket, handler))
                 continue
             entry = by_template.get(r.path)
             if entry is None:
@@ -127,11 +133,17 @@ class Router:
         if kind == "http":
             await self._http(scope, receive, send)
         elif kind == "websocket":
-            socket = self._sockets.get(scope["path"])
-            if socket is None:
+            found = self._sockets.get(scope["path"])
+            if found is None:
                 await send({"type": "websocket.close", "code": CLOSE_POLICY})
-            else:
-                await socket(scope, receive, send)
+                return
+            route, socket = found
+            try:
+                scope[PRINCIPAL] = await self._guard.principal(scope, route.scope)
+            except Fail as fail:
+                await refuse_upgrade(scope, send, fail)
+                return
+            await socket(scope, receive, send)
         elif kind == "lifespan":
             await _lifespan(receive, send)
 
@@ -156,7 +168,10 @@ class Router:
             return
         start = perf_counter()
         try:
-            reply = await entry.handler(Request(scope, receive, params))
+            principal = await self._guard.principal(
+                scope, entry.route.scope, probe=entry.route.op in PROBES
+            )
+            reply = await entry.handler(Request(scope, receive, params, principal))
         except Fail as fail:
             reply = fail.reply()
         except QueueError as exc:  # one answer for every route that cannot reach Redis
@@ -170,6 +185,21 @@ class Router:
         await _send(send, reply)
         if entry.timed:
             self._metrics.observe(entry.route.path, method, reply.status, perf_counter() - start)
+
+
+async def refuse_upgrade(scope: Scope, send: Send, fail: Fail) -> None:
+    """Answer a websocket handshake with a problem (a 403 close where the server
+    cannot send an HTTP answer)."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": CLOSE_POLICY})
+        return
+    reply = fail.reply()
+    headers = [(b"content-type", PROBLEM_JSON), (b"content-length", str(len(reply.body)).encode()),
+               *reply.headers]  # fmt: skip
+    await send(
+        {"type": "websocket.http.response.start", "status": reply.status, "headers": headers}
+    )
+    await send({"type": "websocket.http.response.body", "body": reply.body})
 
 
 async def _send(send: Send, reply: Reply) -> None:

@@ -15,15 +15,36 @@ from typing import Any, Final
 import msgspec
 
 from engine import __version__
+from engine.api.access import (
+    KeyCreated,
+    KeyIn,
+    KeyList,
+    LoginIn,
+    SessionView,
+    TenantIn,
+    TenantList,
+)
 from engine.api.dashboard import SinkPage, Stats
 from engine.api.dead import DeadPage, DeadRetried, RetryFilter
 from engine.api.limits import LimitsView
 from engine.api.schedules import ScheduleIn, ScheduleList, ScheduleView
 from engine.api.transports import TransportList
+from engine.api.webhooks import (
+    AttemptList,
+    Replayed,
+    ReplayIn,
+    WebhookCreated,
+    WebhookIn,
+    WebhookList,
+    WebhookPatch,
+    WebhookView,
+)
+from engine.auth import PUBLIC, TenantRecord
+from engine.auth import SCOPES as KEY_SCOPES
 from engine.models import Accepted, BatchAccepted, BatchIn, Event, JobView, MessageIn, Problem
 
-# Scopes an API key will carry (issue 13); "public" routes need none.
-SCOPES: Final = ("public", "send", "read", "events", "dead-letters", "schedules", "admin")
+# What a route needs: a scope an API key carries, or "public" (no key).
+SCOPES: Final = (PUBLIC, *KEY_SCOPES)
 
 
 class Health(msgspec.Struct):
@@ -37,8 +58,14 @@ class Readiness(msgspec.Struct):
     draining: bool
 
 
-# Statuses every route may answer: 405 (wrong method) and, while Redis is down, 503.
-_COMMON: Final[dict[int, str]] = {405: "method not allowed (Allow lists the methods)"}
+# Statuses every route may answer: 405 (wrong method), the server's limits (414, 431);
+# and, while Redis is down, 503.
+_COMMON: Final[dict[int, str]] = {
+    405: "method not allowed (Allow lists the methods)",
+    # The HTTP server's limits, checked before any route is found.
+    414: "request target over http.max_url_bytes",
+    431: "header fields over http.max_headers or http.max_header_bytes",
+}
 _QUEUE: Final[dict[int, tuple[str, Any]]] = {503: ("Redis unavailable: retry (Retry-After)", None)}
 
 
@@ -52,8 +79,21 @@ class Route:
     # status -> (description, body type or None for none, or a media type string)
     responses: Mapping[int, tuple[str, Any]]
     request: Any = None
-    query: Mapping[str, str] = field(default_factory=dict)  # name -> description
+    # name -> description, or (description, JSON schema) when it is not a plain string
+    query: Mapping[str, str | tuple[str, dict[str, Any]]] = field(default_factory=dict)
     tag: str = "messages"
+
+
+def _int(low: int, high: int) -> dict[str, Any]:
+    return {"type": "integer", "minimum": low, "maximum": high}
+
+
+def _desc(q: str | tuple[str, dict[str, Any]]) -> str:
+    return q if isinstance(q, str) else q[0]
+
+
+def _schema(q: str | tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    return {"type": "string"} if isinstance(q, str) else q[1]
 
 
 def _ok(desc: str, body: Any = None) -> tuple[str, Any]:
@@ -69,6 +109,9 @@ _INGEST_ERRORS: Final = {
     429: _ok("over this client's rate (Retry-After, RateLimit-* headers)"),
     503: _ok("not accepted: Redis unavailable, backlog full or shutting down (Retry-After)"),
 }
+
+# The dashboard's files carry an ETag; If-None-Match with it answers 304 and no body.
+_NOT_MODIFIED: Final = _ok("not modified: If-None-Match matched the ETag")
 
 ROUTES: Final[tuple[Route, ...]] = (
     Route("send_message", "POST", "/v1/messages", "Send one message", "send",
@@ -98,7 +141,8 @@ ROUTES: Final[tuple[Route, ...]] = (
                  "tag": "tags", "since": "resume after this event id"}, tag="events"),
     Route("list_dead", "GET", "/v1/dead", "The dead-letter queue, oldest first", "dead-letters",
           {200: _ok("a page", DeadPage), 422: _ok("bad offset or limit"), **_QUEUE},
-          query={"offset": "first item (default 0)", "limit": "items (1-500, default 50)"},
+          query={"offset": ("first item (default 0)", _int(0, 10**9)),
+                 "limit": ("items (1-500, default 50)", _int(1, 500))},
           tag="dead letters"),
     Route("retry_dead", "POST", "/v1/dead/{id}/retry", "Queue a dead letter again", "dead-letters",
           {202: _ok("queued with fresh attempts", Accepted),
@@ -106,6 +150,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route("retry_dead_many", "POST", "/v1/dead/retry",
           "Queue dead letters again (all, by ids or by error)",
           "dead-letters", {202: _ok("queued", DeadRetried), 400: _ok("malformed JSON"),
+                           413: _ok("body over the filter's 1 MiB"),
                            422: _ok("a field is invalid"), **_QUEUE},
           request=RetryFilter, tag="dead letters"),
     Route("delete_dead", "DELETE", "/v1/dead/{id}", "Delete a dead letter for good", "dead-letters",
@@ -115,6 +160,7 @@ ROUTES: Final[tuple[Route, ...]] = (
           "Create or replace a recurring schedule", "schedules",
           {201: _ok("created", ScheduleView), 200: _ok("replaced", ScheduleView),
            400: _ok("malformed JSON"), 413: _ok("body too large"), 415: _ok("not JSON"),
+           409: _ok("the name is another tenant's schedule"),
            422: _ok("invalid name, cron, zone or message"), **_QUEUE},
           request=ScheduleIn, tag="schedules"),
     Route("list_schedules", "GET", "/v1/schedules", "Every schedule", "schedules",
@@ -133,9 +179,65 @@ ROUTES: Final[tuple[Route, ...]] = (
           tag="operations"),
     Route("stats", "GET", "/v1/stats", "Queue-wide counts (the dashboard polls it)", "read",
           {200: _ok("counts", Stats), **_QUEUE}, tag="operations"),
-    Route("sink_messages", "GET", "/v1/sink/messages", "Mail the embedded sink captured", "read",
+    Route("sink_messages", "GET", "/v1/sink/messages", "Mail the embedded sink captured", "admin",
           {200: _ok("newest first", SinkPage), 404: _ok("no embedded sink"),
-           422: _ok("bad limit")}, query={"limit": "1-200, default 50"}, tag="operations"),
+           422: _ok("bad limit")}, query={"limit": ("1-500, default 50", _int(1, 500))},
+          tag="operations"),
+    Route("create_webhook", "POST", "/v1/webhooks",
+          "Add a webhook endpoint (the answer shows its signing secret, once)", "webhooks",
+          {201: _ok("added: `secret` is shown this once", WebhookCreated),
+           400: _ok("malformed JSON"), 413: _ok("body too large"), 415: _ok("not JSON"),
+           422: _ok("a field is invalid (a refused URL names `url`)"), **_QUEUE},
+          request=WebhookIn, tag="webhooks"),
+    Route("list_webhooks", "GET", "/v1/webhooks", "Webhook endpoints and their last attempt",
+          "webhooks", {200: _ok("this key's tenants' endpoints", WebhookList), **_QUEUE},
+          tag="webhooks"),
+    Route("get_webhook", "GET", "/v1/webhooks/{id}", "One webhook endpoint", "webhooks",
+          {200: _ok("the endpoint", WebhookView), 404: _ok("no such endpoint"), **_QUEUE},
+          tag="webhooks"),
+    Route("update_webhook", "PATCH", "/v1/webhooks/{id}",
+          "Change an endpoint (enabled: true re-enables it)", "webhooks",
+          {200: _ok("changed", WebhookView), 400: _ok("malformed JSON"),
+           404: _ok("no such endpoint"), 413: _ok("body too large"), 415: _ok("not JSON"),
+           422: _ok("a field is invalid"), **_QUEUE}, request=WebhookPatch, tag="webhooks"),
+    Route("delete_webhook", "DELETE", "/v1/webhooks/{id}", "Remove an endpoint", "webhooks",
+          {204: _ok("removed"), 404: _ok("no such endpoint"), **_QUEUE}, tag="webhooks"),
+    Route("webhook_attempts", "GET", "/v1/webhooks/{id}/attempts",
+          "An endpoint's latest delivery attempts, newest first", "webhooks",
+          {200: _ok("status, latency, outcome, the answer's start", AttemptList),
+           404: _ok("no such endpoint"), 422: _ok("bad limit"), **_QUEUE},
+          query={"limit": ("1-100, default 50", _int(1, 100))}, tag="webhooks"),
+    Route("replay_webhook", "POST", "/v1/webhooks/{id}/replay",
+          "Send an endpoint the events after an event id again", "webhooks",
+          {202: _ok("owed again", Replayed), 400: _ok("malformed JSON"),
+           404: _ok("no such endpoint"), 413: _ok("body too large"), 415: _ok("not JSON"),
+           422: _ok("bad since"), **_QUEUE}, request=ReplayIn, tag="webhooks"),
+    Route("create_key", "POST", "/v1/keys", "Make an API key (the answer shows it, once)",
+          "admin", {201: _ok("made: `key` is shown this once", KeyCreated),
+                    400: _ok("malformed JSON"), 413: _ok("body too large"),
+                    415: _ok("not JSON"), 422: _ok("a field is invalid"), **_QUEUE},
+          request=KeyIn, tag="access"),
+    Route("list_keys", "GET", "/v1/keys", "The API keys (never the keys themselves)", "admin",
+          {200: _ok("the keys of the tenants this key acts for", KeyList)}, tag="access"),
+    Route("revoke_key", "DELETE", "/v1/keys/{kid}", "Revoke an API key (every replica, ~1 s)",
+          "admin", {204: _ok("revoked"), 404: _ok("no such key"), **_QUEUE}, tag="access"),
+    Route("put_tenant", "PUT", "/v1/tenants/{name}", "Set a tenant's sender identities",
+          "admin", {201: _ok("created", TenantRecord), 200: _ok("replaced", TenantRecord),
+                    400: _ok("malformed JSON"), 404: _ok("not a tenant this key acts for"),
+                    413: _ok("body too large"), 415: _ok("not JSON"),
+                    422: _ok("a field is invalid"), **_QUEUE},
+          request=TenantIn, tag="access"),
+    Route("list_tenants", "GET", "/v1/tenants", "Tenants and their sender identities", "admin",
+          {200: _ok("by name", TenantList)}, tag="access"),
+    Route("login", "POST", "/v1/session", "Dashboard login: a session cookie for a key",
+          "public", {200: _ok("logged in (Set-Cookie)", SessionView),
+                     400: _ok("malformed JSON"), 413: _ok("body too large"),
+                     415: _ok("not JSON"), 422: _ok("not a key with the read scope"),
+                     **_QUEUE}, request=LoginIn, tag="access"),
+    Route("whoami", "GET", "/v1/session", "Who the session (or key) acts as", "read",
+          {200: _ok("the key's name, tenant and scopes", SessionView)}, tag="access"),
+    Route("logout", "DELETE", "/v1/session", "Dashboard logout (clears the cookie)", "public",
+          {204: _ok("logged out")}, tag="access"),
     Route("index", "GET", "/v1", "This API's routes", "public",
           {200: _ok("service and endpoints", dict[str, Any])}, tag="operations"),
     Route("openapi", "GET", "/openapi.json", "This document", "public",
@@ -147,12 +249,13 @@ ROUTES: Final[tuple[Route, ...]] = (
           tag="operations"),
     Route("metrics", "GET", "/metrics", "Prometheus metrics", "public",
           {200: _ok("text exposition format", "text/plain")}, tag="operations"),
-    Route("dashboard", "GET", "/", "The dashboard", "public", {200: _ok("the page", "text/html")},
-          tag="operations"),
+    Route("dashboard", "GET", "/", "The dashboard", "public",
+          {200: _ok("the page", "text/html"), 304: _NOT_MODIFIED}, tag="operations"),
     Route("docs", "GET", "/docs", "This reference, rendered (offline: vendored Redoc)", "public",
-          {200: _ok("the page", "text/html")}, tag="operations"),
+          {200: _ok("the page", "text/html"), 304: _NOT_MODIFIED}, tag="operations"),
     Route("static", "GET", "/static/{name}", "The dashboard's assets", "public",
-          {200: _ok("the file", "application/octet-stream"), 404: _ok("no such file")},
+          {200: _ok("the file (text/css or text/javascript)", "text/*"),
+           304: _NOT_MODIFIED, 404: _ok("no such file")},
           tag="operations"),
 )  # fmt: skip
 
@@ -194,12 +297,15 @@ def openapi() -> dict[str, Any]:
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
             for name in _path_params(r.path)
         ] + [
-            {"name": name, "in": "query", "required": False, "description": desc,
-             "schema": {"type": "string"}}
-            for name, desc in r.query.items()
+            {"name": name, "in": "query", "required": False, "description": _desc(q),
+             "schema": _schema(q)}
+            for name, q in r.query.items()
         ]  # fmt: skip
         if params:
             op["parameters"] = params
+        op["security"] = (
+            [] if r.scope == PUBLIC else [{"bearer": []}, {"apiKey": []}, {"session": []}]
+        )
         if r.request is not None:
             op["requestBody"] = {
                 "required": r.method != "POST" or r.path != "/v1/dead/retry",
@@ -214,12 +320,31 @@ def openapi() -> dict[str, Any]:
         "info": {"title": "engine", "version": __version__,
                  "description": "Email delivery over HTTP: accepted (202) means stored."},
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {"schemas": components, "securitySchemes": _SECURITY},
     }  # fmt: skip
 
 
+_SECURITY: Final = {
+    "bearer": {"type": "http", "scheme": "bearer",
+               "description": "An API key: Authorization: Bearer ek_..."},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    "session": {"type": "apiKey", "in": "cookie", "name": "engine_session",
+                "description": "The dashboard's login (POST /v1/session)"},
+}  # fmt: skip
+
+
+def statuses(route: Route) -> set[int]:
+    """Every status ``route`` may answer (its own and the common ones)."""
+    return set(route.responses) | set(_common(route))
+
+
 def _common(route: Route) -> dict[int, tuple[str, Any]]:
-    return {s: (d, None) for s, d in _COMMON.items()} if route.method != "WS" else {}
+    out = {s: (d, None) for s, d in _COMMON.items()} if route.method != "WS" else {}
+    out[421] = ("the Host is not one this server answers for (http.allowed_hosts)", None)
+    if route.scope != PUBLIC:
+        out[401] = ("no API key, or not a valid one (WWW-Authenticate)", None)
+        out[403] = (f"the key lacks the {route.scope!r} scope, or a cross-site request", None)
+    return out
 
 
 def _is_type(body: Any) -> bool:

@@ -6,6 +6,7 @@ from this face only (an import-linter contract). Imports the leaves and policy; 
 the API, senders or transports.
 """
 
+from engine.queue.access import AccessStore
 from engine.queue.breaker import Breaker, BreakerState
 from engine.queue.commit import GroupCommitter
 from engine.queue.drain import DrainMeter
@@ -24,6 +25,7 @@ from engine.queue.jobs import (
 from engine.queue.limits import BucketState, RateLimits
 from engine.queue.redis import SCRIPT_NAMES, Redis, load_script_sources, open_redis
 from engine.queue.schedules import Schedule, ScheduleStore
+from engine.queue.webhooks import Owed, WebhookStore
 from engine.queue.wire import (
     TAG_SEPARATOR,
     decode_message,
@@ -38,6 +40,7 @@ from engine.queue.wire import (
 __all__ = [
     "SCRIPT_NAMES",
     "TAG_SEPARATOR",
+    "AccessStore",
     "Breaker",
     "BreakerState",
     "BucketState",
@@ -52,6 +55,7 @@ __all__ = [
     "JobHistory",
     "JobRecord",
     "NewJob",
+    "Owed",
     "Queue",
     "QueueCounts",
     "RateLimits",
@@ -59,6 +63,7 @@ __all__ = [
     "Redis",
     "Schedule",
     "ScheduleStore",
+    "WebhookStore",
     "decode_message",
     "encode_message",
     "event_order",

@@ -19,7 +19,8 @@ from engine.keys import Keys
 from engine.models import DEFAULT_TENANT, LANES
 from engine.policy import lane_pattern
 from engine.queue.commit import GroupCommitter
-from engine.queue.redis import Redis, Scripts, translate_errors
+from engine.queue.memory import MemoryGauge
+from engine.queue.redis import Redis, Scripts, is_out_of_memory, translate_errors
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +66,13 @@ class EnqueueResult:
     outcome: Literal["stored", "replayed", "conflict", "limited", "backlog"]
     ids: list[str]  # stored: the request's ids; replayed: the first request's ids
     # stored: the client's tokens left (-1: no client limit); limited: ms until the
-    # request would pass (-1: never, it is larger than the burst); backlog: jobs waiting.
+    # request would pass (-1: never, it is larger than the burst); backlog: jobs waiting
+    # (-1: unknown).
     value: int = -1
+    # backlog because Redis's memory is over its budget (ingest.max_memory_ratio): its
+    # used_memory and the budget, in bytes; 0 when the job count was the reason.
+    used_bytes: int = 0
+    limit_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +86,7 @@ class JobRecord:
     next_attempt_at_ms: int | None
     lane: str = "normal"
     tenant: str = DEFAULT_TENANT
+    bounce: str | None = None  # the class of the last failure (engine.bounce)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +121,9 @@ class Failure:
     error: str
     # On retry, only these recipients are tried again (the others got the message).
     recipients: list[str] | None = None
+    bounce: str = ""  # the failure's class (engine.bounce), kept next to the error
+    # Its class says the address is dead (a 5xx invalid-recipient): for the suppression list.
+    suppress: bool = False
 
 
 class Queue:
@@ -141,6 +151,8 @@ class Queue:
         self._limits_on = "1" if self.rate_limits.configured() else "0"
         self.keys = Keys(settings.name, settings.shard)
         self._scripts = Scripts(client)
+        # Ingest's byte budget; sampled while ``serve`` runs.
+        self.memory = MemoryGauge(client, ratio=self.ingest.max_memory_ratio)
         self._clock = clock
         self._keep_sent_s = settings.keep_sent_s
         self._keep_failed_s = settings.keep_failed_s
@@ -164,6 +176,7 @@ class Queue:
         async with trio.open_nursery() as nursery:
             await nursery.start(self._enqueuer.serve)
             await nursery.start(self._acker.serve)
+            await nursery.start(self.memory.serve)
             task_status.started()
             await trio.sleep_forever()
         raise AssertionError("unreachable")
@@ -184,7 +197,8 @@ class Queue:
         stored: the result is the first request's ids, or a conflict when ``fingerprint``
         differs from the first request's. Nothing is stored either when ``client`` is
         over ingest.client_rate_per_s ("limited") or the backlog is over
-        ingest.max_backlog ("backlog"); a batch counts once per message.
+        ingest.max_backlog or Redis's memory over its budget, ingest.max_memory_ratio
+        ("backlog"); a batch counts once per message.
         """
         request = EnqueueRequest(jobs, idempotency_key, fingerprint, client)
         return await self._enqueuer.submit(request, len(jobs))
@@ -192,10 +206,11 @@ class Queue:
     async def _flush_enqueue(self, requests: list[EnqueueRequest]) -> list[EnqueueResult]:
         k = self.keys
         ingest = self.ingest
+        memory = self.memory.statistics()
         args: list[str | bytes | int | float] = [
             k.prefix, self.now_ms(), self.settings.events_maxlen,
             self.settings.idempotency_ttl_s, ingest.max_backlog,
-            ingest.client_rate_per_s, ingest.client_burst_or_default(),
+            ingest.client_rate_per_s, ingest.client_burst_or_default(), int(memory.full),
         ]  # fmt: skip
         for request in requests:
             args += [request.idempotency_key, request.fingerprint, request.client]
@@ -205,9 +220,19 @@ class Queue:
                     job.id, job.payload, job.lane, job.tenant, job.domains, job.due_ms, job.tags,
                 ]  # fmt: skip
         with translate_errors():
-            out: Any = await self._scripts["enqueue"](
-                keys=[k.events, k.stats, k.delayed], args=args
-            )
+            try:
+                out: Any = await self._scripts["enqueue"](
+                    keys=[k.events, k.stats, k.delayed], args=args
+                )
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                # Over maxmemory before the last sample said so: refused at the script's
+                # first write, so nothing was stored; the same answer as a full budget.
+                over = max(memory.used_bytes, memory.limit_bytes, 1)
+                return [
+                    EnqueueResult("backlog", [], -1, over, memory.limit_bytes) for _ in requests
+                ]
         results: list[EnqueueResult] = []
         for request, entry in zip(requests, out, strict=True):
             code = int(entry[0])
@@ -220,8 +245,14 @@ class Queue:
                 results.append(EnqueueResult("conflict", []))
             elif code == 3:
                 results.append(EnqueueResult("limited", [], int(entry[1])))
-            else:
+            elif code == 4:
                 results.append(EnqueueResult("backlog", [], int(entry[1])))
+            else:  # 5: memory over its budget
+                results.append(
+                    EnqueueResult(
+                        "backlog", [], int(entry[1]), memory.used_bytes, memory.limit_bytes
+                    )
+                )
         return results
 
     async def get(self, job_id: str) -> JobRecord | None:
@@ -331,7 +362,7 @@ class Queue:
         ]
         for f in failures:
             rcpts = ",".join(f.recipients) if f.recipients else ""
-            args += [f.job_id, f.outcome, f.due_ms, f.error, rcpts]
+            args += [f.job_id, f.outcome, f.due_ms, f.error, rcpts, f.bounce]
         with translate_errors():
             n: Any = await self._scripts["fail"](
                 keys=[self._processing, k.leases, k.delayed, k.dead, k.events, k.stats],
@@ -493,12 +524,12 @@ class Queue:
 
 _RECORD_FIELDS = [
     "state", "attempts", "created_at", "updated_at", "last_error", "next_attempt_at", "lane",
-    "tenant",
+    "tenant", "bounce",
 ]  # fmt: skip
 
 
 def _record(job_id: str, row: Sequence[bytes | None]) -> JobRecord | None:
-    state, attempts, created, updated, error, next_at, lane, tenant = row
+    state, attempts, created, updated, error, next_at, lane, tenant, bounce = row
     if state is None:
         return None
     return JobRecord(
@@ -511,4 +542,5 @@ def _record(job_id: str, row: Sequence[bytes | None]) -> JobRecord | None:
         next_attempt_at_ms=int(next_at) if next_at else None,
         lane=lane.decode() if lane else "normal",
         tenant=tenant.decode() if tenant else DEFAULT_TENANT,
+        bounce=bounce.decode() if bounce else None,
     )

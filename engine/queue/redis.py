@@ -17,7 +17,8 @@ import trio
 from coredis.commands.script import Script
 from coredis.retry import NoRetryPolicy
 
-from engine.errors import QueueError, QueueUnavailable
+from engine.config import redact_url
+from engine.errors import ConfigError, QueueError, QueueUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,18 @@ SCRIPT_NAMES = (
     "schedule_put",
     "schedule_advance",
     "schedule_delete",
+    "webhook_claim",
 )
+
+# The scripts that move work out (claim, send, retry, recover, cancel, delete) run even
+# when Redis is over its maxmemory (noeviction refuses every other write then): senders
+# keep draining whatever happens. Those that add work (enqueue, a dead letter retried, a
+# schedule's tick or its definition) are refused instead. Ingest stops well before that
+# (ingest.max_memory_ratio); this is the guarantee behind it. Script flags: Redis >= 7.
+ALLOW_OOM = frozenset(
+    {"claim", "ack", "fail", "release", "renew", "reap", "dead_delete", "cancel", "slowdown",
+     "schedule_delete", "webhook_claim"}
+)  # fmt: skip
 
 Redis = coredis.Redis[bytes]
 
@@ -66,13 +78,24 @@ def load_script_sources() -> dict[str, str]:
     return {name: lib + (base / f"{name}.lua").read_text() for name in SCRIPT_NAMES}
 
 
+def with_flags(name: str, source: str) -> str:
+    """``source`` as loaded into Redis: the scripts in ALLOW_OOM start with their flag."""
+    return f"#!lua flags=allow-oom\n{source}" if name in ALLOW_OOM else source
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether Redis refused a command because it is over its maxmemory (noeviction):
+    nothing of that command (or script: it stops at its first write) was written."""
+    return isinstance(exc, coredis.exceptions.ResponseError) and str(exc).startswith("OOM ")
+
+
 class Scripts:
     """The Lua scripts, registered on one client (EVALSHA; reloaded on NOSCRIPT)."""
 
     def __init__(self, client: Redis) -> None:
         sources = load_script_sources()
         self._by_name: dict[str, Script[bytes]] = {
-            name: client.register_script(src) for name, src in sources.items()
+            name: client.register_script(with_flags(name, src)) for name, src in sources.items()
         }
 
     def __getitem__(self, name: str) -> Script[bytes]:
@@ -100,7 +123,10 @@ async def open_redis(
         "stream_timeout": command_timeout_s,
         "retry_policy": NoRetryPolicy(),
     }
-    with translate_errors():
-        client: Redis = coredis.Redis.from_url(url, **kwargs)
+    try:
+        with translate_errors():
+            client: Redis = coredis.Redis.from_url(url, **kwargs)
+    except ValueError as exc:  # a malformed URL; its text never reaches an error whole
+        raise ConfigError(f"redis.url {redact_url(url)!r}: {exc}") from None
     async with client:
         yield client

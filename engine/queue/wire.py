@@ -64,6 +64,7 @@ def job_view(rec: JobRecord) -> JobView:
     return JobView(
         rec.id, rec.state, rec.attempts, ms_to_iso(rec.created_at_ms),
         ms_to_iso(rec.updated_at_ms), rec.last_error, next_attempt_at, rec.lane, rec.tenant,
+        rec.bounce,
     )  # fmt: skip
 
 
@@ -106,7 +107,10 @@ def parse_entry(entry_id: str, fields: Mapping[bytes, bytes]) -> list[Event]:
     single = fields.get(b"id")
     if single is not None:
         split = tags.split(TAG_SEPARATOR) if tags else []
-        return [Event(entry_id, kind, single.decode(), at, attempt, state, tenant, error, split)]
+        bounce = _text(fields.get(b"bounce"))  # retrying and failed entries
+        return [
+            Event(entry_id, kind, single.decode(), at, attempt, state, tenant, error, split, bounce)
+        ]
     ids = fields[b"ids"].decode().split(",")
     per_job = tags.split(_JOB_TAGS_SEPARATOR) if tags else []
     return [

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import msgspec
 import trio
 
+from engine.bounce import Bounce, bounce_of, classify
 from engine.config import QueueSettings, SenderSettings
 from engine.errors import (
     EngineError,
@@ -24,7 +25,7 @@ from engine.errors import (
 )
 from engine.ids import id_time_ms
 from engine.metrics import Metrics, SenderMetrics
-from engine.policy import after_failure, backoff_s, classify_smtp
+from engine.policy import Outcome, after_failure, backoff_s, classify_smtp
 from engine.queue import Breaker, ClaimedJob, Failure, Queue, RateLimits, decode_message
 from engine.sender.gate import TransportGate
 from engine.sender.ratelimit import RateLimiter
@@ -32,7 +33,8 @@ from engine.transport import OutgoingMail, SendResult, Transport, compose
 
 log = logging.getLogger(__name__)
 
-# Replies that mean "you are sending too fast": they slow the domain's bucket down.
+# Replies that mean "you are sending too fast": they slow the domain's bucket down, as
+# does every reply of the rate-limited class (engine.bounce: decision "slow-down").
 SLOW_DOWN_CODES = frozenset({421, 451})
 
 
@@ -252,9 +254,10 @@ class SenderPool:
                         reason = reason or str(outcome)
                         continue
                     if isinstance(outcome, TransportError):
-                        if outcome.code in SLOW_DOWN_CODES:
+                        bounce = self._bounce(outcome)
+                        if outcome.code in SLOW_DOWN_CODES or bounce.decision == "slow-down":
                             records.start_soon(self._slow_down, mail.recipients)
-                        records.start_soon(self._record_failure, job, outcome, budget)
+                        records.start_soon(self._record_failure, job, outcome, budget, bounce)
                     elif self.settings.overlap_acks:
                         records.start_soon(self._delivered, job, outcome, budget)
                     else:
@@ -293,7 +296,11 @@ class SenderPool:
         """The server took the message; per-recipient refusals decide what is left."""
         temporary = [r for r in result.rejected if r.code < 500]
         note = "; ".join(f"{r.address}: {r.code} {r.text}" for r in result.rejected)
-        slow = [r.address for r in temporary if r.code in SLOW_DOWN_CODES]
+        slow = [
+            r.address
+            for r in temporary
+            if r.code in SLOW_DOWN_CODES or classify(r.code, None, r.text).decision == "slow-down"
+        ]
         if slow:
             await self._slow_down(slow)
         if temporary:
@@ -349,16 +356,26 @@ class SenderPool:
         made_ms = id_time_ms(job.id)  # enqueue time: no Redis read needed
         self._metrics.sent(job.attempt, (delivered_ms - made_ms) / 1000 if made_ms else None)
 
+    def _bounce(self, exc: TransportError) -> Bounce:
+        return bounce_of(exc, on_uncertain=self.queue_settings.on_uncertain)
+
     async def _record_failure(
         self,
         job: ClaimedJob,
         exc: TransportError,
         budget: Budget,
+        bounce: Bounce | None = None,
         *,
         recipients: list[str] | None = None,
     ) -> None:
         due_ms = self.queue.now_ms()
-        outcome = "dead" if isinstance(exc, PermanentFailure) else classify_smtp(exc.code)
+        bounce = bounce or self._bounce(exc)
+        outcome: Outcome
+        if bounce.cls == "unknown":
+            # Nothing recognised: the rule before bounce classes (4xx retry, 5xx dead).
+            outcome = "dead" if isinstance(exc, PermanentFailure) else classify_smtp(exc.code)
+        else:
+            outcome = "dead" if bounce.final else "retry"
         outcome = after_failure(
             outcome, attempts=job.attempt, max_attempts=budget.max_attempts,
             tried_for_s=(due_ms - (job.first_try_ms or due_ms)) / 1000,
@@ -372,10 +389,13 @@ class SenderPool:
         if exc.code is not None and str(exc.code) not in error:
             error = f"{exc.code} {error}"
         log.info(
-            "sender.send.failed job=%s attempt=%d outcome=%s error=%s",
-            job.id, job.attempt, outcome, error,
+            "sender.send.failed job=%s attempt=%d outcome=%s bounce=%s error=%s",
+            job.id, job.attempt, outcome, bounce.cls, error,
         )  # fmt: skip
-        failure = Failure(job.id, outcome, due_ms, error[:500], recipients)
+        failure = Failure(
+            job.id, outcome, due_ms, error[:500], recipients, bounce.cls,
+            suppress=bounce.suppress and outcome == "dead",
+        )  # fmt: skip
         with trio.CancelScope(shield=True), trio.move_on_after(10):
             try:
                 await self.queue.fail([failure])

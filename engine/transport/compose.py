@@ -10,7 +10,7 @@ import binascii
 import functools
 import re
 from collections.abc import Iterable, Mapping
-from email.utils import formataddr, formatdate
+from email.utils import formatdate, quote
 from typing import Final
 
 from engine.models import Message, ascii_domain, bare_address, split_address
@@ -20,12 +20,20 @@ _FOLD_AT: Final = 78  # RFC 5322 2.1.1: lines SHOULD be at most 78 characters
 _MAX_LINE: Final = 998  # ... and MUST be at most 998 octets (RFC 6152: 8bit lines too)
 # A display name made only of atext and spaces needs neither quoting nor encoding.
 _PLAIN_PHRASE_RE: Final = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]*$")
-_NEWLINES_RE: Final = re.compile(r"\r\n|\r|\n")
 _CRLF: Final = "\r\n"
 _BLANK_LINE: Final = b"\r\n\r\n"
 _NO_FORMS: Final[Mapping[str, str]] = {}
 # UTF-8 octets per encoded word: 56 base64 characters, 68 with the rest (RFC 2047 2: 75).
 _WORD_OCTETS: Final = 42
+_WORD_CHARS: Final = 68
+# The longest address item that fits on a line after "Reply-To: " and before a comma.
+_MAX_ITEM: Final = _MAX_LINE - len("Reply-To: ,")
+
+
+class UnwritableHeader(ValueError):
+    """A header cannot be written within 998 octets a line (an address or a header
+    name that long): the mail cannot go out as it is. The API refuses such input; this
+    guards what was stored before it did."""
 
 
 @functools.lru_cache(maxsize=4)
@@ -71,7 +79,7 @@ def compose(job_id: str, msg: Message, *, message_id_domain: str, now: float) ->
         )
         body, body_7bit = _part(subtype, content, None)
     head = _head(job_id, msg, message_id_domain, now, _NO_FORMS) + multipart
-    head_bytes = head.encode("utf-8")
+    head_bytes = _checked(head.encode("utf-8"))
     data = b"".join((head_bytes, *body))
     needs_smtputf8 = (
         not head.isascii() or not sender.isascii() or not all(r.isascii() for r in recipients)
@@ -83,7 +91,9 @@ def compose(job_id: str, msg: Message, *, message_id_domain: str, now: float) ->
     )
     head_7bit = None
     if not head.isascii() and not unsendable:
-        head_7bit = (_head(job_id, msg, message_id_domain, now, forms) + multipart).encode("ascii")
+        head_7bit = _checked(
+            (_head(job_id, msg, message_id_domain, now, forms) + multipart).encode("ascii")
+        )
     fallback = SevenBitForm(
         split=len(head_bytes),
         body=None if body_7bit is None else b"".join(body_7bit),
@@ -127,6 +137,13 @@ def _head(
     return _CRLF.join(lines)
 
 
+def _checked(head: bytes) -> bytes:
+    """``head`` when every line of it is within 998 octets; else UnwritableHeader."""
+    if len(head) > _MAX_LINE and max(map(len, head.split(b"\r\n"))) > _MAX_LINE:
+        raise UnwritableHeader("a header line would be longer than 998 octets")
+    return head
+
+
 def _ascii_forms(addresses: Iterable[str]) -> tuple[dict[str, str], str]:
     """The ASCII form (domain in A-labels) of each non-ASCII bare address, or why one
     has none (a non-ASCII local part; RFC 6531 3.2 forbids rewriting it)."""
@@ -149,16 +166,15 @@ def _part(
 ) -> tuple[list[bytes], list[bytes] | None]:
     """A MIME part (its Content-Type/-Transfer-Encoding lines, a blank line, the body
     ending in CRLF) as chunks, in its best form; and its 7-bit form when that is 8bit."""
-    text = _NEWLINES_RE.sub("\n", text)
+    if "\r" in text:  # str.replace, not a regex: ~100x faster on megabytes
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
     if not text.endswith("\n"):
         text += "\n"
     raw = text.encode("utf-8")
     if (
         (boundary is not None and boundary in text)
         or b"\0" in raw  # neither 7bit nor 8bit data may hold NUL (RFC 2045 2.7, 2.8)
-        or not (
-            len(raw) <= _MAX_LINE + 1 or all(len(line) <= _MAX_LINE for line in raw.split(b"\n"))
-        )
+        or not (len(raw) <= _MAX_LINE + 1 or max(map(len, raw.split(b"\n"))) <= _MAX_LINE)
     ):
         return _encoded(content_type, "quoted-printable", _qp(raw)), None
     if raw.isascii():
@@ -185,10 +201,14 @@ def _format_address(addr: str, forms: Mapping[str, str]) -> str:
         bare = addr = forms[bare]
     if not name:
         return addr if bare == addr else f"<{bare}>"  # a bare address as given; "<a>" trimmed
-    if _PLAIN_PHRASE_RE.match(name) and "=?" not in name:
-        return f"{name} <{bare}>"
-    if name.isascii() and name.isprintable():
-        return formataddr((name, bare))  # quotes and escapes specials
+    # "=?" in a name is encoded too: written as is, a reader would decode it as a word.
+    if "=?" not in name and name.isascii() and name.isprintable():
+        if _PLAIN_PHRASE_RE.match(name) and "  " not in name:
+            item = f"{name} <{bare}>"
+        else:  # a quoted string keeps specials and runs of spaces (RFC 5322 3.2.4)
+            item = f'"{quote(name)}" <{bare}>'
+        if len(item) <= _MAX_ITEM:  # else encoded words, which fold
+            return item
     return f"{_encoded_words(name)} <{bare}>"
 
 
@@ -211,8 +231,10 @@ def _address_header(name: str, addresses: list[str], forms: Mapping[str, str]) -
 def _unstructured_header(name: str, value: str) -> str:
     """A folded unstructured header; values that would not survive as they are (non-ASCII,
     controls, "=?", edge whitespace, an over-long word) become RFC 2047 encoded words."""
+    if len(name) + len(": ") + _WORD_CHARS > _MAX_LINE:
+        raise UnwritableHeader(f"the header name {name[:40]!r}... is too long to write")
     if value.isascii() and value.isprintable() and "=?" not in value and value == value.strip():
-        folded = _fold_words(f"{name}: {value}")
+        folded = _fold_words(name, value)
         if all(len(line) <= _MAX_LINE for line in folded.split(_CRLF)):
             return folded
     return f"{name}: {_encoded_words(value)}"
@@ -237,17 +259,21 @@ def _encoded_words(value: str) -> str:
     return (_CRLF + " ").join(words)
 
 
-def _fold_words(line: str) -> str:
-    """Fold an ASCII header line at spaces so that each line stays within 78 characters."""
+def _fold_words(name: str, value: str) -> str:
+    """``name: value`` (ASCII, no edge white space) folded at spaces so that each line
+    stays within 78 characters where the words allow. Never right after the colon: that
+    space would become part of the value. Never before a line of white space only."""
+    line = f"{name}: {value}"
     if len(line) <= _FOLD_AT:
         return line
+    words = value.split(" ")
     out: list[str] = []
-    current = ""
-    for word in line.split(" "):
-        if current and len(current) + 1 + len(word) > _FOLD_AT and current.strip():
+    current = f"{name}: {words[0]}"
+    for word in words[1:]:
+        if len(current) + 1 + len(word) > _FOLD_AT and current.strip():
             out.append(current)
             current = " " + word
         else:
-            current = f"{current} {word}" if current or out else word
+            current = f"{current} {word}"
     out.append(current)
-    return "\r\n".join(out)
+    return _CRLF.join(out)

@@ -23,9 +23,10 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 
-from engine.config import SmtpSettings
+from engine.config import SmtpSettings, redact_url
 from engine.errors import (
     ConfigError,
+    DeliveryUncertain,
     PermanentFailure,
     TemporaryFailure,
     TransportError,
@@ -66,7 +67,7 @@ class SmtpUrl:
     @classmethod
     def parse(cls, url: str) -> SmtpUrl:
         """Parse ``url``; raise ConfigError saying what is wrong and how to fix it."""
-        where = f"smtp.url {_redact(url)!r}"
+        where = f"smtp.url {redact_url(url)!r}"
         scheme, sep, rest = url.partition("://")
         if not sep:
             raise ConfigError(f"{where}: no scheme: write smtp://host:port or smtps://host:port")
@@ -105,18 +106,30 @@ class SmtpUrl:
         default_port = 465 if implicit else 25
         return cls(parts.hostname, port or default_port, implicit, name, secret)
 
+    @property
+    def has_credentials(self) -> bool:
+        return self.username is not None and self.password is not None
+
 
 # Characters that may not appear as such in a URL's user or password, and their escapes.
 _URL_DELIMITERS: Final = {"/": "%2F", "?": "%3F", "#": "%23", "[": "%5B", "]": "%5D"}
 
 
-def _redact(url: str) -> str:
-    """The URL with any password replaced, for error messages and logs."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, hostpart = rest.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
-        return url
-    return f"{scheme}://{userinfo.partition(':')[0]}:***@{hostpart}"
+def starttls_mode(settings: SmtpSettings, url: SmtpUrl) -> str:
+    """The STARTTLS mode in force: with credentials, "auto" is "require" (AUTH is only
+    ever sent over TLS); ConfigError for "never" with credentials on a plain port."""
+    mode = settings.starttls
+    if mode not in STARTTLS_MODES:
+        raise ConfigError(f"smtp.starttls must be one of {STARTTLS_MODES}")
+    if not url.has_credentials or url.implicit_tls:
+        return mode
+    if mode == "never":
+        raise ConfigError(
+            'smtp.url has a user and password but smtp.starttls is "never": AUTH would '
+            'send them in clear; set smtp.starttls to "require" (or "auto") for a server '
+            "that offers STARTTLS, or use smtps:// (implicit TLS)"
+        )
+    return "require"
 
 
 def make_ssl_context(settings: SmtpSettings) -> ssl.SSLContext:
@@ -410,6 +423,16 @@ class ConnectionDropped(TemporaryFailure):
         self.before_reply = before_reply
 
 
+class DroppedAfterData(ConnectionDropped, DeliveryUncertain):
+    """The whole content, end-of-data dot included, was written; then the connection
+    failed, or the final reply did not come in time: the server may have taken it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            f"{message} (delivery uncertain: the whole message was sent)", before_reply=False
+        )
+
+
 class _StaleConnection(Exception):
     """A reused idle connection had been closed by the server (EOF, or its 421 read as
     the first answer): nothing was accepted (pool-internal; never escapes)."""
@@ -426,6 +449,7 @@ class _Batch:
     mails: Sequence[OutgoingMail]
     next: int = 0  # index of the first mail not yet looked at
     body: tuple[OutgoingMail, list[RecipientRejected]] | None = None  # content written
+    body_sent: bool = False  # ``body``'s write returned: its end-of-data dot went out
     envelope: OutgoingMail | None = None  # MAIL/RCPT/DATA written, replies not read
     # Refused before reaching the wire; yielded after ``body``'s outcome, in order.
     skipped: list[SendOutcome] = field(default_factory=list)
@@ -469,6 +493,7 @@ class SmtpConnection:
         # reply then means the server had closed it while idle (_StaleConnection).
         self._stale_mark: int | None = None
         self._data_accepted = False  # the current transaction's DATA got its 354
+        self._data_sent = False  # ... and its content and end-of-data dot were written
         self._broken_why = "the connection is not usable"
         # Set once a refusal showed that no message can go over this connection.
         self._unavailable: TransportUnavailable | None = None
@@ -501,8 +526,7 @@ class SmtpConnection:
         Any failure is the transport's, not a message's: TransportUnavailable, saying
         where it failed and, when that can be told, what to change.
         """
-        if settings.starttls not in STARTTLS_MODES:
-            raise ConfigError(f"smtp.starttls must be one of {STARTTLS_MODES}")
+        starttls_mode(settings, url)  # ConfigError before anything goes on the wire
         tls_ctx = ssl_context or make_ssl_context(settings)
         name = helo_name or helo_name_for(settings, url.host)
         where = f"{url.host}:{url.port}"
@@ -556,7 +580,7 @@ class SmtpConnection:
             )
         step.now = "EHLO"
         await self._ehlo()
-        mode = self._settings.starttls
+        mode = starttls_mode(self._settings, self._url)
         if not self.tls and mode != "never":
             if "STARTTLS" in self.extensions:
                 step.now = "STARTTLS"
@@ -574,6 +598,13 @@ class SmtpConnection:
                 self.tls = True
                 step.now = "EHLO after STARTTLS"
                 await self._ehlo()
+            elif self._url.has_credentials:
+                # Offered before, or expected: its absence may be an attacker stripping it.
+                raise TransportUnavailable(
+                    f"{where} does not offer STARTTLS, and smtp.url has a user and "
+                    "password: they are only ever sent over TLS (a server that offered "
+                    "STARTTLS before may be under a downgrade attack; else use smtps://)"
+                )
             elif mode == "require":
                 raise TransportUnavailable(
                     f'{where} does not offer STARTTLS, and smtp.starttls is "require"'
@@ -625,6 +656,8 @@ class SmtpConnection:
         )
 
     async def _auth(self, username: str, password: str) -> None:
+        if not self.tls:  # starttls_mode and _handshake see to it; never in clear regardless
+            raise TransportUnavailable(f"AUTH to {self._where}: refused to send it without TLS")
         offered = self.extensions.get("AUTH")
         if offered is None:
             later = "" if self.tls else " (servers often offer it only after STARTTLS)"
@@ -693,15 +726,20 @@ class SmtpConnection:
             yield
         except trio.TooSlowError:
             self.broken = True
-            raise ConnectionDropped(
-                f"{what}: no reply within {self._settings.command_timeout_s}s",
-                before_reply=not self._data_accepted,  # else: it may still be working on it
+            raise self._drop(
+                f"{what}: no reply within {self._settings.command_timeout_s}s"
             ) from None
         except (*_IO_ERRORS, SmtpProtocolError) as exc:
             self.broken = True
-            raise ConnectionDropped(
-                f"{what}: {self._lost(exc)}", before_reply=not self._data_accepted
-            ) from exc
+            raise self._drop(f"{what}: {self._lost(exc)}") from exc
+
+    def _drop(self, message: str) -> ConnectionDropped:
+        """The error for a connection lost (or silent) mid-transaction: uncertain once the
+        whole content went out; before the 354 (``before_reply``) the server cannot have
+        taken it, nor in between, with the content only partly written."""
+        if self._data_sent:
+            return DroppedAfterData(message)
+        return ConnectionDropped(message, before_reply=not self._data_accepted)
 
     def _lost(self, exc: BaseException) -> str:
         self._broken_why = f"connection to {self._where} lost: {_describe_io(exc)}"
@@ -778,7 +816,7 @@ class SmtpConnection:
             )
         if self.broken or self._closed:
             raise ConnectionDropped(f"not sent: {self._broken_why}", before_reply=True)
-        self._data_accepted = False
+        self._data_accepted = self._data_sent = False
         outcome: SendResult | TransportError | None = None
         try:
             with trio.CancelScope() as scope:
@@ -792,10 +830,7 @@ class SmtpConnection:
             self._scope = None
         if outcome is None:  # our deadline expired
             self.broken = True
-            raise ConnectionDropped(
-                f"send: no reply within {self._settings.command_timeout_s}s",
-                before_reply=not self._data_accepted,  # else: it may still be working on it
-            )
+            raise self._drop(f"send: no reply within {self._settings.command_timeout_s}s")
         self.messages += 1
         if isinstance(outcome, TransportUnavailable):
             self._unusable(outcome)
@@ -856,7 +891,9 @@ class SmtpConnection:
             accepted = await self._sequential_envelope(mail, envelope)
         if isinstance(accepted, TransportError):
             return accepted
-        final = await self._command(_dot_stuff(mail.data_for(self.extensions)))
+        await self._write(_dot_stuff(mail.data_for(self.extensions)))
+        self._data_sent = True  # from here a lost connection leaves delivery uncertain
+        final = await self._read_reply()
         return _final_outcome(mail, final, accepted)
 
     async def _read_envelope(self, mail: OutgoingMail) -> list[RecipientRejected] | TransportError:
@@ -1023,9 +1060,10 @@ class SmtpConnection:
             batch.body, batch.envelope = (mail, accepted), None
             # RFC 2920 3.1: the content may open a group, and DATA end it.
             await self._write(_dot_stuff(mail.data_for(self.extensions), self._take_next(batch)))
+            batch.body_sent = True  # from here a lost connection leaves delivery uncertain
         mail, rejected = batch.body
         final = await self._read_reply()
-        batch.body = None
+        batch.body, batch.body_sent = None, False
         self.messages += 1
         outcomes = [(mail, _final_outcome(mail, final, rejected))]
         if batch.skipped:
@@ -1072,8 +1110,13 @@ def _dropped(
     of ``batch`` not yet yielded."""
     outcomes: list[SendOutcome] = []
     if batch.body is not None:
-        # The content was (perhaps partly) written: the server may have taken it.
-        outcomes.append((batch.body[0], ConnectionDropped(f"send: {reason}", before_reply=False)))
+        # Its whole content went out: the server may have taken it (uncertain). Its write
+        # failed part-way: a failure of this message, retried like any connection loss.
+        why = f"send: {reason}"
+        failure = (
+            DroppedAfterData(why) if batch.body_sent else ConnectionDropped(why, before_reply=False)
+        )
+        outcomes.append((batch.body[0], failure))
     outcomes += batch.skipped
     unsent = [] if batch.envelope is None else [batch.envelope]
     unsent += batch.mails[batch.next :]
@@ -1085,6 +1128,7 @@ def _dropped(
             (m, ConnectionDropped(f"not sent: {reason}", before_reply=True)) for m in unsent
         ]
     batch.body = batch.envelope = None
+    batch.body_sent = False
     batch.skipped = []
     batch.next = len(batch.mails)
     return outcomes
@@ -1175,6 +1219,7 @@ class SmtpPool:
             raise ConfigError("smtp.greeting_probe_s must be >= 0 (0 = never probe)")
         self._settings = settings
         self._url = SmtpUrl.parse(url)
+        starttls_mode(settings, self._url)  # credentials in clear: refused at start-up
         self._ssl_context = make_ssl_context(settings)  # built once: contexts are costly
         self._helo_name = helo_name_for(settings, self._url.host)
         self._slots = trio.Semaphore(settings.pool_size)

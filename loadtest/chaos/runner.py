@@ -26,6 +26,7 @@ from pathlib import Path
 
 from engine.embedded import ChildError, redis_run
 from engine.queue import Redis
+from fixtures.auth import TEST_ADMIN_KEY
 from loadtest.chaos.scenarios import Fault, Scenario
 from loadtest.cluster import Cluster
 from loadtest.load import (
@@ -196,6 +197,7 @@ def run(settings: ChaosSettings) -> int:
                 weights=s.weights,
                 wait=s.wait,
                 print_stats=False,
+                api_key=TEST_ADMIN_KEY,  # the key every replica registers (Cluster)
             )
         )
         started = load.started_at

@@ -621,6 +621,62 @@
 
   // ---- start ------------------------------------------------------------------------
 
+  // ---- login ------------------------------------------------------------------------
+
+  /** The session's principal, or null when the page must ask for a key first. */
+  async function whoami() {
+    try {
+      return await api("GET", "/v1/session");
+    } catch (err) {
+      if (err instanceof ApiError && (err.status === 401 || err.status === 403)) return null;
+      // No session route: this engine runs with auth.enabled = false.
+      if (err instanceof ApiError && err.status === 404) return { name: "auth off", tenant: "all" };
+      throw err;
+    }
+  }
+
+  function askForKey() {
+    $("login").hidden = false;
+    $("api-status").textContent = "API: log in";
+    $("login-form").addEventListener("submit", async (e) => {
+      e.preventDefault();
+      const key = $("login-key").value.trim();
+      try {
+        await api("POST", "/v1/session", { key });
+        location.reload();
+      } catch (err) {
+        $("login-error").textContent = err instanceof ApiError ? err.describe() : String(err);
+        $("login-error").hidden = false;
+      }
+    });
+    $("login-key").focus();
+  }
+
+  async function boot() {
+    let who;
+    try {
+      who = await whoami();
+    } catch (err) {
+      setPill("api-status", "API: unreachable", false);
+      showProblem("stats", err);
+      setTimeout(boot, 2000);
+      return;
+    }
+    if (who === null) {
+      askForKey();
+      return;
+    }
+    $("who").textContent = `${who.name || who.kid} · ${who.tenant}`;
+    $("who").hidden = false;
+    $("logout").hidden = false;
+    $("logout").addEventListener("click", async () => {
+      await api("DELETE", "/v1/session").catch(() => null);
+      location.reload();
+    });
+    document.querySelector("main").hidden = false;
+    start();
+  }
+
   function start() {
     makeChart();
     $("lookup-form").addEventListener("submit", (e) => {
@@ -644,5 +700,5 @@
     if (fromHash) lookup(fromHash);
   }
 
-  start();
+  boot();
 })();

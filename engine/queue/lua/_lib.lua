@@ -30,12 +30,14 @@ end
 
 -- Append one job's lifecycle event to the stream: type and state (both `kind`), id, at
 -- (ms), attempt[, error][, tenant (absent = default)][, tags (the job's tags field:
--- '\n'-joined, tags hold no CR/LF)]. tenant and tags are read in the script's HMGET.
-local function lib_event(stream, maxlen, kind, id, now, attempt, err, tenant, tags)
+-- '\n'-joined, tags hold no CR/LF)][, bounce (a failure's class)]. tenant and tags are
+-- read in the script's HMGET.
+local function lib_event(stream, maxlen, kind, id, now, attempt, err, tenant, tags, bounce)
   local f = {'type', kind, 'id', id, 'at', now, 'attempt', attempt or 0, 'state', kind}
   if err then f[#f + 1] = 'error'; f[#f + 1] = err end
   if tenant and tenant ~= 'default' then f[#f + 1] = 'tenant'; f[#f + 1] = tenant end
   if tags then f[#f + 1] = 'tags'; f[#f + 1] = tags end
+  if bounce and bounce ~= '' then f[#f + 1] = 'bounce'; f[#f + 1] = bounce end
   redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(f))
 end
 

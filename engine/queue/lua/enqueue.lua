@@ -6,14 +6,16 @@
 -- ARGV[1] shard key prefix   ARGV[2] now (ms)   ARGV[3] events MAXLEN (approx.)
 -- ARGV[4] idempotency TTL (s)   ARGV[5] backlog high-water mark (jobs; 0 = none)
 -- ARGV[6] per-client rate (messages/s; 0 = none)   ARGV[7] per-client burst (messages)
--- ARGV[8..] requests, each: idempotency key ('' = none), body fingerprint, client id,
+-- ARGV[8] 1 when Redis's memory is over ingest's budget (sampled by the caller: INFO
+--         costs a third of a one-job enqueue), else 0
+-- ARGV[9..] requests, each: idempotency key ('' = none), body fingerprint, client id,
 --           n, then n septuples: job id, msgpack message, lane, tenant, recipient
 --           domains (comma-separated), due time (ms; 0 = now), tags ('\n'-joined; '' = none)
 -- Returns one entry per request: {0, remaining} stored (remaining: the client's tokens,
 -- -1 without client limits); {1, 'id,id,...'} a replay of the same key and body
 -- (nothing stored); {2, fingerprint} the key was used for another body (409);
 -- {3, retry_after_ms} the client is over its rate (-1: larger than the burst);
--- {4, backlog} the backlog is full.
+-- {4, backlog} the backlog is full; {5, backlog} Redis's memory is over its budget.
 -- Idempotent per id too: a job whose record exists is skipped (a lost reply retried).
 -- Events: one 'queued' (or 'scheduled') entry per up to 100 jobs of one (lane, tenant)
 -- group -- a stream entry per job cost 40 % of the enqueue time with AOF on. 'ids' lists
@@ -23,6 +25,7 @@
 local shard, now, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local idem_ttl, high_water = ARGV[4], tonumber(ARGV[5])
 local client_rate, client_burst = tonumber(ARGV[6]), tonumber(ARGV[7])
+local memory_full = ARGV[8] == '1'
 local prefix, idem_prefix = shard .. 'job:', shard .. 'idem:'
 local written = 0
 
@@ -84,7 +87,7 @@ local function client_take(client, n)
 end
 
 local out = {}
-local i = 8
+local i = 9
 while i <= #ARGV do
   local idem, fingerprint, client, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
   local first, last = i + 4, i + 3 + 7 * n
@@ -105,6 +108,10 @@ while i <= #ARGV do
   if not answered and high_water > 0 and backlog_now() + n > high_water then
     answered = true
     out[#out + 1] = {4, backlog_now()}
+  end
+  if not answered and memory_full then
+    answered = true
+    out[#out + 1] = {5, backlog_now()}
   end
   local remaining = -1
   if not answered then

@@ -1,0 +1,273 @@
+"""The webhook dispatcher of one replica: turns the event stream into deliveries owed to
+the endpoints that want them, and makes them.
+
+    Dispatcher.serve
+    ├── _feed      XREADGROUP the stream (and XAUTOCLAIM what a dead dispatcher left) →
+    │              one delivery per (matching endpoint, event), acked in one transaction
+    └── _deliver   claim due deliveries (leased) → POST, signed, bounded per endpoint and
+                   in all → settle on 2xx; retry with backoff; 410 or a retry window
+                   spent disables the endpoint
+
+An endpoint that fails is paused on this replica until its next retry is due (its other
+deliveries wait instead of hammering it): one dead endpoint never slows the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Final, NoReturn
+
+import msgspec
+import trio
+
+from engine.config import WebhookSettings
+from engine.errors import QueueError
+from engine.models import Event, ms_to_iso
+from engine.policy import backoff_s
+from engine.queue import Owed, WebhookStore
+from engine.webhooks.client import EndpointClient
+from engine.webhooks.endpoint import Endpoint, payload, sign
+from engine.webhooks.target import parse_allow
+
+log = logging.getLogger(__name__)
+
+_decode_endpoint = msgspec.json.Decoder(Endpoint).decode
+_encode = msgspec.json.Encoder().encode
+_IDLE_S: Final = 0.2  # between claims when nothing was due
+_RECLAIM_EVERY_S: Final = 15.0
+_REFRESH_S: Final = 1.0
+
+
+class Attempt(msgspec.Struct):
+    """One delivery attempt, as GET /v1/webhooks/{id}/attempts lists it."""
+
+    at: str
+    event_id: str
+    type: str
+    status: int  # 0: no HTTP answer
+    ms: int
+    outcome: str  # delivered, retrying, given-up, disabled
+    response: str = ""
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: WebhookStore,
+        settings: WebhookSettings,
+        instance: str,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.instance = instance
+        self._clock = clock
+        self._allow = parse_allow(settings.allow)
+        self._endpoints: dict[str, Endpoint] = {}
+        self._loaded_at = 0.0
+        self._paused: dict[str, float] = {}  # endpoint -> this replica waits until (s)
+        self._per_endpoint: defaultdict[str, trio.Semaphore] = defaultdict(
+            lambda: trio.Semaphore(settings.per_endpoint)
+        )
+        self._in_flight = trio.Semaphore(settings.max_in_flight)
+        self._clients: dict[str, EndpointClient] = {}
+        self._wake = trio.Event()
+        self.delivered = 0
+        self.failed = 0
+
+    def now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    async def endpoints(self) -> dict[str, Endpoint]:
+        """Every endpoint, re-read at most every second."""
+        if time.monotonic() - self._loaded_at >= _REFRESH_S:
+            fresh: dict[str, Endpoint] = {}
+            for eid, raw in (await self.store.endpoints()).items():
+                try:
+                    fresh[eid] = _decode_endpoint(raw)
+                except msgspec.DecodeError as exc:
+                    log.error("webhooks.endpoint.unreadable id=%s error=%s", eid, exc)
+            self._endpoints, self._loaded_at = fresh, time.monotonic()
+        return self._endpoints
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._feed)
+            nursery.start_soon(self._deliver, nursery)
+            task_status.started()
+            await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    # -- stream → deliveries -------------------------------------------------------------
+
+    async def _feed(self) -> NoReturn:
+        reclaimed_at = 0.0
+        while True:
+            try:
+                await self.store.ensure_group()
+                while True:
+                    if time.monotonic() - reclaimed_at >= _RECLAIM_EVERY_S:
+                        reclaimed_at = time.monotonic()
+                        left = await self.store.reclaim(
+                            self.instance, idle_ms=int(self.settings.lease_s * 1000), count=500
+                        )
+                        if left:
+                            log.info("webhooks.reclaimed entries=%d", len(left))
+                            await self._owe(left)
+                    entries = await self.store.read(self.instance, count=500, block_ms=1000)
+                    if entries:
+                        await self._owe(entries)
+            except QueueError as exc:
+                log.warning("webhooks.feed.failed error=%s", exc)
+                await trio.sleep(1.0)
+
+    async def _owe(self, entries: list[tuple[str, list[Event]]]) -> None:
+        endpoints = [e for e in (await self.endpoints()).values() if e.enabled]
+        deliveries = [
+            (f"{ep.id}|{event.event_id}", payload(event))
+            for _, events in entries
+            for event in events
+            for ep in endpoints
+            if ep.wants(event)
+        ]
+        await self.store.fan_out(deliveries, [entry_id for entry_id, _ in entries], self.now_ms())
+        if deliveries:
+            self._wake.set()
+
+    # -- deliveries → endpoints ----------------------------------------------------------
+
+    async def _deliver(self, nursery: trio.Nursery) -> NoReturn:
+        while True:
+            try:
+                owed = await self.store.claim(
+                    self.now_ms(), lease_ms=int(self.settings.lease_s * 1000), count=500
+                )
+            except QueueError as exc:
+                log.warning("webhooks.claim.failed error=%s", exc)
+                owed = []
+            if not owed:
+                self._wake = trio.Event()
+                with trio.move_on_after(_IDLE_S):
+                    await self._wake.wait()
+                continue
+            endpoints = await self.endpoints()
+            gone: list[str] = []
+            later: defaultdict[int, list[str]] = defaultdict(list)
+            mine: defaultdict[str, list[Owed]] = defaultdict(list)
+            now = self._clock()
+            for item in owed:
+                ep = endpoints.get(item.endpoint)
+                if ep is None or not ep.enabled:
+                    gone.append(item.member)
+                elif self._paused.get(ep.id, 0.0) > now:
+                    later[int(self._paused[ep.id] * 1000)].append(item.member)
+                else:
+                    mine[ep.id].append(item)
+            try:
+                await self.store.settle(gone)
+                for due_ms, members in later.items():
+                    await self.store.postpone(members, due_ms)
+            except QueueError as exc:  # their leases bring them back
+                log.warning("webhooks.postpone.failed error=%s", exc)
+            for eid, items in mine.items():
+                ep = endpoints[eid]
+                size = max(1, ep.batch_max)
+                for i in range(0, len(items), size):
+                    await self._in_flight.acquire()
+                    nursery.start_soon(self._one, ep, items[i : i + size])
+
+    def _client(self, ep: Endpoint) -> EndpointClient:
+        client = self._clients.get(ep.id)
+        if client is None or client.url != ep.url:
+            client = self._clients[ep.id] = EndpointClient(
+                ep.url, timeout_s=self.settings.timeout_s,
+                max_response_bytes=self.settings.max_response_bytes, allow=self._allow,
+            )  # fmt: skip
+        return client
+
+    async def _one(self, ep: Endpoint, items: list[Owed]) -> None:
+        try:
+            async with self._per_endpoint[ep.id]:
+                await self._request(ep, items)
+        except QueueError as exc:  # the lease brings them back
+            log.warning("webhooks.settle.failed endpoint=%s error=%s", ep.id, exc)
+        finally:
+            self._in_flight.release()
+
+    async def _request(self, ep: Endpoint, items: list[Owed]) -> None:
+        """One POST: one event, or (batch_max > 1) a JSON array of up to that many."""
+        batch = ep.batch_max > 1
+        if batch:
+            body = b"[" + b",".join(i.event for i in items) + b"]"
+            msg_id, kind = f"batch_{items[0].event_id}_{len(items)}", f"batch of {len(items)}"
+        else:
+            body, msg_id, kind = items[0].event, items[0].event_id, _type_of(items[0].event)
+        stamp = int(self._clock())
+        headers = [
+            ("webhook-id", msg_id),
+            ("webhook-timestamp", str(stamp)),
+            ("webhook-signature", sign(ep.secret, msg_id, stamp, body)),
+        ]
+        answer = await self._client(ep).post(body, headers)
+        members = [i.member for i in items]
+
+        def attempt(outcome: str) -> bytes:
+            return _encode(Attempt(
+                ms_to_iso(self.now_ms()), msg_id, kind, answer.status, answer.elapsed_ms,
+                outcome, answer.snippet,
+            ))  # fmt: skip
+
+        if 200 <= answer.status < 300:
+            self._paused.pop(ep.id, None)
+            self.delivered += len(items)
+            await self.store.finish(endpoint_id=ep.id, attempt=attempt("delivered"),
+                                    settle=members)  # fmt: skip
+            return
+        self.failed += len(items)
+        tried_s = (self.now_ms() - min(i.first_ms for i in items)) / 1000
+        if answer.status == 410 or tried_s >= ep.retry_window_s:
+            reason = (
+                "the endpoint answered 410 Gone" if answer.status == 410 else
+                f"failing for {tried_s:.0f} s (retry window {ep.retry_window_s:g} s); "
+                f"last: {answer.status or answer.snippet}"
+            )  # fmt: skip
+            await self._disable(ep, reason)
+            outcome = "disabled" if answer.status == 410 else "given-up"
+            await self.store.finish(endpoint_id=ep.id, attempt=attempt(outcome), settle=members)
+            return
+        wait = backoff_s(
+            max(i.attempts for i in items) + 1,
+            base_s=self.settings.first_retry_s, max_s=self.settings.max_retry_s,
+        )  # fmt: skip
+        self._paused[ep.id] = self._clock() + wait
+        await self.store.finish(
+            endpoint_id=ep.id, attempt=attempt("retrying"), retry=members,
+            due_ms=self.now_ms() + int(wait * 1000),
+        )  # fmt: skip
+
+    async def _disable(self, ep: Endpoint, reason: str) -> None:
+        fresh = await self.store.endpoint(ep.id)
+        if fresh is None:
+            return
+        current = _decode_endpoint(fresh)
+        if not current.enabled:
+            return
+        log.warning("webhooks.endpoint.disabled id=%s reason=%s", ep.id, reason)
+        disabled = msgspec.structs.replace(current, enabled=False, disabled_reason=reason)
+        await self.store.put_endpoint(ep.id, _encode(disabled))
+        self._loaded_at = 0.0  # re-read now
+
+
+def _type_of(event: bytes) -> str:
+    kind = msgspec.json.decode(event, type=_Kind).type
+    return kind
+
+
+class _Kind(msgspec.Struct):
+    type: str = ""
