@@ -81,8 +81,10 @@ class HttpSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     shutdown_timeout_s: float = 5.0
     # Request bodies above this many bytes get 413.
     max_body_bytes: int = 10 * 1024 * 1024
-    # Messages allowed in one POST /v1/messages/batch.
+    # Messages allowed in one POST /v1/messages/batch, and recipients (to + cc + bcc of
+    # all its messages) together: a batch's work is bounded, whatever its shape.
     max_batch_messages: int = 1000
+    max_batch_recipients: int = 10_000
     # Seconds ingest waits for Redis to confirm an enqueue before answering 503.
     enqueue_timeout_s: float = 2.0
     # Seconds a client may leave what we sent it unread (its TCP window closed) before
@@ -210,6 +212,13 @@ class QueueSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # lane's share goes to the others, most urgent first): no lane starves.
     lane_weights: dict[str, int] = msgspec.field(
         default_factory=lambda: {"high": 6, "normal": 3, "low": 1}
+    )
+    # Deliver-by default per priority lane, in seconds from acceptance (from send_at for
+    # a scheduled message; 0 = no deadline): a message not handed to the SMTP server by
+    # then ends "expired" instead of going out late. A message's own expires_at / ttl_s
+    # wins. E.g. high = 900 for password resets and one-time codes.
+    lane_ttl_s: dict[str, float] = msgspec.field(
+        default_factory=lambda: {"high": 0.0, "normal": 0.0, "low": 0.0}
     )
 
 
@@ -514,6 +523,12 @@ def _check(s: Settings) -> None:
         w < 1 for w in s.queue.lane_weights.values()
     ):
         raise ConfigError("queue.lane_weights needs high, normal and low, each at least 1")
+    if set(s.queue.lane_ttl_s) != {"high", "normal", "low"} or any(
+        not 0 <= t <= 2 * 366 * 24 * 3600 for t in s.queue.lane_ttl_s.values()
+    ):
+        raise ConfigError(
+            "queue.lane_ttl_s needs high, normal and low, each 0 (no deadline) to two years"
+        )
     limits = s.limits
     rates = [limits.global_per_s, limits.domain_default_per_s, limits.tenant_default_per_s]
     if any(r < 0 for r in [*rates, *limits.domains.values(), *limits.tenants.values()]):

@@ -125,6 +125,17 @@ class Keys:
         """The deployment's secret that signs dashboard session cookies."""
         return self.prefix + "auth:secret"
 
+    # -- suppression lists: per tenant; enqueue.lua and fail.lua build them in-slot -----
+
+    def suppressed(self, tenant: str = DEFAULT_TENANT) -> str:
+        """Set of a tenant's suppressed addresses (bare, ASCII letters lower-cased):
+        enqueue drops them from a message's recipients (SMISMEMBER)."""
+        return self.prefix + "suppressed:" + tenant
+
+    def suppression_info(self, tenant: str = DEFAULT_TENANT) -> str:
+        """Hash of the same addresses -> JSON {reason, source, bounce, at}."""
+        return self.prefix + "suppressed:" + tenant + ":info"
+
     # -- webhooks: endpoints, and the deliveries owed to them ---------------------------
 
     @property

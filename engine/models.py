@@ -27,6 +27,9 @@ MAX_ATTEMPTS: Final = 50
 MAX_RETRY_FOR_S: Final = 30 * 24 * 3600
 # Furthest ahead a send_at / delay_s may schedule a message (one year).
 MAX_DELAY_S: Final = 366 * 24 * 3600
+# Longest deliver-by a message may ask for: expires_at / ttl_s at most this far ahead
+# (two years: a deadline after the furthest send_at plus a year of retries means none).
+MAX_TTL_S: Final = 2 * MAX_DELAY_S
 # Priority lanes, most urgent first; ``priority`` 1-10 maps onto them (10 most urgent).
 LANES: Final = ("high", "normal", "low")
 DEFAULT_TENANT: Final = "default"
@@ -80,7 +83,17 @@ RESERVED_HEADERS: Final = frozenset(
 )
 RESERVED_HEADER_PREFIXES: Final = ("content-", "arc-", "resent-")
 
-JobState = Literal["queued", "processing", "sent", "retrying", "failed", "scheduled", "cancelled"]
+JobState = Literal[
+    "queued",
+    "processing",
+    "sent",
+    "retrying",
+    "failed",
+    "scheduled",
+    "cancelled",
+    "expired",
+    "suppressed",
+]
 
 # The capped shapes of MessageIn's fields (msgspec checks them while decoding and the
 # OpenAPI document shows them as maxLength / maxItems).
@@ -95,6 +108,7 @@ Tags = Annotated[
 ]
 Priority = Annotated[str, msgspec.Meta(max_length=MAX_PRIORITY_CHARS)] | int
 SendAt = Annotated[str, msgspec.Meta(max_length=MAX_SEND_AT_CHARS)]
+ExpiresAt = Annotated[str, msgspec.Meta(max_length=MAX_SEND_AT_CHARS)]
 Tenant = Annotated[str, msgspec.Meta(max_length=MAX_TENANT_CHARS)]
 
 
@@ -124,6 +138,11 @@ class MessageIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     # Send no earlier than this RFC 3339 time, or this many seconds from now (not both).
     send_at: SendAt | None = None
     delay_s: float | None = None
+    # Deliver by this RFC 3339 time, or within this many seconds of acceptance (not
+    # both; default queue.lane_ttl_s): not handed to the SMTP server by then, the
+    # message ends "expired" instead of going out late.
+    expires_at: ExpiresAt | None = None
+    ttl_s: float | None = None
     # Whose mail this is, for per-tenant rate limits and fair claiming; default: the
     # request's API key, else "default".
     tenant: Tenant | None = None
@@ -181,13 +200,17 @@ class JobView(msgspec.Struct):
     priority: str = "normal"  # the lane
     tenant: str = DEFAULT_TENANT
     bounce: str | None = None  # the last failure's class (engine.bounce), next to last_error
+    expires_at: str | None = None  # its deadline (deliver-by), when it has one
 
 
 # Every event type (= the job state it leaves the job in; "deleted": dropped from the
-# dead-letter queue for good).
+# dead-letter queue for good; "expired": not sent by its deadline; "suppressed": recipients
+# dropped at enqueue for the tenant's suppression list, its state "suppressed" when none
+# was left, else the state the job went on in).
 EVENT_TYPES: Final = frozenset(
-    {"queued", "scheduled", "processing", "sent", "retrying", "failed", "cancelled", "deleted"}
-)
+    {"queued", "scheduled", "processing", "sent", "retrying", "failed", "cancelled", "deleted",
+     "expired", "suppressed"}
+)  # fmt: skip
 
 
 # Close codes of the events websocket (WS /v1/events), for the hub and its clients.
@@ -217,14 +240,17 @@ class Event(msgspec.Struct, omit_defaults=True, gc=False):
     error: str | None = None
     tags: list[str] = []
     bounce: str | None = None  # retrying, failed: the failure's class (engine.bounce)
+    recipients: list[str] = []  # suppressed: the recipients dropped (never tried)
 
 
 class Routing(msgspec.Struct, frozen=True, gc=False):
-    """Where a validated message waits: its lane, tenant and due time (0 = now)."""
+    """Where a validated message waits: its lane, tenant and due time (0 = now), and its
+    deadline (ms; 0 = its lane's default)."""
 
     lane: str = "normal"
     tenant: str = DEFAULT_TENANT
     due_ms: int = 0
+    expires_ms: int = 0
 
 
 class Problem(msgspec.Struct, omit_defaults=True):
@@ -603,7 +629,8 @@ def check_tenant(field: str, tenant: str) -> str:
 def route(
     msg: MessageIn, *, now_ms: int, default_tenant: str = DEFAULT_TENANT, field_prefix: str = ""
 ) -> Routing:
-    """Validate the flow-control fields (priority, tenant, send_at, delay_s) of a request.
+    """Validate the flow-control fields (priority, tenant, send_at, delay_s, expires_at,
+    ttl_s) of a request.
 
     A ``send_at`` in the past means now. Raises ValidationError with ``field_prefix``.
     """
@@ -631,7 +658,32 @@ def _route(msg: MessageIn, now_ms: int, default_tenant: str) -> Routing:
         raise ValidationError("send_at" if msg.send_at else "delay_s", "at most a year ahead")
     if due_ms <= now_ms:
         due_ms = 0
-    return Routing(lane, tenant, due_ms)
+    return Routing(lane, tenant, due_ms, _deadline(msg, now_ms, due_ms))
+
+
+def _deadline(msg: MessageIn, now_ms: int, due_ms: int) -> int:
+    """The message's own deadline (ms; 0 = none): after now, within MAX_TTL_S, and after
+    its send time when it is scheduled (it could never go out otherwise)."""
+    if msg.expires_at is not None and msg.ttl_s is not None:
+        raise ValidationError("expires_at", "give expires_at or ttl_s, not both")
+    if msg.expires_at is not None:
+        field = "expires_at"
+        deadline = parse_rfc3339_ms(field, msg.expires_at)
+    elif msg.ttl_s is not None:
+        field = "ttl_s"
+        if not 0 < msg.ttl_s <= MAX_TTL_S:
+            raise ValidationError(field, f"must be more than 0 and at most {MAX_TTL_S} seconds")
+        deadline = now_ms + max(1, int(msg.ttl_s * 1000))
+    else:
+        return 0
+    if deadline <= now_ms:
+        raise ValidationError(field, "is in the past: the message could never be sent")
+    if deadline > now_ms + MAX_TTL_S * 1000:
+        raise ValidationError(field, f"at most {MAX_TTL_S} seconds ahead")
+    if deadline <= due_ms:
+        when = "send_at" if msg.send_at is not None else "delay_s"
+        raise ValidationError(field, f"the deadline comes before the message's {when}")
+    return deadline
 
 
 def parse_rfc3339_ms(field: str, text: str) -> int:

@@ -80,6 +80,8 @@ def format_event(e: Event) -> str:
         line += "  tags=" + ",".join(e.tags)
     if e.bounce:
         line += f"  bounce={e.bounce}"
+    if e.recipients:  # a suppressed event: the recipients dropped
+        line += "  suppressed=" + ",".join(e.recipients)
     if e.error:
         line += f"  error: {e.error}"
     return line

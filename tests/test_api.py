@@ -269,7 +269,11 @@ async def test_dead_letter_list_retry_delete(client: httpx.AsyncClient, engine: 
     from engine.errors import PermanentFailure
 
     engine.transport.script(*[PermanentFailure("550 no such user", code=550)] * 3)
-    ids = [(await client.post("/v1/messages", json=MSG)).json()["id"] for _ in range(3)]
+    # Three addresses: a 550 "no such user" suppresses the one it bounced (issue 14).
+    ids = [
+        (await client.post("/v1/messages", json={**MSG, "to": f"u{i}@example.com"})).json()["id"]
+        for i in range(3)
+    ]
     for job_id in ids:
         await _wait_state(client, job_id, "failed")
     page = (await client.get("/v1/dead", params={"limit": 2})).json()

@@ -406,3 +406,14 @@ def test_forwarded_for_is_read_across_lines_behind_trusted_ranges() -> None:
     assert client_address(req("9.9.9.9", b"1.2.3.4"), lbs) == "9.9.9.9"  # untrusted peer
     with pytest.raises(ConfigError, match="trusted_proxies"):
         load_settings(environ={}, overrides={"ingest": {"trusted_proxies": ["10.0.0.0/33"]}})
+
+
+async def test_a_batch_s_recipients_are_bounded_together(base: str) -> None:
+    many = [f"r{i}@example.com" for i in range(100)]
+    batch = {"messages": [{**MSG, "to": many}] * 101}  # 10,100 recipients > 10,000
+    async with httpx.AsyncClient(base_url=base, headers=AUTH, timeout=10) as c:
+        r = await c.post("/v1/messages/batch", json=batch)
+        assert r.status_code == 422 and r.json()["field"] == "messages"
+        assert "max_batch_recipients" in r.json()["detail"]
+        ok = await c.post("/v1/messages/batch", json={"messages": [{**MSG, "to": many}] * 100})
+        assert ok.status_code == 202

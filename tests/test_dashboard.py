@@ -359,3 +359,23 @@ def test_api_reference_renders_the_route_table_offline(browser: Any, engine: Eng
         assert [e for e in d.errors if e not in refused + favicon] == []
     finally:
         context.close()
+
+
+def test_webhook_endpoints_and_bounce_classes_are_shown(dash: Dashboard, api: httpx.Client) -> None:
+    page = dash.page
+    made = api.post("/v1/webhooks", json={"url": "https://hooks.example.org/mail",
+                                          "events": ["sent", "failed"]})  # fmt: skip
+    assert made.status_code == 201, made.text
+    row = page.locator(f'#webhooks tr[data-id="{made.json()["id"]}"]')
+    expect(row).to_contain_text("hooks.example.org", timeout=15_000)
+    expect(row).to_contain_text("failed, sent")  # sorted
+    expect(row).to_contain_text("no attempts yet")
+    # A hard bounce lands in the dead letters with its class.
+    job_id = post(api, "bounced+550@example.com")
+    expect(page.locator(f'#dead tr[data-id="{job_id}"] .badge.bounce')).to_have_text(
+        "invalid-recipient", timeout=15_000
+    )
+    # ... and its address on the suppression list, with the class that put it there.
+    listed = page.locator('#suppressed tr[data-address="bounced+550@example.com"]')
+    expect(listed).to_contain_text("invalid-recipient", timeout=15_000)
+    dash.assert_no_errors()

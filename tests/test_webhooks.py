@@ -212,6 +212,8 @@ async def test_claims_are_leased_not_taken(redis_server: RedisServer) -> None:
     async with open_redis(redis_server.url) as r:
         await r.flushall()
         store = WebhookStore(r, Keys())
+        await store.ensure_group()
+        await store.ensure_group()  # a second replica finds it made: no error
         ep = Endpoint("wh_1", "default", "http://x.org/", "whsec_AAAA", "now")
         assert ep.enabled
         await store.fan_out([("wh_1|1-0", b"{}"), ("wh_1|2-0", b"{}")], [], now_ms=1000)

@@ -23,10 +23,12 @@ from engine.api.metrics import metrics_route
 from engine.api.router import PROBES, Handler, Router, Socket
 from engine.api.routes import ROUTES, Health, Readiness, index, openapi
 from engine.api.schedules import ScheduleRoutes
+from engine.api.suppression import SuppressionRoutes
 from engine.api.transports import transports_route
 from engine.api.webhooks import WebhookRoutes
 from engine.config import Settings
 from engine.errors import QueueError
+from engine.queue import SuppressionStore
 
 # All a sender-only replica (role sender) serves.
 OPS_ONLY = PROBES
@@ -51,6 +53,7 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         access=backend.access,
     )
     dashboard = DashboardRoutes(backend)
+    suppressions = SuppressionRoutes(SuppressionStore(backend.queue.client, backend.queue.keys))
     spec = msgspec.json.encode(openapi())
     listing = msgspec.json.encode(index())
 
@@ -90,6 +93,11 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         "list_schedules": schedules.list_schedules,
         "get_schedule": schedules.get_schedule,
         "delete_schedule": schedules.delete_schedule,
+        "list_suppressions": suppressions.list_suppressions,
+        "add_suppressions": suppressions.add_suppressions,
+        "import_suppressions": suppressions.import_suppressions,
+        "get_suppression": suppressions.get_suppression,
+        "delete_suppression": suppressions.delete_suppression,
         "list_limits": limits_route(backend.limits),
         "list_transports": transports_route(backend.breaker),
         "stats": dashboard.stats,

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import msgspec
 
-from engine.api.exchange import Reply, Request, decode_json, empty_reply, json_reply, not_found
+from engine.api.exchange import (
+    Fail,
+    Reply,
+    Request,
+    decode_json,
+    empty_reply,
+    json_reply,
+    not_found,
+)
 from engine.auth import Principal
 from engine.ids import is_id
-from engine.models import Accepted, JobView
+from engine.models import Accepted, JobView, ms_to_iso
 from engine.queue import Queue, job_view
 
 MAX_PAGE = 500
@@ -32,9 +40,11 @@ class DeadPage(msgspec.Struct):
     items: list[JobView]
 
 
-class DeadRetried(msgspec.Struct):
+class DeadRetried(msgspec.Struct, omit_defaults=True):
     retried: int
     ids: list[str]
+    # Not re-queued: past their deliver-by deadline (they stay dead letters).
+    expired: list[str] = []
 
 
 _decode_filter = msgspec.json.Decoder(RetryFilter).decode
@@ -78,11 +88,16 @@ class DeadRoutes:
 
     async def retry_dead(self, req: Request) -> Reply:
         job_id = req.params["id"]
-        if not (
-            is_id(job_id)
-            and await self._visible(req.principal, [job_id])
-            and await self._queue.dead_retry([job_id])
-        ):
+        if not (is_id(job_id) and await self._visible(req.principal, [job_id])):
+            raise _not_dead(job_id)
+        done = await self._queue.dead_requeue([job_id])
+        if job_id in done.expired:
+            raise Fail(
+                409, "deadline-passed", "Past its deadline",
+                f"the message had to be sent by {ms_to_iso(done.expired[job_id])} "
+                "(expires_at): sent now it would be late, so it stays a dead letter",
+            )  # fmt: skip
+        if not done.retried:
             raise _not_dead(job_id)
         return json_reply(202, Accepted(job_id, "queued"))
 
@@ -96,8 +111,8 @@ class DeadRoutes:
             needle = flt.error_contains.lower()
             records = await queue.get_many(ids)
             ids = [r.id for r in records if r and r.last_error and needle in r.last_error.lower()]
-        done = await queue.dead_retry(ids)
-        return json_reply(202, DeadRetried(len(done), done))
+        done = await queue.dead_requeue(ids)
+        return json_reply(202, DeadRetried(len(done.retried), done.retried, list(done.expired)))
 
     async def delete_dead(self, req: Request) -> Reply:
         job_id = req.params["id"]

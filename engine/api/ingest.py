@@ -150,6 +150,13 @@ class Ingest:
         limit = self.http.max_batch_messages
         if not batch.messages or len(batch.messages) > limit:
             raise invalid("messages", f"a batch holds 1 to {limit} messages")
+        recipients = sum(_count(m.to) + _count(m.cc) + _count(m.bcc) for m in batch.messages)
+        if recipients > self.http.max_batch_recipients:
+            raise invalid(
+                "messages",
+                f"a batch's messages have {recipients} recipients together, more than "
+                f"{self.http.max_batch_recipients} (http.max_batch_recipients): split it",
+            )
         client, tenant = self._who(req)
         now_ms = self.queue.now_ms()
         ids = new_ids(len(batch.messages), now_ms)
@@ -321,6 +328,10 @@ class Ingest:
                 "cancelled",
             )  # fmt: skip
         return json_reply(200, Accepted(job_id, "cancelled"))
+
+
+def _count(recipients: str | list[str]) -> int:
+    return 1 if isinstance(recipients, str) else len(recipients)
 
 
 def _scoped(idem: str, tenant: str) -> str:

@@ -28,6 +28,13 @@ from engine.api.dashboard import SinkPage, Stats
 from engine.api.dead import DeadPage, DeadRetried, RetryFilter
 from engine.api.limits import LimitsView
 from engine.api.schedules import ScheduleIn, ScheduleList, ScheduleView
+from engine.api.suppression import (
+    ImportResult,
+    SuppressionList,
+    SuppressionsAdded,
+    SuppressionsIn,
+    SuppressionView,
+)
 from engine.api.transports import TransportList
 from engine.api.webhooks import (
     AttemptList,
@@ -78,7 +85,7 @@ class Route:
     scope: str
     # status -> (description, body type or None for none, or a media type string)
     responses: Mapping[int, tuple[str, Any]]
-    request: Any = None
+    request: Any = None  # a msgspec type (JSON), or a media type string (text/csv)
     # name -> description, or (description, JSON schema) when it is not a plain string
     query: Mapping[str, str | tuple[str, dict[str, Any]]] = field(default_factory=dict)
     tag: str = "messages"
@@ -146,7 +153,9 @@ ROUTES: Final[tuple[Route, ...]] = (
           tag="dead letters"),
     Route("retry_dead", "POST", "/v1/dead/{id}/retry", "Queue a dead letter again", "dead-letters",
           {202: _ok("queued with fresh attempts", Accepted),
-           404: _ok("not in the dead-letter queue"), **_QUEUE}, tag="dead letters"),
+           404: _ok("not in the dead-letter queue"),
+           409: _ok("past its deliver-by deadline (expires_at): not re-queued"), **_QUEUE},
+          tag="dead letters"),
     Route("retry_dead_many", "POST", "/v1/dead/retry",
           "Queue dead letters again (all, by ids or by error)",
           "dead-letters", {202: _ok("queued", DeadRetried), 400: _ok("malformed JSON"),
@@ -212,6 +221,39 @@ ROUTES: Final[tuple[Route, ...]] = (
           {202: _ok("owed again", Replayed), 400: _ok("malformed JSON"),
            404: _ok("no such endpoint"), 413: _ok("body too large"), 415: _ok("not JSON"),
            422: _ok("bad since"), **_QUEUE}, request=ReplayIn, tag="webhooks"),
+    Route("list_suppressions", "GET", "/v1/suppressions",
+          "A tenant's suppression list, a page at a time", "suppressions",
+          {200: _ok("a page (next_cursor: the next one's ?cursor=)", SuppressionList),
+           422: _ok("bad cursor, limit or tenant"), **_QUEUE},
+          query={"tenant": "whose list (a tenant this key acts for; default its own)",
+                 "cursor": "next_cursor of the previous page (default: the start)",
+                 "limit": ("about this many (1-1000, default 100)", _int(1, 1000))},
+          tag="suppressions"),
+    Route("add_suppressions", "POST", "/v1/suppressions",
+          "Suppress addresses (mail to them is not sent)", "suppressions",
+          {200: _ok("added (an address already on the list keeps its entry)",
+                    SuppressionsAdded),
+           400: _ok("malformed JSON"), 413: _ok("body too large"), 415: _ok("not JSON"),
+           422: _ok("an address, the reason or the tenant is invalid"), **_QUEUE},
+          request=SuppressionsIn, query={"tenant": "whose list (default: the key's own)"},
+          tag="suppressions"),
+    Route("import_suppressions", "POST", "/v1/suppressions/import",
+          "Suppress the addresses of a CSV (address or address,reason a line)", "suppressions",
+          {200: _ok("counts, and the lines refused", ImportResult),
+           400: _ok("not UTF-8"), 413: _ok("over 4 MiB"), 415: _ok("not text/csv"),
+           422: _ok("too many lines, or a bad tenant"), **_QUEUE},
+          request="text/csv", query={"tenant": "whose list (default: the key's own)"},
+          tag="suppressions"),
+    Route("get_suppression", "GET", "/v1/suppressions/{address}",
+          "Whether an address is suppressed, and why", "suppressions",
+          {200: _ok("its entry", SuppressionView), 404: _ok("not suppressed"),
+           422: _ok("a bad tenant"), **_QUEUE},
+          query={"tenant": "whose list (default: the key's own)"}, tag="suppressions"),
+    Route("delete_suppression", "DELETE", "/v1/suppressions/{address}",
+          "Take an address off the list (mail to it is sent again)", "suppressions",
+          {204: _ok("removed"), 404: _ok("not suppressed"), 422: _ok("a bad tenant"),
+           **_QUEUE}, query={"tenant": "whose list (default: the key's own)"},
+          tag="suppressions"),
     Route("create_key", "POST", "/v1/keys", "Make an API key (the answer shows it, once)",
           "admin", {201: _ok("made: `key` is shown this once", KeyCreated),
                     400: _ok("malformed JSON"), 413: _ok("body too large"),
@@ -274,7 +316,7 @@ def openapi() -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``ROUTES`` (schemas from the msgspec types)."""
     types: list[Any] = [Problem]
     for r in ROUTES:
-        if r.request is not None:
+        if _is_type(r.request):
             types.append(r.request)
         types += [body for _, body in r.responses.values() if _is_type(body)]
     schemas, components = msgspec.json.schema_components(
@@ -306,7 +348,12 @@ def openapi() -> dict[str, Any]:
         op["security"] = (
             [] if r.scope == PUBLIC else [{"bearer": []}, {"apiKey": []}, {"session": []}]
         )
-        if r.request is not None:
+        if isinstance(r.request, str):  # a media type (the CSV import): text
+            op["requestBody"] = {
+                "required": True,
+                "content": {r.request: {"schema": {"type": "string"}}},
+            }
+        elif r.request is not None:
             op["requestBody"] = {
                 "required": r.method != "POST" or r.path != "/v1/dead/retry",
                 "content": {"application/json": {"schema": by_type[repr(r.request)]}},

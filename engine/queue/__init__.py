@@ -25,6 +25,7 @@ from engine.queue.jobs import (
 from engine.queue.limits import BucketState, RateLimits
 from engine.queue.redis import SCRIPT_NAMES, Redis, load_script_sources, open_redis
 from engine.queue.schedules import Schedule, ScheduleStore
+from engine.queue.suppression import Suppression, SuppressionPage, SuppressionStore, address_key
 from engine.queue.webhooks import Owed, WebhookStore
 from engine.queue.wire import (
     TAG_SEPARATOR,
@@ -63,7 +64,11 @@ __all__ = [
     "Redis",
     "Schedule",
     "ScheduleStore",
+    "Suppression",
+    "SuppressionPage",
+    "SuppressionStore",
     "WebhookStore",
+    "address_key",
     "decode_message",
     "encode_message",
     "event_order",

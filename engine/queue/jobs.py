@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, NoReturn
 
 import trio
@@ -34,6 +34,8 @@ class ClaimedJob:
     wait_s: float = 0.0
     # When its first delivery attempt was claimed (ms): the retry budget counts from it.
     first_try_ms: int = 0
+    # Its deliver-by deadline (ms; 0 = none): the claim checked it, wait included.
+    expires_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,11 @@ class NewJob:
     # The message's tags joined by wire.TAG_SEPARATOR ('' = none); kept in the job record so
     # every lifecycle event can carry them (see engine.queue.events).
     tags: str = ""
+    # Its envelope recipients, comma-separated (bare addresses hold no comma): enqueue
+    # drops those on the tenant's suppression list ('' = not checked).
+    recipients: str = ""
+    # Its own deliver-by deadline (ms; 0 = its lane's queue.lane_ttl_s, if any).
+    expires_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +94,13 @@ class JobRecord:
     lane: str = "normal"
     tenant: str = DEFAULT_TENANT
     bounce: str | None = None  # the class of the last failure (engine.bounce)
+    expires_at_ms: int | None = None  # its deliver-by deadline, when it has one
+
+
+@dataclass(frozen=True, slots=True)
+class DeadRetry:
+    retried: list[str]  # re-queued with fresh attempts
+    expired: dict[str, int]  # refused: past their deliver-by deadline (ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +125,7 @@ class QueueCounts:
     cancelled_total: int = 0
     throttled_total: int = 0  # claims deferred by a rate limit
     reaped_total: int = 0  # jobs requeued after their lease expired
+    expired_total: int = 0  # jobs that reached their deadline unsent (deliver-by)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +137,8 @@ class Failure:
     # On retry, only these recipients are tried again (the others got the message).
     recipients: list[str] | None = None
     bounce: str = ""  # the failure's class (engine.bounce), kept next to the error
-    # Its class says the address is dead (a 5xx invalid-recipient): for the suppression list.
+    # Its class says the address is dead (a 5xx invalid-recipient): fail.lua puts the
+    # recipient on the tenant's suppression list (when the attempt had only that one).
     suppress: bool = False
 
 
@@ -156,6 +172,7 @@ class Queue:
         self._clock = clock
         self._keep_sent_s = settings.keep_sent_s
         self._keep_failed_s = settings.keep_failed_s
+        self._lane_ttl_ms = {lane: int(ttl * 1000) for lane, ttl in settings.lane_ttl_s.items()}
         self._processing = self.keys.processing(instance)
         self._enqueuer: GroupCommitter[EnqueueRequest, EnqueueResult] = GroupCommitter(
             self._flush_enqueue, max_weight=settings.enqueue_batch_max
@@ -169,6 +186,14 @@ class Queue:
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
+
+    def _stored(self, job: NewJob) -> bytes:
+        """The payload enqueue stores: the message, behind its deadline when it has one
+        (its own, else its lane's default counted from its send time)."""
+        expires_ms = job.expires_ms
+        if not expires_ms and self._lane_ttl_ms.get(job.lane):
+            expires_ms = max(self.now_ms(), job.due_ms) + self._lane_ttl_ms[job.lane]
+        return with_deadline(job.payload, expires_ms)
 
     async def serve(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -211,13 +236,16 @@ class Queue:
             k.prefix, self.now_ms(), self.settings.events_maxlen,
             self.settings.idempotency_ttl_s, ingest.max_backlog,
             ingest.client_rate_per_s, ingest.client_burst_or_default(), int(memory.full),
+            self._keep_failed_s,
         ]  # fmt: skip
         for request in requests:
             args += [request.idempotency_key, request.fingerprint, request.client]
             args.append(len(request.jobs))
             for job in request.jobs:
                 args += [
-                    job.id, job.payload, job.lane, job.tenant, job.domains, job.due_ms, job.tags,
+                    job.id, self._stored(job), job.lane, job.tenant, job.domains, job.due_ms,
+                    job.tags,
+                    job.recipients,
                 ]  # fmt: skip
         with translate_errors():
             try:
@@ -256,9 +284,18 @@ class Queue:
         return results
 
     async def get(self, job_id: str) -> JobRecord | None:
+        """The job's record. A job never claimed has no ``expires_at`` copy yet (the
+        claim writes it): while it waits, its deadline is read from its stored message."""
         with translate_errors():
             row = await self.client.hmget(self.keys.job(job_id), _RECORD_FIELDS)
-        return _record(job_id, row)
+        rec = _record(job_id, row)
+        if rec is not None and rec.expires_at_ms is None and rec.state in _UNCLAIMED:
+            with translate_errors():
+                stored = await self.client.hget(self.keys.job(job_id), "msg")
+            expires_ms = split_deadline(stored)[1] if stored else 0
+            if expires_ms:
+                rec = replace(rec, expires_at_ms=expires_ms)
+        return rec
 
     async def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
         """Records of ``job_ids`` in one pipelined round trip (None where there is none)."""
@@ -305,7 +342,7 @@ class Queue:
         args: list[str | int | float] = [
             k.prefix, now, now + int(self.settings.lease_s * 1000), self.settings.events_maxlen,
             self.instance, n, self._lanes, self._limits_on, int(limits.max_wait_s * 1000),
-            limits.recovery_per_s,
+            limits.recovery_per_s, self._keep_failed_s,
         ]  # fmt: skip
         with translate_errors():
             out: Any = await self._scripts["claim"](
@@ -322,14 +359,17 @@ class Queue:
                 args=args,
             )
         assert isinstance(out, list)
-        return [
-            ClaimedJob(
-                out[i].decode(), out[i + 1], int(out[i + 2]),
-                out[i + 3].decode().split(",") if out[i + 3] else None,
-                int(out[i + 4]) / 1000, int(out[i + 5]),
-            )
-            for i in range(0, len(out), 6)
-        ]  # fmt: skip
+        jobs: list[ClaimedJob] = []
+        for i in range(0, len(out), 6):
+            payload, expires_ms = split_deadline(out[i + 1])
+            jobs.append(
+                ClaimedJob(
+                    out[i].decode(), payload, int(out[i + 2]),
+                    out[i + 3].decode().split(",") if out[i + 3] else None,
+                    int(out[i + 4]) / 1000, int(out[i + 5]), expires_ms,
+                )
+            )  # fmt: skip
+        return jobs
 
     async def ack(self, job_id: str, note: str = "") -> None:
         """Record the job as sent (group-committed); returns once Redis has it.
@@ -359,10 +399,11 @@ class Queue:
             self.now_ms(),
             self.settings.events_maxlen,
             self._keep_failed_s,
+            k.prefix,
         ]
         for f in failures:
             rcpts = ",".join(f.recipients) if f.recipients else ""
-            args += [f.job_id, f.outcome, f.due_ms, f.error, rcpts, f.bounce]
+            args += [f.job_id, f.outcome, f.due_ms, f.error, rcpts, f.bounce, int(f.suppress)]
         with translate_errors():
             n: Any = await self._scripts["fail"](
                 keys=[self._processing, k.leases, k.delayed, k.dead, k.events, k.stats],
@@ -455,8 +496,24 @@ class Queue:
 
     async def dead_retry(self, ids: Sequence[str]) -> list[str]:
         """Re-queue dead-lettered jobs with fresh attempts; returns the ids re-queued."""
+        return (await self.dead_requeue(ids)).retried
+
+    async def dead_requeue(self, ids: Sequence[str]) -> DeadRetry:
+        """Re-queue dead-lettered jobs with fresh attempts, except those past their
+        deliver-by deadline (they stay dead letters: sent now, they would be late)."""
         k = self.keys
-        return await self._dead_op("dead_retry", [k.dead, k.events], ids)
+        result = DeadRetry([], {})
+        for start in range(0, len(ids), 500):
+            args: list[str | int] = [
+                k.prefix, self.now_ms(), self.settings.events_maxlen, *ids[start : start + 500],
+            ]  # fmt: skip
+            with translate_errors():
+                out: Any = await self._scripts["dead_retry"](keys=[k.dead, k.events], args=args)
+            retried, late = out
+            result.retried.extend(x.decode() for x in retried)
+            for i in range(0, len(late), 2):
+                result.expired[late[i].decode()] = int(late[i + 1])
+        return result
 
     async def dead_delete(self, ids: Sequence[str]) -> list[str]:
         """Delete dead-lettered jobs and their records; returns the ids deleted."""
@@ -519,17 +576,38 @@ class Queue:
             cancelled_total=s.get("cancelled", 0),
             throttled_total=s.get("throttled", 0),
             reaped_total=s.get("reaped", 0),
+            expired_total=s.get("expired", 0),
         )
 
 
 _RECORD_FIELDS = [
     "state", "attempts", "created_at", "updated_at", "last_error", "next_attempt_at", "lane",
-    "tenant", "bounce",
+    "tenant", "bounce", "expires_at",
 ]  # fmt: skip
+# States of a job that has not been claimed yet (its record has no expires_at copy).
+_UNCLAIMED = frozenset({"queued", "scheduled"})
+# A deadline travels in front of the stored message as a msgpack uint64 (claim.lua and
+# dead_retry.lua read it with _lib.lua's lib_deadline, without decoding the message).
+_DEADLINE_MARK = 0xCF
+_DEADLINE_BYTES = 9
+
+
+def with_deadline(payload: bytes, expires_ms: int) -> bytes:
+    """``payload`` as stored: behind its deadline (ms) when it has one (> 0)."""
+    if expires_ms <= 0:
+        return payload
+    return bytes((_DEADLINE_MARK,)) + expires_ms.to_bytes(8, "big") + payload
+
+
+def split_deadline(stored: bytes) -> tuple[bytes, int]:
+    """A stored payload -> (the message, its deadline in ms or 0)."""
+    if len(stored) < _DEADLINE_BYTES or stored[0] != _DEADLINE_MARK:
+        return stored, 0
+    return stored[_DEADLINE_BYTES:], int.from_bytes(stored[1:_DEADLINE_BYTES], "big")
 
 
 def _record(job_id: str, row: Sequence[bytes | None]) -> JobRecord | None:
-    state, attempts, created, updated, error, next_at, lane, tenant, bounce = row
+    state, attempts, created, updated, error, next_at, lane, tenant, bounce, expires = row
     if state is None:
         return None
     return JobRecord(
@@ -543,4 +621,5 @@ def _record(job_id: str, row: Sequence[bytes | None]) -> JobRecord | None:
         lane=lane.decode() if lane else "normal",
         tenant=tenant.decode() if tenant else DEFAULT_TENANT,
         bounce=bounce.decode() if bounce else None,
+        expires_at_ms=int(expires) if expires else None,
     )

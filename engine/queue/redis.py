@@ -38,6 +38,7 @@ SCRIPT_NAMES = (
     "schedule_advance",
     "schedule_delete",
     "webhook_claim",
+    "webhook_owe",
 )
 
 # The scripts that move work out (claim, send, retry, recover, cancel, delete) run even

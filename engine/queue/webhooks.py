@@ -27,6 +27,7 @@ GROUP: Final = "webhooks"
 _NX: Final = PureToken.NX
 _XX: Final = PureToken.XX
 _ATTEMPTS_KEPT: Final = 100
+_OWE_CHUNK: Final = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +110,10 @@ class WebhookStore:
         with translate_errors():
             try:
                 await self.client.xgroup_create(self.keys.events, GROUP, "$", mkstream=True)
-            except coredis.exceptions.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
+            except coredis.exceptions.RedisError as exc:
+                # BUSYGROUP: another replica made it (coredis drops the code from the text)
+                text = str(exc)
+                if "BUSYGROUP" not in text and "already exists" not in text:
                     raise
 
     async def read(
@@ -137,18 +140,29 @@ class WebhookStore:
 
     async def fan_out(
         self, deliveries: Sequence[tuple[str, bytes]], entry_ids: Sequence[str], now_ms: int
-    ) -> None:
+    ) -> int:
         """Owe each ``(member, event JSON)`` (unless already owed) and acknowledge the
-        entries they came from, in one transaction."""
-        with translate_errors():
-            async with self.client.pipeline(transaction=True) as p:
-                for member, event in deliveries:
-                    key = self.keys.webhook_delivery(member)
-                    p.hsetnx(key, "event", event)
-                    p.hsetnx(key, "first_ms", now_ms)
-                    p.zadd(self.keys.webhook_due, {member: now_ms}, condition=_NX)
-                if entry_ids:
-                    p.xack(self.keys.events, GROUP, list(entry_ids))
+        entries they came from, in one script; the number newly owed."""
+        owed = 0
+        # Chunks keep each script call's argument list bounded; the entries are
+        # acknowledged with the last one (a crash before it redoes all: nothing doubles).
+        chunks = [deliveries[i : i + _OWE_CHUNK] for i in range(0, len(deliveries), _OWE_CHUNK)]
+        chunks = chunks or [[]]
+        for n, chunk in enumerate(chunks):
+            acks = entry_ids if n == len(chunks) - 1 else []
+            if not chunk and not acks:
+                continue
+            args: list[str | bytes | int] = [
+                self.keys.webhook_delivery(""), now_ms, GROUP, len(acks), *acks,
+            ]  # fmt: skip
+            for member, event in chunk:
+                args += [member, event]
+            with translate_errors():
+                out: Any = await self._scripts["webhook_owe"](
+                    keys=[self.keys.webhook_due, self.keys.events], args=args
+                )
+            owed += int(out)
+        return owed
 
     # -- deliveries owed -----------------------------------------------------------------
 

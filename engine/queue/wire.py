@@ -53,6 +53,8 @@ def new_job(
     return NewJob(
         job_id, encode_message(message), routing.lane, routing.tenant,
         recipient_domains(message), routing.due_ms, TAG_SEPARATOR.join(message.tags),
+        ",".join(message.envelope_recipients()),  # checked against the suppression list
+        expires_ms=routing.expires_ms,
     )  # fmt: skip
 
 
@@ -64,7 +66,7 @@ def job_view(rec: JobRecord) -> JobView:
     return JobView(
         rec.id, rec.state, rec.attempts, ms_to_iso(rec.created_at_ms),
         ms_to_iso(rec.updated_at_ms), rec.last_error, next_attempt_at, rec.lane, rec.tenant,
-        rec.bounce,
+        rec.bounce, expires_at=ms_to_iso(rec.expires_at_ms) if rec.expires_at_ms else None,
     )  # fmt: skip
 
 
@@ -108,8 +110,21 @@ def parse_entry(entry_id: str, fields: Mapping[bytes, bytes]) -> list[Event]:
     if single is not None:
         split = tags.split(TAG_SEPARATOR) if tags else []
         bounce = _text(fields.get(b"bounce"))  # retrying and failed entries
+        dropped = fields.get(b"rcpts")  # suppressed entries: the recipients dropped
         return [
-            Event(entry_id, kind, single.decode(), at, attempt, state, tenant, error, split, bounce)
+            Event(
+                entry_id,
+                kind,
+                single.decode(),
+                at,
+                attempt,
+                state,
+                tenant,
+                error,
+                split,
+                bounce,
+                dropped.decode().split(",") if dropped else [],
+            )
         ]
     ids = fields[b"ids"].decode().split(",")
     per_job = tags.split(_JOB_TAGS_SEPARATOR) if tags else []

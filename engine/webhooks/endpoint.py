@@ -22,6 +22,7 @@ from engine.models import Event, ms_to_iso
 SECRET_PREFIX: Final = "whsec_"
 EVENT_TYPES: Final = (
     "queued", "scheduled", "processing", "sent", "retrying", "failed", "cancelled", "deleted",
+    "suppressed", "expired",
 )  # fmt: skip
 
 

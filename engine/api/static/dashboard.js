@@ -14,6 +14,7 @@
   const CLOSE_TOO_SLOW = 4008; // the hub dropped this page: it fell behind the feed
   const EVENT_TYPES = new Set([
     "queued", "scheduled", "processing", "sent", "retrying", "failed", "cancelled", "deleted",
+    "suppressed", "expired",
   ]);
   const ID_RE = /^[0-9a-f]{32}$/;
 
@@ -393,6 +394,9 @@
     const detail = [];
     if (ev.error) detail.push(String(ev.error));
     if (Array.isArray(ev.tags) && ev.tags.length) detail.push(`tags: ${ev.tags.join(", ")}`);
+    if (Array.isArray(ev.recipients) && ev.recipients.length) {
+      detail.push(`suppressed: ${ev.recipients.join(", ")}`);
+    }
     return el(
       "tr",
       { dataset: { id: String(ev.id || ""), type: String(ev.type || "") } },
@@ -539,11 +543,96 @@
       el("td", {}, idButton(m.id)),
       el("td", { className: "num" }, m.attempts),
       el("td", { className: "time" }, fmtDateTime(m.updated_at)),
-      el("td", { className: "detail error", title: m.last_error || "" }, m.last_error || ""),
+      el("td", { className: "detail error", title: m.last_error || "" },
+        m.bounce ? el("span", { className: "badge bounce" }, m.bounce) : null, m.last_error || ""),
       el("td", { className: "actions" },
         el("button", { type: "button", className: "retry", onclick: () => retryDead(m.id) }, "Retry"),
         el("button", { type: "button", className: "delete danger", onclick: () => deleteDead(m.id) }, "Delete")),
     )));
+  }
+
+  // ---- webhooks -------------------------------------------------------------------
+
+  const WEBHOOKS_EVERY_MS = 5000;
+  let hooksSignature = "";
+
+  async function pollWebhooks() {
+    try {
+      const list = await api("GET", "/v1/webhooks");
+      clearProblem("webhooks");
+      renderWebhooks(list.items);
+    } catch (err) {
+      if (err instanceof ApiError && (err.status === 403 || err.status === 404)) {
+        $("webhooks-note").textContent = err.status === 403
+          ? "this key lacks the webhooks scope" : "webhooks are off on this engine";
+        $("webhooks-note").hidden = false;
+        return "stop";
+      }
+      showProblem("webhooks", err);
+    }
+    return null;
+  }
+
+  function renderWebhooks(items) {
+    const signature = JSON.stringify(items);
+    if (signature === hooksSignature) return;
+    hooksSignature = signature;
+    $("webhooks-total").textContent = fmt(items.length);
+    const body = $("webhooks").tBodies[0];
+    if (!items.length) {
+      body.replaceChildren(el("tr", {}, el("td", { colSpan: 5, className: "muted" }, "none")));
+      return;
+    }
+    body.replaceChildren(...items.map((h) => {
+      const last = h.last_attempt;
+      const health = !h.enabled ? "disabled" : !last ? "no attempts yet" : last.outcome;
+      return el(
+        "tr",
+        { dataset: { id: h.id } },
+        el("td", { className: "detail", title: h.id }, h.url),
+        el("td", {}, h.events.length ? h.events.join(", ") : "all"),
+        el("td", { className: `health ${h.enabled ? last?.outcome || "" : "disabled"}`,
+                   title: h.disabled_reason || "" }, health),
+        el("td", { className: "num" }, last ? `${last.status || "—"} · ${last.ms} ms` : "—"),
+        el("td", { className: "time" }, last ? fmtDateTime(last.at) : "—"),
+      );
+    }));
+  }
+
+  // ---- suppression list --------------------------------------------------------------
+
+  let suppressedSignature = "";
+
+  async function pollSuppressed() {
+    try {
+      const page = await api("GET", "/v1/suppressions?limit=50");
+      clearProblem("suppressions");
+      const signature = JSON.stringify(page);
+      if (signature === suppressedSignature) return null;
+      suppressedSignature = signature;
+      $("suppressed-total").textContent = `${fmt(page.total)} · tenant ${page.tenant}`;
+      const body = $("suppressed").tBodies[0];
+      if (!page.items.length) {
+        body.replaceChildren(el("tr", {}, el("td", { colSpan: 4, className: "muted" }, "none")));
+        return null;
+      }
+      body.replaceChildren(...page.items.map((s) => el(
+        "tr",
+        { dataset: { address: s.address } },
+        el("td", { className: "detail" }, s.address),
+        el("td", {}, s.bounce ? el("span", { className: "badge bounce" }, s.bounce) : "—"),
+        el("td", { className: "detail", title: s.reason }, s.reason),
+        el("td", { className: "time" }, fmtDateTime(s.added_at)),
+      )));
+    } catch (err) {
+      if (err instanceof ApiError && (err.status === 403 || err.status === 404)) {
+        $("suppressed-note").textContent = "this key lacks the suppressions scope";
+        $("suppressed-note").hidden = false;
+        return "stop";
+      }
+      showProblem("suppressions", err);
+    }
+    return null;
   }
 
   async function deadAction(source, fn, done) {
@@ -691,6 +780,12 @@
     });
     every(STATS_EVERY_MS, pollStats);
     every(DEAD_EVERY_MS, pollDead);
+    const stopSuppressed = every(WEBHOOKS_EVERY_MS, async () => {
+      if ((await pollSuppressed()) === "stop") stopSuppressed();
+    });
+    const stopHooks = every(WEBHOOKS_EVERY_MS, async () => {
+      if ((await pollWebhooks()) === "stop") stopHooks();
+    });
     const stopMail = every(MAIL_EVERY_MS, async () => {
       if ((await pollMail()) === "stop") stopMail();
     });

@@ -41,6 +41,17 @@ local function lib_event(stream, maxlen, kind, id, now, attempt, err, tenant, ta
   redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(f))
 end
 
+-- A stored message's deadline (ms), or nil: a job with a deliver-by carries it in front of
+-- its msgpack message as a msgpack uint64 (0xcf + 8 bytes big-endian; a bare message
+-- starts with an array marker), so it is read without decoding the message
+-- (engine.queue.jobs.with_deadline writes it).
+local function lib_deadline(msg)
+  if not msg or string.byte(msg, 1) ~= 0xcf then return nil end
+  local ms = 0
+  for k = 2, 9 do ms = ms * 256 + string.byte(msg, k) end
+  return ms
+end
+
 -- Ring the doorbell idle senders BLPOP on: make sure n tokens wait (at most 32), one
 -- per sender that should wake. A woken sender that leaves work behind rings again, so
 -- wake-ups also chain. A token nobody needed costs one empty claim.

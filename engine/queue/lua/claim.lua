@@ -7,9 +7,10 @@
 -- ARGV[7] lane pattern: one letter per claim slot (h, n, l), e.g. 'hnhlhnhhnh'
 -- ARGV[8] '1' when rate limits are configured   ARGV[9] longest wait for a slot (ms)
 -- ARGV[10] additive recovery of a slowed-down bucket (fraction of its limit per s)
--- Returns a flat array: id, msgpack message, attempt number, recipients override ('' =
--- all), ms to wait before sending (the reserved slot), first attempt's time (ms), ...
--- per job claimed.
+-- ARGV[11] seconds to keep an expired record (0 = forever)
+-- Returns a flat array: id, stored message (msgpack, its deadline in front if any),
+-- attempt number, recipients override ('' = all), ms to wait before sending (the
+-- reserved slot), first attempt's time (ms), ... per job claimed.
 --
 -- Lanes: slot k of the claim counter prefers the lane pattern[k]; an empty lane's slot
 -- goes to the others, most urgent first. Tenants: each pop rotates the lane's ring, so
@@ -20,9 +21,15 @@
 -- spun on: it is deferred (state 'scheduled', in delayed) to when its tightest bucket
 -- can take it, spacing deferred jobs at the bucket's rate (its 'vtat'), holding no token.
 -- A moved id whose record is gone or already finished is dropped (never re-sent).
+-- Deliver-by: a job whose deadline (lib_deadline: in front of its stored message) has
+-- passed, or would pass before its reserved or deferred slot, is not handed out: it ends
+-- 'expired' here (an 'expired' event; its record kept like a failed one), so it is never
+-- sent late. The first claim copies the deadline to the record's 'expires_at' (the API
+-- view reads it there).
 local shard, now, deadline, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local instance, want, pattern = ARGV[5], tonumber(ARGV[6]), ARGV[7]
 local limits_on, max_wait, recover = ARGV[8] == '1', tonumber(ARGV[9]), tonumber(ARGV[10])
+local keep = tonumber(ARGV[11])
 local prefix = shard .. 'job:'
 local out = {}
 redis.call('ZADD', KEYS[4], 'GT', deadline, instance)
@@ -118,8 +125,10 @@ local function buckets_of(doms, tenant)
   if c then list[#list + 1] = bucket('tenant:' .. tenant, c) end
   return list
 end
--- ms from now until the job may go (reserved), or nil after deferring it.
-local function slot(id, key, attempts, doms, tenant, tags)
+-- ms from now until the job may go (reserved), nil after deferring it, or -1 when that
+-- slot comes at or after its deadline (``left``: ms until then; nil = none): nothing is
+-- reserved for a job that would go out late.
+local function slot(id, key, attempts, doms, tenant, tags, left)
   local list = buckets_of(doms, tenant)
   local at, tightest = rnow, nil
   for _, b in ipairs(list) do
@@ -128,12 +137,14 @@ local function slot(id, key, attempts, doms, tenant, tags)
     if start > at then at, tightest = start, b end
   end
   if at - rnow <= max_wait then
+    if left and at - rnow >= left then return -1 end
     for _, b in ipairs(list) do b.tat = math.max(b.tat, at) + 1000 / b.rate end
     return at - rnow
   end
   local b = tightest
   local interval = 1000 / b.rate
   local come = math.max(rnow, b.vtat, b.tat - (b.burst - 1) * interval - max_wait)
+  if left and come - rnow >= left then return -1 end
   b.vtat = come + interval
   local due = now + (come - rnow)
   local err = 'waiting for rate limit ' .. b.name
@@ -146,7 +157,19 @@ local function slot(id, key, attempts, doms, tenant, tags)
 end
 
 -- -- claiming -------------------------------------------------------------------------
-local claimed, popped, deferred = 0, 0, 0
+local claimed, popped, deferred, expired = 0, 0, 0, 0
+-- The final state of a job past its deadline. Its last_error stays what held it up (a
+-- failure, a rate limit) unless ``why`` says more.
+local function expire(id, key, rec, expires, why)
+  redis.call('HSET', key, 'state', 'expired', 'updated_at', now, 'expires_at', expires)
+  if why then redis.call('HSET', key, 'last_error', why) end
+  redis.call('HDEL', key, 'next_attempt_at', 'owner')
+  if keep > 0 then redis.call('EXPIRE', key, keep) end
+  redis.call('LREM', KEYS[1], -1, id)
+  lib_event(KEYS[3], maxlen, 'expired', id, now, rec[2], why or 'not sent by its deadline',
+    rec[5], rec[6])
+  expired = expired + 1
+end
 local function mark(id)
   local key = prefix .. id
   local rec
@@ -163,9 +186,18 @@ local function mark(id)
     redis.call('LREM', KEYS[1], -1, id)
     return
   end
+  local expires = lib_deadline(rec[3])
+  if expires and now >= expires then
+    expire(id, key, rec, expires, nil)
+    return
+  end
   local wait = 0
   if limits_on then
-    wait = slot(id, key, rec[2], rec[8], rec[5], rec[6])
+    wait = slot(id, key, rec[2], rec[8], rec[5], rec[6], expires and expires - now)
+    if wait == -1 then
+      expire(id, key, rec, expires, 'its rate-limit slot comes after its deadline')
+      return
+    end
     if not wait then
       deferred = deferred + 1
       return
@@ -176,8 +208,13 @@ local function mark(id)
   if attempt == 1 or not first_at then
     -- the retry budget (queue.retry_for_s) counts from the first attempt
     first_at = now
-    redis.call('HSET', key, 'state', 'processing', 'attempts', attempt, 'updated_at', now,
-      'owner', instance, 'first_at', now)
+    if expires then
+      redis.call('HSET', key, 'state', 'processing', 'attempts', attempt, 'updated_at', now,
+        'owner', instance, 'first_at', now, 'expires_at', expires)
+    else
+      redis.call('HSET', key, 'state', 'processing', 'attempts', attempt, 'updated_at', now,
+        'owner', instance, 'first_at', now)
+    end
   else
     redis.call('HSET', key, 'state', 'processing', 'attempts', attempt, 'updated_at', now,
       'owner', instance)
@@ -210,6 +247,7 @@ if popped > 0 then
   end
 end
 if deferred > 0 then redis.call('HINCRBY', KEYS[5], 'throttled', deferred) end
+if expired > 0 then redis.call('HINCRBY', KEYS[5], 'expired', expired) end
 for name, b in pairs(buckets) do lib_bucket_set(shard .. 'bucket:' .. name, b, rnow) end
 if more and popped > 0 then lib_wake(shard, 1) end  -- work left: wake the next idle sender
 return out

@@ -8,9 +8,11 @@
 -- ARGV[6] per-client rate (messages/s; 0 = none)   ARGV[7] per-client burst (messages)
 -- ARGV[8] 1 when Redis's memory is over ingest's budget (sampled by the caller: INFO
 --         costs a third of a one-job enqueue), else 0
--- ARGV[9..] requests, each: idempotency key ('' = none), body fingerprint, client id,
---           n, then n septuples: job id, msgpack message, lane, tenant, recipient
---           domains (comma-separated), due time (ms; 0 = now), tags ('\n'-joined; '' = none)
+-- ARGV[9] seconds to keep the record of a job whose every recipient is suppressed
+-- ARGV[10..] requests, each: idempotency key ('' = none), body fingerprint, client id,
+--           n, then n octuples: job id, msgpack message, lane, tenant, recipient
+--           domains (comma-separated), due time (ms; 0 = now), tags ('\n'-joined; '' = none),
+--           recipients (bare addresses, comma-separated; '' = not checked)
 -- Returns one entry per request: {0, remaining} stored (remaining: the client's tokens,
 -- -1 without client limits); {1, 'id,id,...'} a replay of the same key and body
 -- (nothing stored); {2, fingerprint} the key was used for another body (409);
@@ -22,10 +24,18 @@
 -- them (comma-separated), 'tenant' is the group's (absent = default) and, when any of
 -- them has tags, 'tags' holds each job's tags ('\n'-joined) joined by '\r', in the order
 -- of 'ids' (tags hold no CR or LF).
+-- Suppression lists: when the job's tenant has one (<shard>suppressed:<tenant>, a set of
+-- bare addresses with ASCII letters lower-cased, engine.queue.suppression.address_key),
+-- its recipients are tested against it (one SMISMEMBER per job; a tenant without a list
+-- costs one EXISTS per script run). Suppressed recipients are dropped: the others go to
+-- the record's 'rcpts' (the recipients still to try, as after a partial delivery) and a
+-- 'suppressed' entry (id, state, 'rcpts': the dropped ones) is added; a job with none
+-- left ends in the state 'suppressed': never queued, never claimed.
 local shard, now, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local idem_ttl, high_water = ARGV[4], tonumber(ARGV[5])
 local client_rate, client_burst = tonumber(ARGV[6]), tonumber(ARGV[7])
 local memory_full = ARGV[8] == '1'
+local keep_suppressed = tonumber(ARGV[9])
 local prefix, idem_prefix = shard .. 'job:', shard .. 'idem:'
 local written = 0
 
@@ -86,11 +96,52 @@ local function client_take(client, n)
   return true, math.floor((rnow + tau - new_tat) / interval)
 end
 
+-- (recipients to keep, recipients dropped) of a job, or nil when none is suppressed.
+local has_list = {}
+local function suppressed_of(tenant, rcpts)
+  if rcpts == '' then return nil end
+  local set = shard .. 'suppressed:' .. tenant
+  if has_list[tenant] == nil then has_list[tenant] = redis.call('EXISTS', set) == 1 end
+  if not has_list[tenant] then return nil end
+  local all, lowered = {}, {}
+  for r in string.gmatch(rcpts, '[^,]+') do
+    all[#all + 1] = r
+    lowered[#lowered + 1] = string.lower(r)
+  end
+  local hits = redis.call('SMISMEMBER', set, unpack(lowered))
+  local keep, drop = {}, {}
+  for k = 1, #all do
+    if hits[k] == 1 then drop[#drop + 1] = all[k] else keep[#keep + 1] = all[k] end
+  end
+  if #drop == 0 then return nil end
+  return keep, drop
+end
+-- The distinct lower-cased domains of addresses (engine.models.recipient_domains): the
+-- rate-limit buckets of a job whose suppressed recipients were dropped.
+local function domains_of(addresses)
+  local seen, out = {}, {}
+  for _, a in ipairs(addresses) do
+    local d = string.lower(string.match(a, '@([^@]*)$') or '')
+    if not seen[d] then
+      seen[d] = true
+      out[#out + 1] = d
+    end
+  end
+  return table.concat(out, ',')
+end
+local function announce_suppressed(id, state, drop, tenant, tags)
+  local f = {'type', 'suppressed', 'id', id, 'at', now, 'attempt', 0, 'state', state,
+    'rcpts', table.concat(drop, ',')}
+  if tenant ~= 'default' then f[#f + 1] = 'tenant'; f[#f + 1] = tenant end
+  if tags ~= '' then f[#f + 1] = 'tags'; f[#f + 1] = tags end
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(f))
+end
+
 local out = {}
-local i = 9
+local i = 10
 while i <= #ARGV do
   local idem, fingerprint, client, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
-  local first, last = i + 4, i + 3 + 7 * n
+  local first, last = i + 4, i + 3 + 8 * n
   i = last + 1
   local answered = false
   if idem ~= '' then
@@ -124,28 +175,40 @@ while i <= #ARGV do
   end
   if not answered then
     local request_ids = {}
-    for j = first, last, 7 do
+    for j = first, last, 8 do
       local id, lane, tenant, doms, due = ARGV[j], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4], tonumber(ARGV[j + 5])
       local tags = ARGV[j + 6]
       request_ids[#request_ids + 1] = id
       local key = prefix .. id
       if redis.call('EXISTS', key) == 0 then
+        local keep, drop = suppressed_of(tenant, ARGV[j + 7])
+        if drop and #keep > 0 then doms = domains_of(keep) end
         local fields = {'attempts', 0, 'created_at', now, 'updated_at', now, 'msg', ARGV[j + 1]}
         -- lane, tenant, domains and tags are left out at their defaults (bytes per job).
         if lane ~= 'normal' then fields[#fields + 1] = 'lane'; fields[#fields + 1] = lane end
         if tenant ~= 'default' then fields[#fields + 1] = 'tenant'; fields[#fields + 1] = tenant end
         if doms ~= '' then fields[#fields + 1] = 'doms'; fields[#fields + 1] = doms end
         if tags ~= '' then fields[#fields + 1] = 'tags'; fields[#fields + 1] = tags end
-        if due > now then
-          redis.call('HSET', key, 'state', 'scheduled', 'next_attempt_at', due, unpack(fields))
-          redis.call('ZADD', KEYS[3], due, id)
-          add(id, nil, tenant, tags)
+        if drop and #keep == 0 then
+          redis.call('HSET', key, 'state', 'suppressed', 'last_error',
+            'every recipient is suppressed: ' .. table.concat(drop, ', '), unpack(fields))
+          if keep_suppressed > 0 then redis.call('EXPIRE', key, keep_suppressed) end
+          announce_suppressed(id, 'suppressed', drop, tenant, tags)
         else
-          redis.call('HSET', key, 'state', 'queued', unpack(fields))
-          add(id, lane, tenant, tags)
+          if drop then fields[#fields + 1] = 'rcpts'; fields[#fields + 1] = table.concat(keep, ',') end
+          if due > now then
+            redis.call('HSET', key, 'state', 'scheduled', 'next_attempt_at', due, unpack(fields))
+            redis.call('ZADD', KEYS[3], due, id)
+            if drop then announce_suppressed(id, 'scheduled', drop, tenant, tags) end
+            add(id, nil, tenant, tags)
+          else
+            redis.call('HSET', key, 'state', 'queued', unpack(fields))
+            if drop then announce_suppressed(id, 'queued', drop, tenant, tags) end
+            add(id, lane, tenant, tags)
+          end
+          if backlog then backlog = backlog + 1 end
         end
         written = written + 1
-        if backlog then backlog = backlog + 1 end
       end
     end
     if idem ~= '' then

@@ -2,15 +2,73 @@
 -- KEYS[1] processing:<instance>  KEYS[2] leases  KEYS[3] delayed zset  KEYS[4] dead list
 -- KEYS[5] events   KEYS[6] stats
 -- ARGV[1] job key prefix   ARGV[2] now (ms)   ARGV[3] events MAXLEN
--- ARGV[4] seconds to keep a failed record (0 = forever)
--- ARGV[5..] sextuples: job id, 'retry' | 'dead', retry due time (ms), error text,
---           recipients still to try on retry ('' = all of them), bounce class ('' = none)
+-- ARGV[4] seconds to keep a failed record (0 = forever)   ARGV[5] shard key prefix
+-- ARGV[6..] septuples: job id, 'retry' | 'dead', retry due time (ms), error text,
+--           recipients still to try on retry ('' = all of them), bounce class ('' = none),
+--           '1' when the failure says the address is dead (a hard bounce), else '0'
 -- Returns the number of jobs moved.
+-- A dead letter whose failure says the address is dead puts the attempt's recipient on
+-- the tenant's suppression list (<shard>suppressed:<tenant> and its ':info' hash, see
+-- enqueue.lua) with the error as reason and the job as source -- when the attempt had
+-- exactly one recipient (the record's 'rcpts', else the message's): with several, the
+-- failure does not say which of them the server refused as unknown, so none is added.
 local prefix, now, maxlen, keep = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local shard = ARGV[5]
 local n, dead = 0, 0
-for i = 5, #ARGV, 6 do
-  local id, outcome, due, err, rcpts, bounce =
-    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+
+-- The bare address of 'Name <addr>' (validated at the API: the name holds no '<').
+local function bare(addr)
+  if string.sub(addr, -1) ~= '>' then return addr end
+  local lt = string.find(addr, '<[^<]*>$')
+  if not lt then return addr end
+  return string.sub(addr, lt + 1, -2)
+end
+
+-- The recipients the failed attempt went to, without duplicates (the message's envelope
+-- recipients: to, cc, bcc of the msgpack array engine.models.Message, unless 'rcpts'
+-- narrowed them); nil when the stored message cannot be read.
+local function attempt_recipients(key)
+  local rcpts = redis.call('HGET', key, 'rcpts')
+  local out = {}
+  if rcpts then
+    for r in string.gmatch(rcpts, '[^,]+') do out[#out + 1] = r end
+    return out
+  end
+  local stored = redis.call('HGET', key, 'msg') or ''
+  -- A message with a deliver-by has its deadline in front (a msgpack uint64, 0xcf + 8
+  -- bytes: engine.queue.jobs.with_deadline); the message follows it.
+  if string.byte(stored, 1) == 0xcf then stored = string.sub(stored, 10) end
+  local ok, msg = pcall(cmsgpack.unpack, stored)
+  if not ok or type(msg) ~= 'table' then return nil end
+  local seen = {}
+  for f = 2, 4 do
+    if type(msg[f]) ~= 'table' then return nil end
+    for _, addr in ipairs(msg[f]) do
+      if type(addr) ~= 'string' then return nil end
+      local b = bare(addr)
+      if not seen[b] then
+        seen[b] = true
+        out[#out + 1] = b
+      end
+    end
+  end
+  return out
+end
+
+local function suppress(key, id, tenant, err, bounce)
+  local rcpts = attempt_recipients(key)
+  if not rcpts or #rcpts ~= 1 then return end
+  local address = string.lower(rcpts[1])
+  local set = shard .. 'suppressed:' .. (tenant or 'default')
+  redis.call('SADD', set, address)
+  redis.call('HSETNX', set .. ':info', address,
+    cjson.encode({reason = err, source = id, bounce = bounce ~= '' and bounce or nil,
+      at = tonumber(now)}))
+end
+
+for i = 6, #ARGV, 7 do
+  local id, outcome, due, err, rcpts, bounce, dead_address =
+    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
   local key = prefix .. id
   local rec = redis.call('HMGET', key, 'state', 'attempts', 'tenant', 'tags')
   -- Act only on a job this instance still holds: after its lease lapsed the job may
@@ -36,6 +94,7 @@ for i = 5, #ARGV, 6 do
       redis.call('RPUSH', KEYS[4], id)
       if keep > 0 then redis.call('EXPIRE', key, keep) end
       lib_event(KEYS[5], maxlen, 'failed', id, now, rec[2], err, rec[3], rec[4], bounce)
+      if dead_address == '1' then suppress(key, id, rec[3], err, bounce) end
       dead = dead + 1
     end
     redis.call('HDEL', key, 'owner')
