@@ -273,8 +273,8 @@ def _watch_parser(sub: Any) -> None:
         default=[],
         dest="types",
         metavar="TYPE",
-        help="queued, scheduled, processing, sent, retrying, failed, cancelled or deleted "
-        "(repeatable)",
+        help="queued, scheduled, processing, sent, retrying, failed, cancelled, deleted, "
+        "expired or suppressed (repeatable)",
     )
     p.add_argument(
         "--tenant", action="append", default=[], dest="tenants", metavar="TENANT",

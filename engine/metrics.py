@@ -98,8 +98,8 @@ class SenderMetrics:
     """The sender loop's metrics, children bound at construction."""
 
     __slots__ = (
-        "_dead", "_first", "_later", "_released", "_retry", "_sent", "_slowdowns",
-        "_trips", "_up",
+        "_bounces", "_dead", "_first", "_later", "_released", "_retry", "_sent",
+        "_slowdowns", "_trips", "_up",
     )  # fmt: skip
 
     def __init__(
@@ -109,7 +109,9 @@ class SenderMetrics:
         slowdowns: Counter,
         trips: Counter | None = None,
         up: Gauge | None = None,
+        bounces: Counter | None = None,
     ) -> None:
+        self._bounces = bounces
         self._sent = sends.labels("sent")
         self._retry = sends.labels("retry")
         self._dead = sends.labels("dead")
@@ -144,9 +146,29 @@ class SenderMetrics:
         """Claimed jobs handed back unsent (shutdown, or the transport is down)."""
         self._released.inc(jobs)
 
+    def bounced(self, cls: str) -> None:
+        """A failed attempt, by its bounce class (engine.bounce)."""
+        if self._bounces is not None:
+            self._bounces.labels(cls).inc()
+
     def slowed_down(self, buckets: int) -> None:
         """Buckets whose shared rate a 421/451 made us ask Redis to halve."""
         self._slowdowns.inc(buckets)
+
+
+class WebhookMetrics:
+    """What the webhook dispatcher did."""
+
+    __slots__ = ("_events", "_requests")
+
+    def __init__(self, requests: Counter, events: Counter) -> None:
+        self._requests = requests
+        self._events = events
+
+    def request(self, outcome: str, events: int) -> None:
+        self._requests.labels(outcome).inc()
+        if outcome == "delivered":
+            self._events.inc(events)
 
 
 class ReaperMetrics:
@@ -311,6 +333,21 @@ class Metrics:
                 "1 while the transport's breaker is closed, 0 while senders wait for it",
                 registry=r,
             ),
+            Counter(
+                "engine_bounces",
+                "Failed delivery attempts by bounce class (engine/bounce.py)",
+                ["class"],
+                registry=r,
+            ),
+        )
+        self.webhooks = WebhookMetrics(
+            Counter(
+                "engine_webhook_requests",
+                "Webhook requests by outcome: delivered, retrying, given-up, disabled",
+                ["outcome"],
+                registry=r,
+            ),
+            Counter("engine_webhook_events", "Events delivered to webhook endpoints", registry=r),
         )
         self.reaper = ReaperMetrics(
             Counter(

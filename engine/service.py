@@ -207,7 +207,11 @@ def build(
         app=build_app(backend, settings),
         stopping=stopping,
         access=access,
-        dispatcher=Dispatcher(hooks, settings.webhooks, instance) if hooks else None,
+        dispatcher=(
+            Dispatcher(hooks, settings.webhooks, instance, metrics=metrics.webhooks)
+            if hooks
+            else None
+        ),
     )
 
 

@@ -16,6 +16,7 @@ import trio
 from engine.config import QueueSettings, SenderSettings, SmtpSettings
 from engine.embedded import SinkProcess
 from engine.ids import new_ids
+from engine.metrics import Metrics
 from engine.models import Event, Message
 from engine.queue import EventLog, JobRecord, NewJob, Queue, Redis, job_view
 from engine.sender import SenderPool
@@ -45,7 +46,7 @@ async def smtp(sink: SinkProcess) -> AsyncIterator[SmtpPool]:
 
 
 async def _send(
-    redis: Redis, smtp: SmtpPool, settings: QueueSettings, *to: str
+    redis: Redis, smtp: SmtpPool, settings: QueueSettings, *to: str, metrics: Metrics | None = None
 ) -> tuple[Queue, list[str]]:
     """Enqueue one message per address (in this order), run one sender until each has
     left ``processing``; return the queue and the ids."""
@@ -58,7 +59,10 @@ async def _send(
             msg = Message("e@localhost", [address], [], [], "Hi", "body", None, [], [], [])
             jobs.append(NewJob(job_id, msgspec.msgpack.encode(msg)))
         await queue.enqueue(jobs)
-        pool = SenderPool(queue, smtp, SenderSettings(senders=1, claim_batch=8), settings)
+        pool = SenderPool(
+            queue, smtp, SenderSettings(senders=1, claim_batch=8), settings,
+            metrics=(metrics or Metrics()).sender,
+        )  # fmt: skip
         await nursery.start(pool.serve)
         with trio.fail_after(15):
             while any(r is None or r.state == "processing" for r in await _records(queue, ids)):
@@ -87,7 +91,10 @@ async def _last_event(queue: Queue, job_id: str) -> Event:
 async def test_a_refused_recipient_is_a_dead_letter_of_class_invalid_recipient(
     redis: Redis, smtp: SmtpPool
 ) -> None:
-    queue, (job_id,) = await _send(redis, smtp, _settings(), "bob+550@example.com")
+    metrics = Metrics()
+    queue, (job_id,) = await _send(redis, smtp, _settings(), "bob+550@example.com", metrics=metrics)
+    # Counted by class on /metrics.
+    assert 'engine_bounces_total{class="invalid-recipient"} 1.0' in metrics.render(None).decode()
     rec = await _record(queue, job_id)
     assert (rec.state, rec.bounce) == ("failed", "invalid-recipient")
     assert rec.last_error is not None and "5.1.1" in rec.last_error

@@ -102,6 +102,9 @@ async def test_events_reach_the_endpoint_signed_and_filtered(env: tuple[str, Rec
         assert other.json()["id"] != mine.json()["id"]
         attempts = (await c.get(f"/v1/webhooks/{hook['id']}/attempts")).json()["items"]
         assert attempts[0]["outcome"] == "delivered" and attempts[0]["status"] == 200
+        metrics = (await c.get("/metrics")).text
+        assert 'engine_webhook_requests_total{outcome="delivered"} 1.0' in metrics
+        assert "engine_webhook_events_total 1.0" in metrics
 
 
 async def test_a_failing_endpoint_is_retried_then_410_disables_it(

@@ -39,6 +39,7 @@ SCRIPT_NAMES = (
     "schedule_delete",
     "webhook_claim",
     "webhook_owe",
+    "webhook_idle",
 )
 
 # The scripts that move work out (claim, send, retry, recover, cancel, delete) run even

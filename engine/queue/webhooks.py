@@ -128,6 +128,14 @@ class WebhookStore:
             return []
         return _entries(next(iter(reply.values())))
 
+    async def idle(self) -> bool:
+        """With no endpoint at all, skip the group to the stream's end (True); else False."""
+        with translate_errors():
+            moved: Any = await self._scripts["webhook_idle"](
+                keys=[self.keys.webhooks, self.keys.events], args=[GROUP]
+            )
+        return bool(moved)
+
     async def reclaim(
         self, consumer: str, *, idle_ms: int, count: int
     ) -> list[tuple[str, list[Event]]]:

@@ -370,6 +370,7 @@ class SenderPool:
     ) -> None:
         due_ms = self.queue.now_ms()
         bounce = bounce or self._bounce(exc)
+        self._metrics.bounced(bounce.cls)
         outcome: Outcome
         if bounce.cls == "unknown":
             # Nothing recognised: the rule before bounce classes (4xx retry, 5xx dead).
