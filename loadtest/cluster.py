@@ -133,6 +133,9 @@ class Cluster:
         self.keys = Keys()  # queue "mail", shard 0: the engine's defaults
         self.logs = self.run_dir / "logs"
         self.created_at: float | None = None
+        # A webhook receiver next to the cluster (loadtest/chaos/webhooks.py), when a
+        # scenario uses one; its faults reach it through here.
+        self.webhook_receiver: Any = None
         self._lock = threading.RLock()
         self.procs: dict[str, Child] = {}
         self._define()

@@ -27,6 +27,7 @@ from pathlib import Path
 from engine.embedded import ChildError, redis_run
 from engine.queue import Redis
 from fixtures.auth import TEST_ADMIN_KEY
+from loadtest.chaos import webhooks
 from loadtest.chaos.scenarios import Fault, Scenario
 from loadtest.cluster import Cluster
 from loadtest.load import (
@@ -163,7 +164,11 @@ def run(settings: ChaosSettings) -> int:
     if s.lease_s is not None:
         env["ENGINE_QUEUE__LEASE_S"] = str(s.lease_s)
     lease_s = s.lease_s if s.lease_s is not None else default_lease_s()
+    if sc.webhooks:
+        env.update(webhooks.ENGINE_ENV)
     cluster = Cluster(run_dir, replicas=s.replicas, senders=s.senders, engine_env=env)
+    receiver = webhooks.Receiver(run_dir) if sc.webhooks else None
+    cluster.webhook_receiver = receiver
     faults: list[Fault] = []
     say(f"scenario {sc.name}: {sc.summary}")
     say(
@@ -187,6 +192,10 @@ def run(settings: ChaosSettings) -> int:
             host=cluster.lb_url,
         )
         tally = Tally(run_dir, cluster.sink.log_file)
+        if receiver is not None:
+            receiver.start()
+            hook = receiver.subscribe(cluster.lb_url, {"Authorization": f"Bearer {TEST_ADMIN_KEY}"})
+            say(f"webhook endpoint {hook} -> {receiver.url}")
         load = start_load(
             LoadSettings(
                 cluster.lb_url,
@@ -239,17 +248,33 @@ def run(settings: ChaosSettings) -> int:
         tally.poll()
         states = read_states(cluster, sorted(tally.accepted))
         write_json(run_dir / "states.json", states)
+        if receiver is not None:
+            hooks = webhooks.reconcile(receiver, tally.delivered, wait_s=120)
+            write_json(run_dir / "webhooks.json", hooks)
+            say(
+                f"webhooks: {hooks['distinct']:,} of {hooks['delivered_messages']:,} deliveries "
+                f"told, {hooks['missing']:,} missing, {hooks['repeats']:,} repeats"
+            )
         update_meta(run_dir, ended_at=time.time())
     except ChildError as exc:  # a ClusterError, or a process that did not start
         say(f"cluster failed: {exc}")
         return 2
     finally:
+        if receiver is not None:
+            receiver.stop()
         stopped = cluster.down(graceful=True)
         say(f"cluster down (stopped {', '.join(stopped) or 'nothing'}); logs in {cluster.logs}")
     report = write_report(run_dir)
+    exit_code = report.exit_code
+    if (run_dir / "webhooks.json").exists():
+        hooks = json.loads((run_dir / "webhooks.json").read_text())
+        with (run_dir / "report.md").open("a", encoding="utf-8") as f:
+            f.write(webhooks.markdown(hooks))
+        if hooks["missing"]:
+            exit_code = max(exit_code, 1)
     say(f"report: {run_dir / 'report.md'}")
     print(report.verdict, flush=True)
-    return report.exit_code
+    return exit_code
 
 
 def _drain(cluster: Cluster, tally: Tally, drain_s: float, started: float) -> None:

@@ -32,6 +32,7 @@ class Scenario:
     steps: tuple[Step, ...]
     min_seconds: float  # shortest load that leaves room to see recovery after the last step
     replicas: int = 2
+    webhooks: bool = False  # a webhook receiver and endpoint, reconciled at the end
 
 
 def _fault(
@@ -136,6 +137,25 @@ def smtp_outage(down_s: float) -> Callable[[Cluster], Fault]:
     return run
 
 
+def receiver_down(seconds: float) -> Callable[[Cluster], Fault]:
+    """The webhook receiver is killed, and started again ``seconds`` later (same port):
+    deliveries owed meanwhile are retried with backoff."""
+
+    def run(c: Cluster) -> Fault:
+        receiver = c.webhook_receiver
+        assert receiver is not None, "a webhooks scenario starts a receiver"
+        at = time.time()
+        receiver.stop()
+        time.sleep(seconds)
+        receiver.start()
+        return _fault(
+            f"webhook receiver down for {seconds:g} s", "receiver-down", "receiver", at,
+            time.time(),
+        )  # fmt: skip
+
+    return run
+
+
 def redis_cut(replica: int, seconds: float) -> Callable[[Cluster], Fault]:
     """Reset one replica's connections to Redis and refuse new ones for ``seconds``
     (a network partition between that replica and Redis)."""
@@ -197,6 +217,13 @@ SCENARIOS: dict[str, Scenario] = {
             "one replica loses its Redis connections for 5 s",
             (Step(15, redis_cut(0, 5.0)),),
             min_seconds=45,
+        ),
+        Scenario(
+            "webhooks",
+            "webhooks under load: kill -9 a replica mid-delivery, then the receiver down 30 s",
+            (Step(15, kill9(1, 3.0)), Step(25, receiver_down(30.0))),
+            min_seconds=75,
+            webhooks=True,
         ),
         Scenario(
             "kill9-twice",
