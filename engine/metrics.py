@@ -157,13 +157,18 @@ class SenderMetrics:
 
 
 class WebhookMetrics:
-    """What the webhook dispatcher did."""
+    """What the webhook dispatcher did, and how far behind the event stream it is."""
 
-    __slots__ = ("_events", "_requests")
+    __slots__ = ("_events", "_lag", "_requests")
 
-    def __init__(self, requests: Counter, events: Counter) -> None:
+    def __init__(self, requests: Counter, events: Counter, lag: Gauge | None = None) -> None:
         self._requests = requests
         self._events = events
+        self._lag = lag
+
+    def behind(self, entries: int) -> None:
+        if self._lag is not None:
+            self._lag.set(entries)
 
     def request(self, outcome: str, events: int) -> None:
         self._requests.labels(outcome).inc()
@@ -348,6 +353,12 @@ class Metrics:
                 registry=r,
             ),
             Counter("engine_webhook_events", "Events delivered to webhook endpoints", registry=r),
+            Gauge(
+                "engine_webhook_lag_entries",
+                "Event-stream entries the webhooks consumer group has not read yet (past "
+                "queue.events_maxlen they are trimmed unread: endpoints would miss them)",
+                registry=r,
+            ),
         )
         self.reaper = ReaperMetrics(
             Counter(

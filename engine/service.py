@@ -208,7 +208,13 @@ def build(
         stopping=stopping,
         access=access,
         dispatcher=(
-            Dispatcher(hooks, settings.webhooks, instance, metrics=metrics.webhooks)
+            Dispatcher(
+                hooks,
+                settings.webhooks,
+                instance,
+                metrics=metrics.webhooks,
+                events_maxlen=settings.queue.events_maxlen,
+            )
             if hooks
             else None
         ),

@@ -232,6 +232,12 @@ async def test_claims_are_leased_not_taken(redis_server: RedisServer) -> None:
         later = await store.claim(6000, lease_ms=500, count=10)
         assert [(o.member, o.attempts) for o in later] == [("wh_1|1-0", 1)]
         assert await store.owed() == 1
+        # The group's lag: entries of the stream it has not read yet.
+        await r.xadd(Keys().events, {"type": "queued", "at": 1, "id": "0" * 32})
+        lag, pending = await store.lag()
+        assert (lag, pending) == (1, 0)
+        read = await store.read("c1", count=10, block_ms=10)
+        assert len(read) == 1 and await store.lag() == (0, 1)  # read, not yet acknowledged
 
 
 async def test_batches_carry_many_events_in_one_signed_request(env: tuple[str, Receiver]) -> None:

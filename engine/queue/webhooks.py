@@ -136,6 +136,17 @@ class WebhookStore:
             )
         return bool(moved)
 
+    async def lag(self) -> tuple[int | None, int]:
+        """(entries of the stream the group has not read yet -- None when Redis cannot
+        tell --, entries read and not yet acknowledged)."""
+        with translate_errors():
+            groups: Any = await self.client.xinfo_groups(self.keys.events)
+        for g in groups or ():
+            if g.get(b"name") == GROUP.encode():
+                lag = g.get(b"lag")
+                return (None if lag is None else int(lag)), int(g.get(b"pending") or 0)
+        return None, 0
+
     async def reclaim(
         self, consumer: str, *, idle_ms: int, count: int
     ) -> list[tuple[str, list[Event]]]:

@@ -63,7 +63,9 @@ class Dispatcher:
         *,
         clock: Callable[[], float] = time.time,
         metrics: WebhookMetrics | None = None,
+        events_maxlen: int = 0,
     ) -> None:
+        self.events_maxlen = events_maxlen
         self.metrics = metrics if metrics is not None else Metrics().webhooks
         self.store = store
         self.settings = settings
@@ -122,6 +124,7 @@ class Dispatcher:
                         continue
                     if time.monotonic() - reclaimed_at >= _RECLAIM_EVERY_S:
                         reclaimed_at = time.monotonic()
+                        await self._watch_lag()
                         left = await self.store.reclaim(
                             self.instance, idle_ms=int(self.settings.lease_s * 1000), count=500
                         )
@@ -134,6 +137,20 @@ class Dispatcher:
             except QueueError as exc:
                 log.warning("webhooks.feed.failed error=%s", exc)
                 await trio.sleep(1.0)
+
+    async def _watch_lag(self) -> None:
+        """How far behind the stream the group is (a metric; a warning past half of
+        queue.events_maxlen, before entries would be trimmed unread)."""
+        lag, pending = await self.store.lag()
+        if lag is None:
+            return
+        self.metrics.behind(lag)
+        if self.events_maxlen and lag > self.events_maxlen // 2:
+            log.warning(
+                "webhooks.lagging unread=%d pending=%d maxlen=%d: events past "
+                "queue.events_maxlen are trimmed before endpoints get them",
+                lag, pending, self.events_maxlen,
+            )  # fmt: skip
 
     async def _owe(self, entries: list[tuple[str, list[Event]]]) -> None:
         endpoints = [e for e in (await self.endpoints()).values() if e.enabled]
