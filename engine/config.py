@@ -500,6 +500,8 @@ def _check(s: Settings) -> None:
         raise ConfigError("sender.rate_per_s must be >= 0 (0 means unlimited)")
     if s.http.server not in ("builtin", "hypercorn"):
         raise ConfigError("http.server must be builtin or hypercorn")
+    if not 1 <= s.http.max_batch_messages <= 10_000:
+        raise ConfigError("http.max_batch_messages must be from 1 to 10000")
     for entry in s.ingest.trusted_proxies:
         try:
             ipaddress.ip_network(entry.strip(), strict=False)

@@ -406,6 +406,9 @@ def test_forwarded_for_is_read_across_lines_behind_trusted_ranges() -> None:
     assert client_address(req("9.9.9.9", b"1.2.3.4"), lbs) == "9.9.9.9"  # untrusted peer
     with pytest.raises(ConfigError, match="trusted_proxies"):
         load_settings(environ={}, overrides={"ingest": {"trusted_proxies": ["10.0.0.0/33"]}})
+    # A batch's size is bounded whatever the settings (its recipients are: 10,000).
+    with pytest.raises(ConfigError, match="max_batch_messages"):
+        load_settings(environ={}, overrides={"http": {"max_batch_messages": 20_000}})
 
 
 async def test_a_batch_s_recipients_are_bounded_together(base: str) -> None:
