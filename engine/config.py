@@ -277,12 +277,13 @@ class RateLimitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
 class IngestSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Back-pressure at the door: per-client rates and a bound on the backlog."""
 
-    # Messages per second one client (API key, else IP address) may submit across all
-    # replicas; a batch counts each message. 0 = unlimited.
+    # Recipients per second one client (API key, else IP address) may submit across all
+    # replicas: a message counts its to + cc + bcc, a batch all of its messages' (its
+    # work, not its request count). 0 = unlimited.
     client_rate_per_s: float = 0.0
-    # Messages a client may submit at once; 0 = one second's worth of
-    # client_rate_per_s, but at least 1000 so a full batch (http.max_batch_messages,
-    # default 1000) can pass.
+    # Recipients a client may submit at once; 0 = one second's worth of
+    # client_rate_per_s, but at least 10,000 so a full batch (http.max_batch_recipients,
+    # default 10,000) can pass.
     client_burst: int = 0
     # Addresses or CIDR ranges (10.0.0.0/8) of load balancers in front of the engine: a
     # request from one of them is counted against the client named by X-Forwarded-For
@@ -301,7 +302,7 @@ class IngestSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_memory_ratio: float = 0.9
 
     def client_burst_or_default(self) -> int:
-        return self.client_burst or max(int(self.client_rate_per_s), 1000)
+        return self.client_burst or max(int(self.client_rate_per_s), 10_000)
 
 
 class SchedulerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -420,3 +420,25 @@ async def test_a_batch_s_recipients_are_bounded_together(base: str) -> None:
         assert "max_batch_recipients" in r.json()["detail"]
         ok = await c.post("/v1/messages/batch", json={"messages": [{**MSG, "to": many}] * 100})
         assert ok.status_code == 202
+
+
+async def test_the_client_rate_counts_recipients_not_requests(redis_server: RedisServer) -> None:
+    await _fresh(redis_server.url)
+    bind = f"127.0.0.1:{free_port()}"
+    settings = load_settings(
+        environ={},
+        overrides={"http": {"bind": bind}, "ingest": {"client_rate_per_s": 1, "client_burst": 5}},
+    )
+    async with (
+        inprocess_engine(settings, redis_server.url, MemoryTransport()),
+        httpx.AsyncClient(base_url=f"http://{bind}", headers=AUTH, timeout=10) as c,
+    ):
+        four = {**MSG, "to": ["a@example.com", "b@example.com"], "cc": ["c@example.com"],
+                "bcc": ["d@example.com"]}  # fmt: skip
+        first = await c.post("/v1/messages", json=four)
+        assert first.status_code == 202 and first.headers["ratelimit-remaining"] == "1"
+        two = await c.post("/v1/messages", json={**MSG, "to": ["e@example.com", "f@example.com"]})
+        assert two.status_code == 429  # 2 recipients, 1 token left
+        batch = {"messages": [{**MSG, "to": [f"r{i}@example.com" for i in range(6)]}]}
+        r = await c.post("/v1/messages/batch", json=batch)
+        assert r.status_code == 429 and "6 recipients at once" in r.json()["detail"]

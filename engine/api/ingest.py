@@ -134,7 +134,8 @@ class Ingest:
             self._may_send(req.principal, incoming, job.tenant)
         except ValidationError as exc:
             raise invalid(exc.field, exc.detail) from None
-        result = await self._enqueue([job], _scoped(idem, tenant), body, client)
+        cost = _count(incoming.to) + _count(incoming.cc) + _count(incoming.bcc)
+        result = await self._enqueue([job], _scoped(idem, tenant), body, client, cost)
         job_id = result.ids[0]
         headers = [(b"location", f"/v1/messages/{job_id}".encode()), *self._limit_headers(result)]
         if result.outcome == "replayed":
@@ -172,7 +173,9 @@ class Ingest:
                 jobs.append(job)
         except ValidationError as exc:
             raise invalid(f"messages[{i}].{exc.field}", exc.detail) from None
-        result = await self._enqueue(jobs, _scoped(idem, tenant), b"batch:" + body, client)
+        result = await self._enqueue(
+            jobs, _scoped(idem, tenant), b"batch:" + body, client, recipients
+        )
         headers = self._limit_headers(result)
         if result.outcome == "replayed":
             return json_reply(200, BatchAccepted(result.ids), [*headers, _REPLAYED])
@@ -214,9 +217,10 @@ class Ingest:
         ]
 
     async def _enqueue(
-        self, jobs: list[NewJob], idem: str, body: bytes, client: str
+        self, jobs: list[NewJob], idem: str, body: bytes, client: str, cost: int
     ) -> EnqueueResult:
-        """Enqueue; Fail with the answer when nothing was stored."""
+        """Enqueue; Fail with the answer when nothing was stored. ``cost``: what the
+        request takes from the client's rate -- its recipients, so a batch's work counts."""
         fingerprint = hashlib.blake2b(body, digest_size=16).hexdigest() if idem else ""
         if self.ingest.client_rate_per_s <= 0:
             client = ""  # not limited: skip the bucket
@@ -224,8 +228,9 @@ class Ingest:
         try:
             with trio.move_on_after(self.http.enqueue_timeout_s):
                 result = await self.queue.enqueue(
-                    jobs, idempotency_key=idem, fingerprint=fingerprint, client=client
-                )
+                    jobs, idempotency_key=idem, fingerprint=fingerprint, client=client,
+                    cost=cost,
+                )  # fmt: skip
         except QueueUnavailable:
             self.metrics.rejected("queue-unavailable")
             raise Fail(
@@ -254,7 +259,7 @@ class Ingest:
             )  # fmt: skip
         if result.outcome == "limited":
             self.metrics.rejected("rate-limited")
-            raise self._too_many(result.value, len(jobs))
+            raise self._too_many(result.value, cost)
         if result.outcome == "backlog":
             self.metrics.rejected("backlog-full")
             raise self._backlog_full(result.value, result.used_bytes, result.limit_bytes)
@@ -268,7 +273,7 @@ class Ingest:
         if retry_ms < 0:  # can never pass: larger than the whole burst
             return Fail(
                 429, "rate-limited", "Too many messages",
-                f"{n} messages at once exceed this client's burst of {burst} "
+                f"{n} recipients at once exceed this client's burst of {burst} "
                 "(ingest.client_burst); split the batch", "messages", headers=headers,
             )  # fmt: skip
         retry = str(max(1, math.ceil(retry_ms / 1000))).encode()

@@ -66,6 +66,8 @@ class EnqueueRequest:
     idempotency_key: str = ""
     fingerprint: str = ""  # of the request body: same key + other body is a conflict
     client: str = ""  # who sent it, for per-client ingest limits ('' = not limited)
+    # What it takes from the client's bucket (0: one per job): its messages' recipients.
+    cost: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +217,7 @@ class Queue:
         idempotency_key: str = "",
         fingerprint: str = "",
         client: str = "",
+        cost: int = 0,
     ) -> EnqueueResult:
         """Store jobs and queue (or schedule) them; returns once Redis has them.
 
@@ -223,9 +226,10 @@ class Queue:
         differs from the first request's. Nothing is stored either when ``client`` is
         over ingest.client_rate_per_s ("limited") or the backlog is over
         ingest.max_backlog or Redis's memory over its budget, ingest.max_memory_ratio
-        ("backlog"); a batch counts once per message.
+        ("backlog"); a request takes ``cost`` from the client's bucket (its messages'
+        recipients; 0: one per message).
         """
-        request = EnqueueRequest(jobs, idempotency_key, fingerprint, client)
+        request = EnqueueRequest(jobs, idempotency_key, fingerprint, client, cost)
         return await self._enqueuer.submit(request, len(jobs))
 
     async def _flush_enqueue(self, requests: list[EnqueueRequest]) -> list[EnqueueResult]:
@@ -240,7 +244,7 @@ class Queue:
         ]  # fmt: skip
         for request in requests:
             args += [request.idempotency_key, request.fingerprint, request.client]
-            args.append(len(request.jobs))
+            args += [len(request.jobs), request.cost or len(request.jobs)]
             for job in request.jobs:
                 args += [
                     job.id, self._stored(job), job.lane, job.tenant, job.domains, job.due_ms,

@@ -10,7 +10,8 @@
 --         costs a third of a one-job enqueue), else 0
 -- ARGV[9] seconds to keep the record of a job whose every recipient is suppressed
 -- ARGV[10..] requests, each: idempotency key ('' = none), body fingerprint, client id,
---           n, then n octuples: job id, msgpack message, lane, tenant, recipient
+--           n, cost (what it takes from the client's bucket: its recipients), then n
+--           octuples: job id, msgpack message, lane, tenant, recipient
 --           domains (comma-separated), due time (ms; 0 = now), tags ('\n'-joined; '' = none),
 --           recipients (bare addresses, comma-separated; '' = not checked)
 -- Returns one entry per request: {0, remaining} stored (remaining: the client's tokens,
@@ -141,7 +142,8 @@ local out = {}
 local i = 10
 while i <= #ARGV do
   local idem, fingerprint, client, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
-  local first, last = i + 4, i + 3 + 8 * n
+  local cost = tonumber(ARGV[i + 4])
+  local first, last = i + 5, i + 4 + 8 * n
   i = last + 1
   local answered = false
   if idem ~= '' then
@@ -166,7 +168,7 @@ while i <= #ARGV do
   end
   local remaining = -1
   if not answered then
-    local ok, value = client_take(client, n)
+    local ok, value = client_take(client, cost)
     if not ok then
       answered = true
       out[#out + 1] = {3, value}
