@@ -37,7 +37,7 @@ import httpx
 from engine.embedded import Child, RedisServer, SinkProcess, free_port
 from fixtures.auth import AUTH
 from fixtures.engine import EngineProcess
-from scripts.benchlib import cpu_seconds
+from scripts.benchlib import cpu_seconds, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -277,19 +277,7 @@ def phase_e2e(
                     r.raise_for_status()
                     posted += args.batch
             t_posted = time.monotonic() - t0
-            last = 0.0
-            deadline = time.monotonic() + max(120.0, n / 50)
-            while True:
-                stats = sink.stats()
-                got = int(stats.get("received", 0))
-                if got >= posted:
-                    break
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"end-to-end stalled at {got}/{posted}")
-                if time.monotonic() - last >= 1:
-                    say(f"    delivered {got:,}/{posted:,}")
-                    last = time.monotonic()
-                time.sleep(0.05)
+            _wait_delivered(sink, posted, "end to end")
             elapsed = time.monotonic() - t0
         finally:
             engine.stop()
@@ -300,6 +288,16 @@ def phase_e2e(
         f"  duplicates {final.get('duplicates')}"
     )
     return rate, {"posted": posted, "elapsed_s": elapsed, "duplicates": final.get("duplicates")}
+
+
+def _wait_delivered(sink: SinkProcess, posted: int, what: str) -> None:
+    """Until the sink has received ``posted`` messages (progress every second)."""
+
+    def got() -> int:
+        return int(sink.stats().get("received", 0))
+
+    wait_until(f"{what}: delivery", lambda: got() >= posted, timeout=max(120.0, posted / 50),
+               progress=lambda: f"delivered {got():,}/{posted:,}")  # fmt: skip
 
 
 def phase_e2e_single(args: argparse.Namespace, redis: RedisServer, tmp: Path) -> dict[str, Any]:
@@ -321,15 +319,7 @@ def phase_e2e_single(args: argparse.Namespace, redis: RedisServer, tmp: Path) ->
                 engine.proc.pid,
             )
             posted = res.requests - res.non_2xx
-            last = 0.0
-            deadline = time.monotonic() + max(120.0, posted / 50)
-            while (got := int(sink.stats().get("received", 0))) < posted:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"end-to-end (single POSTs) stalled at {got}/{posted}")
-                if time.monotonic() - last >= 1:
-                    say(f"    delivered {got:,}/{posted:,}")
-                    last = time.monotonic()
-                time.sleep(0.05)
+            _wait_delivered(sink, posted, "end to end (single POSTs)")
             elapsed = time.monotonic() - t0
         finally:
             engine.stop()

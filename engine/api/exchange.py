@@ -13,9 +13,10 @@ from urllib.parse import parse_qsl
 
 import msgspec
 
-from engine.api.asgi import BodyTooLarge, Receive, Scope, header, problem_body, read_body
+from engine.api.asgi import BodyTooLarge, Receive, Scope, Send, header, problem_body, read_body
 from engine.api.jsonguard import TooDeep, duplicate_key
 from engine.auth import UNCHECKED, Principal
+from engine.models import CLOSE_POLICY
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -185,3 +186,18 @@ def decode_json(decode: Callable[[bytes], D], body: bytes) -> D:
     if repeated is not None:
         raise invalid(*repeated)
     return value
+
+
+async def refuse_upgrade(scope: Scope, send: Send, fail: Fail) -> None:
+    """Answer a websocket handshake with a problem (a 403 close where the server
+    cannot send an HTTP answer)."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": CLOSE_POLICY})
+        return
+    reply = fail.reply()
+    headers = [(b"content-type", PROBLEM_JSON), (b"content-length", str(len(reply.body)).encode()),
+               *reply.headers]  # fmt: skip
+    await send(
+        {"type": "websocket.http.response.start", "status": reply.status, "headers": headers}
+    )
+    await send({"type": "websocket.http.response.body", "body": reply.body})

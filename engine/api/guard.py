@@ -77,7 +77,7 @@ class Guard:
             return UNCHECKED if self.table is None else _ANONYMOUS
         if scope.get("type") == "websocket" and header(scope, b"origin") is not None:
             check_origin(scope)  # a page of another site may not open our feed
-        key = _presented_key(scope)
+        key = presented_key(scope)
         if key is not None:
             principal = await self.table.authenticate(key)
             if principal is None:
@@ -122,7 +122,8 @@ def _cross_site() -> Fail:
     )  # fmt: skip
 
 
-def _presented_key(scope: Scope) -> str | None:
+def presented_key(scope: Scope) -> str | None:
+    """The API key a request presents (X-API-Key, else Authorization: Bearer), if any."""
     raw = header(scope, b"x-api-key")
     if raw is None:
         auth = header(scope, b"authorization")

@@ -42,8 +42,8 @@ from urllib.parse import parse_qsl
 import msgspec
 import trio
 
-from engine.api.asgi import Receive, Scope, Send, problem_body
-from engine.api.exchange import JSON, Reply, Request, not_found
+from engine.api.asgi import Receive, Scope, Send
+from engine.api.exchange import JSON, Fail, Reply, Request, not_found, refuse_upgrade
 from engine.api.guard import PRINCIPAL
 from engine.auth import Principal
 from engine.config import EventsSettings
@@ -51,7 +51,6 @@ from engine.errors import QueueError, ValidationError
 from engine.ids import is_id
 from engine.models import (
     CLOSE_GOING_AWAY,
-    CLOSE_POLICY,
     CLOSE_TOO_SLOW,
     CLOSE_UNAVAILABLE,
     EVENT_TYPES,
@@ -497,14 +496,7 @@ async def _refuse(
     field: str | None = None,
 ) -> None:  # fmt: skip
     """Answer the handshake with an HTTP problem (403 where the server cannot)."""
-    if "websocket.http.response" not in scope.get("extensions", {}):
-        await send({"type": "websocket.close", "code": CLOSE_POLICY})
-        return
-    body = problem_body(status, slug, title, detail, field)
-    headers = [(b"content-type", b"application/problem+json"),
-               (b"content-length", str(len(body)).encode())]  # fmt: skip
-    await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
-    await send({"type": "websocket.http.response.body", "body": body})
+    await refuse_upgrade(scope, send, Fail(status, slug, title, detail, field))
 
 
 def within_tenants(filt: EventFilter, p: Principal) -> EventFilter:

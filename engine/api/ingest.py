@@ -24,6 +24,7 @@ from engine.api.exchange import (
     json_reply,
     not_found,
 )
+from engine.api.guard import presented_key
 from engine.auth import UNCHECKED, AccessTable, Principal, check_may_send
 from engine.config import HttpSettings, IngestSettings
 from engine.errors import QueueError, QueueUnavailable, ValidationError
@@ -89,13 +90,9 @@ def client_address(req: Request, trusted: TrustedProxies) -> str:
 def identify(req: Request, trusted: TrustedProxies) -> tuple[str, str]:
     """(client id, default tenant) of a request when auth is off: the key it presents,
     hashed so no secret lands in Redis key names; else its address."""
-    raw = req.header(b"x-api-key")
-    if raw is None:
-        auth = req.header(b"authorization")
-        if auth is not None and auth[:7].lower() == b"bearer ":
-            raw = auth[7:].strip()
-    if raw:
-        name = "key-" + hashlib.blake2b(raw, digest_size=8).hexdigest()
+    key = presented_key(req.scope)
+    if key:
+        name = "key-" + hashlib.blake2b(key.encode("latin-1"), digest_size=8).hexdigest()
         return name, name
     return "ip-" + client_address(req, trusted), DEFAULT_TENANT
 

@@ -17,7 +17,7 @@ from time import perf_counter
 from typing import Final, cast
 
 from engine.api.asgi import Receive, Scope, Send
-from engine.api.exchange import PROBLEM_JSON, RETRY_AFTER_1, Fail, Reply, Request
+from engine.api.exchange import RETRY_AFTER_1, Fail, Reply, Request, refuse_upgrade
 from engine.api.guard import PRINCIPAL, Guard
 from engine.api.routes import Route
 from engine.errors import QueueError
@@ -185,21 +185,6 @@ class Router:
         await _send(send, reply)
         if entry.timed:
             self._metrics.observe(entry.route.path, method, reply.status, perf_counter() - start)
-
-
-async def refuse_upgrade(scope: Scope, send: Send, fail: Fail) -> None:
-    """Answer a websocket handshake with a problem (a 403 close where the server
-    cannot send an HTTP answer)."""
-    if "websocket.http.response" not in scope.get("extensions", {}):
-        await send({"type": "websocket.close", "code": CLOSE_POLICY})
-        return
-    reply = fail.reply()
-    headers = [(b"content-type", PROBLEM_JSON), (b"content-length", str(len(reply.body)).encode()),
-               *reply.headers]  # fmt: skip
-    await send(
-        {"type": "websocket.http.response.start", "status": reply.status, "headers": headers}
-    )
-    await send({"type": "websocket.http.response.body", "body": reply.body})
 
 
 async def _send(send: Send, reply: Reply) -> None:
