@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import trio
 from standardwebhooks.webhooks import Webhook
@@ -238,6 +239,13 @@ async def test_claims_are_leased_not_taken(redis_server: RedisServer) -> None:
         assert (lag, pending) == (1, 0)
         read = await store.read("c1", count=10, block_ms=10)
         assert len(read) == 1 and await store.lag() == (0, 1)  # read, not yet acknowledged
+        # With no endpoint anywhere the group skips to the stream's end (nothing owed to
+        # anyone is read or parsed); with one, it stays where it is.
+        await r.xadd(Keys().events, {"type": "queued", "at": 1, "id": "1" * 32})
+        assert (await store.lag())[0] == 1
+        assert await store.idle() is True and (await store.lag())[0] in (0, None)
+        await store.put_endpoint("wh_1", msgspec.json.encode(ep))
+        assert await store.idle() is False
 
 
 async def test_batches_carry_many_events_in_one_signed_request(env: tuple[str, Receiver]) -> None:
