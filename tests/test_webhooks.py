@@ -268,3 +268,45 @@ async def test_batches_carry_many_events_in_one_signed_request(env: tuple[str, R
         for got in receiver.requests:
             assert got.headers["webhook-id"].startswith("batch_")
             Webhook(secret).verify(got.body, got.headers)
+
+
+async def test_a_hanging_endpoint_does_not_delay_a_healthy_one(
+    redis_server: RedisServer,
+) -> None:
+    """Events go straight to healthy endpoints; a first try that hangs is cut short
+    (dispatcher._DIRECT_TIMEOUT_S) and owed, then delivered by a retry with the full
+    timeout -- meanwhile the healthy endpoint gets every event at once."""
+    async with open_redis(redis_server.url) as r:
+        await r.flushall()
+    bind = f"127.0.0.1:{free_port()}"
+    async with (
+        webhook_receiver() as slow,
+        webhook_receiver() as quick,
+        inprocess_engine(_settings(bind, timeout_s=5.0), redis_server.url, MemoryTransport()),
+    ):
+        slow.delay_s = 3.0  # longer than a first try waits, shorter than a retry
+        async with httpx.AsyncClient(base_url=f"http://{bind}", headers=AUTH, timeout=10) as c:
+            for receiver in (slow, quick):
+                r = await c.post("/v1/webhooks", json={"url": receiver.url, "events": ["queued"]})
+                assert r.status_code == 201
+            await trio.sleep(1.1)  # the dispatchers' endpoint cache
+            started = time.monotonic()
+            sent = [(await c.post("/v1/messages", json=MSG)).json()["id"] for _ in range(3)]
+
+            def got(receiver: Receiver) -> set[str]:
+                return {json.loads(q.body)["data"]["id"] for q in receiver.requests}
+
+            await _until("the quick endpoint's events", lambda: got(quick) >= set(sent))
+            assert time.monotonic() - started < 1.5  # not behind the slow one's 3 s
+            hooks = (await c.get("/v1/webhooks")).json()["items"]
+            slow_hook = next(h for h in hooks if h["url"] == slow.url)
+            with trio.fail_after(20):  # the slow receiver logs a request when it arrives
+                while True:
+                    attempts = (
+                        await c.get(f"/v1/webhooks/{slow_hook['id']}/attempts")
+                    ).json()["items"]
+                    if sum(a["outcome"] == "delivered" for a in attempts) >= len(sent):
+                        break
+                    await trio.sleep(0.1)
+            cut = [a for a in attempts if a["outcome"] == "retrying"]
+            assert cut and all("no answer within 2 s" in a["response"] for a in cut), attempts

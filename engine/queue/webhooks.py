@@ -158,22 +158,32 @@ class WebhookStore:
         return _entries(reply[1]) if reply and len(reply) > 1 else []
 
     async def fan_out(
-        self, deliveries: Sequence[tuple[str, bytes]], entry_ids: Sequence[str], now_ms: int
+        self,
+        deliveries: Sequence[tuple[str, bytes]],
+        entry_ids: Sequence[str],
+        now_ms: int,
+        attempts: Mapping[str, Sequence[bytes]] | None = None,
     ) -> int:
-        """Owe each ``(member, event JSON)`` (unless already owed) and acknowledge the
-        entries they came from, in one script; the number newly owed."""
+        """Owe each ``(member, event JSON)`` (unless already owed), record ``attempts``
+        (endpoint id -> attempts, oldest first) and acknowledge the entries they came
+        from, in one script; the number newly owed."""
         owed = 0
         # Chunks keep each script call's argument list bounded; the entries are
         # acknowledged with the last one (a crash before it redoes all: nothing doubles).
         chunks = [deliveries[i : i + _OWE_CHUNK] for i in range(0, len(deliveries), _OWE_CHUNK)]
         chunks = chunks or [[]]
         for n, chunk in enumerate(chunks):
-            acks = entry_ids if n == len(chunks) - 1 else []
-            if not chunk and not acks:
+            last = n == len(chunks) - 1
+            acks = entry_ids if last else []
+            lists = (attempts or {}) if last else {}
+            if not chunk and not acks and not lists:
                 continue
             args: list[str | bytes | int] = [
-                self.keys.webhook_delivery(""), now_ms, GROUP, len(acks), *acks,
+                self.keys.webhook_delivery(""), now_ms, GROUP, len(acks), len(lists),
+                _ATTEMPTS_KEPT, *acks,
             ]  # fmt: skip
+            for endpoint_id, made in lists.items():
+                args += [self.keys.webhook_attempts(endpoint_id), len(made), *made]
             for member, event in chunk:
                 args += [member, event]
             with translate_errors():

@@ -61,8 +61,13 @@ class EndpointClient:
         self._idle: list[_Conn] = []
         self._target: Target | None = None
 
-    async def post(self, body: bytes, headers: list[tuple[str, str]]) -> Answer:
+    async def post(
+        self, body: bytes, headers: list[tuple[str, str]], *, timeout_s: float | None = None
+    ) -> Answer:
+        """POST ``body``; no answer within ``timeout_s`` (default: the client's) is a
+        failed delivery with status 0."""
         start = time.monotonic()
+        limit = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
 
         def done(status: int, snippet: str) -> Answer:
             return Answer(status, snippet[:SNIPPET_BYTES], int((time.monotonic() - start) * 1000))
@@ -71,7 +76,7 @@ class EndpointClient:
             target = self._target = self._target or parse_url(self.url)
         except Refused as exc:
             return done(0, f"refused: {exc}")
-        with trio.move_on_after(self._timeout_s):
+        with trio.move_on_after(limit):
             try:
                 for _ in range(2):
                     conn = await self._reuse() or await self._connect(target)
@@ -90,7 +95,7 @@ class EndpointClient:
                 return done(0, f"refused: {exc}")
             except (OSError, trio.BrokenResourceError, ssl.SSLError, h11.ProtocolError) as exc:
                 return done(0, f"{type(exc).__name__}: {exc}")
-        return done(0, f"no answer within {self._timeout_s:g} s")
+        return done(0, f"no answer within {limit:g} s")
 
     async def aclose(self) -> None:
         for conn in self._idle:
