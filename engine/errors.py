@@ -46,11 +46,19 @@ class QueueUnavailable(QueueError):
 
 
 class TransportError(EngineError):
-    """A message could not be handed to the mail server."""
+    """A message could not be handed to the mail server. ``refused``: when the server
+    refused every recipient, each one's (address, code, text)."""
 
-    def __init__(self, message: str, *, code: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        refused: tuple[tuple[str, int, str], ...] = (),
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.refused = refused
 
 
 class TemporaryFailure(TransportError):

@@ -382,3 +382,35 @@ def test_the_route_table_lists_the_suppression_routes() -> None:
         ("GET", "/v1/suppressions/{address}"): "suppressions",
         ("DELETE", "/v1/suppressions/{address}"): "suppressions",
     }
+
+
+async def test_recipients_refused_as_unknown_are_suppressed_with_several_recipients(
+    env: Env,
+) -> None:
+    """A 550 5.1.1 at RCPT suppresses that recipient even when the message had others:
+    delivered to the rest (suppress_refused.lua), or refused for all (fail.lua, each)."""
+    c = env.client
+    gone = "Gone+550@example.com"
+    partial = {"to": ["ann@example.com", gone], "subject": "p", "text": "x"}
+    first = (await c.post("/v1/messages", json=partial)).json()
+    rec = await env.final(first["id"])
+    assert rec["state"] == "sent" and "550" in rec["last_error"]
+    with trio.fail_after(5):
+        while (await c.get(f"/v1/suppressions/{gone}")).status_code != 200:
+            await trio.sleep(0.02)
+    entry = (await c.get(f"/v1/suppressions/{gone}")).json()
+    assert entry["source"] == first["id"] and entry["bounce"] == "invalid-recipient"
+    assert (await c.get("/v1/suppressions/ann@example.com")).status_code == 404
+
+    both = ["x+550@example.com", "y+550@example.com"]
+    second = (await c.post("/v1/messages", json={"to": both, "subject": "a", "text": "x"})).json()
+    rec = await env.final(second["id"])
+    assert (rec["state"], rec["bounce"]) == ("failed", "invalid-recipient")
+    for address in both:
+        entry = (await c.get(f"/v1/suppressions/{address}")).json()
+        assert entry["source"] == second["id"] and "550" in entry["reason"], entry
+    # A refusal that is not about the address (here: a temporary one) suppresses nothing.
+    third = {"to": ["ann@example.com", "z+451@example.com"], "subject": "t", "text": "x"}
+    await c.post("/v1/messages", json=third)
+    await trio.sleep(0.5)
+    assert (await c.get("/v1/suppressions/z+451@example.com")).status_code == 404

@@ -142,6 +142,9 @@ class Failure:
     # Its class says the address is dead (a 5xx invalid-recipient): fail.lua puts the
     # recipient on the tenant's suppression list (when the attempt had only that one).
     suppress: bool = False
+    # Recipients the server refused one by one as unknown (all of them refused): these
+    # go on the suppression list, whatever the attempt's number of recipients.
+    dead_addresses: tuple[str, ...] = ()
 
 
 class Queue:
@@ -395,6 +398,19 @@ class Queue:
             )
         return [None] * len(acks)
 
+    async def suppress_refused(self, job_id: str, refused: Sequence[tuple[str, str, str]]) -> int:
+        """Put recipients of a delivered job that the server refused as unknown, each
+        ``(address, reason, bounce class)``, on its tenant's suppression list; how many
+        were new."""
+        args: list[str | int] = [self.keys.prefix, self.now_ms(), job_id]
+        for address, reason, bounce in refused:
+            args += [address, reason, bounce]
+        with translate_errors():
+            added: Any = await self._scripts["suppress_refused"](
+                keys=[self.keys.job(job_id)], args=args
+            )
+        return int(added)
+
     async def fail(self, failures: Sequence[Failure]) -> int:
         """Schedule retries or dead-letter jobs whose attempt failed."""
         k = self.keys
@@ -407,7 +423,8 @@ class Queue:
         ]
         for f in failures:
             rcpts = ",".join(f.recipients) if f.recipients else ""
-            args += [f.job_id, f.outcome, f.due_ms, f.error, rcpts, f.bounce, int(f.suppress)]
+            dead = ",".join(f.dead_addresses) if f.dead_addresses else str(int(f.suppress))
+            args += [f.job_id, f.outcome, f.due_ms, f.error, rcpts, f.bounce, dead]
         with translate_errors():
             n: Any = await self._scripts["fail"](
                 keys=[self._processing, k.leases, k.delayed, k.dead, k.events, k.stats],

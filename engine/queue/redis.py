@@ -27,6 +27,7 @@ SCRIPT_NAMES = (
     "claim",
     "ack",
     "fail",
+    "suppress_refused",
     "release",
     "renew",
     "reap",
@@ -49,7 +50,7 @@ SCRIPT_NAMES = (
 # (ingest.max_memory_ratio); this is the guarantee behind it. Script flags: Redis >= 7.
 ALLOW_OOM = frozenset(
     {"claim", "ack", "fail", "release", "renew", "reap", "dead_delete", "cancel", "slowdown",
-     "schedule_delete", "webhook_claim"}
+     "schedule_delete", "webhook_claim", "suppress_refused"}
 )  # fmt: skip
 
 Redis = coredis.Redis[bytes]

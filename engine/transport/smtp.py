@@ -1166,7 +1166,9 @@ def _all_rejected(rejected: list[RecipientRejected]) -> TransportError:
         return TransportUnavailable(f"{message} ({about_us})", code=first.code)
     if temporary:
         return TemporaryFailure(message, code=first.code)
-    return PermanentFailure(message, code=first.code)
+    return PermanentFailure(
+        message, code=first.code, refused=tuple((r.address, r.code, r.text) for r in rejected)
+    )
 
 
 def _dot_stuff(data: bytes, then: bytes = b"") -> bytes:

@@ -5,7 +5,8 @@
 -- ARGV[4] seconds to keep a failed record (0 = forever)   ARGV[5] shard key prefix
 -- ARGV[6..] septuples: job id, 'retry' | 'dead', retry due time (ms), error text,
 --           recipients still to try on retry ('' = all of them), bounce class ('' = none),
---           '1' when the failure says the address is dead (a hard bounce), else '0'
+--           '1' when the failure says the address is dead (a hard bounce), '0' when not,
+--           or the comma-separated addresses the server refused one by one as unknown
 -- Returns the number of jobs moved.
 -- A dead letter whose failure says the address is dead puts the attempt's recipient on
 -- the tenant's suppression list (<shard>suppressed:<tenant> and its ':info' hash, see
@@ -55,15 +56,23 @@ local function attempt_recipients(key)
   return out
 end
 
-local function suppress(key, id, tenant, err, bounce)
-  local rcpts = attempt_recipients(key)
-  if not rcpts or #rcpts ~= 1 then return end
-  local address = string.lower(rcpts[1])
+local function suppress(key, id, tenant, err, bounce, which)
+  local rcpts
+  if which == '1' then
+    rcpts = attempt_recipients(key)
+    if not rcpts or #rcpts ~= 1 then return end
+  else
+    rcpts = {}
+    for r in string.gmatch(which, '[^,]+') do rcpts[#rcpts + 1] = r end
+  end
   local set = shard .. 'suppressed:' .. (tenant or 'default')
-  redis.call('SADD', set, address)
-  redis.call('HSETNX', set .. ':info', address,
-    cjson.encode({reason = err, source = id, bounce = bounce ~= '' and bounce or nil,
-      at = tonumber(now)}))
+  for _, rcpt in ipairs(rcpts) do
+    local address = string.lower(rcpt)
+    redis.call('SADD', set, address)
+    redis.call('HSETNX', set .. ':info', address,
+      cjson.encode({reason = err, source = id, bounce = bounce ~= '' and bounce or nil,
+        at = tonumber(now)}))
+  end
 end
 
 for i = 6, #ARGV, 7 do
@@ -94,7 +103,9 @@ for i = 6, #ARGV, 7 do
       redis.call('RPUSH', KEYS[4], id)
       if keep > 0 then redis.call('EXPIRE', key, keep) end
       lib_event(KEYS[5], maxlen, 'failed', id, now, rec[2], err, rec[3], rec[4], bounce)
-      if dead_address == '1' then suppress(key, id, rec[3], err, bounce) end
+      if dead_address ~= '0' and dead_address ~= '' then
+        suppress(key, id, rec[3], err, bounce, dead_address)
+      end
       dead = dead + 1
     end
     redis.call('HDEL', key, 'owner')
