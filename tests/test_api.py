@@ -268,8 +268,9 @@ async def test_bad_idempotency_key_is_400(client: httpx.AsyncClient) -> None:
 async def test_dead_letter_list_retry_delete(client: httpx.AsyncClient, engine: Engine) -> None:
     from engine.errors import PermanentFailure
 
-    engine.transport.script(*[PermanentFailure("550 no such user", code=550)] * 3)
-    # Three addresses: a 550 "no such user" suppresses the one it bounced (issue 14).
+    # Not "no such user": that would suppress the address, and a retry of the dead letter
+    # would end "suppressed" (tests/test_suppression.py).
+    engine.transport.script(*[PermanentFailure("554 transaction failed", code=554)] * 3)
     ids = [
         (await client.post("/v1/messages", json={**MSG, "to": f"u{i}@example.com"})).json()["id"]
         for i in range(3)
@@ -278,7 +279,7 @@ async def test_dead_letter_list_retry_delete(client: httpx.AsyncClient, engine: 
         await _wait_state(client, job_id, "failed")
     page = (await client.get("/v1/dead", params={"limit": 2})).json()
     assert page["total"] == 3 and len(page["items"]) == 2 and page["next_offset"] == 2
-    assert all("550" in item["last_error"] for item in page["items"])
+    assert all("554" in item["last_error"] for item in page["items"])
 
     r = await client.post(f"/v1/dead/{ids[0]}/retry")
     assert r.status_code == 202
@@ -290,7 +291,7 @@ async def test_dead_letter_list_retry_delete(client: httpx.AsyncClient, engine: 
     assert (await client.get(f"/v1/messages/{ids[1]}")).status_code == 404
     assert (await client.delete(f"/v1/dead/{ids[1]}")).status_code == 404
 
-    r = await client.post("/v1/dead/retry", json={"error_contains": "no such USER"})
+    r = await client.post("/v1/dead/retry", json={"error_contains": "transaction FAILED"})
     assert r.json() == {"retried": 1, "ids": [ids[2]]}
     await _wait_state(client, ids[2], "sent")
     assert (await client.get("/v1/dead")).json()["total"] == 0

@@ -172,6 +172,41 @@ async def test_a_hard_bounce_suppresses_the_one_recipient_in_the_fail_script(
     ]  # fmt: skip
 
 
+async def test_a_dead_letter_retried_goes_to_the_recipients_still_owed_less_suppressed(
+    queue: Queue,
+) -> None:
+    """Retrying a dead letter keeps its narrowing (who already got it does not get it
+    twice) and drops recipients suppressed since; with none left it ends suppressed."""
+    store = SuppressionStore(queue.client, queue.keys)
+    partial = _job("acme", "a@example.com", "b@example.com", "c@example.com")
+    await queue.enqueue([partial])
+    await queue.claim(1)
+    # Delivered to a; b and c refused for now, then the job died.
+    retry = Failure(partial.id, "retry", queue.now_ms(), "451", ["b@example.com", "c@example.com"])
+    await queue.fail([retry])
+    await queue.client.zadd(queue.keys.delayed, {partial.id: 0})  # due now
+    await queue.reap()  # promotes it
+    claimed = await queue.claim(1)
+    assert [(j.id, j.recipients) for j in claimed] == [
+        (partial.id, ["b@example.com", "c@example.com"]),
+    ]
+    await queue.fail([Failure(partial.id, "dead", queue.now_ms(), "554 no")])
+    await store.add("acme", {"c@example.com": "unsubscribed"})
+    alone = _job("acme", "z@example.com")
+    await _fail_dead(queue, alone, suppress=True)  # its own hard bounce suppressed z
+
+    done = await queue.dead_requeue([partial.id, alone.id])
+    assert done.retried == [partial.id] and done.suppressed == [alone.id]
+    assert await queue.client.hget(queue.keys.job(partial.id), "rcpts") == b"b@example.com"
+    rec = await queue.get(alone.id)
+    assert rec is not None and rec.state == "suppressed"
+    assert alone.id not in await queue.dead_ids()
+    kinds = [(e.type, e.state, e.recipients) for e in await _events(queue, partial.id)]
+    assert ("suppressed", "queued", ["c@example.com"]) in kinds
+    (last,) = [e for e in await _events(queue, alone.id) if e.type == "suppressed"]
+    assert (last.state, last.recipients) == ("suppressed", ["z@example.com"])
+
+
 async def test_the_store_adds_once_lists_in_pages_and_removes(redis: Redis) -> None:
     store = SuppressionStore(redis, Keys(), clock=lambda: 1_700_000_000.0)
     # More than Redis keeps in a listpack (hash-max-listpack-entries): HSCAN pages.
@@ -256,6 +291,10 @@ async def test_a_hard_bounce_suppresses_the_address_and_later_mail_to_it_is_not_
     assert entry["address"] == "bob+550@example.com" and entry["source"] == first["id"]
     assert entry["bounce"] == "invalid-recipient" and "550" in entry["reason"]
     assert entry["added_at"].endswith("Z")
+    # Its dead letter, retried, is not sent to the address it just suppressed.
+    r = await c.post(f"/v1/dead/{first['id']}/retry")
+    assert (r.status_code, r.json()["state"]) == (200, "suppressed")
+    assert (await c.get(f"/v1/messages/{first['id']}")).json()["state"] == "suppressed"
 
     # Only that recipient: not attempted at all, final state suppressed.
     again = (await c.post("/v1/messages", json={"to": dead, "subject": "2", "text": "x"})).json()

@@ -45,6 +45,9 @@ class DeadRetried(msgspec.Struct, omit_defaults=True):
     ids: list[str]
     # Not re-queued: past their deliver-by deadline (they stay dead letters).
     expired: list[str] = []
+    # Not re-queued: every recipient they still owed is suppressed now (they end in
+    # the state "suppressed", no longer dead letters).
+    suppressed: list[str] = []
 
 
 _decode_filter = msgspec.json.Decoder(RetryFilter).decode
@@ -97,6 +100,8 @@ class DeadRoutes:
                 f"the message had to be sent by {ms_to_iso(done.expired[job_id])} "
                 "(expires_at): sent now it would be late, so it stays a dead letter",
             )  # fmt: skip
+        if job_id in done.suppressed:
+            return json_reply(200, Accepted(job_id, "suppressed"))
         if not done.retried:
             raise _not_dead(job_id)
         return json_reply(202, Accepted(job_id, "queued"))
@@ -112,7 +117,9 @@ class DeadRoutes:
             records = await queue.get_many(ids)
             ids = [r.id for r in records if r and r.last_error and needle in r.last_error.lower()]
         done = await queue.dead_requeue(ids)
-        return json_reply(202, DeadRetried(len(done.retried), done.retried, list(done.expired)))
+        return json_reply(
+            202, DeadRetried(len(done.retried), done.retried, list(done.expired), done.suppressed)
+        )
 
     async def delete_dead(self, req: Request) -> Reply:
         job_id = req.params["id"]

@@ -152,7 +152,9 @@ ROUTES: Final[tuple[Route, ...]] = (
                  "limit": ("items (1-500, default 50)", _int(1, 500))},
           tag="dead letters"),
     Route("retry_dead", "POST", "/v1/dead/{id}/retry", "Queue a dead letter again", "dead-letters",
-          {202: _ok("queued with fresh attempts", Accepted),
+          {202: _ok("queued with fresh attempts (to the recipients it still owed)", Accepted),
+           200: _ok("not queued: every recipient it owed is suppressed now (state "
+                    "suppressed)", Accepted),
            404: _ok("not in the dead-letter queue"),
            409: _ok("past its deliver-by deadline (expires_at): not re-queued"), **_QUEUE},
           tag="dead letters"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NoReturn
 
 import trio
@@ -103,6 +103,8 @@ class JobRecord:
 class DeadRetry:
     retried: list[str]  # re-queued with fresh attempts
     expired: dict[str, int]  # refused: past their deliver-by deadline (ms)
+    # Not queued: every recipient it still owed is suppressed now (state 'suppressed').
+    suppressed: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -530,8 +532,9 @@ class Queue:
             ]  # fmt: skip
             with translate_errors():
                 out: Any = await self._scripts["dead_retry"](keys=[k.dead, k.events], args=args)
-            retried, late = out
+            retried, late, suppressed = out
             result.retried.extend(x.decode() for x in retried)
+            result.suppressed.extend(x.decode() for x in suppressed)
             for i in range(0, len(late), 2):
                 result.expired[late[i].decode()] = int(late[i + 1])
         return result

@@ -96,3 +96,42 @@ local function lib_bucket_set(key, b, rnow)
   redis.call('SET', key, string.format('%.3f %.3f %s %d %d', b.tat, b.vtat,
     b.rate and string.format('%.6f', b.rate) or '-', b.rt or rnow, b.cut or 0), 'PX', ttl)
 end
+
+-- The bare address of 'Name <addr>' (validated at the API: the name holds no '<').
+local function lib_bare(addr)
+  if string.sub(addr, -1) ~= '>' then return addr end
+  local lt = string.find(addr, '<[^<]*>$')
+  if not lt then return addr end
+  return string.sub(addr, lt + 1, -2)
+end
+
+-- The recipients a job's next (or last) attempt goes to, without duplicates (the message's envelope
+-- recipients: to, cc, bcc of the msgpack array engine.models.Message, unless 'rcpts'
+-- narrowed them); nil when the stored message cannot be read.
+local function lib_recipients(key)
+  local rcpts = redis.call('HGET', key, 'rcpts')
+  local out = {}
+  if rcpts then
+    for r in string.gmatch(rcpts, '[^,]+') do out[#out + 1] = r end
+    return out
+  end
+  local stored = redis.call('HGET', key, 'msg') or ''
+  -- A message with a deliver-by has its deadline in front (a msgpack uint64, 0xcf + 8
+  -- bytes: engine.queue.jobs.with_deadline); the message follows it.
+  if string.byte(stored, 1) == 0xcf then stored = string.sub(stored, 10) end
+  local ok, msg = pcall(cmsgpack.unpack, stored)
+  if not ok or type(msg) ~= 'table' then return nil end
+  local seen = {}
+  for f = 2, 4 do
+    if type(msg[f]) ~= 'table' then return nil end
+    for _, addr in ipairs(msg[f]) do
+      if type(addr) ~= 'string' then return nil end
+      local b = lib_bare(addr)
+      if not seen[b] then
+        seen[b] = true
+        out[#out + 1] = b
+      end
+    end
+  end
+  return out
+end
