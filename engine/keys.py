@@ -136,6 +136,13 @@ class Keys:
         """Hash of the same addresses -> JSON {reason, source, bounce, at}."""
         return self.prefix + "suppressed:" + tenant + ":info"
 
+    # -- templates: per tenant ----------------------------------------------------------
+
+    def templates(self, tenant: str = DEFAULT_TENANT) -> str:
+        """Hash of a tenant's templates: name -> JSON (engine.templates.Template, its
+        kept versions), and ``#seq:<name>`` -> the last version number given."""
+        return self.prefix + "templates:" + tenant
+
     # -- webhooks: endpoints, and the deliveries owed to them ---------------------------
 
     @property

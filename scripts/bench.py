@@ -339,6 +339,7 @@ def phase_auth_cost(args: argparse.Namespace, redis: RedisServer, tmp: Path) -> 
     """Single-message ingest (role api) with auth on (a key per request) and off,
     alternating rounds: the cost of checking the key on the hot path."""
     runs: dict[str, list[float]] = {"on": [], "off": []}
+    cpu: dict[str, list[float]] = {"on": [], "off": []}
     for i in range(args.auth_rounds):
         for arm in ("on", "off"):
             flush(redis)
@@ -357,9 +358,43 @@ def phase_auth_cost(args: argparse.Namespace, redis: RedisServer, tmp: Path) -> 
             if res.non_2xx:
                 raise SystemExit(f"auth {arm}: {res.non_2xx} answers were not 2xx")
             runs[arm].append(res.requests_per_s)
-            say(f"    {res.requests_per_s:,.0f} req/s")
+            cpu[arm].append(res.cpu_us_per_request)
+            say(
+                f"    {res.requests_per_s:,.0f} req/s, engine CPU {res.cpu_us_per_request:.0f} µs/req"
+            )
     on, off = statistics.median(runs["on"]), statistics.median(runs["off"])
-    return {"on": on, "off": off, "ratio": on / off, "runs": runs}
+    cpu_on, cpu_off = statistics.median(cpu["on"]), statistics.median(cpu["off"])
+    return {"on": on, "off": off, "ratio": on / off, "runs": runs,
+            "cpu_us": {"on": cpu_on, "off": cpu_off, "runs": cpu},
+            "cpu_ratio": cpu_off / cpu_on}  # fmt: skip
+
+
+def auth_row(auth: dict[str, Any]) -> tuple[str, str, str, str, str]:
+    on_off = zip(auth["runs"]["on"], auth["runs"]["off"], strict=True)
+    cpu_on_off = zip(auth["cpu_us"]["runs"]["on"], auth["cpu_us"]["runs"]["off"], strict=True)
+    return (
+        "Single-message ingest (role api), auth on vs off (req/s, median; engine CPU µs/req)",
+        f"{auth['on']:,.0f} vs {auth['off']:,.0f}; "
+        f"{auth['cpu_us']['on']:.0f} vs {auth['cpu_us']['off']:.0f} µs",
+        "runs: "
+        + " / ".join(f"{a:,.0f} vs {b:,.0f}" for a, b in on_off)
+        + "; CPU: "
+        + " / ".join(f"{a:.0f} vs {b:.0f}" for a, b in cpu_on_off),
+        f"{auth['ratio']:.2f} × auth off (req/s); {auth['cpu_ratio']:.2f} × (CPU per request)",
+        "≥ 0.95",
+    )
+
+
+def only_auth(args: argparse.Namespace) -> None:
+    """``--only auth``: the auth phase alone, printed as the full run's row."""
+    say(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}")
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-") as tmpdir,
+        RedisServer(Path(tmpdir) / "redis") as redis,
+    ):
+        auth = phase_auth_cost(args, redis, Path(tmpdir))
+    print("\n| measurement | result | notes | ratio | target |\n|---|---:|---|---|---|")
+    print(f"| {' | '.join(auth_row(auth))} |")
 
 
 def phase_compare(
@@ -423,9 +458,16 @@ def main() -> None:
         help="rounds of ingest with auth on and off, alternating (default 2; 0 skips)",
     )  # fmt: skip
     parser.add_argument(
+        "--only", choices=["auth"],
+        help="run only this phase (auth: --auth-rounds of ingest with auth on and off)",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", default=str(ROOT / "bench-results"), help="directory for the JSON result"
     )
     args = parser.parse_args()
+    if args.only == "auth":
+        only_auth(args)
+        return
 
     say(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}")
     with (
@@ -493,15 +535,7 @@ def main() -> None:
         ),
     ]
     if auth is not None:
-        rows.append((
-            "Single-message ingest (role api), auth on vs off (req/s, median)",
-            f"{auth['on']:,.0f} vs {auth['off']:,.0f}",
-            "runs: " + " / ".join(f"{a:,.0f} vs {b:,.0f}"
-                                  for a, b in zip(auth["runs"]["on"], auth["runs"]["off"],
-                                                  strict=True)),
-            f"{auth['ratio']:.2f} × auth off",
-            "≥ 0.95",
-        ))  # fmt: skip
+        rows.append(auth_row(auth))
     table = [
         "| measurement | result | latency / notes | ratio | target |",
         "|---|---:|---|---|---|",

@@ -24,11 +24,12 @@ from engine.api.router import PROBES, Handler, Router, Socket
 from engine.api.routes import ROUTES, Health, Readiness, index, openapi
 from engine.api.schedules import ScheduleRoutes
 from engine.api.suppression import SuppressionRoutes
+from engine.api.templates import TemplateRoutes, Templates
 from engine.api.transports import transports_route
 from engine.api.webhooks import WebhookRoutes
 from engine.config import Settings
 from engine.errors import QueueError
-from engine.queue import SuppressionStore
+from engine.queue import SuppressionStore, TemplateStore
 
 # All a sender-only replica (role sender) serves.
 OPS_ONLY = PROBES
@@ -54,6 +55,8 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
     )
     dashboard = DashboardRoutes(backend)
     suppressions = SuppressionRoutes(SuppressionStore(backend.queue.client, backend.queue.keys))
+    templates = Templates(TemplateStore(backend.queue.client, backend.queue.keys))
+    template_routes = TemplateRoutes(templates)
     spec = msgspec.json.encode(openapi())
     listing = msgspec.json.encode(index())
 
@@ -98,6 +101,12 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         "import_suppressions": suppressions.import_suppressions,
         "get_suppression": suppressions.get_suppression,
         "delete_suppression": suppressions.delete_suppression,
+        "create_template": template_routes.create_template,
+        "list_templates": template_routes.list_templates,
+        "get_template": template_routes.get_template,
+        "update_template": template_routes.update_template,
+        "delete_template": template_routes.delete_template,
+        "render_template": template_routes.render_template,
         "list_limits": limits_route(backend.limits),
         "list_transports": transports_route(backend.breaker),
         "stats": dashboard.stats,

@@ -35,6 +35,7 @@ from engine.api.suppression import (
     SuppressionsIn,
     SuppressionView,
 )
+from engine.api.templates import RenderIn, RenderOut, TemplateList, TemplateView
 from engine.api.transports import TransportList
 from engine.api.webhooks import (
     AttemptList,
@@ -49,6 +50,7 @@ from engine.api.webhooks import (
 from engine.auth import PUBLIC, TenantRecord
 from engine.auth import SCOPES as KEY_SCOPES
 from engine.models import Accepted, BatchAccepted, BatchIn, Event, JobView, MessageIn, Problem
+from engine.templates import TemplateIn
 
 # What a route needs: a scope an API key carries, or "public" (no key).
 SCOPES: Final = (PUBLIC, *KEY_SCOPES)
@@ -115,6 +117,11 @@ _INGEST_ERRORS: Final = {
     422: _ok("a field is invalid (problem.field names it)"),
     429: _ok("over this client's rate (Retry-After, RateLimit-* headers)"),
     503: _ok("not accepted: Redis unavailable, backlog full or shutting down (Retry-After)"),
+}
+
+# Templates are a tenant's: ?tenant= picks one the key acts for.
+_TEMPLATE_TENANT: Final = {
+    "tenant": "whose templates (a tenant this key acts for; default its own)"
 }
 
 # The dashboard's files carry an ETag; If-None-Match with it answers 304 and no body.
@@ -256,6 +263,37 @@ ROUTES: Final[tuple[Route, ...]] = (
           {204: _ok("removed"), 404: _ok("not suppressed"), 422: _ok("a bad tenant"),
            **_QUEUE}, query={"tenant": "whose list (default: the key's own)"},
           tag="suppressions"),
+    Route("create_template", "POST", "/v1/templates",
+          "Add a template (subject, text, html with {{ variables }}; version 1)", "templates",
+          {201: _ok("added: its variables listed", TemplateView), 400: _ok("malformed JSON"),
+           413: _ok("body too large"), 415: _ok("not JSON"),
+           422: _ok("a field is invalid (a syntax error names the part); the name exists"),
+           **_QUEUE}, request=TemplateIn, query=_TEMPLATE_TENANT, tag="templates"),
+    Route("list_templates", "GET", "/v1/templates", "A tenant's templates", "templates",
+          {200: _ok("their current versions", TemplateList), 422: _ok("a bad tenant"),
+           **_QUEUE}, query=_TEMPLATE_TENANT, tag="templates"),
+    Route("get_template", "GET", "/v1/templates/{name}", "A template, at one version",
+          "templates", {200: _ok("the template (the current version by default)", TemplateView),
+                        404: _ok("no such template or version"),
+                        422: _ok("a bad tenant or version"), **_QUEUE},
+          query={**_TEMPLATE_TENANT, "version": ("a kept version (default: the current)",
+                                                 _int(1, 10**9))}, tag="templates"),
+    Route("update_template", "PUT", "/v1/templates/{name}",
+          "Give a template a new version (sends name it from then on)", "templates",
+          {200: _ok("the new version", TemplateView), 400: _ok("malformed JSON"),
+           404: _ok("no such template"), 413: _ok("body too large"), 415: _ok("not JSON"),
+           422: _ok("a field is invalid"), **_QUEUE}, request=TemplateIn,
+          query=_TEMPLATE_TENANT, tag="templates"),
+    Route("delete_template", "DELETE", "/v1/templates/{name}", "Delete a template",
+          "templates", {204: _ok("deleted (every version)"), 404: _ok("no such template"),
+                        422: _ok("a bad tenant"), **_QUEUE},
+          query=_TEMPLATE_TENANT, tag="templates"),
+    Route("render_template", "POST", "/v1/templates/{name}/render",
+          "Render a template with variables (a preview: nothing is sent)", "templates",
+          {200: _ok("the parts a send would carry", RenderOut), 400: _ok("malformed JSON"),
+           404: _ok("no such template"), 413: _ok("body too large"), 415: _ok("not JSON"),
+           422: _ok("a variable is missing, or the template does not render"), **_QUEUE},
+          request=RenderIn, query=_TEMPLATE_TENANT, tag="templates"),
     Route("create_key", "POST", "/v1/keys", "Make an API key (the answer shows it, once)",
           "admin", {201: _ok("made: `key` is shown this once", KeyCreated),
                     400: _ok("malformed JSON"), 413: _ok("body too large"),

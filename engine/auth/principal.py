@@ -14,7 +14,8 @@ from engine.models import ascii_domain, bare_address
 
 # What a key can be allowed to do. "admin" implies every other scope.
 SCOPES: Final = (
-    "send", "read", "events", "dead-letters", "schedules", "webhooks", "suppressions", "admin",
+    "send", "read", "events", "dead-letters", "schedules", "webhooks", "suppressions",
+    "templates", "admin",
 )  # fmt: skip
 # A route everyone may call (health, the page, the spec) declares this instead.
 PUBLIC: Final = "public"

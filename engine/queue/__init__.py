@@ -26,6 +26,7 @@ from engine.queue.limits import BucketState, RateLimits
 from engine.queue.redis import SCRIPT_NAMES, Redis, load_script_sources, open_redis
 from engine.queue.schedules import Schedule, ScheduleStore
 from engine.queue.suppression import Suppression, SuppressionPage, SuppressionStore, address_key
+from engine.queue.templates import TemplateStore
 from engine.queue.webhooks import Owed, WebhookStore
 from engine.queue.wire import (
     TAG_SEPARATOR,
@@ -67,6 +68,7 @@ __all__ = [
     "Suppression",
     "SuppressionPage",
     "SuppressionStore",
+    "TemplateStore",
     "WebhookStore",
     "address_key",
     "decode_message",
