@@ -12,6 +12,7 @@ form and in its 7-bit fallback.
 
 from __future__ import annotations
 
+import binascii
 import email
 import email.policy
 import re
@@ -31,6 +32,7 @@ from engine.models import MessageIn, ascii_domain, split_address
 from engine.queue import decode_message, new_job
 from engine.transport import OutgoingMail, compose
 from engine.transport.base import SevenBitForm
+from engine.transport.compose import qp_encode
 
 JOB = "0190f0c2a7b84c5e8d3f2a1b0c9d8e7f"
 NOW = 1_700_000_000.0
@@ -251,3 +253,17 @@ def test_what_the_api_accepts_reads_back_the_same(body: dict[str, Any]) -> None:
         return
     assert isinstance(seven, OutgoingMail) and seven.data.isascii()
     check_mail(seven.data, body, stored, ascii_forms(stored))
+
+
+_QP_PIECES = st.sampled_from(["a", " ", "\t", "=", "é", "€", ".", "x" * 80])
+
+
+@given(
+    st.lists(st.lists(_QP_PIECES, max_size=30).map("".join), max_size=40),
+    st.integers(min_value=1, max_value=200),
+)
+def test_quoted_printable_in_chunks_of_lines_is_the_same(lines: list[str], chunk: int) -> None:
+    """compose.qp_encode splits a large body after newlines (the GIL is let go between
+    calls): the same bytes as one b2a_qp call, trailing white space and long lines too."""
+    raw = "\n".join(lines).encode()
+    assert qp_encode(raw, chunk) == binascii.b2a_qp(raw, istext=True)

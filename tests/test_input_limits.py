@@ -483,3 +483,159 @@ def _every_pair_unique(body: bytes) -> bool:
 def test_duplicate_key_guard_matches_a_pairwise_decoder(text: str) -> None:
     body = text.encode()
     assert (duplicate_key(body) is None) == _every_pair_unique(body), body
+
+
+# -- large bodies: refused before millions of objects are built --------------------------
+
+MIB = 1024 * 1024
+# Over the raw-JSON cap of "to" (~700 KB: 100 addresses of 584 escaped characters).
+TINY_TO = b'{"text": "x", "to": [' + b'"a",' * 200_000 + b'"a"]}'  # 800 KB
+
+
+def test_the_body_limit_is_2_mib_by_default() -> None:
+    from engine.config import HttpSettings
+    from engine.http.settings import ServerSettings
+
+    assert HttpSettings().max_body_bytes == 2 * MIB
+    assert ServerSettings().max_body_bytes == 2 * MIB
+
+
+async def test_a_body_over_2_mib_gets_413_one_at_it_gets_202(redis_server: RedisServer) -> None:
+    from engine.queue import open_redis
+
+    async with open_redis(redis_server.url) as r:
+        await r.flushall()
+    bind = f"127.0.0.1:{free_port()}"
+    settings = load_settings(environ={}, overrides={"http": {"bind": bind}})
+    transport = MemoryTransport()
+    prefix, suffix = b'{"to": "ann@example.com", "text": "', b'"}'
+    line = "Grüße, schöne Straße.\\n".encode()  # multi-byte, many lines
+    room = 2 * MIB - len(prefix) - len(suffix)
+    at_limit = prefix + line * (room // len(line)) + b" " * (room % len(line)) + suffix
+    assert len(at_limit) == 2 * MIB
+    async with (
+        inprocess_engine(settings, redis_server.url, transport),
+        httpx.AsyncClient(base_url=f"http://{bind}", headers=AUTH, timeout=30) as client,
+    ):
+        r = await post_raw(client, "/v1/messages", at_limit + b" ")
+        assert r.status_code == 413, r.text
+        r = await post_raw(client, "/v1/messages", at_limit)
+        assert r.status_code == 202, r.text
+        with trio.fail_after(30):
+            while not transport.sent:
+                await trio.sleep(0.01)
+    # Composed in a worker thread (engine.sender.pool): the bytes are the message's.
+    parsed = email.message_from_bytes(transport.sent[0].data, policy=email.policy.default)
+    text = "Grüße, schöne Straße.\n" * (room // len(line)) + " " * (room % len(line)) + "\n"
+    assert parsed.get_content().replace("\r\n", "\n") == text
+
+
+def _parse(body: bytes, batch: bool = False) -> tuple[int, str | None, str]:
+    """(status, field, detail) of what ingest's parsing answers, or (200, None, "")."""
+    from engine.api.exchange import Fail
+    from engine.api.ingest import parse_batch, parse_message
+    from engine.config import HttpSettings
+
+    try:
+        if batch:
+            parse_batch(body, HttpSettings())
+        else:
+            parse_message(body)
+    except Fail as fail:
+        return fail.status, fail.field, fail.detail
+    return 200, None, ""
+
+
+async def test_an_oversized_to_list_is_refused_naming_to(api: Engine) -> None:
+    detail = refused(await post_raw(api.client, "/v1/messages", TINY_TO), "to")
+    assert "its JSON has" in detail
+    for field in ("cc", "bcc", "reply_to", "tags"):
+        raw = TINY_TO.replace(b'"to"', b'"%s"' % field.encode())
+        assert _parse(raw)[:2] == (422, field)
+    headers = b'{"to": "a@b.co", "text": "x", "headers": {' + b'"h": "",' * 200_000 + b'"h": ""}}'
+    assert _parse(headers)[:2] == (422, "headers")
+
+
+@pytest.mark.parametrize("char", ["\\ud83d\\ude00", '\\"'])
+def test_the_raw_json_caps_refuse_nothing_the_decoder_takes(char: str) -> None:
+    """At their caps -- every character an escaped surrogate pair (the most bytes) or an
+    escaped quote (the most quotes), white space around every item -- capped fields
+    still pass the look at large bodies."""
+    address = ('"' + char * MAX_ADDRESS_FIELD_CHARS + '"').encode()
+    to = b"[ " + b" , ".join([address] * MAX_RECIPIENTS) + b" ]"
+    tag = ('"' + char * MAX_TAG_CHARS + '"').encode()
+    tags = b"[" + b",".join([tag] * MAX_TAGS) + b"]"
+    names = [('"' + char * (MAX_HEADER_NAME_CHARS - 2) + f'{i:02d}"').encode() for i in range(50)]
+    value = ('"' + char * MAX_HEADER_VALUE_CHARS + '"').encode()
+    headers = b"{" + b",".join(b"%s:%s" % (name, value) for name in names) + b"}"
+    body = b'{"to": %s, "tags": %s, "headers": %s, "text": "x"}' % (to, tags, headers)
+    assert len(body) > 64 * 1024
+    assert _parse(body) == (200, None, "")
+    # One item more, and the decoder would refuse it: so does the look.
+    over = to[:-2] + b"," + address + b" ]"
+    assert _parse(body.replace(to, over))[:2] == (422, "to")
+
+
+def test_white_space_does_not_count_against_a_cap() -> None:
+    body = b'{"to": [' + b" " * 1_000_000 + b'"ann@example.com"], "text": "x"}'
+    assert _parse(body) == (200, None, "")
+
+
+def test_a_value_hidden_behind_a_repeated_key_is_refused_unbuilt() -> None:
+    """msgspec decodes every value of a repeated key, keeping the last: the look at a
+    large body sees bytes its kept values do not explain."""
+    hidden = TINY_TO[:-1] + b', "to": "ann@example.com"}'
+    assert _parse(hidden)[:3] == (
+        422,
+        "$",
+        "an object of this body has the same key more than once",
+    )
+    minimal = b'{"to": "a@b.co", "text": ""}'
+    batch = (
+        b'{"messages": [' + b",".join([minimal] * 50_000) + b'], "messages": [' + minimal + b"]}"
+    )
+    assert _parse(batch, batch=True)[:2] == (422, "$")
+    inner = b'{"messages": [' + minimal + b", " + hidden + b"]}"
+    assert _parse(inner, batch=True)[:2] == (422, "messages[1]")
+
+
+async def test_a_batch_over_the_count_is_refused_before_its_messages_are_decoded(
+    api: Engine,
+) -> None:
+    batch = {"messages": [MSG] * 1001}
+    detail = refused(await api.client.post("/v1/messages/batch", json=batch), "messages")
+    assert "1 to 1000" in detail
+    # Counted before decoding: 1001 items that are not even messages get the same answer.
+    assert _parse(b'{"messages": [' + b"5," * 1000 + b"5]}", batch=True)[:2] == (422, "messages")
+    assert _parse(b'{"messages": [' + b"5," * 999 + b"5]}", batch=True)[:2] == (
+        422,
+        "messages[0]",
+    )
+
+
+def test_errors_inside_a_large_batch_message_keep_their_place() -> None:
+    minimal = b'{"to": "a@b.co", "text": ""}'
+    big = TINY_TO[:-1] + b', "colour": 1}'
+    assert _parse(b'{"messages": [' + minimal + b", " + big + b"]}", batch=True)[:2] == (
+        422,
+        "messages[1].colour",
+    )
+    big_to = TINY_TO.replace(b'"a",' * 200_000, b'"a",' * 100_000)
+    assert _parse(b'{"messages": [' + minimal + b", " + big_to + b"]}", batch=True)[:2] == (
+        422,
+        "messages[1].to",
+    )
+    bad = b'{"messages": [' + minimal + b', {"to": 1, "text": "' + b"x" * 100_000 + b'"}]}'
+    assert _parse(bad, batch=True)[:2] == (422, "messages[1].to")
+
+
+async def test_a_large_message_composes_in_a_thread_to_the_same_bytes() -> None:
+    from engine.queue import encode_message
+    from engine.sender.pool import compose_mail, composes_in_thread
+
+    for text in ("Grüße, schöne Straße.\n" * 20_000, "x" * 400_000, "short"):
+        message = stored(text=text, html=f"<p>{text}</p>", headers=[("X-A", "v" * 1000)])
+        size = len(encode_message(message))
+        assert composes_in_thread(size) == (text != "short")
+        threaded = await compose_mail("J", message, message_id_domain="d", now=0, size=size)
+        assert threaded == compose("J", message, message_id_domain="d", now=0)

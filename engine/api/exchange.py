@@ -29,6 +29,7 @@ _AT_RE: Final = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _UNKNOWN_RE: Final = re.compile(r"unknown field `(?P<name>[^`]+)`")
 
 D = TypeVar("D")
+B = TypeVar("B", bound=bytes)
 
 
 @dataclass(slots=True)
@@ -170,21 +171,39 @@ def error_field(exc: msgspec.ValidationError) -> tuple[str, str]:
     return path or "$", text
 
 
-def decode_json(decode: Callable[[bytes], D], body: bytes) -> D:
-    """``decode(body)``; 422 naming the field (or a key an object repeats: msgspec would
-    keep the last one silently), or 400 for malformed or too deeply nested JSON."""
+def parse_json(decode: Callable[[B], D], body: B, at: str = "") -> D:
+    """``decode(body)``; 422 naming the field (prefixed with ``at``, e.g. ``messages[3].``,
+    when ``body`` is part of a larger one), or 400 for malformed or too deeply nested JSON.
+    Not the duplicate-key check: ``refuse_repeated_keys``."""
     try:
-        value = decode(body)
-        repeated = duplicate_key(body)
+        return decode(body)
     except msgspec.ValidationError as exc:
         path, detail = error_field(exc)
+        if at:
+            path = at.rstrip(".") if path == "$" else at + path
         raise invalid(path, detail) from None
     except msgspec.DecodeError as exc:
         raise Fail(400, "malformed-json", "Malformed JSON", str(exc)) from None
+    except RecursionError:
+        raise Fail(400, "malformed-json", "Malformed JSON", "the body nests too deeply") from None
+
+
+def refuse_repeated_keys(body: bytes) -> None:
+    """422 naming the key when an object of ``body`` (valid JSON) repeats one: msgspec
+    would keep the last one silently, a proxy may read the first."""
+    try:
+        repeated = duplicate_key(body)
     except (RecursionError, TooDeep):
         raise Fail(400, "malformed-json", "Malformed JSON", "the body nests too deeply") from None
     if repeated is not None:
         raise invalid(*repeated)
+
+
+def decode_json(decode: Callable[[bytes], D], body: bytes) -> D:
+    """``parse_json`` then ``refuse_repeated_keys``: 422 naming the field or the repeated
+    key, or 400 for malformed or too deeply nested JSON."""
+    value = parse_json(decode, body)
+    refuse_repeated_keys(body)
     return value
 
 

@@ -57,7 +57,9 @@ def _repeats(body: bytes) -> bool:
     if b"\\u003" in body:
         # Escapes pair backslashes from the left, so without the "\\\\" pairs every
         # backslash left starts an escape: "\\\\u003a" is text, "\\\\\\u003a" a ":".
-        unpaired = body.replace(b"\\\\", b"")
+        # With no backslash right before any "\\u003", each of them is an escape: the
+        # copy without pairs (~2 ms a MiB when there are many) is not needed.
+        unpaired = body.replace(b"\\\\", b"") if b"\\\\u003" in body else body
         escaped = sum(unpaired.count(e) for e in _ESCAPED_COLONS)
     return body.count(b":") + escaped != _encode(_decode(body)).count(b":")
 

@@ -17,8 +17,9 @@ class ServerSettings:
     # HOST:PORT to listen on ("[::1]:8080" for IPv6; port 0 picks a free one).
     bind: str = "127.0.0.1:8080"
     # A request body above this many bytes gets 413: at once when Content-Length says so
-    # (no 100 Continue is sent), as soon as it passes the limit when chunked.
-    max_body_bytes: int = 10 * 1024 * 1024
+    # (no 100 Continue is sent), as soon as it passes the limit when chunked. The same
+    # default as http.max_body_bytes (engine.config.HttpSettings explains it).
+    max_body_bytes: int = 2 * 1024 * 1024
     # Seconds a client may leave what we send it unread before its connection is dropped:
     # each socket write's deadline, and TCP_USER_TIMEOUT (Linux) for what the kernel
     # holds. 0 = no write deadline and the system's default.

@@ -4,11 +4,14 @@ counters, and the stop signal used by graceful shutdown."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections import deque
+from collections.abc import Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Final
 
 import msgspec
 import trio
@@ -25,6 +28,7 @@ from engine.errors import (
 )
 from engine.ids import id_time_ms
 from engine.metrics import Metrics, SenderMetrics
+from engine.models import Message
 from engine.policy import Outcome, after_failure, backoff_s, classify_smtp
 from engine.queue import Breaker, ClaimedJob, Failure, Queue, RateLimits, decode_message
 from engine.sender.gate import TransportGate
@@ -32,6 +36,13 @@ from engine.sender.ratelimit import RateLimiter
 from engine.transport import OutgoingMail, SendResult, Transport, compose
 
 log = logging.getLogger(__name__)
+
+# Composing costs up to ~10 ms a MiB of body (quoted-printable, line checks), all of it
+# on the loop when inline. Above this many stored bytes a message is composed in a
+# worker thread, which gives the GIL back every 5 ms (sys.getswitchinterval) -- but not
+# inside one C call: binascii.b2a_qp of a whole body takes up to ~9 ms a MiB, so the
+# loop may still wait that long. Below, the ~50 us hop would cost more than it saves.
+COMPOSE_THREAD_ABOVE_BYTES: Final = 256 * 1024
 
 # Replies that mean "you are sending too fast": they slow the domain's bucket down, as
 # does every reply of the rate-limited class (engine.bounce: decision "slow-down").
@@ -55,6 +66,29 @@ class SenderStatistics:
     retried: int
     failed: int
     released: int
+
+
+def composes_in_thread(size: int) -> bool:
+    """Whether a message whose stored form takes ``size`` bytes is composed in a worker
+    thread (COMPOSE_THREAD_ABOVE_BYTES)."""
+    return size > COMPOSE_THREAD_ABOVE_BYTES
+
+
+async def compose_mail(
+    job_id: str, message: Message, *, message_id_domain: str, now: float, size: int
+) -> OutgoingMail:
+    """``compose(...)``: inline, or in a worker thread when the message is large (its
+    stored form, ``size`` bytes, is mostly its text, html and headers).
+
+    compose is thread-safe: pure (its caches are functools.lru_cache, safe across
+    threads), it writes only what it builds, and ``message`` is this job's own. The
+    thread is not abandoned on cancellation: it is done within tens of milliseconds.
+    """
+    if not composes_in_thread(size):
+        return compose(job_id, message, message_id_domain=message_id_domain, now=now)
+    return await trio.to_thread.run_sync(
+        functools.partial(compose, job_id, message, message_id_domain=message_id_domain, now=now)
+    )
 
 
 class SenderPool:
@@ -191,11 +225,12 @@ class SenderPool:
             for job in jobs:
                 try:
                     message = decode_message(job.payload)
-                    mail = compose(
+                    mail = await compose_mail(
                         job.id,
                         message,
                         message_id_domain=self.settings.message_id_domain,
                         now=time.time(),
+                        size=len(job.payload),
                     )
                 except (msgspec.DecodeError, ValueError) as exc:
                     failure = PermanentFailure(f"undecodable job: {exc}")
@@ -303,6 +338,9 @@ class SenderPool:
         ]
         if slow:
             await self._slow_down(slow)
+        dead = _dead_addresses((r.address, r.code, r.text) for r in result.rejected)
+        if dead:
+            await self._suppress_refused(job, dead)
         if temporary:
             # Delivered to some; the temporarily refused are retried, and only they.
             failure = TemporaryFailure(f"delivered in part; refused {note}", code=temporary[0].code)
@@ -310,6 +348,14 @@ class SenderPool:
             await self._record_failure(job, failure, budget, recipients=retry)
             return
         await self._ack(job, f"delivered in part; refused {note}" if note else "")
+
+    async def _suppress_refused(self, job: ClaimedJob, dead: list[tuple[str, str, str]]) -> None:
+        """Recipients refused as unknown while others took the message: suppressed like
+        a hard bounce (a lost write only means the next send is refused again)."""
+        try:
+            await self.queue.suppress_refused(job.id, dead)
+        except EngineError as exc:
+            log.warning("sender.suppress.failed job=%s error=%s", job.id, exc)
 
     async def _slow_down(self, recipients: list[str]) -> None:
         """A 421/451: halve the shared rate of these recipients' domains (Redis applies
@@ -393,9 +439,11 @@ class SenderPool:
             "sender.send.failed job=%s attempt=%d outcome=%s bounce=%s error=%s",
             job.id, job.attempt, outcome, bounce.cls, error,
         )  # fmt: skip
+        dead = _dead_addresses(exc.refused) if outcome == "dead" else []
         failure = Failure(
             job.id, outcome, due_ms, error[:500], recipients, bounce.cls,
             suppress=bounce.suppress and outcome == "dead",
+            dead_addresses=tuple(address for address, _, _ in dead),
         )  # fmt: skip
         with trio.CancelScope(shield=True), trio.move_on_after(10):
             try:
@@ -409,3 +457,13 @@ class SenderPool:
         else:
             self._failed += 1
             self._metrics.dead()
+
+
+def _dead_addresses(refused: Iterable[tuple[str, int, str]]) -> list[tuple[str, str, str]]:
+    """(address, reason, class) of the recipients a server refused one by one with a
+    reply whose class puts the address on the suppression list (a 5xx invalid-recipient)."""
+    out: list[tuple[str, str, str]] = []
+    for address, code, text in refused:
+        if code >= 500 and (b := classify(code, None, text)).suppress:
+            out.append((address, f"{code} {text}"[:500], b.cls))
+    return out
