@@ -34,7 +34,7 @@ import msgspec
 import trio
 
 from engine.api.exchange import Fail, decode_json, refuse_repeated_keys
-from engine.api.ingest import parse_batch, parse_message
+from engine.api.ingest import _YIELD_EVERY, parse_batch, parse_message
 from engine.api.schedules import ScheduleIn, check_schedule
 from engine.config import HttpSettings
 from engine.errors import ValidationError
@@ -91,14 +91,24 @@ class Row:
     compose_ms: float = 0.0
     where: str = ""  # where compose ran: "inline", "thread" ("" when not composed)
     stall_ms: float = 0.0  # longest the loop waited while composing
+    # A batch's new_job work is done _YIELD_EVERY messages between turns of the loop:
+    # the slowest such chunk (0: not a batch -- decode, guard and new_job run at once).
+    chunk_ms: float = 0.0
 
     @property
     def handler_ms(self) -> float:
         return self.decode_ms + self.guard_ms + self.job_ms
 
     @property
+    def hold_ms(self) -> float:
+        """The longest the handler holds the loop without letting anything else run."""
+        if not self.chunk_ms:
+            return self.handler_ms
+        return max(self.decode_ms + self.guard_ms, self.chunk_ms)
+
+    @property
     def ok(self) -> bool:
-        return self.handler_ms <= TARGET_MS and self.stall_ms <= TARGET_MS
+        return self.hold_ms <= TARGET_MS and self.stall_ms <= TARGET_MS
 
 
 def best_ms(fn: Callable[[], object], budget_s: float) -> float:
@@ -177,6 +187,17 @@ def run_message(name: str, body: bytes, *, batch: bool, limit: int, budget_s: fl
 
     made = jobs()
     job_ms = best_ms(jobs, budget_s)
+    chunk_ms = 0.0
+    if batch:
+        chunks = [messages[i : i + _YIELD_EVERY] for i in range(0, len(messages), _YIELD_EVERY)]
+        chunk_ms = max(
+            best_ms(
+                lambda c=c: [new_job(m, JOB, default_from="engine@example.org", now_ms=0)
+                             for m in c],  # fmt: skip
+                budget_s / len(chunks),
+            )
+            for c in chunks
+        )
     if isinstance(made, ValidationError):
         prefix = "messages[?]." if batch else ""
         return Row(name, len(body), f"422 {prefix}{made.field}", decode_ms, guard_ms, job_ms)
@@ -203,7 +224,10 @@ def run_message(name: str, body: bytes, *, batch: bool, limit: int, budget_s: fl
         inline = compose(JOB, stored[big], message_id_domain="engine.example", now=0.0)
         assert trio.run(call) == inline, "compose in a thread gave other bytes"
     outcome = "202" if not batch else f"202 ({len(stored)} msgs; compose: per msg)"
-    return Row(name, len(body), outcome, decode_ms, guard_ms, job_ms, compose_ms, where, stall_ms)
+    return Row(
+        name, len(body), outcome, decode_ms, guard_ms, job_ms, compose_ms, where, stall_ms,
+        chunk_ms,
+    )  # fmt: skip
 
 
 def run_schedule(name: str, body: bytes, budget_s: float) -> Row:
@@ -518,15 +542,19 @@ def main() -> None:
     width = max(len(r.name) for r in rows)
     print(
         f"\nHandler work per input, bodies up to {limit:,} bytes (best of several runs; "
-        f"target <= {TARGET_MS:g} ms of handler work, and of loop stall while composing)\n"
+        f"target <= {TARGET_MS:g} ms; ok: the longest hold of the loop -- handler work done "
+        f"at once (a batch yields every {_YIELD_EVERY} messages) -- and the loop stall "
+        "while composing are both within it; `handler` is all the work, yields aside)\n"
     )
-    head = ("input", "bytes", "decode", "guard", "new_job", "handler", "compose", "stall")
+    head = ("input", "bytes", "decode", "guard", "new_job", "handler", "hold", "compose",
+            "stall")  # fmt: skip
     print(
         f"{head[0]:<{width}}  {head[1]:>10}" + "".join(f"  {h:>9}" for h in head[2:]),
         " where ", "ok ", "outcome",
     )  # fmt: skip
     for r in rows:
-        times = (r.decode_ms, r.guard_ms, r.job_ms, r.handler_ms, r.compose_ms, r.stall_ms)
+        times = (r.decode_ms, r.guard_ms, r.job_ms, r.handler_ms, r.hold_ms, r.compose_ms,
+                 r.stall_ms)  # fmt: skip
         print(
             f"{r.name:<{width}}  {r.size:>10,}" + "".join(f"  {t:>7.3f}ms" for t in times),
             f"{r.where or '-':<6}",

@@ -391,3 +391,14 @@ def test_fallback_follows_a_narrowed_recipient_list() -> None:
     retry = dataclasses.replace(out, recipients=["b@münchen.de"])
     seven = seven_bit(retry)
     assert seven.recipients == ["b@xn--mnchen-3ya.de"]
+
+
+def test_a_line_longer_than_a_qp_chunk_goes_base64_and_reads_back() -> None:
+    """One b2a_qp call per such line would hold the GIL for all of it (compose.py): a
+    part with a line over QP_CHUNK_BYTES is base64, 76-character lines."""
+    line = "é" + "x" * 200_000
+    parsed = parse(compose(JOB, make(text=line), message_id_domain="d.example", now=NOW).data)
+    assert parsed["Content-Transfer-Encoding"] == "base64"
+    assert content(parsed) == line + "\n"
+    short = parse(compose(JOB, make(text="y" * 2000), message_id_domain="d.example", now=NOW).data)
+    assert short["Content-Transfer-Encoding"] == "quoted-printable"

@@ -171,10 +171,17 @@ def _part(
     if not text.endswith("\n"):
         text += "\n"
     raw = text.encode("utf-8")
+    # raw ends with its newline: a body that short has no line longer than it, less one.
+    longest = len(raw) - 1 if len(raw) <= _MAX_LINE + 1 else max(map(len, raw.split(b"\n")))
+    if longest > QP_CHUNK_BYTES:
+        # A line this long is one b2a_qp call, which holds the GIL throughout (a 2 MiB
+        # line: ~25 ms of a stalled loop, even composed in a thread); base64 splits
+        # anywhere, a chunk per call.
+        return _encoded(content_type, "base64", b64_encode(raw)), None
     if (
         (boundary is not None and boundary in text)
         or b"\0" in raw  # neither 7bit nor 8bit data may hold NUL (RFC 2045 2.7, 2.8)
-        or not (len(raw) <= _MAX_LINE + 1 or max(map(len, raw.split(b"\n"))) <= _MAX_LINE)
+        or longest > _MAX_LINE
     ):
         return _encoded(content_type, "quoted-printable", _qp(raw)), None
     if raw.isascii():
@@ -208,6 +215,12 @@ def qp_encode(raw: bytes, chunk: int = QP_CHUNK_BYTES) -> bytes:
 
 def _qp(raw: bytes) -> bytes:
     return qp_encode(raw)
+
+
+def b64_encode(raw: bytes) -> bytes:
+    """base64 in 76-character lines (RFC 2045 6.8): 57 bytes a call, so a thread
+    composing a large part lets the GIL go between lines."""
+    return b"".join(binascii.b2a_base64(raw[i : i + 57]) for i in range(0, len(raw), 57))
 
 
 def _encoded(content_type: str, encoding: str, body: bytes) -> list[bytes]:
