@@ -52,7 +52,7 @@ from engine.models import (
     BatchIn,
     MessageIn,
 )
-from engine.queue import decode_message, new_job
+from engine.queue import NewJob, decode_message, new_job
 from engine.sender.pool import compose_mail, composes_in_thread
 from engine.transport import compose
 
@@ -190,13 +190,12 @@ def run_message(name: str, body: bytes, *, batch: bool, limit: int, budget_s: fl
     chunk_ms = 0.0
     if batch:
         chunks = [messages[i : i + _YIELD_EVERY] for i in range(0, len(messages), _YIELD_EVERY)]
+
+        def chunk_jobs(chunk: list[MessageIn]) -> list[NewJob]:
+            return [new_job(m, JOB, default_from="engine@example.org", now_ms=0) for m in chunk]
+
         chunk_ms = max(
-            best_ms(
-                lambda c=c: [new_job(m, JOB, default_from="engine@example.org", now_ms=0)
-                             for m in c],  # fmt: skip
-                budget_s / len(chunks),
-            )
-            for c in chunks
+            best_ms(functools.partial(chunk_jobs, c), budget_s / len(chunks)) for c in chunks
         )
     if isinstance(made, ValidationError):
         prefix = "messages[?]." if batch else ""
