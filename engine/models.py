@@ -11,7 +11,7 @@ import re
 import string
 import unicodedata
 from datetime import UTC, datetime
-from typing import Annotated, Final, Literal, NamedTuple
+from typing import Annotated, Any, Final, Literal, NamedTuple
 
 import idna
 import msgspec
@@ -146,6 +146,11 @@ class MessageIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     # Whose mail this is, for per-tenant rate limits and fair claiming; default: the
     # request's API key, else "default".
     tenant: Tenant | None = None
+    # Instead of subject/text/html: a template of the tenant's (/v1/templates), at its
+    # current version or this one, rendered at ingest with these variables.
+    template: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    template_version: int | None = None
+    variables: dict[str, Any] = {}
 
 
 class BatchIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):

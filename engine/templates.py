@@ -154,18 +154,19 @@ def _first_line(exc: minijinja.TemplateError) -> str:
 
 
 class _Env(minijinja.Environment):
-    """One environment per process. A version's parts never change, so each is compiled
-    once under its name (tenant/name/version.part) and rendered from then on; past
-    _COMPILED_KEPT names the cache starts again."""
+    """One environment per process. Each part is compiled once under its name
+    (tenant/name/version.part) and rendered from then on -- again when that name comes
+    with another source (a template deleted and made anew starts at version 1 again);
+    past _COMPILED_KEPT names the cache starts again."""
 
     def render_named_str(self, source: str, name: str, variables: Mapping[str, Any]) -> str:
-        compiled: set[str] = self.__dict__.setdefault("_compiled", set())
-        if name not in compiled:
+        compiled: dict[str, str] = self.__dict__.setdefault("_compiled", {})
+        if compiled.get(name) != source:
             if len(compiled) >= _COMPILED_KEPT:
                 self.clear_templates()
                 compiled.clear()
             self.add_template(name, source)
-            compiled.add(name)
+            compiled[name] = source
         # A name ending in .html turns auto-escaping on for that part.
         return str(self.render_template(name, **variables))
 

@@ -140,3 +140,40 @@ async def _sent(transport: MemoryTransport, n: int) -> None:
     with trio.fail_after(10):
         while len(transport.sent) < n:
             await trio.sleep(0.02)
+
+
+async def test_sends_name_a_template_single_and_batch(api: Api) -> None:
+    c, transport = api
+    assert (await c.post("/v1/templates", json=WELCOME)).status_code == 201
+    ann = {"to": "ann@example.com", "template": "welcome",
+           "variables": {"name": "Ann", "code": "A1"}}  # fmt: skip
+    one = await c.post("/v1/messages", json=ann)
+    assert one.status_code == 202, one.text
+    batch = {"messages": [
+        {"to": f"u{i}@example.com", "template": "welcome",
+         "variables": {"name": f"<U{i}>", "code": i}} for i in range(3)
+    ]}  # fmt: skip
+    many = await c.post("/v1/messages/batch", json=batch)
+    assert many.status_code == 202, many.text
+    await _sent(transport, 4)
+    bodies = {m.recipients[0]: m.data.decode() for m in transport.sent}
+    assert "Subject: Welcome, Ann" in bodies["ann@example.com"]
+    assert "your code is A1." in bodies["ann@example.com"]
+    assert "&lt;U2&gt;" in bodies["u2@example.com"] and "<U2>" in bodies["u2@example.com"]
+
+    # Refused at ingest, naming the field: a missing variable (in a batch: its place),
+    # an unknown template or version, a template and a body both.
+    r = await c.post("/v1/messages", json={"to": "a@example.com", "template": "welcome",
+                                           "variables": {"name": "A"}})  # fmt: skip
+    assert (r.status_code, r.json()["field"]) == (422, "variables.code")
+    bad = {"messages": [batch["messages"][0], {"to": "b@example.com", "template": "welcome"}]}
+    r = await c.post("/v1/messages/batch", json=bad)
+    assert (r.status_code, r.json()["field"]) == (422, "messages[1].variables.code")
+    r = await c.post("/v1/messages", json={"to": "a@example.com", "template": "nope"})
+    assert (r.status_code, r.json()["field"]) == (422, "template")
+    r = await c.post("/v1/messages", json={"to": "a@example.com", "template": "welcome",
+                                           "template_version": 9, "variables": {}})  # fmt: skip
+    assert (r.status_code, r.json()["field"]) == (422, "template_version")
+    r = await c.post("/v1/messages", json={"to": "a@example.com", "template": "welcome",
+                                           "text": "x", "variables": {}})  # fmt: skip
+    assert (r.status_code, r.json()["field"]) == (422, "template")

@@ -36,6 +36,8 @@ OPS_ONLY = PROBES
 
 
 def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
+    templates = Templates(TemplateStore(backend.queue.client, backend.queue.keys))
+    template_routes = TemplateRoutes(templates)
     ingest = Ingest(
         backend.queue,
         settings.http,
@@ -45,6 +47,7 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         backend.metrics.ingest,
         stopping=backend.stopping,
         access=backend.access,
+        templates=templates,
     )
     dead = DeadRoutes(backend.queue)
     schedules = ScheduleRoutes(
@@ -55,8 +58,6 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
     )
     dashboard = DashboardRoutes(backend)
     suppressions = SuppressionRoutes(SuppressionStore(backend.queue.client, backend.queue.keys))
-    templates = Templates(TemplateStore(backend.queue.client, backend.queue.keys))
-    template_routes = TemplateRoutes(templates)
     spec = msgspec.json.encode(openapi())
     listing = msgspec.json.encode(index())
 

@@ -26,6 +26,7 @@ from engine.api.exchange import (
     refuse_repeated_keys,
 )
 from engine.api.guard import presented_key
+from engine.api.templates import Templates
 from engine.auth import UNCHECKED, AccessTable, Principal, check_may_send
 from engine.config import HttpSettings, IngestSettings
 from engine.errors import QueueError, QueueUnavailable, ValidationError
@@ -170,6 +171,8 @@ class Ingest:
     stopping: trio.Event | None = None
     # Tenants' sender identities (auth on); None: auth off, no identity rule.
     access: AccessTable | None = None
+    # Tenants' templates, for sends that name one; None: templates are not offered.
+    templates: Templates | None = None
     _trusted: TrustedProxies = dataclasses.field(default_factory=lambda: TrustedProxies([]))
 
     def __post_init__(self) -> None:
@@ -185,6 +188,8 @@ class Ingest:
         client, tenant = self._who(req)
         now_ms = self.queue.now_ms()
         try:
+            if incoming.template is not None:
+                incoming = await self._rendered(req.principal, incoming, tenant)
             job = new_job(
                 incoming, new_ids(1, now_ms)[0], default_from=self.default_from,
                 now_ms=now_ms, default_tenant=tenant,
@@ -213,12 +218,15 @@ class Ingest:
         jobs: list[NewJob] = []
         i = 0
         try:
-            for i, incoming in enumerate(messages):
+            for i, given in enumerate(messages):
                 if i and not i % _YIELD_EVERY:
                     # Validating a message costs 16-60 µs: a full batch would hold the
                     # loop 20-70 ms at once (scripts/bench_inputs). Other requests,
                     # senders and watchers run in between.
                     await trio.lowlevel.checkpoint()
+                incoming = given
+                if given.template is not None:
+                    incoming = await self._rendered(req.principal, given, tenant)
                 job = new_job(
                     incoming, ids[i], default_from=self.default_from, now_ms=now_ms,
                     default_tenant=tenant,
@@ -242,6 +250,27 @@ class Ingest:
         if p.kid and p is not UNCHECKED:
             return "key-" + p.kid, p.tenant
         return identify(req, self._trusted)
+
+    async def _rendered(self, p: Principal, incoming: MessageIn, tenant: str) -> MessageIn:
+        """``incoming`` with the subject, text and html of the template it names,
+        rendered with its variables (ValidationError naming what is wrong)."""
+        if self.templates is None:
+            raise ValidationError("template", "templates are not offered by this engine")
+        if incoming.subject or incoming.text is not None or incoming.html is not None:
+            raise ValidationError(
+                "template", "a message names a template or gives subject, text and html: not both"
+            )
+        # The template of the tenant the message is for, when the key may act for it
+        # (when not, the send is refused below, whatever the template).
+        if incoming.tenant is not None and p.sees(incoming.tenant):
+            tenant = incoming.tenant
+        _, parts = await self.templates.render(
+            tenant, incoming.template or "", incoming.template_version, incoming.variables
+        )
+        return msgspec.structs.replace(
+            incoming, subject=parts.subject, text=parts.text, html=parts.html, template=None,
+            variables={},
+        )  # fmt: skip
 
     def _may_send(self, p: Principal, incoming: MessageIn, tenant: str) -> None:
         if self.access is not None:
