@@ -205,26 +205,38 @@ def test_feed_shows_each_transition_live(dash: Dashboard, api: httpx.Client) -> 
 
 def test_dlq_retry_from_the_page_requeues_the_message(dash: Dashboard, api: httpx.Client) -> None:
     page = dash.page
-    job_id = post(api, "nobody+550@example.com", subject="bounces")
+    # +552: refused at DATA as too big, for good -- and not suppressed (a +550 "user
+    # unknown" would put the address on the suppression list, and a retry would end
+    # suppressed, tried below).
+    job_id = post(api, "nobody+552@example.com", subject="bounces")
     row = page.locator(f'#dead tr[data-id="{job_id}"]')
-    expect(row).to_contain_text("550")
+    expect(row).to_contain_text("552")
     failed = _stats(api)["totals"]["failed"]
     row.locator("button.retry").click()
     expect(page.locator("#notices")).to_contain_text(f"re-queued {job_id}")
-    # It was attempted again (and refused again: the sink's +550 tag is permanent).
+    # It was attempted again (and refused again: the sink's +552 tag is permanent).
     _wait("the second attempt", lambda: _stats(api)["totals"]["failed"] == failed + 1)
     events = api.get(f"/v1/messages/{job_id}/events").json()
     items = events if isinstance(events, list) else events["items"]
     types = [e["type"] for e in items]
     assert types.count("failed") == 2 and "queued" in types[types.index("failed") :], types
     expect(row).to_have_count(1)
+
+    unknown = post(api, "nobody+550@example.com", subject="unknown")
+    gone = page.locator(f'#dead tr[data-id="{unknown}"]')
+    expect(gone).to_contain_text("550")
+    gone.locator("button.retry").click()
+    expect(page.locator("#notices")).to_contain_text(
+        f"not re-queued: every recipient of {unknown} is suppressed now"
+    )
+    expect(gone).to_have_count(0)
     dash.assert_no_errors()
 
 
 def test_dlq_delete_and_retry_all_ask_first(dash: Dashboard, api: httpx.Client) -> None:
     page = dash.page
-    doomed = post(api, "gone+550@example.com")
-    kept = [post(api, f"again{i}+550@example.com") for i in range(2)]
+    doomed = post(api, "gone+552@example.com")
+    kept = [post(api, f"again{i}+552@example.com") for i in range(2)]
     for job_id in (doomed, *kept):
         expect(page.locator(f'#dead tr[data-id="{job_id}"]')).to_have_count(1)
 
@@ -287,10 +299,10 @@ def test_captured_mail_is_listed_and_never_rendered_as_html(
 
 def test_dead_letter_id_link_offers_retry_in_the_lookup(dash: Dashboard, api: httpx.Client) -> None:
     page = dash.page
-    job_id = post(api, "lookdead+550@example.com")
+    job_id = post(api, "lookdead+552@example.com")  # too big: dead, not suppressed
     page.locator(f'#dead tr[data-id="{job_id}"] button.id').click()
     card = page.locator("#lookup-result .card")
-    expect(card).to_contain_text("550")
+    expect(card).to_contain_text("552")
     failed = _stats(api)["totals"]["failed"]
     card.get_by_role("button", name="Retry").click()
     _wait("the second attempt", lambda: _stats(api)["totals"]["failed"] == failed + 1)

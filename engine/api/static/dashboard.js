@@ -599,6 +599,48 @@
     }));
   }
 
+  // ---- DKIM domains (admin keys only) --------------------------------------------------
+
+  let domainsSignature = "";
+
+  async function pollDomains() {
+    try {
+      const list = await api("GET", "/v1/domains");
+      clearProblem("domains");
+      renderDomains(list.items);
+    } catch (err) {
+      if (err instanceof ApiError && (err.status === 403 || err.status === 404)) {
+        $("domains-note").textContent = err.status === 403
+          ? "this key lacks the admin scope" : "no DKIM routes on this engine";
+        $("domains-note").hidden = false;
+        return "stop";
+      }
+      showProblem("domains", err);
+    }
+    return null;
+  }
+
+  function renderDomains(items) {
+    const signature = JSON.stringify(items);
+    if (signature === domainsSignature) return;
+    domainsSignature = signature;
+    $("domains-total").textContent = fmt(items.length);
+    const body = $("domains").tBodies[0];
+    if (!items.length) {
+      body.replaceChildren(el("tr", {}, el("td", { colSpan: 3, className: "muted" },
+        "none: mail goes out unsigned (POST /v1/domains or [[dkim.keys]])")));
+      return;
+    }
+    body.replaceChildren(...items.map((d) => el(
+      "tr",
+      { dataset: { domain: d.domain } },
+      el("td", { title: `from ${d.source}` }, d.domain),
+      el("td", {}, `${d.algorithm} · ${d.selector}`),
+      el("td", { className: "detail" }, el("code", {}, d.dns.name), " ",
+         el("code", { className: "dns-value", title: d.dns.value }, d.dns.value)),
+    )));
+  }
+
   // ---- suppression list --------------------------------------------------------------
 
   let suppressedSignature = "";
@@ -649,7 +691,9 @@
 
   function retryDead(id) {
     return deadAction("retry", () => api("POST", `/v1/dead/${encodeURIComponent(id)}/retry`),
-      () => `re-queued ${id}`).then(() => { if (current.id === id) lookup(id); });
+      (out) => (out && out.state === "suppressed"
+        ? `not re-queued: every recipient of ${id} is suppressed now`
+        : `re-queued ${id}`)).then(() => { if (current.id === id) lookup(id); });
   }
 
   function deleteDead(id) {
@@ -661,7 +705,9 @@
   function retryAllDead() {
     if (!window.confirm("Re-queue every dead-lettered message?")) return Promise.resolve();
     return deadAction("retry all", () => api("POST", "/v1/dead/retry"),
-      (out) => `re-queued ${fmt(out.retried)} messages`);
+      (out) => `re-queued ${fmt(out.retried)} messages` +
+        ((out.suppressed || []).length
+          ? `; ${fmt(out.suppressed.length)} not: every recipient suppressed now` : ""));
   }
 
   // ---- captured mail (embedded sink) ------------------------------------------------
@@ -785,6 +831,9 @@
     });
     const stopHooks = every(WEBHOOKS_EVERY_MS, async () => {
       if ((await pollWebhooks()) === "stop") stopHooks();
+    });
+    const stopDomains = every(WEBHOOKS_EVERY_MS, async () => {
+      if ((await pollDomains()) === "stop") stopDomains();
     });
     const stopMail = every(MAIL_EVERY_MS, async () => {
       if ((await pollMail()) === "stop") stopMail();
