@@ -302,9 +302,9 @@ async def test_a_hanging_endpoint_does_not_delay_a_healthy_one(
             slow_hook = next(h for h in hooks if h["url"] == slow.url)
             with trio.fail_after(20):  # the slow receiver logs a request when it arrives
                 while True:
-                    attempts = (
-                        await c.get(f"/v1/webhooks/{slow_hook['id']}/attempts")
-                    ).json()["items"]
+                    attempts = (await c.get(f"/v1/webhooks/{slow_hook['id']}/attempts")).json()[
+                        "items"
+                    ]
                     if sum(a["outcome"] == "delivered" for a in attempts) >= len(sent):
                         break
                     await trio.sleep(0.1)
