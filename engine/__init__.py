@@ -10,6 +10,7 @@ Layers (imports point down only; enforced by import-linter in pyproject.toml):
                   -> transport (SMTP client pool, in-memory transport)
                        -> policy (pure decisions: token bucket, backoff, classification)
                             -> models, errors, config, keys, ids (leaves)
+                                 -> domainkeys (DKIM key material: settings check it)
     cli -> sink (asyncio/aiosmtpd in its own process, imported lazily)
     cli -> watch (websocket client of WS /v1/events; imports the leaves only)
 """

@@ -15,6 +15,7 @@ enhanced status code first, then well-known provider texts, then the basic code:
     tls-auth            TLS or authentication required        retry          dead-letter
     uncertain           sent, connection lost before reply    queue.on_uncertain
     unknown             nothing recognised                    retry          dead-letter
+    attachment-missing  (no reply) an attachment's blob is gone  dead-letter
 
 ``suppress`` is a dead letter whose address should not be mailed again (the tenant's
 suppression list reads ``Bounce.suppress``); ``slow-down`` retries and halves the
@@ -42,6 +43,7 @@ BounceClass: TypeAlias = Literal[
     "tls-auth",
     "uncertain",
     "unknown",
+    "attachment-missing",
 ]
 Decision: TypeAlias = Literal["retry", "dead-letter", "suppress", "slow-down"]
 # queue.on_uncertain: what a delivery that may or may not have happened becomes.
@@ -83,6 +85,8 @@ _DECISIONS: Final[dict[BounceClass, tuple[Decision, Decision]]] = {
     "tls-auth": ("retry", "dead-letter"),
     "uncertain": ("retry", "dead-letter"),
     "unknown": ("retry", "dead-letter"),
+    # Not a reply: the message names an attachment no longer stored (engine.sender).
+    "attachment-missing": ("dead-letter", "dead-letter"),
 }
 
 # Enhanced status codes (subject, detail) whose meaning is unambiguous: they decide.

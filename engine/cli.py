@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,29 @@ def _send_parser(sub: Any) -> None:
     p.add_argument("--tag", action="append", default=[], dest="tags")
     p.add_argument("--priority", help="high, normal, low, or 1-10 (10 most urgent)")
     p.add_argument("--tenant", help="whose mail this is (per-tenant limits, fair turns)")
+    p.add_argument(
+        "--template", metavar="NAME",
+        help="a template of the tenant's (/v1/templates) instead of --subject/--text/--html",
+    )  # fmt: skip
+    p.add_argument("--template-version", type=int, metavar="N", help="pin a kept version")
+    p.add_argument(
+        "--var", action="append", default=[], metavar="NAME=VALUE",
+        help="a template variable (repeatable); VALUE is read as JSON when it parses "
+        "(42, true, [1,2]), else as text",
+    )  # fmt: skip
+    p.add_argument(
+        "--attach", action="append", default=[], metavar="FILE",
+        help="attach a file (repeatable): uploaded first (POST /v1/attachments), then "
+        "named by its id",
+    )  # fmt: skip
+    p.add_argument(
+        "--sandbox", action="store_true",
+        help="test mode: queued and kept (GET /v1/messages/{id}/raw), not sent to a server",
+    )  # fmt: skip
+    p.add_argument(
+        "--unsubscribe", nargs="?", const=True, metavar="LIST",
+        help="add one-click unsubscribe headers (RFC 8058); with LIST, name the list",
+    )  # fmt: skip
     when = p.add_mutually_exclusive_group()
     when.add_argument("--send-at", metavar="TIME", help="RFC 3339, e.g. 2026-11-22T18:00:00Z")
     when.add_argument("--delay", type=float, metavar="SECONDS", help="send this much later")
@@ -126,9 +150,15 @@ def _access_parsers(sub: Any) -> None:
     create.add_argument("--name", default="", help="what it is for (shown in lists)")
     create.add_argument(
         "--scope", action="append", dest="scopes", metavar="SCOPE",
-        help="send, read, events, dead-letters, schedules or admin (repeatable; default send)",
+        help="send, read, events, dead-letters, schedules, webhooks, suppressions, templates "
+        "or admin (repeatable; default send)",
     )  # fmt: skip
     create.add_argument("--tenant", default="default", help="its tenant (default: default)")
+    create.add_argument(
+        "--sandbox", action="store_true",
+        help="a test key: its messages are queued and kept (GET /v1/messages/{id}/raw), "
+        "never sent to a server",
+    )  # fmt: skip
     create.add_argument(
         "--also", action="append", default=[], dest="tenants", metavar="TENANT",
         help="a further tenant it may send for (repeatable; * for every tenant)",
@@ -212,7 +242,7 @@ def keys_command(args: argparse.Namespace) -> int:
         return 0
     if args.keys_command == "create":
         body = {"name": args.name, "scopes": args.scopes or ["send"], "tenant": args.tenant,
-                "tenants": args.tenants}  # fmt: skip
+                "tenants": args.tenants, "sandbox": args.sandbox}  # fmt: skip
         status, answer = _call(args, "POST", "/v1/keys", body)
         if status != 201:
             return _failed(args, status, answer)
@@ -456,6 +486,39 @@ def _find_oserror(exc: BaseException, code: int) -> OSError | None:
     return None
 
 
+def template_variables(pairs: list[str]) -> dict[str, Any]:
+    """``--var name=value`` pairs as the send's ``variables`` (JSON values when they
+    parse, text otherwise)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"error: --var {pair!r}: write NAME=VALUE")
+        try:
+            out[name] = json.loads(value)
+        except ValueError:
+            out[name] = value
+    return out
+
+
+def upload_file(args: argparse.Namespace, path: Path, key: str | None) -> dict[str, str]:
+    """Upload ``path`` (POST /v1/attachments, streamed from the file) and return the
+    message's attachment that names it."""
+    size = path.stat().st_size
+    query = urllib.parse.urlencode({"filename": path.name})
+    headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    with path.open("rb") as data:
+        req = urllib.request.Request(
+            f"{args.url.rstrip('/')}/v1/attachments?{query}", data=data, headers=headers,
+            method="POST",
+        )  # fmt: skip
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            made = json.loads(resp.read())
+    return {"filename": path.name, "attachment_id": made["id"]}
+
+
 def send(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {
         "to": args.to if len(args.to) > 1 else args.to[0],
@@ -475,12 +538,35 @@ def send(args: argparse.Namespace) -> int:
     for key, value in (("tenant", args.tenant), ("send_at", args.send_at), ("delay_s", args.delay)):
         if value is not None:
             body[key] = value
-    if args.text is None and args.html is None:
+    if args.template is not None:
+        body["template"] = args.template
+        del body["subject"]
+        if args.template_version is not None:
+            body["template_version"] = args.template_version
+        body["variables"] = template_variables(args.var)
+    elif args.var:
+        print("error: --var goes with --template", file=sys.stderr)
+        return 2
+    if args.unsubscribe is not None:
+        body["unsubscribe"] = args.unsubscribe
+    if args.sandbox:
+        body["sandbox"] = True
+    if args.text is None and args.html is None and args.template is None:
         body["text"] = ""
     headers = {"Content-Type": "application/json"}
     presented = api_key(args)
     if presented:
         headers["Authorization"] = f"Bearer {presented}"
+    try:
+        if args.attach:
+            body["attachments"] = [upload_file(args, Path(f), presented) for f in args.attach]
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        print(f"error: the engine answered {exc.code}: {detail}", file=sys.stderr)
+        return 1
+    except (OSError, urllib.error.URLError) as exc:
+        print(f"error: cannot upload an attachment: {exc}", file=sys.stderr)
+        return 1
     req = urllib.request.Request(
         args.url.rstrip("/") + "/v1/messages",
         data=json.dumps(body).encode(),

@@ -1,7 +1,8 @@
 """Frozen, typed settings: one struct per component, units in the names.
 
 Precedence, lowest first: defaults here < TOML file (``--config``) < ``ENGINE_*``
-environment variables < command-line flags. Imports nothing from the engine but errors.
+environment variables < command-line flags. Imports nothing from the engine but errors
+and domainkeys (DKIM key files are checked at load).
 
 Units are in the names: ``_s`` seconds, ``_ms`` milliseconds, ``_bytes``, ``_per_s``
 messages per second. One convention per concept:
@@ -28,6 +29,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from engine.domainkeys import algorithm_of, check_domain, check_selector, read_key_file
 from engine.errors import ConfigError
 
 
@@ -310,6 +312,15 @@ class IngestSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return self.client_burst or max(int(self.client_rate_per_s), 10_000)
 
 
+class UnsubscribeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # The engine's public address as mail recipients reach it: one-click unsubscribe
+    # links are <base_url>/u/<token> (RFC 8058). "" = http://<http.bind> (fine on this
+    # machine only: set it to the URL your load balancer serves).
+    base_url: str = ""
+    # Also offer a mailto: unsubscribe (an address you process), "" = the link only.
+    mailto: str = ""
+
+
 class SchedulerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How replicas fire recurring schedules (POST /v1/schedules)."""
 
@@ -401,6 +412,54 @@ class WebhookSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     lease_s: float = 60.0
 
 
+class DkimKeySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One signing key of ``[[dkim.keys]]``."""
+
+    # The From domain whose mail it signs (and its subdomains that have no key of their own).
+    domain: str
+    # The key's DNS record is <selector>._domainkey.<domain> (GET /v1/domains shows it).
+    selector: str
+    # A PEM private key (PKCS#8 or PKCS#1, unencrypted); checked at load.
+    private_key_file: str
+    # "rsa-sha256" ("rsa") or "ed25519-sha256" ("ed25519"): the key's kind.
+    algorithm: str = "rsa-sha256"
+
+
+class DkimSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """DKIM signing: keys from this file, and from POST /v1/domains (Redis)."""
+
+    # A domain here wins over one of the same name added through the API.
+    keys: list[DkimKeySettings] = []
+    # Seconds between checks of the API's domains (a version counter in Redis): how long
+    # a domain added or removed there takes to reach every sender replica.
+    refresh_s: float = 2.0
+    # An RSA 2048 signature costs ~0.4 ms of CPU, as much as the rest of a send. true
+    # makes a claimed batch's signatures in a worker thread (one hop for all), where
+    # OpenSSL releases the GIL: the event loop's own CPU per mail drops from ~440 us to
+    # ~16 us, which pays only with an idle core for the thread. Off by default: on
+    # this 2-core machine (shared with Redis and the sink) it gained no throughput and
+    # cost more CPU (GIL hand-offs), and replicas, one per core, are how the engine
+    # scales (README, "DKIM (issue 15)"). Ed25519 (~0.1 ms) is always signed inline.
+    rsa_in_thread: bool = False
+
+
+class AttachmentSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Attachments (README, "Attachments"): given inline (base64, within
+    http.max_body_bytes) or uploaded (POST /v1/attachments), stored once per content."""
+
+    # Bytes one attachment may have, decoded; also the body limit of POST /v1/attachments.
+    max_bytes: int = 10 * 1024 * 1024
+    # Bytes all of one message's attachments may have together, decoded.
+    max_message_bytes: int = 10 * 1024 * 1024
+    # Seconds an uploaded attachment is kept while no message names it (one that does
+    # keeps it as long as its longest-kept job: queue.keep_sent_s / keep_failed_s).
+    unreferenced_ttl_s: int = 24 * 3600
+    # Bytes of attachments each sender process keeps base64-encoded in memory, least
+    # recently used out first: one that many messages share is read from Redis and
+    # encoded once, not once a message.
+    cache_bytes: int = 64 * 1024 * 1024
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     redis: RedisSettings = RedisSettings()
     http: HttpSettings = HttpSettings()
@@ -414,6 +473,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     events: EventsSettings = EventsSettings()
     auth: AuthSettings = AuthSettings()
     webhooks: WebhookSettings = WebhookSettings()
+    unsubscribe: UnsubscribeSettings = UnsubscribeSettings()
+    dkim: DkimSettings = DkimSettings()
+    attachments: AttachmentSettings = AttachmentSettings()
     # This process's instance id (names its processing list); "" picks host-pid-random.
     instance: str = ""
     # "all": API + senders; "api": ingest only (no senders); "sender": senders only (no HTTP).
@@ -508,6 +570,15 @@ def _check(s: Settings) -> None:
         raise ConfigError("http.server must be builtin or hypercorn")
     if not 1 <= s.http.max_batch_messages <= 10_000:
         raise ConfigError("http.max_batch_messages must be from 1 to 10000")
+    base = s.unsubscribe.base_url
+    if base and (not base.startswith(("http://", "https://")) or any(c in base for c in " <>,")):
+        raise ConfigError(
+            "unsubscribe.base_url must be an http:// or https:// URL (the engine's public "
+            "address, e.g. https://mail.example.com)"
+        )
+    mailto = s.unsubscribe.mailto
+    if mailto and ("@" not in mailto or any(c in mailto for c in " <>,?")):
+        raise ConfigError("unsubscribe.mailto must be an address, e.g. unsubscribe@example.com")
     for entry in s.ingest.trusted_proxies:
         try:
             ipaddress.ip_network(entry.strip(), strict=False)
@@ -577,6 +648,39 @@ def _check(s: Settings) -> None:
         )
     for name, bind in (("http.bind", s.http.bind), ("sink.bind", s.sink.bind)):
         parse_hostport(bind, what=name)
+    _check_dkim(s.dkim)
+    a = s.attachments
+    if min(a.max_bytes, a.max_message_bytes, a.unreferenced_ttl_s) < 1 or a.cache_bytes < 0:
+        raise ConfigError(
+            "attachments: max_bytes, max_message_bytes and unreferenced_ttl_s must be >= 1, "
+            "cache_bytes >= 0"
+        )
+
+
+def _check_dkim(d: DkimSettings) -> None:
+    """Each key's fields, and its file: readable, a private key of its algorithm."""
+    if d.refresh_s <= 0:
+        raise ConfigError("dkim.refresh_s must be > 0")
+    seen: set[str] = set()
+    for i, key in enumerate(d.keys):
+        at = f"dkim.keys[{i}]"
+        try:
+            domain = check_domain(key.domain)
+            if domain in seen:
+                raise ValueError(f"{domain} has another key above: one key per domain")
+            seen.add(domain)
+        except ValueError as exc:
+            raise ConfigError(f"{at}.domain: {exc}") from None
+        for name, check in (("selector", check_selector), ("algorithm", algorithm_of)):
+            try:
+                check(getattr(key, name))
+            except ValueError as exc:
+                raise ConfigError(f"{at}.{name}: {exc}") from None
+        try:
+            what = f"{at}.private_key_file"
+            read_key_file(key.private_key_file, algorithm_of(key.algorithm), what=what)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 # Below this an embedded Redis refuses writes from its first byte of data.

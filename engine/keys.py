@@ -136,12 +136,34 @@ class Keys:
         """Hash of the same addresses -> JSON {reason, source, bounce, at}."""
         return self.prefix + "suppressed:" + tenant + ":info"
 
+    def raw(self, job_id: str) -> str:
+        """The wire form of a sandboxed message, kept instead of sent (bytes, with the
+        record's TTL)."""
+        return self.prefix + "raw:" + job_id
+
     # -- templates: per tenant ----------------------------------------------------------
 
     def templates(self, tenant: str = DEFAULT_TENANT) -> str:
         """Hash of a tenant's templates: name -> JSON (engine.templates.Template, its
         kept versions), and ``#seq:<name>`` -> the last version number given."""
         return self.prefix + "templates:" + tenant
+
+    # -- attachments: bodies stored once by content -------------------------------------
+
+    def blob(self, sha256_hex: str) -> str:
+        """String: an attachment's bytes, named by their SHA-256 (hex); written once, its
+        expiry raised to cover every job that names it (engine.queue.blobs)."""
+        return self.prefix + "blob:" + sha256_hex
+
+    def blob_upload(self, token: str) -> str:
+        """String: an upload's bytes so far, appended a piece at a time (never one large
+        command: the loop would wait for it); renamed to its blob once all are in."""
+        return self.prefix + "upload:" + token
+
+    def blob_ref(self, tenant: str, sha256_hex: str) -> str:
+        """String "1": ``tenant`` gave these bytes (uploaded or inline), so its messages
+        may name the blob by id; it lasts as long as the blob holds for that tenant."""
+        return self.prefix + "blobref:" + tenant + ":" + sha256_hex
 
     # -- webhooks: endpoints, and the deliveries owed to them ---------------------------
 
@@ -163,3 +185,15 @@ class Keys:
     def webhook_attempts(self, endpoint: str) -> str:
         """List of an endpoint's latest delivery attempts (newest first, capped)."""
         return self.prefix + "webhook:attempts:" + endpoint
+
+    # -- DKIM: signing domains' keys (/v1/domains), read by every sender replica ---------
+
+    @property
+    def dkim_domains(self) -> str:
+        """Hash domain -> its key record (JSON: selector, algorithm, the PEM private key)."""
+        return self.prefix + "dkim:domains"
+
+    @property
+    def dkim_version(self) -> str:
+        """Counter bumped by every change of the domains: replicas poll it."""
+        return self.prefix + "dkim:version"

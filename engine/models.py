@@ -16,6 +16,13 @@ from typing import Annotated, Any, Final, Literal, NamedTuple
 import idna
 import msgspec
 
+from engine.attachments import (
+    MAX_ATTACHMENTS,
+    AttachmentIn,
+    AttachmentRef,
+    BlobIndex,
+    check_attachments,
+)
 from engine.errors import ValidationError
 
 MAX_RECIPIENTS: Final = 100
@@ -151,6 +158,15 @@ class MessageIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     template: Annotated[str, msgspec.Meta(max_length=64)] | None = None
     template_version: int | None = None
     variables: dict[str, Any] = {}
+    # Files: their bytes (base64) or an uploaded one's id (engine.attachments).
+    attachments: Annotated[list[AttachmentIn], msgspec.Meta(max_length=MAX_ATTACHMENTS)] = []
+    # One-click unsubscribe (RFC 8058): true (all of the tenant's mail) or a list name;
+    # the engine adds List-Unsubscribe and List-Unsubscribe-Post. One recipient only.
+    unsubscribe: bool | Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    # Sandbox (test mode): validated, rendered, signed and queued like any message, its
+    # wire form kept (GET /v1/messages/{id}/raw), never sent to a server. A sandbox API
+    # key makes every message it sends one.
+    sandbox: bool = False
 
 
 class BatchIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -244,6 +260,12 @@ MAX_FIELD_JSON: Final[dict[str, JsonCap]] = {
     "tags": _cap(
         MAX_TAGS, (MAX_TAG_CHARS,), f"{MAX_TAGS} tags of at most {MAX_TAG_CHARS} characters"
     ),
+    # Objects with unbounded (base64) values: only their quote characters are capped --
+    # six keys and six string values an item, and the escaped quotes its file name,
+    # content type, content id and attachment id could hold.
+    "attachments": JsonCap(
+        1 << 62, MAX_ATTACHMENTS * (24 + 3 * 255 + 64), f"{MAX_ATTACHMENTS} attachments"
+    ),
 }
 _MESSAGE_KEYS_BYTES: Final = _json_keys_bytes(MessageIn.__struct_encode_fields__)
 _BATCH_KEYS_BYTES: Final = _json_keys_bytes(BatchJSON.__struct_encode_fields__) + 2  # [ ]
@@ -311,6 +333,11 @@ class Message(msgspec.Struct, array_like=True, gc=False):
     tags: list[str]
     max_attempts: int | None = None
     retry_for_s: float | None = None
+    # References to blobs stored once by content hash (engine.attachments); new fields
+    # go last with a default, so records written before them still decode.
+    attachments: list[AttachmentRef] = []
+    # Kept, not sent: the sender stores its wire form (GET /v1/messages/{id}/raw).
+    sandbox: bool = False
 
     def envelope_recipients(self) -> list[str]:
         """Bare addresses for RCPT TO, in order, without duplicates."""
@@ -649,14 +676,16 @@ def _address_list(field: str, value: str | list[str] | None) -> list[str]:
     return [check_address(f"{field}[{i}]", a) for i, a in enumerate(value)]
 
 
-def normalize(msg: MessageIn, *, default_from: str, field_prefix: str = "") -> Message:
+def normalize(
+    msg: MessageIn, *, default_from: str, field_prefix: str = "", blobs: BlobIndex | None = None
+) -> Message:
     """Validate a decoded request and return the stored form.
 
     Raises ValidationError whose ``field`` is prefixed with ``field_prefix``
     (``messages[3].`` inside a batch).
     """
     try:
-        return _normalize(msg, default_from)
+        return _normalize(msg, default_from, blobs)
     except ValidationError as exc:
         if field_prefix:
             raise ValidationError(field_prefix + exc.field, exc.detail) from None
@@ -700,7 +729,7 @@ def is_reserved_header(name: str) -> bool:
     return lower in RESERVED_HEADERS or lower.startswith(RESERVED_HEADER_PREFIXES)
 
 
-def _normalize(msg: MessageIn, default_from: str) -> Message:
+def _normalize(msg: MessageIn, default_from: str, blobs: BlobIndex | None = None) -> Message:
     _check_counts(msg)
     sender = check_address("from", msg.from_) if msg.from_ is not None else default_from
     to = _address_list("to", msg.to)
@@ -746,6 +775,7 @@ def _normalize(msg: MessageIn, default_from: str) -> Message:
     return Message(
         sender, to, cc, bcc, msg.subject, msg.text, msg.html, headers, reply_to,
         list(msg.tags), msg.max_attempts, msg.retry_for_s,
+        attachments=check_attachments(msg.attachments, blobs), sandbox=msg.sandbox,
     )  # fmt: skip
 
 

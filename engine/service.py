@@ -6,6 +6,7 @@ runs its task tree; ``run_engine`` does both on one Redis connection.
     ├── reaper.serve     heartbeat + lease renewal, recovery, delayed promotion
     ├── scheduler.serve  fires due ticks of recurring schedules (every replica; exactly once)
     ├── drain.serve      samples how fast the queue drains (Retry-After of a full backlog)
+    ├── signer.serve     DKIM keys: reloads /v1/domains' when they change (sender roles)
     ├── senders.serve    N sender tasks
     ├── hub.serve        tails the event stream for this replica's websockets (API roles)
     └── serve_http       the HTTP server (engine/http, or hypercorn) running the API
@@ -29,15 +30,17 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.trio import serve as hypercorn_serve
 
-from engine.api import ApiBackend, ASGIApp, EventHub, build_app
+from engine.api import ApiBackend, ASGIApp, EventHub, body_limits, build_app
 from engine.auth import AccessTable, AdminKey, ensure_admin
 from engine.config import HttpSettings, Settings
 from engine.errors import ConfigError, EngineError
-from engine.http import serve_http
+from engine.http import ServerSettings, serve_http
 from engine.metrics import Metrics
 from engine.queue import (
     AccessStore,
+    BlobStore,
     Breaker,
+    DomainStore,
     DrainMeter,
     EventLog,
     Queue,
@@ -49,7 +52,7 @@ from engine.queue import (
 )
 from engine.reaper import Reaper
 from engine.scheduler import Scheduler
-from engine.sender import SenderPool
+from engine.sender import AttachmentCache, SenderPool, Signer
 from engine.transport import MemoryTransport, SmtpPool, Transport
 from engine.webhooks import Dispatcher
 
@@ -131,6 +134,7 @@ class Components:
     stopping: trio.Event  # set when shutdown begins: intake answers 503
     access: AccessTable | None  # None: auth.enabled is false
     dispatcher: Dispatcher | None  # None: webhooks.enabled is false
+    signer: Signer  # DKIM keys (settings and /v1/domains) the senders sign with
 
 
 def build(
@@ -157,9 +161,16 @@ def build(
         client, queue.keys, "transport", first_wait_s=settings.sender.breaker_probe_s,
         max_wait_s=settings.sender.breaker_probe_max_s,
     )  # fmt: skip
+    domains = DomainStore(client, queue.keys)
+    signer = Signer.from_settings(settings.dkim, domains)
     senders = SenderPool(
         queue, transport, settings.sender, settings.queue, rate_limits,
         metrics=metrics.sender, breaker=breaker,
+        attachments=AttachmentCache(
+            BlobStore(client, queue.keys, settings.queue),
+            max_bytes=settings.attachments.cache_bytes,
+        ),
+        signer=signer,
     )  # fmt: skip
     schedules = ScheduleStore(client, queue.keys)
     drain = DrainMeter(queue)
@@ -190,6 +201,7 @@ def build(
         sink_maildir=sink_maildir,
         access=access,
         webhooks=hooks,
+        domains=domains,
     )
     return Components(
         settings=settings,
@@ -218,6 +230,7 @@ def build(
             if hooks
             else None
         ),
+        signer=signer,
     )
 
 
@@ -308,12 +321,15 @@ async def run(
             )
         # Bound before the senders start: a busy port fails the start cleanly.
         http = parts.settings.http
-        serve = serve_http if http.server == "builtin" else serve_hypercorn
         http_done = trio.Event()
 
         async def run_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
             try:
-                await serve(parts.app, http, http_stop, task_status=task_status)
+                if http.server == "builtin":
+                    server = ServerSettings.from_http(http, body_limits=body_limits(parts.settings))
+                    await serve_http(parts.app, server, http_stop, task_status=task_status)
+                else:
+                    await serve_hypercorn(parts.app, http, http_stop, task_status=task_status)
             finally:
                 http_done.set()
 
@@ -323,6 +339,7 @@ async def run(
         if role in ("all", "sender") and parts.dispatcher is not None:
             await root.start(parts.dispatcher.serve)
         if role in ("all", "sender"):
+            await root.start(parts.signer.serve)  # DKIM keys, kept fresh
             await root.start(parts.transport.serve)  # closes idle connections in time
             root.start_soon(run_senders)
         else:

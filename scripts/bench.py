@@ -351,7 +351,8 @@ def phase_auth_cost(args: argparse.Namespace, redis: RedisServer, tmp: Path) -> 
                 say(f"auth cost {i + 1}/{args.auth_rounds}: single-message ingest, auth {arm}")
                 res = run_wrk(
                     engine.base + "/v1/messages", json.dumps(MESSAGE).encode(), args.seconds,
-                    args.connections, tmp, headers=AUTH if arm == "on" else None,
+                    args.connections, tmp, engine.proc.pid,
+                    headers=AUTH if arm == "on" else None,
                 )  # fmt: skip
             finally:
                 engine.stop()

@@ -237,3 +237,36 @@ def test_admin_routes_answer_503_while_redis_is_down(tmp_path: Path) -> None:
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
             assert r.headers["content-type"] == "application/problem+json"
         assert e.stop() == 0
+
+
+def test_engine_send_cli_names_a_template_with_variables(
+    engine: EngineProcess, sink: SinkProcess
+) -> None:
+    with httpx.Client(base_url=engine.base, headers=AUTH, timeout=10) as client:
+        made = client.post("/v1/templates", json={
+            "name": "cli-welcome", "subject": "Hi {{ name }}", "text": "Code {{ code }}",
+        })  # fmt: skip
+        assert made.status_code == 201, made.text
+
+        def cli(*extra: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "engine", "send", "--url", engine.base,
+                 "--key", TEST_ADMIN_KEY, "--to", "tpl@example.com",
+                 "--template", "cli-welcome", *extra],
+                capture_output=True, check=False, text=True, timeout=30,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )  # fmt: skip
+
+        missing = cli("--var", "name=Ann")
+        assert missing.returncode != 0 and "variables.code" in missing.stderr
+        out = cli("--var", "name=Ann", "--var", "code=42", "--unsubscribe")
+        assert out.returncode == 0, out.stderr
+        job_id = out.stdout.strip()
+        deadline = time.monotonic() + 15
+        while client.get(f"/v1/messages/{job_id}").json()["state"] != "sent":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    deadline = time.monotonic() + 10
+    while not any(r["job_id"] == job_id for r in sink.received()):  # the sink's log line
+        assert time.monotonic() < deadline
+        time.sleep(0.05)

@@ -48,6 +48,9 @@ class KeyIn(msgspec.Struct, forbid_unknown_fields=True):
     tenant: str = "default"
     # Further tenants it may act for; ["*"]: every tenant.
     tenants: list[str] = msgspec.field(default_factory=list)
+    # Its messages go through validation, rendering, signing and the queue, and are
+    # kept (GET /v1/messages/{id}/raw), never sent to a server.
+    sandbox: bool = False
 
 
 class KeyView(msgspec.Struct):
@@ -57,6 +60,7 @@ class KeyView(msgspec.Struct):
     tenant: str
     tenants: list[str]
     created_at: str
+    sandbox: bool  # its messages are kept, not sent
 
 
 class KeyCreated(KeyView):
@@ -97,7 +101,7 @@ _encode = msgspec.json.Encoder().encode
 
 
 def _view(r: KeyRecord) -> KeyView:
-    return KeyView(r.kid, r.name, r.scopes, r.tenant, r.tenants, r.created_at)
+    return KeyView(r.kid, r.name, r.scopes, r.tenant, r.tenants, r.created_at, r.sandbox)
 
 
 def check_key_in(body: KeyIn, creator: Principal) -> KeyIn:
@@ -152,12 +156,12 @@ class AccessRoutes:
         kid, key = make_key()
         record = KeyRecord(
             kid, body.name, key_hash(key), sorted(set(body.scopes)), body.tenant,
-            sorted(set(body.tenants)), ms_to_iso(int(time.time() * 1000)),
+            sorted(set(body.tenants)), ms_to_iso(int(time.time() * 1000)), body.sandbox,
         )  # fmt: skip
         await self._table.store.put_key(kid, _encode(record))
         await self._table.load()
         created = KeyCreated(kid, record.name, record.scopes, record.tenant, record.tenants,
-                             record.created_at, key)  # fmt: skip
+                             record.created_at, record.sandbox, key)  # fmt: skip
         return json_reply(201, created, [(b"location", f"/v1/keys/{kid}".encode())])
 
     async def list_keys(self, req: Request) -> Reply:

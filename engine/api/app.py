@@ -11,9 +11,11 @@ import trio
 
 from engine.api.access import AccessRoutes
 from engine.api.asgi import ASGIApp
+from engine.api.attachments import UPLOAD_PATH, Attachments
 from engine.api.backend import ApiBackend
 from engine.api.dashboard import DashboardRoutes
 from engine.api.dead import DeadRoutes
+from engine.api.domains import DomainRoutes
 from engine.api.exchange import Reply, Request, json_reply
 from engine.api.guard import Guard, allowed_hosts
 from engine.api.hub import history_route
@@ -23,21 +25,38 @@ from engine.api.metrics import metrics_route
 from engine.api.router import PROBES, Handler, Router, Socket
 from engine.api.routes import ROUTES, Health, Readiness, index, openapi
 from engine.api.schedules import ScheduleRoutes
-from engine.api.suppression import SuppressionRoutes
+from engine.api.suppression import MAX_IMPORT_BYTES, SuppressionRoutes
 from engine.api.templates import TemplateRoutes, Templates
 from engine.api.transports import transports_route
+from engine.api.unsubscribe import Unsubscribe
 from engine.api.webhooks import WebhookRoutes
 from engine.config import Settings
 from engine.errors import QueueError
-from engine.queue import SuppressionStore, TemplateStore
+from engine.queue import AccessStore, SuppressionStore, TemplateStore
 
 # All a sender-only replica (role sender) serves.
 OPS_ONLY = PROBES
 
 
+def body_limits(settings: Settings) -> tuple[tuple[str, int], ...]:
+    """Paths whose request bodies may pass http.max_body_bytes, and their limit: for the
+    HTTP server's parser, which knows no route (the handlers check them too)."""
+    return (
+        (UPLOAD_PATH, settings.attachments.max_bytes),
+        ("/v1/suppressions/import", MAX_IMPORT_BYTES),
+    )
+
+
 def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
     templates = Templates(TemplateStore(backend.queue.client, backend.queue.keys))
     template_routes = TemplateRoutes(templates)
+    attachments = Attachments(backend.queue, settings.attachments, settings.ingest)
+    unsubscribe = Unsubscribe(
+        AccessStore(backend.queue.client, backend.queue.keys),
+        SuppressionStore(backend.queue.client, backend.queue.keys),
+        settings.unsubscribe,
+        bind=settings.http.bind,
+    )
     ingest = Ingest(
         backend.queue,
         settings.http,
@@ -48,6 +67,8 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         stopping=backend.stopping,
         access=backend.access,
         templates=templates,
+        attachments=attachments,
+        unsubscribe=unsubscribe,
     )
     dead = DeadRoutes(backend.queue)
     schedules = ScheduleRoutes(
@@ -87,7 +108,9 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
     handlers: dict[str, Handler | Socket] = {
         "send_message": ingest.send_message,
         "send_batch": ingest.send_batch,
+        "upload_attachment": attachments.upload,
         "get_message": ingest.get_message,
+        "message_raw": ingest.message_raw,
         "cancel_message": ingest.cancel_message,
         "list_dead": dead.list_dead,
         "retry_dead": dead.retry_dead,
@@ -108,6 +131,8 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         "update_template": template_routes.update_template,
         "delete_template": template_routes.delete_template,
         "render_template": template_routes.render_template,
+        "unsubscribe_page": unsubscribe.unsubscribe_page,
+        "unsubscribe": unsubscribe.unsubscribe,
         "list_limits": limits_route(backend.limits),
         "list_transports": transports_route(backend.breaker),
         "stats": dashboard.stats,
@@ -144,6 +169,14 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         )  # fmt: skip
     else:
         routes = tuple(r for r in routes if r.tag != "webhooks")
+    if backend.domains is not None:
+        domains = DomainRoutes(backend.domains, settings.dkim)
+        handlers.update(
+            create_domain=domains.create_domain, list_domains=domains.list_domains,
+            get_domain=domains.get_domain, delete_domain=domains.delete_domain,
+        )  # fmt: skip
+    else:
+        routes = tuple(r for r in routes if r.tag != "domains")
     if backend.events is not None:
         handlers["watch_events"] = backend.events.websocket
         handlers["message_events"] = history_route(

@@ -11,7 +11,15 @@ import trio
 from engine.api.hub import EventHub
 from engine.auth import AccessTable
 from engine.metrics import Metrics
-from engine.queue import Breaker, DrainMeter, Queue, RateLimits, ScheduleStore, WebhookStore
+from engine.queue import (
+    Breaker,
+    DomainStore,
+    DrainMeter,
+    Queue,
+    RateLimits,
+    ScheduleStore,
+    WebhookStore,
+)
 
 
 class SenderCounts(Protocol):
@@ -52,3 +60,5 @@ class ApiBackend:
     access: AccessTable | None = None
     # Webhook endpoints and deliveries (/v1/webhooks); None: webhooks are off.
     webhooks: WebhookStore | None = None
+    # DKIM signing domains (/v1/domains); None: no such routes.
+    domains: DomainStore | None = None

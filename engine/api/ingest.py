@@ -9,7 +9,7 @@ import hashlib
 import ipaddress
 import math
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 import trio
@@ -27,6 +27,7 @@ from engine.api.exchange import (
 )
 from engine.api.guard import presented_key
 from engine.api.templates import Templates
+from engine.api.unsubscribe import Unsubscribe
 from engine.auth import UNCHECKED, AccessTable, Principal, check_may_send
 from engine.config import HttpSettings, IngestSettings
 from engine.errors import QueueError, QueueUnavailable, ValidationError
@@ -38,12 +39,17 @@ from engine.models import (
     BatchAccepted,
     BatchIn,
     MessageIn,
+    bare_address,
     check_batch_json,
     check_message_json,
     decode_batch_json,
     decode_message_json,
 )
 from engine.queue import DrainMeter, EnqueueResult, NewJob, Queue, job_view, new_job
+from engine.unsubscribe import list_name
+
+if TYPE_CHECKING:  # engine.api.attachments imports this module
+    from engine.api.attachments import Attachments, RequestBlobs
 
 _decode_one = msgspec.json.Decoder(MessageIn).decode
 _decode_batch = msgspec.json.Decoder(BatchIn).decode
@@ -173,6 +179,10 @@ class Ingest:
     access: AccessTable | None = None
     # Tenants' templates, for sends that name one; None: templates are not offered.
     templates: Templates | None = None
+    # One-click unsubscribe links, for sends that ask for them; None: not offered.
+    unsubscribe: Unsubscribe | None = None
+    # Stores and checks the blobs of messages with attachments; None: not offered.
+    attachments: Attachments | None = None
     _trusted: TrustedProxies = dataclasses.field(default_factory=lambda: TrustedProxies([]))
 
     def __post_init__(self) -> None:
@@ -187,16 +197,23 @@ class Ingest:
         refuse_repeated_keys(body)
         client, tenant = self._who(req)
         now_ms = self.queue.now_ms()
+        blobs = await self._blobs([incoming], tenant)
         try:
             if incoming.template is not None:
                 incoming = await self._rendered(req.principal, incoming, tenant)
+            if incoming.unsubscribe not in (None, False):
+                incoming = await self._unsubscribable(req.principal, incoming, tenant)
+            if req.principal.sandbox and not incoming.sandbox:
+                incoming = msgspec.structs.replace(incoming, sandbox=True)
             job = new_job(
                 incoming, new_ids(1, now_ms)[0], default_from=self.default_from,
-                now_ms=now_ms, default_tenant=tenant,
+                now_ms=now_ms, default_tenant=tenant, blobs=blobs.of(incoming) if blobs else None,
             )  # fmt: skip
             self._may_send(req.principal, incoming, job.tenant)
         except ValidationError as exc:
             raise invalid(exc.field, exc.detail) from None
+        if blobs is not None and self.attachments is not None:
+            await self.attachments.hold(blobs, [(incoming, job)])
         cost = _count(incoming.to) + _count(incoming.cc) + _count(incoming.bcc)
         result = await self._enqueue([job], _scoped(idem, tenant), body, client, cost)
         job_id = result.ids[0]
@@ -216,6 +233,8 @@ class Ingest:
         now_ms = self.queue.now_ms()
         ids = new_ids(len(messages), now_ms)
         jobs: list[NewJob] = []
+        blobs = await self._blobs(messages, tenant)
+        attached: list[tuple[MessageIn, NewJob]] = []
         i = 0
         try:
             for i, given in enumerate(messages):
@@ -227,14 +246,22 @@ class Ingest:
                 incoming = given
                 if given.template is not None:
                     incoming = await self._rendered(req.principal, given, tenant)
+                if incoming.unsubscribe not in (None, False):
+                    incoming = await self._unsubscribable(req.principal, incoming, tenant)
+                if req.principal.sandbox and not incoming.sandbox:
+                    incoming = msgspec.structs.replace(incoming, sandbox=True)
                 job = new_job(
                     incoming, ids[i], default_from=self.default_from, now_ms=now_ms,
-                    default_tenant=tenant,
+                    default_tenant=tenant, blobs=blobs.of(incoming) if blobs else None,
                 )  # fmt: skip
                 self._may_send(req.principal, incoming, job.tenant)
                 jobs.append(job)
+                if incoming.attachments:
+                    attached.append((incoming, job))
         except ValidationError as exc:
             raise invalid(f"messages[{i}].{exc.field}", exc.detail) from None
+        if blobs is not None and self.attachments is not None:
+            await self.attachments.hold(blobs, attached)
         result = await self._enqueue(
             jobs, _scoped(idem, tenant), b"batch:" + body, client, recipients
         )
@@ -242,6 +269,13 @@ class Ingest:
         if result.outcome == "replayed":
             return json_reply(200, BatchAccepted(result.ids), [*headers, _REPLAYED])
         return json_reply(202, BatchAccepted(result.ids), headers)
+
+    async def _blobs(self, messages: list[MessageIn], tenant: str) -> RequestBlobs | None:
+        """The blobs a request's messages may name (None when none has attachments, or
+        attachments are not offered: then a message with some is refused)."""
+        if self.attachments is None or not any(m.attachments for m in messages):
+            return None
+        return await self.attachments.blobs(messages, tenant)
 
     def _who(self, req: Request) -> tuple[str, str]:
         """(client id for the per-client limit, default tenant): the key's, when the
@@ -271,6 +305,26 @@ class Ingest:
             incoming, subject=parts.subject, text=parts.text, html=parts.html, template=None,
             variables={},
         )  # fmt: skip
+
+    async def _unsubscribable(self, p: Principal, incoming: MessageIn, tenant: str) -> MessageIn:
+        """``incoming`` with the List-Unsubscribe headers of its one recipient."""
+        if self.unsubscribe is None:
+            raise ValidationError("unsubscribe", "one-click unsubscribe is not offered here")
+        list_ = list_name(incoming.unsubscribe or False)
+        if any(name.lower().startswith("list-unsubscribe") for name in incoming.headers):
+            raise ValidationError(
+                "headers.List-Unsubscribe", "give unsubscribe or your own header: not both"
+            )
+        if incoming.tenant is not None and p.sees(incoming.tenant):
+            tenant = incoming.tenant
+        recipients = list(dict.fromkeys(
+            bare_address(a) for field in (incoming.to, incoming.cc, incoming.bcc)
+            for a in ([field] if isinstance(field, str) else field)
+        ))  # fmt: skip
+        added = await self.unsubscribe.message_headers(tenant, list_, recipients)
+        return msgspec.structs.replace(
+            incoming, headers={**incoming.headers, **added}, unsubscribe=None
+        )
 
     def _may_send(self, p: Principal, incoming: MessageIn, tenant: str) -> None:
         if self.access is not None:
@@ -396,6 +450,21 @@ class Ingest:
         if rec is None or not req.principal.sees(rec.tenant):
             raise _no_such(job_id)
         return json_reply(200, job_view(rec))
+
+    async def message_raw(self, req: Request) -> Reply:
+        """GET /v1/messages/{id}/raw: a sandboxed message's wire form, as it would have
+        gone to the server (404 for a message that was sent, or not yet composed)."""
+        job_id = req.params["id"]
+        rec = await self.queue.get(job_id) if is_id(job_id) else None
+        if rec is None or not req.principal.sees(rec.tenant):
+            raise _no_such(job_id)
+        data = await self.queue.raw(job_id)
+        if data is None:
+            raise not_found(
+                "No wire form kept",
+                f"{job_id!r} is not a sandboxed message that was composed (state {rec.state})",
+            )
+        return Reply(200, data, b"message/rfc822", [(b"content-disposition", b"inline")])
 
     async def cancel_message(self, req: Request) -> Reply:
         """DELETE /v1/messages/{id}: 200 cancelled; 409 once processing or finished."""

@@ -17,7 +17,7 @@ from engine.auth.principal import (
     principal_of,
 )
 from engine.auth.table import AccessTable
-from engine.auth.tokens import KEY_PREFIX, key_hash, key_id, make_key, sign_session
+from engine.auth.tokens import KEY_PREFIX, key_hash, key_id, make_key, new_secret, sign_session
 
 __all__ = [
     "ALL_TENANTS",
@@ -36,6 +36,7 @@ __all__ = [
     "key_hash",
     "key_id",
     "make_key",
+    "new_secret",
     "principal_of",
     "sign_session",
 ]

@@ -33,6 +33,9 @@ class KeyRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Further tenants it may act for (the message's `tenant` field); ["*"]: all.
     tenants: list[str] = []
     created_at: str = ""
+    # Sandbox: every message it sends goes through the queue but not to a server
+    # (its wire form is kept: GET /v1/messages/{id}/raw).
+    sandbox: bool = False
 
 
 class TenantRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -51,6 +54,7 @@ class Principal:
     tenant: str
     scopes: frozenset[str]
     tenants: frozenset[str] | None  # every tenant it may act for (own included); None: all
+    sandbox: bool = False  # its messages are kept, not sent
 
     def allows(self, scope: str) -> bool:
         return scope == PUBLIC or "admin" in self.scopes or scope in self.scopes
@@ -65,7 +69,9 @@ class Principal:
 
 def principal_of(record: KeyRecord) -> Principal:
     tenants = None if ALL_TENANTS in record.tenants else frozenset([record.tenant, *record.tenants])
-    return Principal(record.kid, record.name, record.tenant, frozenset(record.scopes), tenants)
+    return Principal(
+        record.kid, record.name, record.tenant, frozenset(record.scopes), tenants, record.sandbox
+    )
 
 
 # Everything, for every tenant: what a request acts as when auth.enabled is false.

@@ -35,6 +35,7 @@ class Request:
         "headers",
         "hosts",
         "keep_alive",
+        "max_body",
         "method",
         "received",
         "trailers",
@@ -55,6 +56,7 @@ class Request:
         self.head_done = False
         self.body: list[bytes] = []  # received, not yet handed to the application
         self.received = 0  # body bytes received in all
+        self.max_body = 0  # its body's limit (bytes), set with its head
         self.complete = False  # the whole message (body included) was parsed
         self.content_length: int | None = None
         self.chunked = False
@@ -76,6 +78,7 @@ class Requests:
     order; ``error`` is set once the byte stream cannot be parsed further."""
 
     __slots__ = (
+        "_body_limits",
         "_max_body",
         "_max_header_bytes",
         "_max_headers",
@@ -93,6 +96,7 @@ class Requests:
     def __init__(self, settings: ServerSettings) -> None:
         self._max_url = settings.max_url_bytes
         self._max_body = settings.max_body_bytes
+        self._body_limits = {path.encode(): n for path, n in settings.body_limits}
         self._max_headers = settings.max_headers
         self._max_header_bytes = settings.max_header_bytes
         # llhttp reports nothing while a header value (or a chunk extension) grows across
@@ -202,6 +206,10 @@ class Requests:
         request.version = "1.1" if version[:2] == "1." and version != "1.0" else version
         request.keep_alive = parser.should_keep_alive()
         request.head_done = True
+        request.max_body = self._max_body
+        if self._body_limits:
+            path = request.url.partition(b"?")[0]
+            request.max_body = self._body_limits.get(path, self._max_body)
         self.ready.append(request)
         self._progress = True
 
@@ -211,8 +219,8 @@ class Requests:
         request.body.append(body)
         request.received += len(body)
         self._progress = True
-        if request.received > self._max_body:
-            self.abort(413, f"request body larger than {self._max_body} bytes")
+        if request.received > request.max_body:
+            self.abort(413, f"request body larger than {request.max_body} bytes")
 
     def on_chunk_header(self) -> None:
         self._progress = True

@@ -305,7 +305,7 @@ class Connection:
 
     async def _respond(self, request: Request) -> bool:
         """Run the application for one request; True when the connection stays open."""
-        error = h1.request_error(request, self.settings.max_body_bytes)
+        error = h1.request_error(request, request.max_body)
         target = h1.split_target(request.url) if error is None else None
         if target is None:
             await self._refuse(*(error or (400, "invalid request target")))

@@ -20,6 +20,10 @@ class ServerSettings:
     # (no 100 Continue is sent), as soon as it passes the limit when chunked. The same
     # default as http.max_body_bytes (engine.config.HttpSettings explains it).
     max_body_bytes: int = 2 * 1024 * 1024
+    # Request paths whose bodies have their own limit instead, as (path, bytes) pairs,
+    # e.g. an upload route: matched exactly, the query aside. The application still
+    # checks its own limits; this one is the parser's.
+    body_limits: tuple[tuple[str, int], ...] = ()
     # Seconds a client may leave what we send it unread before its connection is dropped:
     # each socket write's deadline, and TCP_USER_TIMEOUT (Linux) for what the kernel
     # holds. 0 = no write deadline and the system's default.
@@ -52,8 +56,11 @@ class ServerSettings:
     shutdown_timeout_s: float = 5.0
 
     @classmethod
-    def from_http(cls, http: HttpSettings) -> ServerSettings:
-        """The server's settings from the engine's ``[http]`` table: the fields both have."""
+    def from_http(
+        cls, http: HttpSettings, *, body_limits: tuple[tuple[str, int], ...] = ()
+    ) -> ServerSettings:
+        """The server's settings from the engine's ``[http]`` table: the fields both have
+        (and ``body_limits``, which the routes know)."""
         names = {f.name for f in dataclasses.fields(cls)}
         given = {name: getattr(http, name) for name in http.__struct_fields__ if name in names}
-        return cls(**given)
+        return cls(**given, body_limits=body_limits)

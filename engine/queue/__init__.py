@@ -7,8 +7,10 @@ the API, senders or transports.
 """
 
 from engine.queue.access import AccessStore
+from engine.queue.blobs import BlobStore
 from engine.queue.breaker import Breaker, BreakerState
 from engine.queue.commit import GroupCommitter
+from engine.queue.domains import DomainStore
 from engine.queue.drain import DrainMeter
 from engine.queue.events import EventLog, EventPage, JobHistory
 from engine.queue.jobs import (
@@ -43,10 +45,12 @@ __all__ = [
     "SCRIPT_NAMES",
     "TAG_SEPARATOR",
     "AccessStore",
+    "BlobStore",
     "Breaker",
     "BreakerState",
     "BucketState",
     "ClaimedJob",
+    "DomainStore",
     "DrainMeter",
     "EnqueueRequest",
     "EnqueueResult",

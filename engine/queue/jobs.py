@@ -380,6 +380,15 @@ class Queue:
             )  # fmt: skip
         return jobs
 
+    async def keep_raw(self, job_id: str, data: bytes) -> None:
+        """Keep a sandboxed message's wire form as long as its sent record is kept."""
+        with translate_errors():
+            await self.client.set(self.keys.raw(job_id), data, ex=self._keep_sent_s or None)
+
+    async def raw(self, job_id: str) -> bytes | None:
+        with translate_errors():
+            return await self.client.get(self.keys.raw(job_id))
+
     async def ack(self, job_id: str, note: str = "") -> None:
         """Record the job as sent (group-committed); returns once Redis has it.
 

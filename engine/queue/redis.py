@@ -41,6 +41,8 @@ SCRIPT_NAMES = (
     "webhook_claim",
     "webhook_owe",
     "webhook_idle",
+    "blob_hold",
+    "blob_commit",
 )
 
 # The scripts that move work out (claim, send, retry, recover, cancel, delete) run even

@@ -12,6 +12,7 @@ from typing import Final
 
 import msgspec
 
+from engine.attachments import BlobIndex
 from engine.models import (
     DEFAULT_TENANT,
     Event,
@@ -43,13 +44,16 @@ def new_job(
     default_from: str,
     now_ms: int,
     default_tenant: str = DEFAULT_TENANT,
+    blobs: BlobIndex | None = None,
 ) -> NewJob:
     """Validate a decoded request and build the job that stores it.
 
-    Raises ``engine.errors.ValidationError`` naming the offending field.
+    ``blobs``: the attachments the request may use and gives (without it, a message
+    with attachments is refused). Raises ``engine.errors.ValidationError`` naming the
+    offending field.
     """
     routing = route(incoming, now_ms=now_ms, default_tenant=default_tenant)
-    message = normalize(incoming, default_from=default_from)
+    message = normalize(incoming, default_from=default_from, blobs=blobs)
     return NewJob(
         job_id, encode_message(message), routing.lane, routing.tenant,
         recipient_domains(message), routing.due_ms, TAG_SEPARATOR.join(message.tags),

@@ -3,6 +3,15 @@
 Imports the queue, transports, policy and leaves; never the API.
 """
 
+from engine.sender.blobs import AttachmentCache, AttachmentStatistics
 from engine.sender.pool import SenderPool, SenderStatistics
+from engine.sender.signing import Signer, SignerStatistics
 
-__all__ = ["SenderPool", "SenderStatistics"]
+__all__ = [
+    "AttachmentCache",
+    "AttachmentStatistics",
+    "SenderPool",
+    "SenderStatistics",
+    "Signer",
+    "SignerStatistics",
+]

@@ -8,7 +8,7 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Final
@@ -30,10 +30,20 @@ from engine.ids import id_time_ms
 from engine.metrics import Metrics, SenderMetrics
 from engine.models import Message
 from engine.policy import Outcome, after_failure, backoff_s, classify_smtp
-from engine.queue import Breaker, ClaimedJob, Failure, Queue, RateLimits, decode_message
+from engine.queue import (
+    BlobStore,
+    Breaker,
+    ClaimedJob,
+    Failure,
+    Queue,
+    RateLimits,
+    decode_message,
+)
+from engine.sender.blobs import AttachmentCache
 from engine.sender.gate import TransportGate
 from engine.sender.ratelimit import RateLimiter
-from engine.transport import OutgoingMail, SendResult, Transport, compose
+from engine.sender.signing import Signer
+from engine.transport import MissingAttachment, OutgoingMail, SendResult, Transport, compose
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +85,13 @@ def composes_in_thread(size: int) -> bool:
 
 
 async def compose_mail(
-    job_id: str, message: Message, *, message_id_domain: str, now: float, size: int
+    job_id: str,
+    message: Message,
+    *,
+    message_id_domain: str,
+    now: float,
+    size: int,
+    attachments: Mapping[bytes, bytes] | None = None,
 ) -> OutgoingMail:
     """``compose(...)``: inline, or in a worker thread when the message is large (its
     stored form, ``size`` bytes, is mostly its text, html and headers).
@@ -85,9 +101,18 @@ async def compose_mail(
     thread is not abandoned on cancellation: it is done within tens of milliseconds.
     """
     if not composes_in_thread(size):
-        return compose(job_id, message, message_id_domain=message_id_domain, now=now)
+        return compose(
+            job_id, message, message_id_domain=message_id_domain, now=now, attachments=attachments
+        )
     return await trio.to_thread.run_sync(
-        functools.partial(compose, job_id, message, message_id_domain=message_id_domain, now=now)
+        functools.partial(
+            compose,
+            job_id,
+            message,
+            message_id_domain=message_id_domain,
+            now=now,
+            attachments=attachments,
+        )
     )
 
 
@@ -103,6 +128,8 @@ class SenderPool:
         rate_limits: RateLimits | None = None,
         metrics: SenderMetrics | None = None,
         breaker: Breaker | None = None,
+        attachments: AttachmentCache | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.queue = queue
         self.transport = transport
@@ -125,6 +152,12 @@ class SenderPool:
             first_wait_s=settings.breaker_probe_s, max_wait_s=settings.breaker_probe_max_s,
         )  # fmt: skip
         self.gate = TransportGate(breaker, queue, self._metrics)
+        # DKIM: signs each composed mail whose From domain has a key (None: none do).
+        self.signer = signer
+        # The attachments of claimed messages, read and encoded once for many.
+        self.attachments = attachments or AttachmentCache(
+            BlobStore(queue.client, queue.keys, queue_settings)
+        )
         self._metrics.transport(up=True)
 
     # -- shared state ------------------------------------------------------------------
@@ -221,7 +254,9 @@ class SenderPool:
         # up one behind it in the pipeline that may go now.
         jobs = sorted(jobs, key=lambda j: j.wait_s)
         claimed_at = trio.current_time()
+        attached = await self.attachments.for_jobs(jobs)  # one MGET for the batch's blobs
         async with trio.open_nursery() as records:
+            sandboxed: set[str] = set()
             for job in jobs:
                 try:
                     message = decode_message(job.payload)
@@ -231,7 +266,17 @@ class SenderPool:
                         message_id_domain=self.settings.message_id_domain,
                         now=time.time(),
                         size=len(job.payload),
+                        attachments=attached.bodies,
                     )
+                except MissingAttachment as exc:
+                    missing, bounce = attached.failure(exc)
+                    q = self.queue_settings
+                    budget = Budget(1, 0) if bounce else Budget(
+                        message.max_attempts or q.max_attempts,
+                        message.retry_for_s or q.retry_for_s,
+                    )  # fmt: skip
+                    records.start_soon(self._record_failure, job, missing, budget, bounce)
+                    continue
                 except (msgspec.DecodeError, ValueError) as exc:
                     failure = PermanentFailure(f"undecodable job: {exc}")
                     records.start_soon(self._record_failure, job, failure, Budget(1, 0))
@@ -240,11 +285,17 @@ class SenderPool:
                     # A retry after a partial delivery: only those still owed it.
                     mail = dataclasses.replace(mail, recipients=job.recipients)
                 mails.append(mail)
+                if message.sandbox:
+                    sandboxed.add(job.id)
                 q = self.queue_settings
                 budget = Budget(
                     message.max_attempts or q.max_attempts, message.retry_for_s or q.retry_for_s
                 )
                 by_id[job.id] = (job, budget)
+            if self.signer is not None:
+                mails = await self.signer.sign_many(mails)
+            if sandboxed:
+                mails = await self._keep_sandboxed(mails, sandboxed, by_id)
             down = await self._deliver(mails, by_id, records, claimed_at)
         if down is not None:
             await self.gate.failed(down, probe=probe)
@@ -379,6 +430,28 @@ class SenderPool:
         self._metrics.slowed_down(len(rates))
         for name, rate in rates.items():
             log.warning("sender.slowdown bucket=%s rate_per_s=%.2f", name, rate)
+
+    async def _keep_sandboxed(
+        self,
+        mails: list[OutgoingMail],
+        sandboxed: set[str],
+        by_id: dict[str, tuple[ClaimedJob, Budget]],
+    ) -> list[OutgoingMail]:
+        """Sandboxed mails are kept (their wire form, for GET /v1/messages/{id}/raw) and
+        acknowledged as sent without a server; the others are returned to be sent."""
+        rest = []
+        for mail in mails:
+            if mail.job_id not in sandboxed:
+                rest.append(mail)
+                continue
+            job, _ = by_id.pop(mail.job_id)
+            try:
+                await self.queue.keep_raw(job.id, mail.data)
+            except EngineError as exc:  # its lease brings it back
+                log.warning("sender.sandbox.unkept job=%s error=%s", job.id, exc)
+                continue
+            await self._ack(job, "sandbox: kept, not sent to a server (GET /v1/messages/{id}/raw)")
+        return rest
 
     async def _ack(self, job: ClaimedJob, note: str = "") -> None:
         # The message is with the server: the duplicate window is open until Redis has

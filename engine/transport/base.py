@@ -30,6 +30,17 @@ class SevenBitForm:
     addresses: Mapping[str, str]
     # Why the mail needs SMTPUTF8 whatever we do (a non-ASCII local part); "" if it does not.
     unsendable: str = ""
+    # DKIM (engine.transport.dkim): bytes at the start of ``data`` that sign ``data``
+    # only (its DKIM-Signature), and what signs a form made of the stand-ins.
+    signed: int = 0
+    signer: FormSigner | None = None
+
+
+class FormSigner(Protocol):
+    def header_for(self, message: bytes, form: str) -> bytes:
+        """The header field(s) that sign ``message``, which is the mail's ``form``
+        ("ascii-head", "7bit-body" or both): the same form gets the same answer."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +79,20 @@ class OutgoingMail:
         if not eight and (alt is None or alt.body is None):
             return PermanentFailure("the server does not offer 8BITMIME; the mail is 8bit")
         assert alt is not None
-        view = memoryview(self.data)
-        head = view[: alt.split] if utf8 or alt.head is None else alt.head
-        body = view[alt.split :] if eight or alt.body is None else alt.body
+        own_head, own_body = utf8 or alt.head is None, eight or alt.body is None
+        if own_head and own_body:  # only the envelope differs (a UTF-8 Bcc address)
+            data = self.data
+        else:
+            view = memoryview(self.data)
+            head = view[alt.signed : alt.split] if own_head else alt.head
+            body = view[alt.split :] if own_body else alt.body
+            assert head is not None and body is not None
+            data = b"".join((head, body))
+            if alt.signer is not None:
+                form = "+".join(
+                    f for f, own in (("ascii-head", own_head), ("7bit-body", own_body)) if not own
+                )
+                data = alt.signer.header_for(data, form) + data
         sender, recipients = self.sender, self.recipients
         if not utf8:
             sender = alt.addresses.get(sender, sender)
@@ -79,7 +101,7 @@ class OutgoingMail:
             self.job_id,
             sender,
             recipients,
-            b"".join((head, body)),
+            data,
             needs_8bitmime=self.needs_8bitmime and eight,
             needs_smtputf8=self.needs_smtputf8 and utf8,
         )

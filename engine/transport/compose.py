@@ -9,10 +9,12 @@ from __future__ import annotations
 import binascii
 import functools
 import re
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from email.utils import formatdate, quote
 from typing import Final
 
+from engine.attachments import AttachmentRef
 from engine.models import Message, ascii_domain, bare_address, split_address
 from engine.transport.base import OutgoingMail, SevenBitForm
 
@@ -49,8 +51,18 @@ def _part_headers(content_type: str, encoding: str) -> bytes:
     ).encode("ascii")
 
 
-def compose(job_id: str, msg: Message, *, message_id_domain: str, now: float) -> OutgoingMail:
+def compose(
+    job_id: str,
+    msg: Message,
+    *,
+    message_id_domain: str,
+    now: float,
+    attachments: Mapping[bytes, bytes] | None = None,
+) -> OutgoingMail:
     """Build the wire form of ``msg``; the Message-ID depends only on the job id.
+
+    ``attachments``: the part body (``attachment_body``) of each attachment ``msg``
+    names, by SHA-256; one not there raises MissingAttachment.
 
     ``data`` is the best form: 8bit bodies and UTF-8 addresses as they are. Only when
     that is not plain 7-bit does the mail get flags and a ``fallback`` (quoted-printable
@@ -59,7 +71,9 @@ def compose(job_id: str, msg: Message, *, message_id_domain: str, now: float) ->
     sender = bare_address(msg.sender)
     recipients = msg.envelope_recipients()
     multipart = ""  # the top-level Content-Type when there are two parts
-    if msg.text is not None and msg.html is not None:
+    if msg.attachments:
+        body, body_7bit = _with_attachments(job_id, msg, attachments or {})
+    elif msg.text is not None and msg.html is not None:
         # "=_" cannot occur in quoted-printable output, and a part that contains the
         # boundary is forced to QP below, so the boundary never collides with content.
         boundary = f"=_alt_{job_id}"
@@ -311,3 +325,131 @@ def _fold_words(name: str, value: str) -> str:
             current = f"{current} {word}"
     out.append(current)
     return _CRLF.join(out)
+
+
+# -- attachments ------------------------------------------------------------------------
+#
+#   multipart/mixed                      (when there is an attachment to list)
+#   ├── multipart/alternative            (text and html; else the one body part)
+#   │   ├── text/plain
+#   │   └── multipart/related            (html with the inline parts it names by cid:)
+#   │       ├── text/html
+#   │       └── image/png  Content-ID: <logo>, inline
+#   └── application/pdf  attachment; filename=...
+#
+# Every attachment is base64 in 76-character lines, the same bytes in both forms of the
+# mail: only text parts have a 7-bit stand-in.
+
+# (its chunks: header lines, blank line, body; the same in 7-bit form, None: identical)
+_Entity = tuple[list[bytes], list[bytes] | None]
+# RFC 2231 7: attribute-char, what a parameter's extended value keeps unencoded.
+_ATTR_CHARS: Final = "!#$&+-.^_`|~"
+# Written RFC 2231 too, though ASCII: a quoted-pair (\" \\) that readers (Python's email
+# among them) do not all undo.
+_NEEDS_2231: Final = frozenset('"\\')
+
+
+class MissingAttachment(ValueError):
+    """A message names an attachment whose bytes are gone (its blob expired or was
+    deleted): it cannot be sent as it was accepted."""
+
+    def __init__(self, ref: AttachmentRef) -> None:
+        super().__init__(
+            f"attachment-missing: {ref.filename!r} ({ref.size} bytes, sha256 "
+            f"{ref.sha256.hex()}) is no longer stored"
+        )
+        self.ref = ref
+
+
+def attachment_body(raw: bytes) -> bytes:
+    """An attachment's part body as ``compose`` writes it: base64 in 76-character lines,
+    each ending in CRLF (b64_encode: the GIL is let go between lines)."""
+    return b64_encode(raw).replace(b"\n", b"\r\n")
+
+
+def _with_attachments(job_id: str, msg: Message, bodies: Mapping[bytes, bytes]) -> _Entity:
+    """The MIME body of a message with attachments: its text and html, then its files."""
+    boundaries = (f"=_mix_{job_id}", f"=_alt_{job_id}", f"=_rel_{job_id}")
+    # Inline parts with a Content-ID go next to the html that shows them; the rest
+    # (all of them when there is no html) are listed after the body.
+    has_html = msg.html is not None
+    related = [a for a in msg.attachments if has_html and a.inline and a.content_id]
+    listed = [a for a in msg.attachments if not (has_html and a.inline and a.content_id)]
+    text = _leaf("text/plain", msg.text, boundaries) if msg.text is not None else None
+    html = _leaf("text/html", msg.html, boundaries) if msg.html is not None else None
+    if html is not None and related:
+        parts = [html, *(_attachment(a, bodies) for a in related)]
+        html = _multipart('related; type="text/html"', boundaries[2], parts)
+    if text is not None and html is not None:
+        content = _multipart("alternative", boundaries[1], [text, html])
+    else:
+        content = text or html or _leaf("text/plain", "", boundaries)
+    if not listed:
+        return content
+    return _multipart("mixed", boundaries[0], [content, *(_attachment(a, bodies) for a in listed)])
+
+
+def _leaf(content_type: str, text: str, boundaries: tuple[str, ...]) -> _Entity:
+    """A text part; quoted-printable when it holds any of the ``boundaries``."""
+    hit = next((b for b in boundaries if b in text), None)
+    return _part(content_type, text, hit)
+
+
+def _multipart(subtype: str, boundary: str, children: list[_Entity]) -> _Entity:
+    head = f'Content-Type: multipart/{subtype};\r\n boundary="{boundary}"'.encode("ascii")
+    first = f"--{boundary}\r\n".encode("ascii")
+    between = f"\r\n--{boundary}\r\n".encode("ascii")
+    close = f"\r\n--{boundary}--\r\n".encode("ascii")
+
+    def joined(parts: list[list[bytes]]) -> list[bytes]:
+        out = [head, _BLANK_LINE, first]
+        for i, chunks in enumerate(parts):
+            if i:
+                out.append(between)
+            out += chunks  # its body ends in CRLF: the delimiter's own CRLF follows
+        out.append(close)
+        return out
+
+    best = joined([c[0] for c in children])
+    if all(c[1] is None for c in children):
+        return best, None
+    return best, joined([c[1] or c[0] for c in children])
+
+
+def _attachment(ref: AttachmentRef, bodies: Mapping[bytes, bytes]) -> _Entity:
+    body = bodies.get(ref.sha256)
+    if body is None:
+        raise MissingAttachment(ref)
+    lines = [
+        f"Content-Type: {ref.content_type};{_param('name', ref.filename)}",
+        f"Content-Disposition: {'inline' if ref.inline else 'attachment'};"
+        + _param("filename", ref.filename),
+        "Content-Transfer-Encoding: base64",
+    ]
+    if ref.content_id:
+        lines.append(f"Content-ID: <{ref.content_id}>")
+    return [_CRLF.join(lines).encode("ascii"), _BLANK_LINE, body], None
+
+
+def _param(name: str, value: str) -> str:
+    """A MIME parameter on a folded line of its own: ``name="value"`` for printable
+    ASCII without quotes, backslashes or "=?" (a file name of at most 255 characters:
+    within 998 octets), else RFC 2231
+    ``name*=utf-8''%E2%82%AC...``, in numbered sections of one line each when long."""
+    plain = value.isascii() and value.isprintable() and "=?" not in value
+    if plain and not _NEEDS_2231.intersection(value):
+        return f'\r\n {name}="{value}"'
+    encoded = urllib.parse.quote(value, safe=_ATTR_CHARS)
+    single = f"\r\n {name}*=utf-8''{encoded}"
+    if len(single) <= _FOLD_AT + 2:
+        return single
+    lines: list[str] = []
+    start = 0
+    while start < len(encoded):
+        line = f" {name}*{len(lines)}*=" + ("utf-8''" if not lines else "")
+        end = min(start + _FOLD_AT - len(line) - 1, len(encoded))  # 1: the ";"
+        while end < len(encoded) and "%" in encoded[end - 2 : end]:
+            end -= 1  # never split a %XX
+        lines.append(line + encoded[start:end])
+        start = end
+    return ";".join(f"\r\n{line}" for line in lines)

@@ -1173,12 +1173,27 @@ def _all_rejected(rejected: list[RecipientRejected]) -> TransportError:
 
 def _dot_stuff(data: bytes, then: bytes = b"") -> bytes:
     """RFC 5321 4.5.2 transparency, CRLF-terminated, the ``.`` end-of-data line, ``then``."""
-    stuffed = data.replace(b"\r\n.", b"\r\n..")
+    stuffed = data.replace(b"\r\n.", b"\r\n..") if _may_have_dot_lines(data) else data
     if stuffed.startswith(b"."):
         stuffed = b"." + stuffed
     if stuffed and not stuffed.endswith(b"\r\n"):
         stuffed += b"\r\n"
     return b"".join((stuffed, b".\r\n", then))
+
+
+def _may_have_dot_lines(data: bytes) -> bool:
+    """False when no line of ``data`` starts with "." after its first: found by looking at
+    its dots (memchr) while they are few. bytes.find of a 3-byte needle such as "\r\n."
+    crawls (~0.8 ns a byte here: 110 us for a 100 KiB attachment's base64, which has no
+    dot at all); past 32 dots, the full search decides."""
+    at = data.find(b".", 1)
+    for _ in range(32):
+        if at < 0:
+            return False
+        if data[at - 1] == 0x0A:  # after a LF: the full search looks for CRLF "."
+            return True
+        at = data.find(b".", at + 1)
+    return at >= 0
 
 
 # -- the pool ---------------------------------------------------------------------------
