@@ -34,7 +34,7 @@ import msgspec
 import trio
 
 from engine.api.exchange import Fail, decode_json, refuse_repeated_keys
-from engine.api.ingest import _YIELD_EVERY, parse_batch, parse_message
+from engine.api.ingest import _YIELD_EVERY, YIELD_ABOVE_BYTES, parse_batch, parse_message
 from engine.api.schedules import ScheduleIn, check_schedule
 from engine.config import HttpSettings
 from engine.errors import ValidationError
@@ -101,10 +101,14 @@ class Row:
 
     @property
     def hold_ms(self) -> float:
-        """The longest the handler holds the loop without letting anything else run."""
-        if not self.chunk_ms:
-            return self.handler_ms
-        return max(self.decode_ms + self.guard_ms, self.chunk_ms)
+        """The longest the handler holds the loop without letting anything else run: a
+        batch yields every _YIELD_EVERY messages, a single message over
+        YIELD_ABOVE_BYTES between its steps (engine.api.ingest)."""
+        if self.chunk_ms:
+            return max(self.decode_ms + self.guard_ms, self.chunk_ms)
+        if self.size > YIELD_ABOVE_BYTES:
+            return max(self.decode_ms, self.guard_ms, self.job_ms)
+        return self.handler_ms
 
     @property
     def ok(self) -> bool:
