@@ -391,3 +391,27 @@ def test_webhook_endpoints_and_bounce_classes_are_shown(dash: Dashboard, api: ht
     listed = page.locator('#suppressed tr[data-address="bounced+550@example.com"]')
     expect(listed).to_contain_text("invalid-recipient", timeout=15_000)
     dash.assert_no_errors()
+
+
+def test_a_captured_message_previews_in_a_sandboxed_frame(
+    dash: Dashboard, api: httpx.Client
+) -> None:
+    """The html is shown in an iframe with no allow-* token: its script does not run, and
+    the page's CSP keeps its remote image from loading (no request leaves)."""
+    page = dash.page
+    remote: list[str] = []
+    page.on("request", lambda r: remote.append(r.url) if "tracker.invalid" in r.url else None)
+    html = ('<h1 id="hello">Hello Ann</h1><img src="https://tracker.invalid/p.gif">'
+            "<script>parent.__pwned = 1</script>")  # fmt: skip
+    job_id = post(api, "preview@example.com", subject="Look", html=html)
+    row = page.locator(f'#mail tr[data-id="{job_id}"]')
+    row.locator("button.preview").click()
+    expect(page.locator("#preview")).to_be_visible()
+    expect(page.locator("#preview-head")).to_contain_text("preview@example.com")
+    frame = page.frame_locator("#preview-html")
+    expect(frame.locator("#hello")).to_have_text("Hello Ann")
+    assert page.locator("#preview-html").get_attribute("sandbox") == ""
+    assert page.evaluate("window.__pwned") is None
+    assert remote == []
+    page.click("#preview-close")
+    expect(page.locator("#preview")).to_be_hidden()

@@ -58,6 +58,9 @@ async def test_a_sandboxed_message_is_kept_not_sent(api: Api) -> None:
     assert raw.status_code == 200 and raw.headers["content-type"] == "message/rfc822"
     parsed = email.message_from_bytes(raw.content, policy=email.policy.default)
     assert parsed["Subject"] == "Test run" and parsed["To"] == "ann@example.com"
+    preview = (await c.get(f"/v1/messages/{job_id}/preview")).json()
+    assert (preview["subject"], preview["to"]) == ("Test run", "ann@example.com")
+    assert preview["html"].strip() == "<p>Hi</p>" and preview["attachments"] == []
     # A real one goes to the transport, and has no kept wire form.
     real = (await c.post("/v1/messages", json={"to": "bob@example.com", "text": "x"})).json()
     await _final(c, real["id"])

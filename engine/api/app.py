@@ -111,6 +111,8 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         "upload_attachment": attachments.upload,
         "get_message": ingest.get_message,
         "message_raw": ingest.message_raw,
+        "message_preview": ingest.message_preview,
+        "sink_message_preview": dashboard.sink_message_preview,
         "cancel_message": ingest.cancel_message,
         "list_dead": dead.list_dead,
         "retry_dead": dead.retry_dead,

@@ -20,6 +20,7 @@ import trio
 
 from engine.api.backend import ApiBackend
 from engine.api.exchange import Fail, Headers, Reply, Request, empty_reply, json_reply, not_found
+from engine.api.preview import preview_of
 from engine.api.transports import TransportView, transport_view
 from engine.models import ms_to_iso
 
@@ -201,6 +202,26 @@ def read_maildir(root: Path, limit: int) -> SinkPage:
     return SinkPage(str(root), len(entries), items)
 
 
+_MAILDIR_KEY: Final = re.compile(r"[A-Za-z0-9._-]{1,200}")
+
+
+def read_maildir_message(root: Path, key: str) -> bytes | None:
+    """The message whose file name starts with ``key`` (its name before ``:``), or None.
+    Blocking: run it in a worker thread."""
+    for sub in ("new", "cur"):
+        try:
+            with os.scandir(root / sub) as it:
+                for entry in it:
+                    if entry.name.split(":", 1)[0] == key:
+                        try:
+                            return Path(entry.path).read_bytes()
+                        except FileNotFoundError:
+                            return None
+        except FileNotFoundError:
+            continue
+    return None
+
+
 def _read_header_block(readline: Callable[[int], bytes]) -> bytes:
     lines: list[bytes] = []
     budget = _HEADER_MAX_BYTES
@@ -274,3 +295,14 @@ class DashboardRoutes:
         limit = req.int_query("limit", 50, 1, SINK_PAGE_MAX)
         body = await trio.to_thread.run_sync(read_maildir, Path(maildir), limit)
         return json_reply(200, body, [_NO_STORE])
+
+    async def sink_message_preview(self, req: Request) -> Reply:
+        """One captured message read back: headers, text, html, attachments."""
+        maildir = self._backend.sink_maildir
+        key = req.params["key"]
+        if maildir is None or not _MAILDIR_KEY.fullmatch(key):
+            raise not_found("No such captured message", f"key {key!r}")
+        raw = await trio.to_thread.run_sync(read_maildir_message, Path(maildir), key)
+        if raw is None:
+            raise not_found("No such captured message", f"key {key!r}")
+        return json_reply(200, preview_of(raw), [_NO_STORE])

@@ -26,6 +26,7 @@ from engine.api.exchange import (
     refuse_repeated_keys,
 )
 from engine.api.guard import presented_key
+from engine.api.preview import preview_of
 from engine.api.templates import Templates
 from engine.api.unsubscribe import Unsubscribe
 from engine.auth import UNCHECKED, AccessTable, Principal, check_may_send
@@ -473,6 +474,16 @@ class Ingest:
                 f"{job_id!r} is not a sandboxed message that was composed (state {rec.state})",
             )
         return Reply(200, data, b"message/rfc822", [(b"content-disposition", b"inline")])
+
+    async def message_preview(self, req: Request) -> Reply:
+        """GET /v1/messages/{id}/preview: a sandboxed message read back (headers, text,
+        html, attachments) -- what the dashboard shows."""
+        job_id = req.params["id"]
+        rec = await self.queue.get(job_id) if is_id(job_id) else None
+        data = await self.queue.raw(job_id) if rec and req.principal.sees(rec.tenant) else None
+        if rec is None or data is None:
+            raise not_found("No wire form kept", f"{job_id!r} is not a composed sandboxed message")
+        return json_reply(200, preview_of(data))
 
     async def cancel_message(self, req: Request) -> Reply:
         """DELETE /v1/messages/{id}: 200 cancelled; 409 once processing or finished."""

@@ -29,6 +29,7 @@ from engine.api.dashboard import SinkPage, Stats
 from engine.api.dead import DeadPage, DeadRetried, RetryFilter
 from engine.api.domains import DomainIn, DomainList, DomainView
 from engine.api.limits import LimitsView
+from engine.api.preview import Preview
 from engine.api.schedules import ScheduleIn, ScheduleList, ScheduleView
 from engine.api.suppression import (
     ImportResult,
@@ -152,6 +153,11 @@ ROUTES: Final[tuple[Route, ...]] = (
                  "tenant": "whose messages may name it (a tenant this key acts for)"}),
     Route("get_message", "GET", "/v1/messages/{id}", "A message's state", "read",
           {200: _ok("the message", JobView), 404: _ok("no such message"), **_QUEUE}),
+    Route("message_preview", "GET", "/v1/messages/{id}/preview",
+          "A sandboxed message read back (headers, text, html, attachments)", "read",
+          {200: _ok("the message", Preview),
+           404: _ok("no such message, or not a sandboxed one that was composed"),
+           **_QUEUE}),
     Route("message_raw", "GET", "/v1/messages/{id}/raw",
           "A sandboxed message's wire form (kept instead of sent)", "read",
           {200: _ok("the message as it would have gone to the server", "message/rfc822"),
@@ -218,6 +224,10 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route("sink_messages", "GET", "/v1/sink/messages", "Mail the embedded sink captured", "admin",
           {200: _ok("newest first", SinkPage), 404: _ok("no embedded sink"),
            422: _ok("bad limit")}, query={"limit": ("1-500, default 50", _int(1, 500))},
+          tag="operations"),
+    Route("sink_message_preview", "GET", "/v1/sink/messages/{key}/preview",
+          "One captured message read back (headers, text, html, attachments)", "admin",
+          {200: _ok("the message", Preview), 404: _ok("no such captured message")},
           tag="operations"),
     Route("create_webhook", "POST", "/v1/webhooks",
           "Add a webhook endpoint (the answer shows its signing secret, once)", "webhooks",

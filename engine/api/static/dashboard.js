@@ -482,6 +482,11 @@
     if (["queued", "scheduled", "retrying"].includes(m.state)) {
       actions.append(el("button", { type: "button", onclick: () => cancelMessage(m.id) }, "Cancel"));
     }
+    if (m.state === "sent" && (m.last_error || "").startsWith("sandbox:")) {
+      actions.append(el("button", { type: "button", className: "preview",
+        onclick: () => showPreview(`/v1/messages/${encodeURIComponent(m.id)}/preview`,
+          `sandboxed ${m.id}`) }, "Preview"));
+    }
     return el("div", { className: "card" }, dl, actions);
   }
 
@@ -739,7 +744,7 @@
     $("mail-total").textContent = `${fmt(page.total)} in ${page.maildir}`;
     const body = $("mail").tBodies[0];
     if (!page.items.length) {
-      body.replaceChildren(el("tr", {}, el("td", { colSpan: 6, className: "muted" }, "none yet")));
+      body.replaceChildren(el("tr", {}, el("td", { colSpan: 7, className: "muted" }, "none yet")));
       return;
     }
     body.replaceChildren(...page.items.map((m) => el(
@@ -751,7 +756,39 @@
       el("td", { className: "detail subject", title: m.subject || "" }, m.subject || ""),
       el("td", { className: "num" }, fmtBytes(m.size)),
       el("td", { title: m.message_id || "" }, idButton(m.job_id)),
+      el("td", {}, el("button", { type: "button", className: "preview",
+        onclick: () => showPreview(`/v1/sink/messages/${encodeURIComponent(m.key)}/preview`,
+          `captured ${m.key}`) }, "Preview")),
     )));
+  }
+
+  // ---- preview: a captured or sandboxed message, read back by the API ----------------
+
+  async function showPreview(path, what) {
+    try {
+      const p = await api("GET", path);
+      clearProblem("preview");
+      $("preview-what").textContent = what + (p.truncated ? " (cut at 512 KiB a part)" : "");
+      const head = $("preview-head");
+      head.replaceChildren();
+      for (const [k, v] of [["from", p.from], ["to", p.to], ["cc", p.cc], ["subject", p.subject],
+                            ["date", p.date]]) {
+        if (v) head.append(el("dt", {}, k), el("dd", {}, v));
+      }
+      if (p.attachments.length) {
+        head.append(el("dt", {}, "attached"), el("dd", {}, p.attachments.map(
+          (a) => `${a.filename || "(no name)"} (${a.content_type}, ${fmtBytes(a.size)})`).join(", ")));
+      }
+      const frame = $("preview-html");
+      const text = $("preview-text");
+      frame.hidden = p.html === null;
+      frame.srcdoc = p.html === null ? "" : p.html;
+      text.hidden = p.html !== null || p.text === null;
+      text.textContent = p.text || "";
+      $("preview").hidden = false;
+    } catch (err) {
+      showProblem("preview", err);
+    }
   }
 
   // ---- start ------------------------------------------------------------------------
@@ -819,6 +856,7 @@
       lookup($("lookup-id").value);
     });
     $("retry-all").addEventListener("click", retryAllDead);
+    $("preview-close").addEventListener("click", () => { $("preview").hidden = true; });
     $("feed-type").addEventListener("change", restartFeed);
     $("feed-clear").addEventListener("click", clearFeed);
     $("feed-pause").addEventListener("change", () => {
