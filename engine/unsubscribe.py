@@ -47,6 +47,14 @@ def list_name(value: bool | str) -> str:
     )  # fmt: skip
 
 
+def list_scope(tenant: str, list_: str) -> str:
+    """Whose suppression list an unsubscribe from ``list_`` goes on: the tenant's own
+    (all of its mail) for ``all``, else ``<tenant>:list:<list>`` -- a list of its own that
+    only messages sent with ``"unsubscribe": "<list>"`` are checked against (enqueue.lua;
+    neither name can hold a colon)."""
+    return tenant if list_ == ALL else f"{tenant}:list:{list_}"
+
+
 def make_token(key: bytes, tenant: str, list_: str, address: str) -> str:
     payload = _encode((tenant, list_, address))
     mac = hmac.new(key, payload, hashlib.sha256).digest()[:_MAC_BYTES]

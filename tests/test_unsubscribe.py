@@ -5,7 +5,7 @@ POST (as a mailbox provider sends it, no cookie, no Origin) suppresses the addre
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import httpx
 import pytest
@@ -65,7 +65,7 @@ async def api(redis_server: RedisServer) -> AsyncIterator[Api]:
 async def test_a_send_carries_the_link_and_a_post_to_it_suppresses(api: Api) -> None:
     c, transport, bind = api
     r = await c.post("/v1/messages", json={"to": "Ann <ann@example.com>", "subject": "News",
-                                           "text": "hi", "unsubscribe": "weekly"})  # fmt: skip
+                                           "text": "hi", "unsubscribe": True})  # fmt: skip
     assert r.status_code == 202, r.text
     with trio.fail_after(10):
         while not transport.sent:
@@ -92,7 +92,7 @@ async def test_a_send_carries_the_link_and_a_post_to_it_suppresses(api: Api) -> 
         bad = await outsider.post(url[:-3] + "AAA", content=b"List-Unsubscribe=One-Click")
         assert bad.status_code == 404
     entry = (await c.get("/v1/suppressions/ann@example.com")).json()
-    assert entry["reason"] == "one-click unsubscribe from list weekly"
+    assert entry["reason"] == "one-click unsubscribe"
 
     again = await c.post("/v1/messages", json={"to": "ann@example.com", "text": "x"})
     with trio.fail_after(10):
@@ -106,3 +106,43 @@ async def test_a_send_carries_the_link_and_a_post_to_it_suppresses(api: Api) -> 
                                               "unsubscribe": True,
                                               "headers": {"List-Unsubscribe": "<x>"}})  # fmt: skip
     assert (both.status_code, both.json()["field"]) == (422, "headers.List-Unsubscribe")
+
+
+async def test_an_unsubscribe_from_a_list_stops_that_list_only(api: Api) -> None:
+    """`"unsubscribe": "weekly"` puts the address on the tenant's list for "weekly"
+    (GET /v1/suppressions?list=weekly): later "weekly" mail to it ends suppressed, other
+    mail to it still goes out; "unsubscribe": true stops all of it."""
+    c, transport, _ = api
+    news = {"to": "cy@example.com", "text": "news", "unsubscribe": "weekly"}
+    assert (await c.post("/v1/messages", json=news)).status_code == 202
+    with trio.fail_after(10):
+        while not transport.sent:
+            await trio.sleep(0.02)
+    link = re.search(r"^List-Unsubscribe: <(http://[^>]+)>", transport.sent[0].data.decode(), re.M)
+    assert link is not None
+    async with httpx.AsyncClient(timeout=10) as outsider:
+        done = await outsider.post(link.group(1), content=b"List-Unsubscribe=One-Click")
+        assert done.status_code == 200
+
+    scoped = await c.get("/v1/suppressions/cy@example.com", params={"list": "weekly"})
+    assert scoped.status_code == 200 and "weekly" in scoped.json()["reason"]
+    assert (await c.get("/v1/suppressions/cy@example.com")).status_code == 404
+    bad = await c.get("/v1/suppressions", params={"list": "no such/list"})
+    assert (bad.status_code, bad.json()["field"]) == (422, "list")
+
+    async def final(body: Mapping[str, object]) -> str:
+        job_id = (await c.post("/v1/messages", json=body)).json()["id"]
+        with trio.fail_after(10):
+            while True:
+                state: str = (await c.get(f"/v1/messages/{job_id}")).json()["state"]
+                if state in ("sent", "suppressed"):
+                    return state
+                await trio.sleep(0.02)
+
+    assert await final(news) == "suppressed"
+    assert await final({**news, "unsubscribe": "monthly"}) == "sent"
+    assert await final({"to": "cy@example.com", "text": "receipt"}) == "sent"
+    # Taken off that list, the next weekly mail goes out again.
+    removed = await c.delete("/v1/suppressions/cy@example.com", params={"list": "weekly"})
+    assert removed.status_code == 204
+    assert await final(news) == "sent"

@@ -331,8 +331,9 @@ class Ingest:
             for a in ([field] if isinstance(field, str) else field)
         ))  # fmt: skip
         added = await self.unsubscribe.message_headers(tenant, list_, recipients)
+        # The list stays on the message: enqueue checks its recipients against it too.
         return msgspec.structs.replace(
-            incoming, headers={**incoming.headers, **added}, unsubscribe=None
+            incoming, headers={**incoming.headers, **added}, unsubscribe=list_
         )
 
     def _may_send(self, p: Principal, incoming: MessageIn, tenant: str) -> None:

@@ -122,6 +122,14 @@ _INGEST_ERRORS: Final = {
     503: _ok("not accepted: Redis unavailable, backlog full or shutting down (Retry-After)"),
 }
 
+# A suppression list: a tenant's (?tenant=, one the key acts for; default its own), or
+# with ?list= its list of one-click unsubscribes from that list.
+_SUPPRESSION_SCOPE: Final = {
+    "tenant": "whose list (a tenant this key acts for; default its own)",
+    "list": "one list's one-click unsubscribes (for messages sent with that unsubscribe "
+    "list name), instead of the tenant's own list",
+}
+
 # Templates are a tenant's: ?tenant= picks one the key acts for.
 _TEMPLATE_TENANT: Final = {
     "tenant": "whose templates (a tenant this key acts for; default its own)"
@@ -283,7 +291,7 @@ ROUTES: Final[tuple[Route, ...]] = (
           "A tenant's suppression list, a page at a time", "suppressions",
           {200: _ok("a page (next_cursor: the next one's ?cursor=)", SuppressionList),
            422: _ok("bad cursor, limit or tenant"), **_QUEUE},
-          query={"tenant": "whose list (a tenant this key acts for; default its own)",
+          query={**_SUPPRESSION_SCOPE,
                  "cursor": "next_cursor of the previous page (default: the start)",
                  "limit": ("about this many (1-1000, default 100)", _int(1, 1000))},
           tag="suppressions"),
@@ -293,24 +301,24 @@ ROUTES: Final[tuple[Route, ...]] = (
                     SuppressionsAdded),
            400: _ok("malformed JSON"), 413: _ok("body too large"), 415: _ok("not JSON"),
            422: _ok("an address, the reason or the tenant is invalid"), **_QUEUE},
-          request=SuppressionsIn, query={"tenant": "whose list (default: the key's own)"},
+          request=SuppressionsIn, query=_SUPPRESSION_SCOPE,
           tag="suppressions"),
     Route("import_suppressions", "POST", "/v1/suppressions/import",
           "Suppress the addresses of a CSV (address or address,reason a line)", "suppressions",
           {200: _ok("counts, and the lines refused", ImportResult),
            400: _ok("not UTF-8"), 413: _ok("over 4 MiB"), 415: _ok("not text/csv"),
            422: _ok("too many lines, or a bad tenant"), **_QUEUE},
-          request="text/csv", query={"tenant": "whose list (default: the key's own)"},
+          request="text/csv", query=_SUPPRESSION_SCOPE,
           tag="suppressions"),
     Route("get_suppression", "GET", "/v1/suppressions/{address}",
           "Whether an address is suppressed, and why", "suppressions",
           {200: _ok("its entry", SuppressionView), 404: _ok("not suppressed"),
            422: _ok("a bad tenant"), **_QUEUE},
-          query={"tenant": "whose list (default: the key's own)"}, tag="suppressions"),
+          query=_SUPPRESSION_SCOPE, tag="suppressions"),
     Route("delete_suppression", "DELETE", "/v1/suppressions/{address}",
           "Take an address off the list (mail to it is sent again)", "suppressions",
           {204: _ok("removed"), 404: _ok("not suppressed"), 422: _ok("a bad tenant"),
-           **_QUEUE}, query={"tenant": "whose list (default: the key's own)"},
+           **_QUEUE}, query=_SUPPRESSION_SCOPE,
           tag="suppressions"),
     Route("create_template", "POST", "/v1/templates",
           "Add a template (subject, text, html with {{ variables }}; version 1)", "templates",

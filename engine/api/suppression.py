@@ -24,6 +24,7 @@ from engine.api.exchange import (
 from engine.errors import ValidationError
 from engine.models import Address, check_address, check_tenant, ms_to_iso
 from engine.queue import Suppression, SuppressionStore, address_key
+from engine.unsubscribe import list_name, list_scope
 
 MAX_ADD: Final = 1000  # addresses per POST /v1/suppressions
 MAX_REASON_CHARS: Final = 256
@@ -146,17 +147,25 @@ class SuppressionRoutes:
         self._store = store
 
     def _tenant(self, req: Request) -> str:
-        """The tenant a request is about: ``?tenant=``, else the key's own."""
+        """The list a request is about: the tenant's (``?tenant=``, else the key's own),
+        or with ``?list=`` that tenant's list of one-click unsubscribes from a list
+        (``<tenant>:list:<list>``, engine.unsubscribe.list_scope)."""
         given = req.query("tenant")
-        if given is None:
-            return req.principal.tenant
+        tenant = req.principal.tenant if given is None else given
+        if given is not None:
+            try:
+                check_tenant("tenant", given)
+            except ValidationError as exc:
+                raise invalid(exc.field, exc.detail, "Invalid query parameter") from None
+            if not req.principal.sees(given):
+                raise invalid("tenant", f"this API key does not act for tenant {given!r}")
+        named = req.query("list")
+        if named is None:
+            return tenant
         try:
-            check_tenant("tenant", given)
+            return list_scope(tenant, list_name(named))
         except ValidationError as exc:
-            raise invalid(exc.field, exc.detail, "Invalid query parameter") from None
-        if not req.principal.sees(given):
-            raise invalid("tenant", f"this API key does not act for tenant {given!r}")
-        return given
+            raise invalid("list", exc.detail, "Invalid query parameter") from None
 
     async def list_suppressions(self, req: Request) -> Reply:
         tenant = self._tenant(req)

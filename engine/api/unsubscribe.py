@@ -15,7 +15,7 @@ from engine.auth import new_secret
 from engine.config import UnsubscribeSettings
 from engine.errors import ValidationError
 from engine.queue import AccessStore, SuppressionStore
-from engine.unsubscribe import ALL, headers, make_token, read_token, signing_key
+from engine.unsubscribe import ALL, headers, list_scope, make_token, read_token, signing_key
 
 MAX_BODY: Final = 4096  # "List-Unsubscribe=One-Click", or the page's form
 _HTML: Final = b"text/html; charset=utf-8"
@@ -84,7 +84,7 @@ class Unsubscribe:
                          "or it was changed on the way.")  # fmt: skip
         tenant, list_, address = found
         reason = "one-click unsubscribe" + ("" if list_ == ALL else f" from list {list_}")
-        await self._suppressions.add(tenant, {address: reason})
+        await self._suppressions.add(list_scope(tenant, list_), {address: reason})
         return _page(
             200, "Unsubscribed", f"<b>{html.escape(address)}</b> will get no more of this mail."
         )

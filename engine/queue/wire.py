@@ -25,6 +25,7 @@ from engine.models import (
     route,
 )
 from engine.queue.jobs import JobRecord, NewJob
+from engine.unsubscribe import ALL, list_name
 
 # Joins a message's tags in its job record and events: tags hold no CR or LF (validated
 # in engine.models), so a newline never splits one.
@@ -54,11 +55,18 @@ def new_job(
     """
     routing = route(incoming, now_ms=now_ms, default_tenant=default_tenant)
     message = normalize(incoming, default_from=default_from, blobs=blobs)
+    # Checked against the tenant's suppression list -- and, for a message of a list
+    # ("unsubscribe": "<list>"), that list's own (enqueue.lua: "<list>\n" in front).
+    recipients = ",".join(message.envelope_recipients())
+    unsubscribe = incoming.unsubscribe
+    if unsubscribe not in (None, False, True):
+        scope = list_name(unsubscribe or False)
+        if scope != ALL:
+            recipients = f"{scope}\n{recipients}"
     return NewJob(
         job_id, encode_message(message), routing.lane, routing.tenant,
         recipient_domains(message), routing.due_ms, TAG_SEPARATOR.join(message.tags),
-        ",".join(message.envelope_recipients()),  # checked against the suppression list
-        expires_ms=routing.expires_ms,
+        recipients, expires_ms=routing.expires_ms,
     )  # fmt: skip
 
 

@@ -13,7 +13,8 @@
 --           n, cost (what it takes from the client's bucket: its recipients), then n
 --           octuples: job id, msgpack message, lane, tenant, recipient
 --           domains (comma-separated), due time (ms; 0 = now), tags ('\n'-joined; '' = none),
---           recipients (bare addresses, comma-separated; '' = not checked)
+--           recipients (bare addresses, comma-separated; '' = not checked; "<list>\n"
+--           in front for a message of a list: see suppressed_of)
 -- Returns one entry per request: {0, remaining} stored (remaining: the client's tokens,
 -- -1 without client limits); {1, 'id,id,...'} a replay of the same key and body
 -- (nothing stored); {2, fingerprint} the key was used for another body (409);
@@ -101,18 +102,33 @@ end
 local has_list = {}
 local function suppressed_of(tenant, rcpts)
   if rcpts == '' then return nil end
+  -- A message of a list ("<list>\n" in front) is also checked against the list's own
+  -- (<shard>suppressed:<tenant>:list:<list>: one-click unsubscribes from that list).
+  local scoped
+  local nl = string.find(rcpts, '\n', 1, true)
+  if nl then
+    scoped = shard .. 'suppressed:' .. tenant .. ':list:' .. string.sub(rcpts, 1, nl - 1)
+    rcpts = string.sub(rcpts, nl + 1)
+    if redis.call('EXISTS', scoped) == 0 then scoped = nil end
+  end
   local set = shard .. 'suppressed:' .. tenant
   if has_list[tenant] == nil then has_list[tenant] = redis.call('EXISTS', set) == 1 end
-  if not has_list[tenant] then return nil end
+  if not has_list[tenant] and not scoped then return nil end
   local all, lowered = {}, {}
   for r in string.gmatch(rcpts, '[^,]+') do
     all[#all + 1] = r
     lowered[#lowered + 1] = string.lower(r)
   end
-  local hits = redis.call('SMISMEMBER', set, unpack(lowered))
+  if #all == 0 then return nil end
+  local hits = has_list[tenant] and redis.call('SMISMEMBER', set, unpack(lowered)) or {}
+  local listed = scoped and redis.call('SMISMEMBER', scoped, unpack(lowered)) or {}
   local keep, drop = {}, {}
   for k = 1, #all do
-    if hits[k] == 1 then drop[#drop + 1] = all[k] else keep[#keep + 1] = all[k] end
+    if hits[k] == 1 or listed[k] == 1 then
+      drop[#drop + 1] = all[k]
+    else
+      keep[#keep + 1] = all[k]
+    end
   end
   if #drop == 0 then return nil end
   return keep, drop
