@@ -394,14 +394,18 @@ def test_webhook_endpoints_and_bounce_classes_are_shown(dash: Dashboard, api: ht
 
 
 def test_a_captured_message_previews_in_a_sandboxed_frame(
-    dash: Dashboard, api: httpx.Client
+    dash: Dashboard, api: httpx.Client, engine: EngineProcess
 ) -> None:
     """The html is shown in an iframe with no allow-* token: its script does not run, and
-    the page's CSP keeps its remote image from loading (no request leaves)."""
+    its images load from nowhere -- not even from the engine itself, a URL that would
+    answer (the frame's own CSP: no request is made)."""
     page = dash.page
-    remote: list[str] = []
-    page.on("request", lambda r: remote.append(r.url) if "tracker.invalid" in r.url else None)
-    html = ('<h1 id="hello">Hello Ann</h1><img src="https://tracker.invalid/p.gif">'
+    probe = f"{engine.base}/static/dashboard.css?probe={time.monotonic_ns()}"
+    # Chromium reports the request it then blocks (CSP); what must never come is an
+    # answer: the URL is the engine's own, which would serve it.
+    loads: list[str] = []
+    page.on("response", lambda r: loads.append(r.url) if "probe=" in r.url else None)
+    html = (f'<h1 id="hello">Hello Ann</h1><img id="pixel" src="{probe}">'
             "<script>parent.__pwned = 1</script>")  # fmt: skip
     job_id = post(api, "preview@example.com", subject="Look", html=html)
     row = page.locator(f'#mail tr[data-id="{job_id}"]')
@@ -410,8 +414,10 @@ def test_a_captured_message_previews_in_a_sandboxed_frame(
     expect(page.locator("#preview-head")).to_contain_text("preview@example.com")
     frame = page.frame_locator("#preview-html")
     expect(frame.locator("#hello")).to_have_text("Hello Ann")
+    expect(frame.locator("#pixel")).to_have_count(1)
+    page.wait_for_timeout(500)  # time for the image to be asked for, were it allowed
     assert page.locator("#preview-html").get_attribute("sandbox") == ""
     assert page.evaluate("window.__pwned") is None
-    assert remote == []
+    assert loads == []
     page.click("#preview-close")
     expect(page.locator("#preview")).to_be_hidden()

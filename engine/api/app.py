@@ -112,6 +112,8 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         "get_message": ingest.get_message,
         "message_raw": ingest.message_raw,
         "message_preview": ingest.message_preview,
+        "message_html": ingest.message_html,
+        "sink_message_html": dashboard.sink_message_html,
         "sink_message_preview": dashboard.sink_message_preview,
         "cancel_message": ingest.cancel_message,
         "list_dead": dead.list_dead,

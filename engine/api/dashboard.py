@@ -20,7 +20,7 @@ import trio
 
 from engine.api.backend import ApiBackend
 from engine.api.exchange import Fail, Headers, Reply, Request, empty_reply, json_reply, not_found
-from engine.api.preview import preview_of
+from engine.api.preview import HTML_HEADERS, preview_of
 from engine.api.transports import TransportView, transport_view
 from engine.models import ms_to_iso
 
@@ -295,6 +295,18 @@ class DashboardRoutes:
         limit = req.int_query("limit", 50, 1, SINK_PAGE_MAX)
         body = await trio.to_thread.run_sync(read_maildir, Path(maildir), limit)
         return json_reply(200, body, [_NO_STORE])
+
+    async def sink_message_html(self, req: Request) -> Reply:
+        """A captured message's html, for the preview frame (its own strict CSP)."""
+        maildir = self._backend.sink_maildir
+        key = req.params["key"]
+        raw = None
+        if maildir is not None and _MAILDIR_KEY.fullmatch(key):
+            raw = await trio.to_thread.run_sync(read_maildir_message, Path(maildir), key)
+        html = preview_of(raw).html if raw is not None else None
+        if html is None:
+            raise not_found("No html", f"no captured message {key!r} with an html part")
+        return Reply(200, html.encode(), b"text/html; charset=utf-8", list(HTML_HEADERS))
 
     async def sink_message_preview(self, req: Request) -> Reply:
         """One captured message read back: headers, text, html, attachments."""

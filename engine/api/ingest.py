@@ -26,7 +26,7 @@ from engine.api.exchange import (
     refuse_repeated_keys,
 )
 from engine.api.guard import presented_key
-from engine.api.preview import preview_of
+from engine.api.preview import HTML_HEADERS, preview_of
 from engine.api.templates import Templates
 from engine.api.unsubscribe import Unsubscribe
 from engine.auth import UNCHECKED, AccessTable, Principal, check_may_send
@@ -475,6 +475,16 @@ class Ingest:
                 f"{job_id!r} is not a sandboxed message that was composed (state {rec.state})",
             )
         return Reply(200, data, b"message/rfc822", [(b"content-disposition", b"inline")])
+
+    async def message_html(self, req: Request) -> Reply:
+        """A sandboxed message's html, for the dashboard's preview frame (strict CSP)."""
+        job_id = req.params["id"]
+        rec = await self.queue.get(job_id) if is_id(job_id) else None
+        data = await self.queue.raw(job_id) if rec and req.principal.sees(rec.tenant) else None
+        html = preview_of(data).html if data is not None else None
+        if html is None:
+            raise not_found("No html", f"{job_id!r} is not a composed sandboxed html message")
+        return Reply(200, html.encode(), b"text/html; charset=utf-8", list(HTML_HEADERS))
 
     async def message_preview(self, req: Request) -> Reply:
         """GET /v1/messages/{id}/preview: a sandboxed message read back (headers, text,

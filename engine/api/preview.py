@@ -66,6 +66,19 @@ def preview_of(raw: bytes) -> Preview:
     )  # fmt: skip
 
 
+# A message's html as the dashboard's preview frame loads it: nothing may load from
+# anywhere (a tracking pixel, a font, a style sheet) and nothing may run -- enforced by
+# the answer's own CSP, before the page is parsed (a policy inside the html, or the
+# frame's inherited one, let Chromium's preload scanner fetch images now and then).
+HTML_HEADERS: Final = [
+    (b"content-security-policy",
+     b"default-src 'none'; img-src data:; style-src 'unsafe-inline'; sandbox"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"cache-control", b"no-store"),
+    (b"referrer-policy", b"no-referrer"),
+]  # fmt: skip
+
+
 def _header(msg: EmailMessage, name: str) -> str | None:
     value = msg.get(name)
     return None if value is None else str(value)

@@ -782,7 +782,9 @@
       const frame = $("preview-html");
       const text = $("preview-text");
       frame.hidden = p.html === null;
-      frame.srcdoc = p.html === null ? "" : p.html;
+      // The html comes from the API with its own CSP (nothing loads, nothing runs),
+      // into a frame with no allow-* token.
+      frame.src = p.html === null ? "about:blank" : path.replace(/\/preview$/, "/html");
       text.hidden = p.html !== null || p.text === null;
       text.textContent = p.text || "";
       $("preview").hidden = false;
