@@ -13,27 +13,16 @@ import httpx
 import pytest
 import trio
 
-from engine.config import load_settings
-from engine.embedded import RedisServer, free_port
-from engine.queue import open_redis
+from engine.embedded import RedisServer
 from engine.transport.memory import MemoryTransport
-from fixtures.auth import AUTH
-from fixtures.inproc import inprocess_engine
+from fixtures.inproc import engine_client
 
 Api = tuple[httpx.AsyncClient, MemoryTransport]
 
 
 @pytest.fixture
 async def api(redis_server: RedisServer) -> AsyncIterator[Api]:
-    async with open_redis(redis_server.url) as r:
-        await r.flushall()
-    bind = f"127.0.0.1:{free_port()}"
-    settings = load_settings(environ={}, overrides={"http": {"bind": bind}})
-    transport = MemoryTransport()
-    async with (
-        inprocess_engine(settings, redis_server.url, transport),
-        httpx.AsyncClient(base_url=f"http://{bind}", headers=AUTH, timeout=10) as client,
-    ):
+    async with engine_client(redis_server.url) as (client, transport, _):
         yield client, transport
 
 

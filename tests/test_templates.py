@@ -10,14 +10,11 @@ import httpx
 import pytest
 import trio
 
-from engine.config import load_settings
-from engine.embedded import RedisServer, free_port
+from engine.embedded import RedisServer
 from engine.errors import ValidationError
-from engine.queue import open_redis
 from engine.templates import Template, TemplateIn, new_version, render
 from engine.transport.memory import MemoryTransport
-from fixtures.auth import AUTH
-from fixtures.inproc import inprocess_engine
+from fixtures.inproc import engine_client
 
 
 def test_render_escapes_html_only_and_refuses_undefined_variables() -> None:
@@ -71,18 +68,8 @@ Api = tuple[httpx.AsyncClient, MemoryTransport]
 
 
 @pytest.fixture
-async def api(
-    redis_server: RedisServer,
-) -> AsyncIterator[tuple[httpx.AsyncClient, MemoryTransport]]:
-    async with open_redis(redis_server.url) as r:
-        await r.flushall()
-    bind = f"127.0.0.1:{free_port()}"
-    settings = load_settings(environ={}, overrides={"http": {"bind": bind}})
-    transport = MemoryTransport()
-    async with (
-        inprocess_engine(settings, redis_server.url, transport),
-        httpx.AsyncClient(base_url=f"http://{bind}", headers=AUTH, timeout=10) as client,
-    ):
+async def api(redis_server: RedisServer) -> AsyncIterator[Api]:
+    async with engine_client(redis_server.url) as (client, transport, _):
         yield client, transport
 
 

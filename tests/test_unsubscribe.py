@@ -12,13 +12,11 @@ import pytest
 import trio
 
 from engine.config import load_settings
-from engine.embedded import RedisServer, free_port
+from engine.embedded import RedisServer
 from engine.errors import ConfigError, ValidationError
-from engine.queue import open_redis
 from engine.transport.memory import MemoryTransport
 from engine.unsubscribe import headers, list_name, make_token, read_token, signing_key
-from fixtures.auth import AUTH
-from fixtures.inproc import inprocess_engine
+from fixtures.inproc import engine_client
 
 
 def test_tokens_are_signed_and_name_tenant_list_and_address() -> None:
@@ -50,16 +48,8 @@ Api = tuple[httpx.AsyncClient, MemoryTransport, str]
 
 @pytest.fixture
 async def api(redis_server: RedisServer) -> AsyncIterator[Api]:
-    async with open_redis(redis_server.url) as r:
-        await r.flushall()
-    bind = f"127.0.0.1:{free_port()}"
-    settings = load_settings(environ={}, overrides={"http": {"bind": bind}})
-    transport = MemoryTransport()
-    async with (
-        inprocess_engine(settings, redis_server.url, transport),
-        httpx.AsyncClient(base_url=f"http://{bind}", headers=AUTH, timeout=10) as client,
-    ):
-        yield client, transport, bind
+    async with engine_client(redis_server.url) as running:
+        yield running
 
 
 async def test_a_send_carries_the_link_and_a_post_to_it_suppresses(api: Api) -> None:

@@ -19,7 +19,7 @@ from typing import Final
 import msgspec
 import trio
 
-from engine.api.exchange import Fail, Reply, Request, invalid, json_reply
+from engine.api.exchange import Fail, Reply, Request, invalid, json_reply, requested_tenant
 from engine.api.ingest import TrustedProxies, identify
 from engine.attachments import (
     GENERIC_TYPE,
@@ -209,14 +209,8 @@ class Attachments:
         """Whose upload: ``?tenant=`` (one the key acts for), else the key's tenant (with
         auth off, the tenant ingest gives the same client's messages)."""
         p = req.principal
-        given = req.query("tenant")
+        given = requested_tenant(req)
         if given is not None:
-            try:
-                check_tenant("tenant", given)
-            except ValidationError as exc:
-                raise invalid(exc.field, exc.detail, "Invalid query parameter") from None
-            if not p.sees(given):
-                raise invalid("tenant", f"this API key does not act for tenant {given!r}")
             return given
         if p.kid and p is not UNCHECKED:
             return p.tenant

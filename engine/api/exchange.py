@@ -16,7 +16,8 @@ import msgspec
 from engine.api.asgi import BodyTooLarge, Receive, Scope, Send, header, problem_body, read_body
 from engine.api.jsonguard import TooDeep, duplicate_key
 from engine.auth import UNCHECKED, Principal
-from engine.models import CLOSE_POLICY
+from engine.errors import ValidationError
+from engine.models import CLOSE_POLICY, check_tenant
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -220,3 +221,18 @@ async def refuse_upgrade(scope: Scope, send: Send, fail: Fail) -> None:
         {"type": "websocket.http.response.start", "status": reply.status, "headers": headers}
     )
     await send({"type": "websocket.http.response.body", "body": reply.body})
+
+
+def requested_tenant(req: Request) -> str | None:
+    """``?tenant=``, checked: a valid name the request's key acts for (422 naming
+    ``tenant`` otherwise); None when it is not given."""
+    given = req.query("tenant")
+    if given is None:
+        return None
+    try:
+        check_tenant("tenant", given)
+    except ValidationError as exc:
+        raise invalid(exc.field, exc.detail, "Invalid query parameter") from None
+    if not req.principal.sees(given):
+        raise invalid("tenant", f"this API key does not act for tenant {given!r}")
+    return given

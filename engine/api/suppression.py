@@ -20,9 +20,10 @@ from engine.api.exchange import (
     invalid,
     json_reply,
     not_found,
+    requested_tenant,
 )
 from engine.errors import ValidationError
-from engine.models import Address, check_address, check_tenant, ms_to_iso
+from engine.models import Address, check_address, ms_to_iso
 from engine.queue import Suppression, SuppressionStore, address_key
 from engine.unsubscribe import list_name, list_scope
 
@@ -150,15 +151,7 @@ class SuppressionRoutes:
         """The list a request is about: the tenant's (``?tenant=``, else the key's own),
         or with ``?list=`` that tenant's list of one-click unsubscribes from a list
         (``<tenant>:list:<list>``, engine.unsubscribe.list_scope)."""
-        given = req.query("tenant")
-        tenant = req.principal.tenant if given is None else given
-        if given is not None:
-            try:
-                check_tenant("tenant", given)
-            except ValidationError as exc:
-                raise invalid(exc.field, exc.detail, "Invalid query parameter") from None
-            if not req.principal.sees(given):
-                raise invalid("tenant", f"this API key does not act for tenant {given!r}")
+        tenant = requested_tenant(req) or req.principal.tenant
         named = req.query("list")
         if named is None:
             return tenant

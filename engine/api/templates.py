@@ -20,9 +20,10 @@ from engine.api.exchange import (
     invalid,
     json_reply,
     not_found,
+    requested_tenant,
 )
 from engine.errors import ValidationError
-from engine.models import check_tenant, ms_to_iso
+from engine.models import ms_to_iso
 from engine.queue import TemplateStore
 from engine.templates import (
     MAX_VARIABLES_BYTES,
@@ -151,16 +152,7 @@ class TemplateRoutes:
 
     def _tenant(self, req: Request) -> str:
         """The tenant a request is about: ``?tenant=``, else the key's own."""
-        given = req.query("tenant")
-        if given is None:
-            return req.principal.tenant
-        try:
-            check_tenant("tenant", given)
-        except ValidationError as exc:
-            raise invalid(exc.field, exc.detail, "Invalid query parameter") from None
-        if not req.principal.sees(given):
-            raise invalid("tenant", f"this API key does not act for tenant {given!r}")
-        return given
+        return requested_tenant(req) or req.principal.tenant
 
     async def _existing(self, tenant: str, name: str) -> Template:
         template = await self._templates.get(tenant, name, fresh=True) if len(name) <= 64 else None
