@@ -475,7 +475,18 @@ async def test_an_inline_attachment_reaches_the_sink_byte_for_byte(env: Env) -> 
     r = await env.client.post("/v1/messages", json=body)
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
-    assert (await env.final(job_id))["state"] == "sent"
+    status = await env.final(job_id)
+    assert status["state"] == "sent"
+    # Asked, the status lists them (what the dashboard's lookup shows), in the order
+    # given; the plain status poll does not read the stored message.
+    assert "attachments" not in status
+    r = await env.client.get(f"/v1/messages/{job_id}", params={"include": "attachments"})
+    assert r.json()["attachments"] == [
+        {"filename": "2026 €.pdf", "content_type": "application/pdf", "size": len(PDF),
+         "inline": False, "content_id": None},
+        {"filename": "logo.png", "content_type": "image/png", "size": len(PNG),
+         "inline": True, "content_id": "logo"},
+    ]  # fmt: skip
     got = files(await env.mail(job_id))
     assert got == [
         ("logo.png", "image/png", PNG, "<logo>", "inline"),

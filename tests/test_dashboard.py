@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -421,3 +423,76 @@ def test_a_captured_message_previews_in_a_sandboxed_frame(
     assert loads == []
     page.click("#preview-close")
     expect(page.locator("#preview")).to_be_hidden()
+
+
+def test_templates_are_listed_shown_and_rendered_as_text(
+    dash: Dashboard, api: httpx.Client
+) -> None:
+    """A template's parts and their rendering are source text: a variable holding markup
+    shows as those characters, and no element of it is made, nothing of it runs."""
+    page = dash.page
+    first = {"name": "welcome", "subject": "Welcome, {{ name }}",
+             "text": "Hello {{ name }}, your code is {{ code }}.",
+             "html": "<p>Hello {{ name }}, your code is <b>{{ code }}</b>.</p>"}  # fmt: skip
+    made = api.post("/v1/templates", json=first)
+    assert made.status_code == 201, made.text
+    again = api.put("/v1/templates/welcome", json={"subject": "Hi {{ name }}", "text": "Hi."})
+    assert again.status_code == 200, again.text
+    row = page.locator('#templates tr[data-name="welcome"]')
+    expect(row).to_contain_text("v2", timeout=15_000)  # the list is polled every 5 s
+    expect(row).to_contain_text("name")  # the current version's variables
+    row.locator("button.template").click()
+    view = page.locator("#template-view")
+    expect(page.locator("#template-subject")).to_have_text("Hi {{ name }}")
+    expect(page.locator("#template-html")).to_have_text("(no such part)")
+    expect(page.locator("#template-version option")).to_have_count(2)
+    page.select_option("#template-version", "1")
+    expect(page.locator("#template-subject")).to_have_text("Welcome, {{ name }}")
+    expect(page.locator("#template-html")).to_have_text(first["html"])  # its source, as text
+
+    variables = {"name": '<b>x</b><img src=x onerror="window.__pwned = 1">', "code": "A1"}
+    page.fill("#render-variables", json.dumps(variables))
+    page.click("#render-form button[type=submit]")
+    expected = api.post("/v1/templates/welcome/render", json={"variables": variables, "version": 1})
+    assert expected.status_code == 200, expected.text
+    out = expected.json()
+    assert "<b>x</b>" not in out["html"]  # the html part escapes what it is given
+    expect(page.locator("#rendered-version")).to_have_text("v1")
+    expect(page.locator("#rendered-subject")).to_have_text(f"Welcome, {variables['name']}")
+    expect(page.locator("#rendered-text")).to_have_text(out["text"])
+    expect(page.locator("#rendered-html")).to_have_text(out["html"])
+    # Every part is one text node: no element was made of the markup.
+    assert view.locator("pre.source").count() == 6 and view.locator("pre.source *").count() == 0
+    assert page.locator("main img").count() == 0
+    assert page.evaluate("window.__pwned") is None
+    expect(page.locator("#render-error")).to_be_hidden()
+
+    # A variable the template uses is missing: the 422 names it, nothing is shown rendered.
+    page.fill("#render-variables", '{"name": "Ann"}')
+    page.click("#render-form button[type=submit]")
+    expect(page.locator("#render-error")).to_contain_text("(422)")
+    expect(page.locator("#render-error")).to_contain_text("[variables.code]")
+    expect(page.locator("#render-result")).to_be_hidden()
+    page.fill("#render-variables", "{nope")
+    page.click("#render-form button[type=submit]")
+    expect(page.locator("#render-error")).to_contain_text("must be a JSON object")
+    dash.assert_no_errors()
+
+
+def test_lookup_lists_the_files_a_message_carries(dash: Dashboard, api: httpx.Client) -> None:
+    page = dash.page
+    pdf = b"%PDF-1.7\n" + bytes(range(256)) * 8
+    png = b"\x89PNG\r\n\x1a\n" + bytes(600)
+    files = [{"filename": "report <1>.pdf", "content": base64.b64encode(pdf).decode()},
+             {"filename": "logo.png", "content": base64.b64encode(png).decode(),
+              "content_id": "logo"}]  # fmt: skip
+    job_id = post(api, "files@example.com", html="<img src='cid:logo'>", attachments=files)
+    page.fill("#lookup-id", job_id)
+    page.click("#lookup-form button")
+    listed = page.locator("#lookup-result ul.attachments li")
+    expect(listed).to_have_count(2)
+    report = page.locator('#lookup-result li[data-filename="report <1>.pdf"]')
+    expect(report).to_contain_text("report <1>.pdf (application/pdf, 2.0 KiB)")
+    logo = page.locator('#lookup-result li[data-filename="logo.png"]')
+    expect(logo).to_contain_text("(image/png, 608 B, inline, cid:logo)")
+    dash.assert_no_errors()

@@ -86,6 +86,10 @@ def test_the_spec_lists_every_route_with_its_statuses() -> None:
                 )  # fmt: skip
     refs = re.findall(r'"#/components/schemas/(\w+)"', str(spec).replace("'", '"'))
     assert set(refs) <= set(spec["components"]["schemas"])
+    # A message's status lists the files it carries (the dashboard's lookup shows them).
+    status = spec["paths"]["/v1/messages/{id}"]["get"]["responses"]["200"]["content"]
+    assert status["application/json"]["schema"] == {"$ref": "#/components/schemas/MessageView"}
+    assert "attachments" in spec["components"]["schemas"]["MessageView"]["properties"]
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ from engine.models import (
     Accepted,
     BatchAccepted,
     BatchIn,
+    JobView,
     MessageIn,
     bare_address,
     check_batch_json,
@@ -67,6 +68,22 @@ _YIELD_EVERY: Final = 100  # messages of a batch validated between turns of the 
 YIELD_ABOVE_BYTES: Final = 256 * 1024
 _RETRY_AFTER: Final = [RETRY_AFTER_1]
 _REPLAYED: Final = (b"idempotent-replayed", b"true")
+
+
+class AttachedFile(msgspec.Struct):
+    """A file a message carries, as GET /v1/messages/{id} lists it (not its bytes)."""
+
+    filename: str
+    content_type: str
+    size: int  # bytes, decoded
+    inline: bool  # Content-Disposition: inline (next to the html), else attachment
+    content_id: str | None  # what the html's <img src="cid:..."> names, if any
+
+
+class MessageView(JobView):
+    """Answer of GET /v1/messages/{id}: the job record and the files its message carries."""
+
+    attachments: list[AttachedFile] = []
 
 
 def _no_such(job_id: str) -> Fail:
@@ -459,7 +476,16 @@ class Ingest:
         rec = await self.queue.get(job_id) if is_id(job_id) else None
         if rec is None or not req.principal.sees(rec.tenant):
             raise _no_such(job_id)
-        return json_reply(200, job_view(rec))
+        if req.query("include") != "attachments":  # the hot status poll: the record only
+            return json_reply(200, job_view(rec))
+        # The stored message is read (a round trip more, its bytes decoded) only when asked.
+        message = await self.queue.message(job_id)
+        files = [
+            AttachedFile(a.filename, a.content_type, a.size, a.inline, a.content_id)
+            for a in (message.attachments if message is not None else ())
+        ]
+        view = msgspec.structs.asdict(job_view(rec))
+        return json_reply(200, MessageView(**view, attachments=files))
 
     async def message_raw(self, req: Request) -> Reply:
         """GET /v1/messages/{id}/raw: a sandboxed message's wire form, as it would have

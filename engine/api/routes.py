@@ -28,6 +28,7 @@ from engine.api.attachments import AttachmentView
 from engine.api.dashboard import SinkPage, Stats
 from engine.api.dead import DeadPage, DeadRetried, RetryFilter
 from engine.api.domains import DomainIn, DomainList, DomainView
+from engine.api.ingest import MessageView
 from engine.api.limits import LimitsView
 from engine.api.preview import Preview
 from engine.api.schedules import ScheduleIn, ScheduleList, ScheduleView
@@ -52,7 +53,7 @@ from engine.api.webhooks import (
 )
 from engine.auth import PUBLIC, TenantRecord
 from engine.auth import SCOPES as KEY_SCOPES
-from engine.models import Accepted, BatchAccepted, BatchIn, Event, JobView, MessageIn, Problem
+from engine.models import Accepted, BatchAccepted, BatchIn, Event, MessageIn, Problem
 from engine.templates import TemplateIn
 
 # What a route needs: a scope an API key carries, or "public" (no key).
@@ -160,7 +161,11 @@ ROUTES: Final[tuple[Route, ...]] = (
                              "bytes say nothing",
                  "tenant": "whose messages may name it (a tenant this key acts for)"}),
     Route("get_message", "GET", "/v1/messages/{id}", "A message's state", "read",
-          {200: _ok("the message", JobView), 404: _ok("no such message"), **_QUEUE}),
+          {200: _ok("the message's record (and, when asked, the files it carries)",
+                    MessageView),
+           404: _ok("no such message"), **_QUEUE},
+          query={"include": "attachments: also list the files the message carries "
+                            "(names, types and sizes; a Redis read more)"}),
     Route("message_html", "GET", "/v1/messages/{id}/html",
           "A sandboxed message's html, for a sandboxed frame (its CSP loads nothing)", "read",
           {200: _ok("the html part", "text/html"),

@@ -11,12 +11,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NoReturn
 
+import msgspec
 import trio
 
 from engine.config import IngestSettings, QueueSettings, RateLimitSettings
 from engine.errors import QueueUnavailable
 from engine.keys import Keys
-from engine.models import DEFAULT_TENANT, LANES
+from engine.models import DEFAULT_TENANT, LANES, Message
 from engine.policy import lane_pattern
 from engine.queue.commit import GroupCommitter
 from engine.queue.memory import MemoryGauge
@@ -305,6 +306,12 @@ class Queue:
             if expires_ms:
                 rec = replace(rec, expires_at_ms=expires_ms)
         return rec
+
+    async def message(self, job_id: str) -> Message | None:
+        """The job's stored message (None when the job or its message is gone)."""
+        with translate_errors():
+            stored = await self.client.hget(self.keys.job(job_id), "msg")
+        return decode_message(split_deadline(stored)[0]) if stored else None
 
     async def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
         """Records of ``job_ids`` in one pipelined round trip (None where there is none)."""
@@ -613,6 +620,8 @@ class Queue:
         )
 
 
+# The stored message's codec (msgpack of engine.models.Message).
+decode_message = msgspec.msgpack.Decoder(Message).decode
 _RECORD_FIELDS = [
     "state", "attempts", "created_at", "updated_at", "last_error", "next_attempt_at", "lane",
     "tenant", "bounce", "expires_at",

@@ -1,5 +1,6 @@
-// The engine's dashboard: polls /v1/stats, /v1/dead and /v1/sink/messages, tails
-// WS /v1/events, looks messages up. No build step, no dependencies but uPlot.
+// The engine's dashboard: polls /v1/stats, /v1/dead, /v1/templates and /v1/sink/messages,
+// tails WS /v1/events, looks messages up, renders templates. No build step, no
+// dependencies but uPlot.
 // Everything that comes from the API is shown through textContent, never as HTML.
 (() => {
   "use strict";
@@ -435,7 +436,9 @@
     }
     out.replaceChildren(el("p", { className: "muted" }, "loading…"));
     const path = `/v1/messages/${encodeURIComponent(id)}`;
-    const [msg, hist] = await Promise.allSettled([api("GET", path), api("GET", `${path}/events`)]);
+    const [msg, hist] = await Promise.allSettled([
+      api("GET", `${path}?include=attachments`), api("GET", `${path}/events`),
+    ]);
     if (current.id !== id) return; // another lookup started meanwhile
     out.replaceChildren();
     if (msg.status === "rejected") {
@@ -475,6 +478,10 @@
     if (m.last_error) {
       dl.append(el("dt", {}, "last error"), el("dd", { className: "error wide" }, m.last_error));
     }
+    if (Array.isArray(m.attachments) && m.attachments.length) {
+      dl.append(el("dt", {}, "attached"),
+        el("dd", { className: "wide" }, attachmentList(m.attachments)));
+    }
     const actions = el("div", { className: "actions" });
     if (m.state === "failed") {
       actions.append(el("button", { type: "button", onclick: () => retryDead(m.id) }, "Retry"));
@@ -488,6 +495,18 @@
           `sandboxed ${m.id}`) }, "Preview"));
     }
     return el("div", { className: "card" }, dl, actions);
+  }
+
+  /** A message's files (GET /v1/messages/{id}: names, types and sizes, not bytes). */
+  function attachmentList(files) {
+    return el("ul", { className: "attachments" }, ...files.map((a) => {
+      const about = [a.content_type, fmtBytes(a.size)];
+      if (a.inline) about.push("inline");
+      if (a.content_id) about.push(`cid:${a.content_id}`);
+      return el("li", { dataset: { filename: String(a.filename) } },
+        el("span", { className: "filename" }, a.filename || "(no name)"), " ",
+        el("span", { className: "muted" }, `(${about.join(", ")})`));
+    }));
   }
 
   function addTimelineEvent(ev, live) {
@@ -762,6 +781,139 @@
     )));
   }
 
+  // ---- templates: the tenant's, read and rendered (a preview: nothing is sent) --------
+
+  const TEMPLATES_EVERY_MS = 5000;
+  let templatesSignature = "";
+  // The template on show; answers for an earlier choice are dropped when they come late.
+  const chosen = { name: null, version: null, seq: 0 };
+
+  const templatePath = (name) => `/v1/templates/${encodeURIComponent(name)}`;
+
+  async function pollTemplates() {
+    try {
+      const list = await api("GET", "/v1/templates");
+      clearProblem("templates");
+      renderTemplates(list.items);
+    } catch (err) {
+      if (err instanceof ApiError && (err.status === 403 || err.status === 404)) {
+        $("templates-note").textContent = err.status === 403
+          ? "this key lacks the templates scope" : "no template routes on this engine";
+        $("templates-note").hidden = false;
+        return "stop";
+      }
+      showProblem("templates", err);
+    }
+    return null;
+  }
+
+  function renderTemplates(items) {
+    const signature = JSON.stringify(items);
+    if (signature === templatesSignature) return;
+    templatesSignature = signature;
+    $("templates-total").textContent =
+      items.length ? `${fmt(items.length)} · tenant ${items[0].tenant}` : "";
+    const body = $("templates").tBodies[0];
+    if (!items.length) {
+      body.replaceChildren(el("tr", {}, el("td", { colSpan: 4, className: "muted" },
+        "none (POST /v1/templates)")));
+      return;
+    }
+    body.replaceChildren(...items.map((t) => el(
+      "tr",
+      { dataset: { name: t.name }, className: t.name === chosen.name ? "chosen" : "" },
+      el("td", { className: "detail", title: t.description || "" },
+        el("button", { type: "button", className: "id template",
+          onclick: () => showTemplate(t.name, null) }, t.name)),
+      el("td", { className: "num" }, `v${t.version}`),
+      el("td", { className: "detail", title: t.variables.join(", ") }, t.variables.join(", ") || "—"),
+      el("td", { className: "time" }, fmtDateTime(t.updated_at)),
+    )));
+  }
+
+  /** A template at one version (null: its current one), its parts shown as source text. */
+  async function showTemplate(name, version) {
+    const seq = ++chosen.seq;
+    const other = name !== chosen.name;
+    try {
+      const q = version === null ? "" : `?version=${encodeURIComponent(version)}`;
+      const t = await api("GET", templatePath(name) + q);
+      if (seq !== chosen.seq) return;
+      clearProblem("template");
+      chosen.name = t.name;
+      chosen.version = t.version;
+      for (const row of $("templates").tBodies[0].rows) {
+        row.classList.toggle("chosen", row.dataset.name === t.name);
+      }
+      $("template-name").textContent = t.name;
+      const select = $("template-version");
+      const latest = t.versions.at(-1);
+      select.replaceChildren(...t.versions.slice().reverse().map((v) => el(
+        "option", { value: String(v), selected: v === t.version },
+        v === latest ? `v${v} (current)` : `v${v}`)));
+      $("template-about").textContent =
+        `${t.description ? `${t.description} · ` : ""}made ${fmtDateTime(t.created_at)}`;
+      showSource($("template-subject"), t.subject);
+      showSource($("template-text"), t.text);
+      showSource($("template-html"), t.html);
+      if (other) {
+        // A variables object to fill in: every variable the template uses.
+        const blank = Object.fromEntries(t.variables.map((v) => [v, ""]));
+        $("render-variables").value = JSON.stringify(blank, null, 2);
+        $("render-result").hidden = true;
+        $("render-error").hidden = true;
+      }
+      $("template-view").hidden = false;
+    } catch (err) {
+      if (seq === chosen.seq) showProblem("template", err);
+    }
+  }
+
+  /** Template source or rendered output, as text (a missing part says so, greyed). */
+  function showSource(node, value) {
+    const missing = value === null || value === undefined;
+    node.classList.toggle("muted", missing);
+    node.textContent = missing ? "(no such part)" : value;
+  }
+
+  async function renderTemplate() {
+    const name = chosen.name;
+    const version = chosen.version;
+    if (!name) return;
+    const error = $("render-error");
+    const result = $("render-result");
+    let variables = null;
+    let why = "";
+    try {
+      variables = JSON.parse($("render-variables").value.trim() || "{}");
+    } catch (err) {
+      why = `: ${err.message}`;
+    }
+    if (variables === null || typeof variables !== "object" || Array.isArray(variables)) {
+      error.textContent = `Not rendered: the variables must be a JSON object${why}`;
+      error.hidden = false;
+      result.hidden = true;
+      return;
+    }
+    const seq = chosen.seq;
+    try {
+      const out = await api("POST", `${templatePath(name)}/render`, { variables, version });
+      if (seq !== chosen.seq) return;
+      error.hidden = true;
+      $("rendered-version").textContent = `v${out.version}`;
+      showSource($("rendered-subject"), out.subject);
+      showSource($("rendered-text"), out.text);
+      showSource($("rendered-html"), out.html);
+      result.hidden = false;
+    } catch (err) {
+      if (seq !== chosen.seq) return;
+      // A 422 names what failed: variables.<name> (missing) or template.<part>.
+      error.textContent = `Not rendered: ${describe(err)}`;
+      error.hidden = false;
+      result.hidden = true;
+    }
+  }
+
   // ---- preview: a captured or sandboxed message, read back by the API ----------------
 
   async function showPreview(path, what) {
@@ -858,6 +1010,13 @@
       lookup($("lookup-id").value);
     });
     $("retry-all").addEventListener("click", retryAllDead);
+    $("template-version").addEventListener("change", () => {
+      if (chosen.name) showTemplate(chosen.name, Number($("template-version").value));
+    });
+    $("render-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      renderTemplate();
+    });
     $("preview-close").addEventListener("click", () => { $("preview").hidden = true; });
     $("feed-type").addEventListener("change", restartFeed);
     $("feed-clear").addEventListener("click", clearFeed);
@@ -874,6 +1033,9 @@
     });
     const stopDomains = every(WEBHOOKS_EVERY_MS, async () => {
       if ((await pollDomains()) === "stop") stopDomains();
+    });
+    const stopTemplates = every(TEMPLATES_EVERY_MS, async () => {
+      if ((await pollTemplates()) === "stop") stopTemplates();
     });
     const stopMail = every(MAIL_EVERY_MS, async () => {
       if ((await pollMail()) === "stop") stopMail();
