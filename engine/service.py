@@ -46,6 +46,7 @@ from engine.queue import (
     Queue,
     RateLimits,
     Redis,
+    RespConnection,
     ScheduleStore,
     WebhookStore,
     open_redis,
@@ -144,8 +145,10 @@ def build(
     smtp_url: str,
     transport: Transport | None = None,
     sink_maildir: str | None = None,
+    redis_url: str | None = None,
 ) -> Components:
-    """Build every component of one process on one Redis client; starts nothing."""
+    """Build every component of one process on one Redis client; starts nothing.
+    ``redis_url``: the client's, for the webhook dispatcher's own lean stream reader."""
     instance = instance_id(settings)
     queue = Queue(
         client, settings.queue, instance, rate_limits=settings.limits, ingest=settings.ingest
@@ -186,7 +189,15 @@ def build(
         if settings.auth.enabled
         else None
     )
-    hooks = WebhookStore(client, queue.keys) if settings.webhooks.enabled else None
+    hooks = None
+    if settings.webhooks.enabled:
+        reader = None
+        if redis_url is not None and settings.role in ("all", "sender"):
+            reader = RespConnection(
+                redis_url, connect_timeout_s=settings.redis.connect_timeout_s,
+                command_timeout_s=settings.redis.command_timeout_s,
+            )  # fmt: skip
+        hooks = WebhookStore(client, queue.keys, reader)
     backend = ApiBackend(
         queue=queue,
         limits=rate_limits,
@@ -256,8 +267,9 @@ async def run_engine(
         command_timeout_s=settings.redis.command_timeout_s,
     ) as client:
         parts = build(
-            settings, client, smtp_url=smtp_url, transport=transport, sink_maildir=sink_maildir
-        )
+            settings, client, smtp_url=smtp_url, transport=transport,
+            sink_maildir=sink_maildir, redis_url=redis_url,
+        )  # fmt: skip
         try:
             await run(
                 parts,
@@ -271,6 +283,8 @@ async def run_engine(
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_S):
                 await parts.transport.aclose()
+                if parts.dispatcher is not None:
+                    await parts.dispatcher.store.aclose()
     log.info("engine.stopped instance=%s", parts.instance)
 
 

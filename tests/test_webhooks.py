@@ -255,7 +255,7 @@ async def test_batches_carry_many_events_in_one_signed_request(env: tuple[str, R
                                                "batch_max": 50})  # fmt: skip
         assert r.status_code == 201 and r.json()["batch_max"] == 50
         secret = r.json()["secret"]
-        bad = await c.post("/v1/webhooks", json={"url": receiver.url, "batch_max": 1000})
+        bad = await c.post("/v1/webhooks", json={"url": receiver.url, "batch_max": 1001})
         assert bad.status_code == 422 and bad.json()["field"] == "batch_max"
         batch = {"messages": [{**MSG, "to": f"u{i}@example.com"} for i in range(120)]}
         ids = set((await c.post("/v1/messages/batch", json=batch)).json()["ids"])
@@ -268,6 +268,19 @@ async def test_batches_carry_many_events_in_one_signed_request(env: tuple[str, R
         for got in receiver.requests:
             assert got.headers["webhook-id"].startswith("batch_")
             Webhook(secret).verify(got.body, got.headers)
+
+
+def test_batches_are_bounded_by_count_and_by_bytes() -> None:
+    from engine.webhooks.dispatcher import _batches
+    from engine.webhooks.endpoint import MAX_BATCH_BYTES
+
+    small = [b"x" * 100] * 25
+    assert [len(b) for b in _batches(small, 10, len)] == [10, 10, 5]
+    big = MAX_BATCH_BYTES // 3
+    mixed = [b"a" * big, b"b" * big, b"c" * big, b"d" * 10, b"e" * (MAX_BATCH_BYTES + 1)]
+    runs = list(_batches(mixed, 1000, len))
+    assert [len(r) for r in runs] == [3, 1, 1]  # an oversized event still goes, alone
+    assert [item for run in runs for item in run] == mixed  # every item, in order
 
 
 async def test_a_hanging_endpoint_does_not_delay_a_healthy_one(

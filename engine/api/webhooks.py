@@ -28,6 +28,7 @@ from engine.models import ms_to_iso
 from engine.queue import EventLog, WebhookStore
 from engine.webhooks import (
     EVENT_TYPES,
+    MAX_BATCH,
     Attempt,
     Endpoint,
     Refused,
@@ -260,6 +261,6 @@ class WebhookRoutes:
 
 
 def _check_batch(n: int) -> int:
-    if not 1 <= n <= 100:
-        raise ValidationError("batch_max", "from 1 (one event per request) to 100")
+    if not 1 <= n <= MAX_BATCH:
+        raise ValidationError("batch_max", f"from 1 (one event per request) to {MAX_BATCH}")
     return n

@@ -23,16 +23,17 @@ from engine.queue.jobs import (
     Queue,
     QueueCounts,
     ReapResult,
+    decode_message,
 )
 from engine.queue.limits import BucketState, RateLimits
 from engine.queue.redis import SCRIPT_NAMES, Redis, load_script_sources, open_redis
+from engine.queue.resp import RespConnection
 from engine.queue.schedules import Schedule, ScheduleStore
 from engine.queue.suppression import Suppression, SuppressionPage, SuppressionStore, address_key
 from engine.queue.templates import TemplateStore
 from engine.queue.webhooks import Owed, WebhookStore
 from engine.queue.wire import (
     TAG_SEPARATOR,
-    decode_message,
     encode_message,
     event_order,
     job_view,
@@ -67,6 +68,7 @@ __all__ = [
     "RateLimits",
     "ReapResult",
     "Redis",
+    "RespConnection",
     "Schedule",
     "ScheduleStore",
     "Suppression",

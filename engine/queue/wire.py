@@ -7,7 +7,7 @@ Imports the leaves and the queue's own dataclasses; never Redis.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 import msgspec
@@ -17,7 +17,6 @@ from engine.models import (
     DEFAULT_TENANT,
     Event,
     JobView,
-    Message,
     MessageIn,
     ms_to_iso,
     normalize,
@@ -35,7 +34,6 @@ _JOB_TAGS_SEPARATOR: Final = "\r"
 _EVENT_ID_RE: Final = re.compile(r"^(\d{1,20})-(\d{1,20})(?:\.(\d{1,6}))?$")
 
 encode_message = msgspec.msgpack.Encoder().encode
-decode_message = msgspec.msgpack.Decoder(Message).decode
 
 
 def new_job(
@@ -109,20 +107,45 @@ def _text(value: bytes | None) -> str | None:
     return value.decode() if value is not None else None
 
 
+_PLAIN_NAMES: Final = (b"type", b"id", b"at", b"attempt", b"state")
+
+
+def parse_flat_entry(entry_id: str, flat: Sequence[bytes]) -> list[Event]:
+    """``parse_entry`` of an entry as RESP lists it, ``[field, value, ...]``: the plain
+    lifecycle entry (lib_event's five fields, in its order) without building a dict."""
+    if len(flat) == 10 and tuple(flat[0::2]) == _PLAIN_NAMES:
+        kind = flat[1].decode()
+        state = kind if flat[9] == flat[1] else flat[9].decode()
+        return [Event(entry_id, kind, flat[3].decode(), int(flat[5]), int(flat[7]), state)]
+    it = iter(flat)
+    return parse_entry(entry_id, dict(zip(it, it, strict=False)))
+
+
 def parse_entry(entry_id: str, fields: Mapping[bytes, bytes]) -> list[Event]:
     """The events of one stream entry (several for an enqueue entry with ``ids``)."""
-    kind = fields[b"type"].decode()
+    # Every webhook delivery and websocket frame starts here, ~3 entries a message: the
+    # optional fields are looked up once each and the state is the type unless it differs.
+    get = fields.get
+    raw_kind = fields[b"type"]
+    kind = raw_kind.decode()
     at = int(fields[b"at"])
-    attempt = int(fields.get(b"attempt") or 0)
-    state = fields[b"state"].decode() if b"state" in fields else kind
-    tenant = _text(fields.get(b"tenant")) or DEFAULT_TENANT
-    error = _text(fields.get(b"error"))
-    tags = _text(fields.get(b"tags"))
-    single = fields.get(b"id")
+    attempt = int(get(b"attempt") or 0)
+    raw_state = get(b"state")
+    state = kind if raw_state is None or raw_state == raw_kind else raw_state.decode()
+    raw = get(b"tenant")
+    tenant = raw.decode() if raw else DEFAULT_TENANT
+    raw = get(b"error")
+    error = raw.decode() if raw is not None else None
+    raw = get(b"tags")
+    tags = raw.decode() if raw is not None else None
+    single = get(b"id")
     if single is not None:
+        if len(fields) == 5 and raw_state is not None and b"attempt" in fields:
+            # type, id, at, attempt and state only: most entries
+            return [Event(entry_id, kind, single.decode(), at, attempt, state)]
         split = tags.split(TAG_SEPARATOR) if tags else []
-        bounce = _text(fields.get(b"bounce"))  # retrying and failed entries
-        dropped = fields.get(b"rcpts")  # suppressed entries: the recipients dropped
+        bounce = _text(get(b"bounce"))  # retrying and failed entries
+        dropped = get(b"rcpts")  # suppressed entries: the recipients dropped
         return [
             Event(
                 entry_id,

@@ -4,11 +4,19 @@ through ``engine.queue``; never imports the API or the senders. Callers use this
 """
 
 from engine.webhooks.dispatcher import Attempt, Dispatcher
-from engine.webhooks.endpoint import EVENT_TYPES, Endpoint, new_secret, payload, sign
+from engine.webhooks.endpoint import (
+    EVENT_TYPES,
+    MAX_BATCH,
+    Endpoint,
+    new_secret,
+    payload,
+    sign,
+)
 from engine.webhooks.target import Refused, parse_url
 
 __all__ = [
     "EVENT_TYPES",
+    "MAX_BATCH",
     "Attempt",
     "Dispatcher",
     "Endpoint",

@@ -12,14 +12,21 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 from typing import Final
 
 import msgspec
 
-from engine.models import Event, ms_to_iso
+from engine.models import DEFAULT_TENANT, Event, ms_to_iso
 
 SECRET_PREFIX: Final = "whsec_"
+# Events per request at most (an endpoint's batch_max), and bytes per batched request: a
+# receiver of every event gets up to this many a POST (SendGrid's own event webhook posts
+# arrays of up to ~768 KB). A POST costs ~0.3-0.5 ms of CPU here, nearly all of it the
+# kernel's, whatever its size (measured), so a busy receiver is best served in large batches.
+MAX_BATCH: Final = 1000
+MAX_BATCH_BYTES: Final = 1024 * 1024
 EVENT_TYPES: Final = (
     "queued", "scheduled", "processing", "sent", "retrying", "failed", "cancelled", "deleted",
     "suppressed", "expired",
@@ -63,9 +70,23 @@ class Payload(msgspec.Struct):
 
 
 _encode = msgspec.json.Encoder().encode
+# Type, state, job id and event id of an event whose JSON needs no escaping.
+_PLAIN: Final = re.compile(r"[a-z]+ [a-z]+ [0-9A-Za-z]+ [0-9]+-[0-9]+(?:\.[0-9]+)?")
 
 
 def payload(e: Event) -> bytes:
+    if (
+        e.tenant == DEFAULT_TENANT and e.error is None and not e.tags and e.bounce is None
+        and not e.recipients and _PLAIN.fullmatch(f"{e.type} {e.state} {e.id} {e.event_id}")
+    ):  # fmt: skip
+        # Most events (two of a message's three): formatted, the same bytes as msgspec
+        # makes (a test holds them equal), at a third of the CPU. The match vouches that
+        # nothing needs escaping.
+        return (
+            f'{{"type":"message.{e.type}","timestamp":"{ms_to_iso(e.at)}","data":'
+            f'{{"event_id":"{e.event_id}","type":"{e.type}","id":"{e.id}","at":{e.at},'
+            f'"attempt":{e.attempt},"state":"{e.state}"}}}}'
+        ).encode()
     return _encode(Payload(f"message.{e.type}", ms_to_iso(e.at), e))
 
 
