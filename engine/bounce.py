@@ -275,10 +275,38 @@ def uncertain(on_uncertain: UncertainDecision) -> Bounce:
     return Bounce("uncertain", on_uncertain)
 
 
+# Providers' own words for a recipient they will not mail (checked before the SMTP texts:
+# Postmark's explanation of "inactive" mentions spam complaints).
+_PROVIDER_TEXTS: Final[tuple[tuple[str, BounceClass], ...]] = (
+    ("marked as inactive", "invalid-recipient"),  # Postmark ErrorCode 406
+    ("on the suppression list", "invalid-recipient"),  # SES account-level suppression
+    ("on your suppression list", "invalid-recipient"),
+)
+
+
+def classify_http(status: int, text: str, *, permanent: bool) -> Bounce:
+    """A provider API's refusal: its HTTP status and message. The transport already
+    decided temporary (429, 5xx, no answer) or permanent (other 4xx); the class says why."""
+    if status == 429:
+        return Bounce("rate-limited", "slow-down")
+    if status in (401, 403):  # our key: the operator's to fix, not the message's
+        return Bounce("tls-auth", _decide("tls-auth", permanent=True))
+    if status == 413:
+        return Bounce("message-too-large", "dead-letter")
+    low = text[:MAX_TEXT_CHARS].lower()
+    cls: BounceClass | None = next((c for needle, c in _PROVIDER_TEXTS if needle in low), None)
+    cls = cls or _by_text(low) or ("unknown" if permanent else "temporary")
+    if cls == "rate-limited":
+        return Bounce(cls, "slow-down")
+    return Bounce(cls, _decide(cls, permanent))
+
+
 def bounce_of(exc: TransportError, *, on_uncertain: UncertainDecision) -> Bounce:
     """The bounce of a failed delivery attempt, as the sender gets it from a transport."""
     if isinstance(exc, DeliveryUncertain):
         return uncertain(on_uncertain)
+    if exc.http_status is not None:
+        return classify_http(exc.http_status, str(exc), permanent=isinstance(exc, PermanentFailure))
     if exc.code is not None:
         return classify(exc.code, None, str(exc))
     return without_reply(str(exc), permanent=isinstance(exc, PermanentFailure))

@@ -304,7 +304,8 @@ def _watch_parser(sub: Any) -> None:
         dest="types",
         metavar="TYPE",
         help="queued, scheduled, processing, sent, retrying, failed, cancelled, deleted, "
-        "expired or suppressed (repeatable)",
+        "expired, suppressed, or a provider's delivered, bounced, complained, delayed "
+        "(repeatable)",
     )
     p.add_argument(
         "--tenant", action="append", default=[], dest="tenants", metavar="TENANT",
@@ -338,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     _send_parser(sub)
     _watch_parser(sub)
     _access_parsers(sub)
+    _db_parser(sub)
     return parser
 
 
@@ -359,6 +361,57 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _db_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "db",
+        help="the message history's PostgreSQL schema: migrate, status",
+        description="Apply the history's schema migrations (safe to run on every start and "
+        "from several replicas at once: an advisory lock), or list those applied. The "
+        "database is history.dsn (--dsn, ENGINE_HISTORY_DSN, or the settings file).",
+    )
+    p.add_argument("action", choices=["migrate", "status"])
+    p.add_argument("--dsn", help="postgresql://user:password@host:port/db (default: history.dsn)")
+    p.add_argument("--config", metavar="FILE", help="TOML settings file")
+
+
+def db_command(args: argparse.Namespace) -> int:
+    """`engine db migrate|status` (synchronous: one connection)."""
+    settings = load_settings(config_file=args.config)
+    dsn = args.dsn or settings.history.dsn
+    if not dsn:
+        raise ConfigError("no database: give --dsn or set history.dsn (ENGINE_HISTORY_DSN)")
+    import psycopg
+
+    from engine.history import applied_versions, migrate, migrations
+
+    local = None
+    if dsn == "local":
+        from engine.pgserver import PostgresServer
+
+        local = PostgresServer(settings.history.data_dir).start()
+        dsn = local.dsn
+    try:
+        with psycopg.connect(dsn, connect_timeout=10) as conn:
+            if args.action == "migrate":
+                done = migrate(conn)
+                for m in done:
+                    print(f"applied {m.version:04d} {m.name}")
+                print(f"schema at version {max((m.version for m in migrations()), default=0):04d}"
+                      f" ({len(done)} applied now)")  # fmt: skip
+            else:
+                have = set(applied_versions(conn))
+                for m in migrations():
+                    print(
+                        f"{m.version:04d} {m.name}: {'applied' if m.version in have else 'PENDING'}"
+                    )
+    except psycopg.Error as exc:
+        raise ConfigError(f"history database {redact_url(dsn)}: {exc}") from None
+    finally:
+        if local is not None:
+            local.stop()
+    return 0
+
+
 def _banner(
     settings: Settings, redis_url: str, smtp_url: str, embedded: list[str], admin: Any = None
 ) -> str:
@@ -377,6 +430,11 @@ def _banner(
         f"  Redis      {redact_url(redis_url)}{'  (embedded)' if 'redis' in embedded else ''}",
         f"  SMTP       {redact_url(smtp_url)}{'  (embedded sink)' if 'sink' in embedded else ''}",
     ]
+    if settings.history.dsn:
+        local = "  (local)" if "postgres" in embedded else ""
+        lines.append(f"  History    {redact_url(settings.history.dsn)}{local}")
+    else:
+        lines.append("  History    off: Redis only (set history.dsn to keep it in PostgreSQL)")
     if "sink" in embedded and settings.sink.maildir:
         lines.append(f"  Mail       {Path(settings.sink.maildir).resolve()}/new")
     if not settings.auth.enabled:
@@ -400,15 +458,23 @@ def serve(args: argparse.Namespace) -> int:
     # coredis logs every NOSCRIPT retry and reconnect at INFO.
     logging.getLogger("coredis").setLevel(max(logging.WARNING, logging.getLogger().level))
     settings = load_settings(config_file=args.config, overrides=_overrides(args))
+    import msgspec
     import trio
 
     from engine.embedded import RedisServer, SinkProcess
+    from engine.pgserver import PostgresServer
     from engine.service import run_engine
 
     embedded: list[str] = []
     redis_server: RedisServer | None = None
     sink: SinkProcess | None = None
+    pg: PostgresServer | None = None
     try:
+        if settings.history.dsn == "local":  # like an unset redis.url: one of our own
+            pg = PostgresServer(settings.history.data_dir).start()
+            history = msgspec.structs.replace(settings.history, dsn=pg.dsn)
+            settings = msgspec.structs.replace(settings, history=history)
+            embedded.append("postgres")
         redis_url = settings.redis.url
         if redis_url is None:
             redis_server = RedisServer(
@@ -461,6 +527,8 @@ def serve(args: argparse.Namespace) -> int:
             sink.close()
         if redis_server is not None:
             redis_server.stop()
+        if pg is not None:
+            pg.stop()
     return 0
 
 
@@ -606,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
             return keys_command(args)
         if args.command == "tenants":
             return tenants_command(args)
+        if args.command == "db":
+            return db_command(args)
         from engine.sink import run
 
         return run(args)

@@ -18,6 +18,7 @@ messages per second. One convention per concept:
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import os
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from engine.domainkeys import algorithm_of, check_domain, check_selector, read_key_file
 from engine.errors import ConfigError
@@ -460,6 +463,162 @@ class AttachmentSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     cache_bytes: int = 64 * 1024 * 1024
 
 
+class RouteRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Messages this rule matches take ``order`` instead of the default (first match
+    wins; an empty condition matches anything)."""
+
+    order: list[str]
+    tenant: str = ""
+    tag: str = ""  # one of the message's tags
+    domain: str = ""  # a recipient domain (any recipient's), lower case
+
+
+class RoutingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Which transports send (section ``[routing]``): named transports, an ordered
+    default, rules. A message goes through the first transport of its order whose
+    breaker is closed; while it is open, the next takes its mail (failover)."""
+
+    # Name -> URL: smtp:// or smtps:// (an SMTP server or relay), or a provider's HTTP
+    # API: resend://KEY@, sendgrid://KEY@, postmark://TOKEN@, mailgun://KEY@DOMAIN,
+    # ses://ACCESS:SECRET@REGION. "smtp" needs no entry: it is smtp.url (or the sink).
+    transports: dict[str, str] = {}
+    # Transport names in the order they are tried; [] = ["smtp"].
+    order: list[str] = []
+    rules: list[RouteRule] = []
+    # Temporary failures in a row (5xx, 429, timeouts) that open a transport's breaker
+    # as its being down does: its mail fails over. 0 = only "down" opens it.
+    trip_after_failures: int = 5
+    # Messages per second through a transport, all replicas together (its bucket,
+    # "transport:<name>", halved on 429 as a 421 halves a domain's); absent = no limit.
+    rates: dict[str, float] = {}
+
+    def __repr__(self) -> str:  # the URLs hold API keys and passwords
+        urls = {name: redact_url(url) for name, url in self.transports.items()}
+        return (
+            f"RoutingSettings(transports={urls!r}, order={self.order!r}, rules={self.rules!r}, "
+            f"trip_after_failures={self.trip_after_failures!r}, rates={self.rates!r})"
+        )
+
+    def names(self) -> list[str]:
+        """Every transport that may be used: the default order's, then the rules'."""
+        seen = dict.fromkeys(self.order or ["smtp"])
+        for rule in self.rules:
+            seen.update(dict.fromkeys(rule.order))
+        return list(seen)
+
+
+class ProviderSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How the engine talks to email providers' HTTP APIs (section ``[providers]``; the
+    transports themselves are URLs: ``routing.transports``, engine.transport.providers)."""
+
+    # Most connections kept open to one provider's API (its senders share them; each
+    # carries one request at a time).
+    pool_size: int = 16
+    # Seconds to open a connection (TCP + TLS); past it the provider counts as down.
+    connect_timeout_s: float = 10.0
+    # Seconds from a request's first byte written to its whole answer read. Past it the
+    # mail may have been taken: uncertain (Resend: retried under the same idempotency key).
+    request_timeout_s: float = 30.0
+    # Idle seconds after which a kept connection is closed rather than reused: below the
+    # providers' own keep-alive limits, so a request seldom meets one closed under it.
+    idle_timeout_s: float = 20.0
+    # Verify the API's certificate (turn off only for test servers).
+    tls_verify: bool = True
+    # Extra CA bundle (PEM) to trust, e.g. a test CA or a TLS-inspecting proxy's.
+    tls_ca_file: str | None = None
+    # Bytes of an answer read at most (an error's text, a message id); past it the
+    # connection is closed and the answer judged by its status and what was read.
+    max_response_bytes: int = 64 * 1024
+
+
+class ProviderEventSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The email providers' delivery webhooks (section ``[provider_events]``): each posts
+    to POST /v1/providers/<name>/events, verified with its own scheme; a provider whose
+    credential is unset is refused (503 naming the setting). Secrets are redacted."""
+
+    # Resend: the webhook's signing secret (whsec_..., shown on its details page): Svix.
+    resend_secret: str = ""
+    # SendGrid: the Signed Event Webhook's verification key (Mail Settings: base64 DER of
+    # an ECDSA P-256 public key; PEM is taken too).
+    sendgrid_public_key: str = ""
+    # Postmark: the user and password written into the webhook's URL (HTTP Basic auth).
+    postmark_user: str = ""
+    postmark_password: str = ""
+    # Mailgun: the HTTP webhook signing key (Sending > Webhooks).
+    mailgun_signing_key: str = ""
+    # SES, through SNS: the topics (ARNs) whose messages are taken. SNS signs every
+    # topic's messages alike, so this is what says a notification is ours; [] = none.
+    ses_topic_arns: list[str] = []
+    # Confirm a listed topic's subscription by fetching its SubscribeURL (https, on
+    # sns.<region>.amazonaws.com only); false: log the URL for a human to open.
+    ses_confirm_subscriptions: bool = False
+    # Extra CA bundle (PEM) trusted when fetching SNS signing certificates (a proxy, tests).
+    ses_cert_ca_file: str | None = None
+    # HOST:PORT to connect to for SNS certificates instead of the URL's host, whose name is
+    # still checked and whose certificate is verified for that name (a proxy, tests);
+    # "" = the URL's host.
+    ses_cert_connect_to: str = ""
+    # Seconds a signed delivery's timestamp may be off this machine's clock (Svix's and
+    # Mailgun's advice, 5 min; SendGrid's too): older ones are refused as replays.
+    tolerance_s: float = 300.0
+    # Bytes of one delivery at most (SendGrid batches events into up to ~768 KB).
+    max_body_bytes: int = 1024 * 1024
+    # Seconds an event id is remembered (a provider's retry is dropped) when the message's
+    # record is kept for ever (queue.keep_sent_s = 0); else as long as its record is kept.
+    dedupe_s: int = 3 * 86400
+
+    def __repr__(self) -> str:
+        return _redacted_repr(self)
+
+
+class HistorySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Message history in PostgreSQL (README, "History"): a writer in every replica reads
+    the event stream (consumer group "history") and keeps every message and event."""
+
+    # postgresql://user:password@host:5432/db; "" = no history (the engine runs as without
+    # it, and says so at start); "local" = start a PostgreSQL of our own (Debian's
+    # binaries) with its data under data_dir, as redis.url unset starts a Redis.
+    dsn: str = ""
+    data_dir: str = "var/postgres"
+    # Days of messages and their events kept: older days' partitions are dropped.
+    retention_days: int = 90
+    # Days rendered bodies (text, html) are kept; 0 = bodies are not stored at all.
+    keep_bodies_days: int = 0
+    # Stream entries the writer takes per transaction at most; after a read that was not
+    # full it waits linger_s, so a message's events (queued, processing, sent) usually
+    # land in one transaction: one row written instead of a row and two updates.
+    batch_entries: int = 5000
+    linger_s: float = 0.25
+    # PostgreSQL connections per replica (worker threads run the queries: psycopg 3).
+    pool_size: int = 4
+    connect_timeout_s: float = 5.0
+    # Seconds a query may run (a search, or a write) before PostgreSQL cancels it.
+    statement_timeout_s: float = 30.0
+    # Seconds stream entries stay pending with a writer before another replica's writer
+    # takes them over (a replica that died mid-write).
+    claim_idle_s: float = 60.0
+    # While unwritten entries (PostgreSQL down or slow) reach refuse_at_ratio of
+    # queue.events_maxlen: "refuse" -- ingest answers 503 (history-behind) so the stream
+    # is not trimmed past them (senders go on: their entries use the rest); "trim" --
+    # ingest goes on, and entries trimmed unwritten are counted (engine_history_gap_entries)
+    # and logged as errors.
+    on_lag: Literal["refuse", "trim"] = "refuse"
+    refuse_at_ratio: float = 0.5
+    # An Idempotency-Key not in Redis any more (queue.idempotency_ttl_s) is looked up in
+    # PostgreSQL up to this many seconds back (at most retention_days); 0 = Redis only.
+    idempotency_window_s: int = 30 * 86400
+    # Run the writer in this replica (every replica may: they share the consumer group).
+    writer: bool = True
+    # Apply migrations at start (`engine db migrate` does it by hand; safe either way).
+    migrate_on_start: bool = True
+
+    def __repr__(self) -> str:
+        # The DSN's password never reaches a log line or a repr.
+        shown = {n: getattr(self, n) for n in self.__struct_fields__}
+        shown["dsn"] = redact_url(self.dsn)
+        return f"HistorySettings({', '.join(f'{n}={v!r}' for n, v in shown.items())})"
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     redis: RedisSettings = RedisSettings()
     http: HttpSettings = HttpSettings()
@@ -476,6 +635,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     unsubscribe: UnsubscribeSettings = UnsubscribeSettings()
     dkim: DkimSettings = DkimSettings()
     attachments: AttachmentSettings = AttachmentSettings()
+    routing: RoutingSettings = RoutingSettings()
+    providers: ProviderSettings = ProviderSettings()
+    provider_events: ProviderEventSettings = ProviderEventSettings()
+    history: HistorySettings = HistorySettings()
     # This process's instance id (names its processing list); "" picks host-pid-random.
     instance: str = ""
     # "all": API + senders; "api": ingest only (no senders); "sender": senders only (no HTTP).
@@ -492,6 +655,7 @@ ENV_ALIASES: Mapping[str, tuple[str, str]] = {
     "ENGINE_RATE": ("sender", "rate_per_s"),
     "ENGINE_INSTANCE": ("", "instance"),
     "ENGINE_ROLE": ("", "role"),
+    "ENGINE_HISTORY_DSN": ("history", "dsn"),
 }
 
 
@@ -614,6 +778,18 @@ def _check(s: Settings) -> None:
         raise ConfigError("limits: rates are messages per second, >= 0 (0 = unlimited)")
     if limits.max_wait_s >= s.queue.lease_s:
         raise ConfigError("limits.max_wait_s must be shorter than queue.lease_s")
+    routing = s.routing
+    known = {"smtp", *routing.transports}
+    unknown = [n for n in routing.names() if n not in known]
+    if unknown:
+        raise ConfigError(
+            f"routing: no transport named {', '.join(map(repr, unknown))}: add it to "
+            'routing.transports (name = URL), or use "smtp" (smtp.url)'
+        )
+    if any(not rule.order for rule in routing.rules):
+        raise ConfigError("routing.rules: each rule needs an order (transport names)")
+    if routing.trip_after_failures < 0 or any(r < 0 for r in routing.rates.values()):
+        raise ConfigError("routing.trip_after_failures and routing.rates must be >= 0")
     if s.ingest.client_rate_per_s < 0 or s.ingest.max_backlog < 0:
         raise ConfigError("ingest.client_rate_per_s and ingest.max_backlog must be >= 0")
     if not 0 <= s.ingest.max_memory_ratio < 1:
@@ -649,12 +825,31 @@ def _check(s: Settings) -> None:
     for name, bind in (("http.bind", s.http.bind), ("sink.bind", s.sink.bind)):
         parse_hostport(bind, what=name)
     _check_dkim(s.dkim)
+    _check_provider_events(s.provider_events)
+    _check_history(s.history)
     a = s.attachments
     if min(a.max_bytes, a.max_message_bytes, a.unreferenced_ttl_s) < 1 or a.cache_bytes < 0:
         raise ConfigError(
             "attachments: max_bytes, max_message_bytes and unreferenced_ttl_s must be >= 1, "
             "cache_bytes >= 0"
         )
+
+
+def _check_history(h: HistorySettings) -> None:
+    if h.dsn not in ("", "local") and not h.dsn.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(
+            'history.dsn must be "" (off), "local" or postgresql://user:password@host:port/db'
+        )
+    if h.retention_days < 1 or h.keep_bodies_days < 0 or h.keep_bodies_days > h.retention_days:
+        raise ConfigError(
+            "history.retention_days must be >= 1 and history.keep_bodies_days 0 to retention_days"
+        )
+    if h.batch_entries < 1 or h.pool_size < 1 or h.linger_s < 0 or h.claim_idle_s <= 0:
+        raise ConfigError(
+            "history.batch_entries and pool_size must be >= 1, linger_s >= 0, claim_idle_s > 0"
+        )
+    if not 0 < h.refuse_at_ratio < 1 or h.idempotency_window_s < 0:
+        raise ConfigError("history.refuse_at_ratio must be > 0 and < 1, idempotency_window_s >= 0")
 
 
 def _check_dkim(d: DkimSettings) -> None:
@@ -683,8 +878,59 @@ def _check_dkim(d: DkimSettings) -> None:
             raise ConfigError(str(exc)) from None
 
 
+def _check_provider_events(p: ProviderEventSettings) -> None:
+    """Credentials in the shapes the providers give them (a bad one fails the start, not
+    every delivery), and sane bounds."""
+    at = "provider_events"
+    if p.resend_secret:
+        head, _, b64 = p.resend_secret.partition("_")
+        try:
+            padded = b64 + "=" * (-len(b64) % 4)  # unpadded is fine (Svix pads it)
+            ok = head == "whsec" and len(base64.b64decode(padded, validate=True)) >= 16
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(
+                f"{at}.resend_secret must be the webhook's signing secret as Resend shows "
+                "it: whsec_ followed by base64"
+            )
+    if p.sendgrid_public_key:
+        text = p.sendgrid_public_key.strip()
+        try:
+            if text.startswith("-----BEGIN"):
+                key: object = serialization.load_pem_public_key(text.encode())
+            else:
+                key = serialization.load_der_public_key(base64.b64decode(text, validate=True))
+        except ValueError:
+            key = None
+        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+            raise ConfigError(
+                f"{at}.sendgrid_public_key must be the Signed Event Webhook's verification "
+                "key as SendGrid shows it (base64 DER of an ECDSA P-256 public key)"
+            )
+    if bool(p.postmark_user) != bool(p.postmark_password):
+        raise ConfigError(f"{at}.postmark_user and postmark_password go together")
+    for i, arn in enumerate(p.ses_topic_arns):
+        parts = arn.split(":")
+        if len(parts) != 6 or parts[0] != "arn" or parts[2] != "sns" or not parts[5]:
+            raise ConfigError(
+                f"{at}.ses_topic_arns[{i}]: {arn!r} is not an SNS topic ARN "
+                "(arn:aws:sns:<region>:<account>:<topic>)"
+            )
+    if p.ses_cert_connect_to:
+        parse_hostport(p.ses_cert_connect_to, what=f"{at}.ses_cert_connect_to")
+    if p.ses_cert_ca_file and not Path(p.ses_cert_ca_file).is_file():
+        raise ConfigError(f"{at}.ses_cert_ca_file: no such file {p.ses_cert_ca_file!r}")
+    if p.tolerance_s <= 0 or p.dedupe_s < 1 or not 1024 <= p.max_body_bytes <= 64 * 1024 * 1024:
+        raise ConfigError(
+            f"{at}: tolerance_s must be > 0, dedupe_s >= 1 and max_body_bytes from 1 KiB to 64 MiB"
+        )
+
+
 # Below this an embedded Redis refuses writes from its first byte of data.
 MIN_MAXMEMORY_BYTES = 4 * 1024 * 1024
+# Provider URLs (engine.transport.providers) whose user part alone is an API key.
+_KEY_AS_USER_SCHEMES = frozenset({"resend", "sendgrid", "postmark", "mailgun"})
 _SECRET_QUERY = re.compile(r"(?i)([?&](?:password|pass|secret|token)=)[^&#]*")
 
 
@@ -701,18 +947,26 @@ def redact_url(url: str) -> str:
     userinfo, at, hostpart = rest.rpartition("@")
     if at and ":" in userinfo:
         rest = f"{userinfo.partition(':')[0]}:***@{hostpart}"
+    elif at and userinfo and scheme.lower() in _KEY_AS_USER_SCHEMES:
+        rest = f"***@{hostpart}"  # resend://KEY@: there the user part is the secret
     return _SECRET_QUERY.sub(r"\1***", f"{scheme}://{rest}")
+
+
+# Settings that hold a secret: shown as *** (an empty one as it is).
+_SECRET_FIELDS = frozenset(
+    {"admin_key", "resend_secret", "postmark_password", "mailgun_signing_key"}
+)
 
 
 def _redacted_repr(settings: msgspec.Struct) -> str:
     """msgspec's repr, with every ``url`` field's password redacted and secrets (an
-    ``admin_key``) replaced by ``***``."""
+    ``admin_key``, the provider webhooks' keys) replaced by ``***``."""
     fields = []
     for name in settings.__struct_fields__:
         value = getattr(settings, name)
         if name == "url" and isinstance(value, str):
             value = redact_url(value)
-        elif name == "admin_key" and value:
+        elif name in _SECRET_FIELDS and value:
             value = "***"
         fields.append(f"{name}={value!r}")
     return f"{type(settings).__name__}({', '.join(fields)})"

@@ -197,3 +197,15 @@ class Keys:
     def dkim_version(self) -> str:
         """Counter bumped by every change of the domains: replicas poll it."""
         return self.prefix + "dkim:version"
+
+    # -- provider events (POST /v1/providers/{name}/events): provider_events.lua -------
+
+    def provider_event(self, provider: str, event_id: str) -> str:
+        """String "1": the provider's event was recorded (a retry of it is dropped); it
+        lasts as long as the job's record (provider_events.dedupe_s for a kept one)."""
+        return self.prefix + "pevent:" + provider + ":" + event_id
+
+    def provider_nonce(self, provider: str, nonce: str) -> str:
+        """String "1": a signed delivery's one-time token was used (Mailgun's replay
+        protection), for twice provider_events.tolerance_s."""
+        return self.prefix + "pnonce:" + provider + ":" + nonce

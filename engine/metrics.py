@@ -51,8 +51,10 @@ INGEST_METHODS: Final = frozenset({"GET", "POST", "DELETE"})  # any other: "othe
 # Why ingest answered 429/503 (the problem type's slug).
 REJECT_REASONS: Final = (
     "rate-limited", "backlog-full", "queue-unavailable", "queue-error", "queue-timeout",
-    "draining",
+    "draining", "history-behind",
 )  # fmt: skip
+# The history writer: stream entry written -> its commit; seconds.
+HISTORY_DELAY_BUCKETS_S: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
 def _zero() -> int:
@@ -154,6 +156,47 @@ class SenderMetrics:
     def slowed_down(self, buckets: int) -> None:
         """Buckets whose shared rate a 421/451 made us ask Redis to halve."""
         self._slowdowns.inc(buckets)
+
+
+class HistoryMetrics:
+    """The history writer (PostgreSQL): what it wrote, and how far behind it is."""
+
+    __slots__ = ("_delay", "_events", "_failures", "_gap", "_lag_entries", "_lag_s",
+                 "_messages", "_up")  # fmt: skip
+
+    def __init__(
+        self,
+        events: Counter,
+        messages: Counter,
+        delay: Histogram,
+        lag_entries: Gauge,
+        lag_s: Gauge,
+        up: Gauge,
+        failures: Counter,
+        gap: Counter,
+    ) -> None:
+        self._events, self._messages, self._delay = events, messages, delay
+        self._lag_entries, self._lag_s, self._up = lag_entries, lag_s, up
+        self._failures, self._gap = failures, gap
+
+    def written(self, events: int, messages: int, delays_s: list[float]) -> None:
+        self._events.inc(events)
+        self._messages.inc(messages)
+        for d in delays_s:
+            self._delay.observe(d)
+
+    def behind(self, entries: int, seconds: float) -> None:
+        self._lag_entries.set(entries)
+        self._lag_s.set(seconds)
+
+    def reachable(self, up: bool) -> None:
+        self._up.set(1 if up else 0)
+
+    def failed(self) -> None:
+        self._failures.inc()
+
+    def missed(self, entries: int) -> None:
+        self._gap.inc(entries)
 
 
 class WebhookMetrics:
@@ -357,6 +400,40 @@ class Metrics:
                 "engine_webhook_lag_entries",
                 "Event-stream entries the webhooks consumer group has not read yet (past "
                 "queue.events_maxlen they are trimmed unread: endpoints would miss them)",
+                registry=r,
+            ),
+        )
+        self.history = HistoryMetrics(
+            Counter("engine_history_events", "Events stored in PostgreSQL (new rows)", registry=r),
+            Counter(
+                "engine_history_messages", "Message rows written or merged (per batch)", registry=r
+            ),
+            Histogram(
+                "engine_history_delay_seconds",
+                "Stream entry (its Redis time) to its commit in PostgreSQL",
+                buckets=HISTORY_DELAY_BUCKETS_S,
+                registry=r,
+            ),
+            Gauge(
+                "engine_history_lag_entries",
+                "Event-stream entries not yet in PostgreSQL (unread + being written); past "
+                "queue.events_maxlen they are trimmed unwritten",
+                registry=r,
+            ),
+            Gauge(
+                "engine_history_lag_seconds",
+                "Age of the oldest stream entry not yet in PostgreSQL (0: caught up)",
+                registry=r,
+            ),
+            Gauge("engine_history_up", "1 while PostgreSQL takes the writes", registry=r),
+            Counter(
+                "engine_history_write_failures",
+                "Batches PostgreSQL did not take (retried: nothing is acknowledged)",
+                registry=r,
+            ),
+            Counter(
+                "engine_history_gap_entries",
+                "Stream entries trimmed before the history writer read them: LOST history",
                 registry=r,
             ),
         )

@@ -370,16 +370,22 @@ class JobView(msgspec.Struct):
     tenant: str = DEFAULT_TENANT
     bounce: str | None = None  # the last failure's class (engine.bounce), next to last_error
     expires_at: str | None = None  # its deadline (deliver-by), when it has one
+    transport: str | None = None  # the routing name that took it (once sent)
+    provider_id: str | None = None  # the message id a provider's API gave it
 
 
 # Every event type (= the job state it leaves the job in; "deleted": dropped from the
 # dead-letter queue for good; "expired": not sent by its deadline; "suppressed": recipients
 # dropped at enqueue for the tenant's suppression list, its state "suppressed" when none
-# was left, else the state the job went on in).
+# was left, else the state the job went on in). The provider's events (PROVIDER_EVENT_TYPES)
+# come after "sent" and leave the job's state as it was: their state is that state.
 EVENT_TYPES: Final = frozenset(
     {"queued", "scheduled", "processing", "sent", "retrying", "failed", "cancelled", "deleted",
-     "expired", "suppressed"}
+     "expired", "suppressed", "delivered", "bounced", "complained", "delayed"}
 )  # fmt: skip
+# What an email provider reported of a message it took (POST /v1/providers/{name}/events).
+ProviderEventType = Literal["delivered", "bounced", "complained", "delayed"]
+PROVIDER_EVENT_TYPES: Final = ("delivered", "bounced", "complained", "delayed")
 
 
 # Close codes of the events websocket (WS /v1/events), for the hub and its clients.
@@ -408,8 +414,30 @@ class Event(msgspec.Struct, omit_defaults=True, gc=False):
     tenant: str = DEFAULT_TENANT
     error: str | None = None
     tags: list[str] = []
-    bounce: str | None = None  # retrying, failed: the failure's class (engine.bounce)
-    recipients: list[str] = []  # suppressed: the recipients dropped (never tried)
+    # retrying, failed: the failure's class (engine.bounce); bounced, delayed: the class of
+    # what the provider reported
+    bounce: str | None = None
+    # suppressed: the recipients dropped (never tried); a provider's event: its recipient
+    recipients: list[str] = []
+
+
+class ProviderEvent(msgspec.Struct, frozen=True, gc=False):
+    """One event an email provider reported, in the engine's terms (engine.provider_events
+    maps each provider's own shape onto it; engine.queue stores it)."""
+
+    provider: str  # resend, sendgrid, ses, postmark, mailgun
+    event_id: str  # the provider's id of this event: a retry of it repeats it
+    type: ProviderEventType
+    job_id: str  # ours, from the metadata the transport attached ("" when it has none)
+    recipient: str  # the bare address the event is about
+    message_id: str  # the provider's id of the message ("" when not given)
+    at_ms: int  # when it happened, as the provider says (ms since the epoch)
+    detail: str = ""  # the provider's words: an SMTP reply, a bounce's diagnostic
+    bounce: str | None = None  # bounced, delayed: the class (engine.bounce)
+    hard: bool = False  # bounced: the provider calls it permanent
+    # Not empty: the recipient goes on the job's tenant's suppression list with this reason
+    # (a hard bounce whose class says the address is dead, or a complaint).
+    suppress_reason: str = ""
 
 
 class Routing(msgspec.Struct, frozen=True, gc=False):

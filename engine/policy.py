@@ -7,8 +7,11 @@ Imports only leaves.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+from engine.config import RouteRule
 
 Outcome = Literal["retry", "dead"]
 
@@ -107,3 +110,29 @@ def breaker_wait_s(trips: int, *, first_s: float, max_s: float) -> float:
     """Seconds an open transport breaker waits before its next probe, after ``trips``
     failures in a row (1 = it just opened): doubling from ``first_s``, capped at ``max_s``."""
     return float(min(max_s, first_s * 2.0 ** max(0, trips - 1)))
+
+
+def route_order(
+    default: Sequence[str],
+    rules: Sequence[RouteRule],
+    *,
+    tenant: str,
+    tags: Sequence[str],
+    domains: Iterable[str],
+) -> Sequence[str]:
+    """The transports a message may take, in order: the first rule that matches it
+    (tenant, one of its tags, one of its recipients' domains; an empty condition
+    matches anything), else ``default``."""
+    domain_set: set[str] | None = None
+    for rule in rules:
+        if rule.tenant and rule.tenant != tenant:
+            continue
+        if rule.tag and rule.tag not in tags:
+            continue
+        if rule.domain:
+            if domain_set is None:
+                domain_set = {d.lower() for d in domains}
+            if rule.domain.lower() not in domain_set:
+                continue
+        return rule.order
+    return default

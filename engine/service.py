@@ -25,6 +25,7 @@ import signal
 import socket
 from dataclasses import dataclass
 
+import msgspec
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
@@ -32,8 +33,9 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from engine.api import ApiBackend, ASGIApp, EventHub, body_limits, build_app
 from engine.auth import AccessTable, AdminKey, ensure_admin
-from engine.config import HttpSettings, Settings
+from engine.config import HttpSettings, Settings, redact_url
 from engine.errors import ConfigError, EngineError
+from engine.history import History, build_history
 from engine.http import ServerSettings, serve_http
 from engine.metrics import Metrics
 from engine.queue import (
@@ -53,8 +55,15 @@ from engine.queue import (
 )
 from engine.reaper import Reaper
 from engine.scheduler import Scheduler
-from engine.sender import AttachmentCache, SenderPool, Signer
-from engine.transport import MemoryTransport, SmtpPool, Transport
+from engine.sender import AttachmentCache, Route, Router, SenderPool, Signer, TransportGate
+from engine.transport import (
+    PROVIDER_SCHEMES,
+    MemoryTransport,
+    SmtpPool,
+    Transport,
+    is_provider_url,
+    transport_for,
+)
 from engine.webhooks import Dispatcher
 
 log = logging.getLogger(__name__)
@@ -125,7 +134,7 @@ class Components:
     instance: str
     queue: Queue
     rate_limits: RateLimits
-    transport: Transport
+    router: Router  # the transports, by name, and their breakers
     senders: SenderPool
     reaper: Reaper
     scheduler: Scheduler
@@ -136,6 +145,7 @@ class Components:
     access: AccessTable | None  # None: auth.enabled is false
     dispatcher: Dispatcher | None  # None: webhooks.enabled is false
     signer: Signer  # DKIM keys (settings and /v1/domains) the senders sign with
+    history: History | None = None  # None: no history.dsn (no PostgreSQL history)
 
 
 def build(
@@ -154,21 +164,14 @@ def build(
         client, settings.queue, instance, rate_limits=settings.limits, ingest=settings.ingest
     )
     rate_limits = RateLimits(client, queue.keys, settings.limits)
-    if transport is None:
-        # An api-only replica runs no senders: it needs no SMTP pool (nor an FQDN).
-        sends = settings.role in ("all", "sender")
-        transport = SmtpPool(settings.smtp, smtp_url) if sends else MemoryTransport()
     # One registry per process, shared by the parts that count (GET /metrics).
     metrics = Metrics(instance=instance, role=settings.role)
-    breaker = Breaker(
-        client, queue.keys, "transport", first_wait_s=settings.sender.breaker_probe_s,
-        max_wait_s=settings.sender.breaker_probe_max_s,
-    )  # fmt: skip
+    router = _router(settings, client, queue, metrics, smtp_url=smtp_url, smtp=transport)
     domains = DomainStore(client, queue.keys)
     signer = Signer.from_settings(settings.dkim, domains)
     senders = SenderPool(
-        queue, transport, settings.sender, settings.queue, rate_limits,
-        metrics=metrics.sender, breaker=breaker,
+        queue, None, settings.sender, settings.queue, rate_limits,
+        metrics=metrics.sender, router=router,
         attachments=AttachmentCache(
             BlobStore(client, queue.keys, settings.queue),
             max_bytes=settings.attachments.cache_bytes,
@@ -198,10 +201,11 @@ def build(
                 command_timeout_s=settings.redis.command_timeout_s,
             )  # fmt: skip
         hooks = WebhookStore(client, queue.keys, reader)
+    history = build_history(settings, queue, metrics, redis_url=redis_url)
     backend = ApiBackend(
         queue=queue,
         limits=rate_limits,
-        breaker=breaker,
+        breakers=[route.gate.breaker for route in router.routes.values()],
         schedules=schedules,
         senders=senders,
         expects_senders=settings.role in ("all", "sender"),
@@ -213,13 +217,14 @@ def build(
         access=access,
         webhooks=hooks,
         domains=domains,
+        history=history,
     )
     return Components(
         settings=settings,
         instance=instance,
         queue=queue,
         rate_limits=rate_limits,
-        transport=transport,
+        router=router,
         senders=senders,
         reaper=Reaper(queue, senders.holding, settings.queue, metrics=metrics.reaper),
         scheduler=Scheduler(
@@ -242,6 +247,50 @@ def build(
             else None
         ),
         signer=signer,
+        history=history,
+    )
+
+
+def _router(
+    settings: Settings,
+    client: Redis,
+    queue: Queue,
+    metrics: Metrics,
+    *,
+    smtp_url: str,
+    smtp: Transport | None,
+) -> Router:
+    """The transports routing names (``smtp``: ``smtp`` if given, else a pool for
+    ``smtp_url``), each with its breaker shared through Redis. An api-only replica runs
+    no senders: it opens no connection (nor needs an FQDN), in-memory stand-ins serve."""
+    sends = settings.role in ("all", "sender")
+    routes: dict[str, Route] = {}
+    for name in settings.routing.names():
+        if name == "smtp":
+            url = smtp_url
+            transport = smtp
+        else:
+            url, transport = settings.routing.transports[name], None
+        if transport is None:
+            transport = open_transport(url, settings) if sends else MemoryTransport()
+        breaker = Breaker(
+            client, queue.keys, name, first_wait_s=settings.sender.breaker_probe_s,
+            max_wait_s=settings.sender.breaker_probe_max_s,
+        )  # fmt: skip
+        routes[name] = Route(name, transport, TransportGate(breaker, queue, metrics.sender))
+    return Router(routes, settings.routing, queue)
+
+
+def open_transport(url: str, settings: Settings) -> Transport:
+    """The transport a routing URL names: SMTP (smtp://, smtps://) or a provider's API."""
+    scheme = url.partition("://")[0].lower()
+    if scheme in ("smtp", "smtps"):
+        return SmtpPool(msgspec.structs.replace(settings.smtp, url=url), url)
+    if is_provider_url(url):
+        return transport_for(url, settings.providers)
+    raise ConfigError(
+        f"routing: {redact_url(url)!r} is no transport URL: smtp://, smtps://, or one of "
+        f"{', '.join(s + '://' for s in PROVIDER_SCHEMES)}"
     )
 
 
@@ -282,9 +331,11 @@ async def run_engine(
             )
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_S):
-                await parts.transport.aclose()
+                await parts.router.aclose()
                 if parts.dispatcher is not None:
                     await parts.dispatcher.store.aclose()
+                if parts.history is not None:
+                    await parts.history.aclose()
     log.info("engine.stopped instance=%s", parts.instance)
 
 
@@ -352,9 +403,18 @@ async def run(
         admin = await _bootstrap_access(parts.access, parts.settings) if parts.access else None
         if role in ("all", "sender") and parts.dispatcher is not None:
             await root.start(parts.dispatcher.serve)
+        if parts.history is not None:  # every role: the writers share the consumer group
+            await root.start(parts.history.writer.serve)
+            log.info(
+                "history.enabled db=%r writer=%s",
+                parts.history.db,
+                parts.settings.history.writer,
+            )
+        else:
+            log.info("history.disabled: no history.dsn; messages are kept in Redis only")
         if role in ("all", "sender"):
             await root.start(parts.signer.serve)  # DKIM keys, kept fresh
-            await root.start(parts.transport.serve)  # closes idle connections in time
+            await root.start(parts.router.serve)  # closes idle connections in time
             root.start_soon(run_senders)
         else:
             senders_done.set()

@@ -25,6 +25,7 @@ from engine.models import (
     CLOSE_TOO_SLOW,
     CLOSE_UNAVAILABLE,
     DEFAULT_TENANT,
+    PROVIDER_EVENT_TYPES,
     Event,
 )
 
@@ -73,15 +74,18 @@ def format_event(e: Event) -> str:
     its creation time, shared by a batch), state, attempt, tenant, tags, a failure's
     bounce class, error."""
     at = datetime.fromtimestamp(e.at / 1000).strftime("%H:%M:%S.%f")[:-3]
-    line = f"{at}  {e.id[-12:]}  {e.state:<10}  attempt {e.attempt}"
+    # A provider's event leaves the state as it was ("sent"): its type says what happened.
+    shown = e.type if e.type in PROVIDER_EVENT_TYPES else e.state
+    line = f"{at}  {e.id[-12:]}  {shown:<10}  attempt {e.attempt}"
     if e.tenant != DEFAULT_TENANT:
         line += f"  tenant={e.tenant}"
     if e.tags:
         line += "  tags=" + ",".join(e.tags)
     if e.bounce:
         line += f"  bounce={e.bounce}"
-    if e.recipients:  # a suppressed event: the recipients dropped
-        line += "  suppressed=" + ",".join(e.recipients)
+    if e.recipients:  # a suppressed event: the recipients dropped; a provider's: its one
+        label = "suppressed" if e.type == "suppressed" else "recipient"
+        line += f"  {label}=" + ",".join(e.recipients)
     if e.error:
         line += f"  error: {e.error}"
     return line

@@ -136,6 +136,7 @@ class Cluster:
         # A webhook receiver next to the cluster (loadtest/chaos/webhooks.py), when a
         # scenario uses one; its faults reach it through here.
         self.webhook_receiver: Any = None
+        self.history_postgres: Any = None  # a PostgresServer (chaos scenario history)
         self._lock = threading.RLock()
         self.procs: dict[str, Child] = {}
         self._define()

@@ -24,3 +24,13 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
+# The message history's tests and ./scripts/run's local history use Debian's PostgreSQL
+# (engine/pgserver.py finds its binaries under /usr/lib/postgresql/N/bin).
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+   && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing postgresql (message history) from Debian" >&2
+  (export DEBIAN_FRONTEND=noninteractive
+   apt-get install -y -qq postgresql >/dev/null 2>&1 \
+     || { apt-get update -qq >/dev/null && apt-get install -y -qq postgresql >/dev/null; }) >&2 \
+    || echo "setup: postgresql could not be installed; the history tests will be skipped" >&2
+fi

@@ -20,6 +20,7 @@ from engine.queue import (  # noqa: E402
     open_redis,
 )
 from fixtures.postfix import postfix  # noqa: E402, F401 (the `postfix` fixture)
+from fixtures.postgres import pg_dsn, pg_server  # noqa: E402, F401 (PostgreSQL: history)
 
 
 @pytest.fixture(scope="session")

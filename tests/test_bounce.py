@@ -14,6 +14,7 @@ from engine.bounce import (
     Bounce,
     bounce_of,
     classify,
+    classify_http,
     enhanced_status,
     without_reply,
 )
@@ -265,3 +266,34 @@ def test_the_readme_documents_every_class() -> None:
     listed = set(re.findall(r"^\| `([a-z-]+)` \|", section, re.MULTILINE))
     assert listed == set(CLASSES)
     assert "queue.on_uncertain" in section
+
+
+@pytest.mark.parametrize(
+    ("status", "text", "permanent", "cls", "decision"),
+    [
+        (429, "rate_limit_exceeded: Too many requests", False, "rate-limited", "slow-down"),
+        (503, "Service Unavailable", False, "temporary", "retry"),
+        (500, "internal_server_error", False, "temporary", "retry"),
+        (401, "missing_api_key", True, "tls-auth", "dead-letter"),
+        (403, "The API key is invalid", True, "tls-auth", "dead-letter"),
+        (413, "Payload Too Large", True, "message-too-large", "dead-letter"),
+        (422, "validation_error: Invalid `to` field", True, "unknown", "dead-letter"),
+        # Postmark's 406: the recipient is inactive (hard bounced or unsubscribed before).
+        (422, "You tried to send to recipient(s) that have been marked as inactive. "
+              "Found inactive addresses: x@y.com. Inactive recipients are ones that have "
+              "generated a hard bounce or a spam complaint.", True, "invalid-recipient",
+         "suppress"),
+    ],
+)  # fmt: skip
+def test_provider_answers_are_classified_by_their_http_status(
+    status: int, text: str, permanent: bool, cls: str, decision: str
+) -> None:
+    got = classify_http(status, text, permanent=permanent)
+    assert (got.cls, got.decision) == (cls, decision)
+
+
+def test_an_http_status_is_never_read_as_an_smtp_code() -> None:
+    # An SMTP 503 is a bad command sequence (permanent); an HTTP 503 is a busy provider.
+    exc = TemporaryFailure("HTTP 503: unavailable")
+    exc.http_status = 503
+    assert bounce_of(exc, on_uncertain="retry").decision == "retry"

@@ -74,7 +74,9 @@ def test_replicas_match_the_cluster(compose: dict[str, Any]) -> None:
     default_replicas = inspect.signature(Cluster).parameters["replicas"].default
     assert sorted(engines(compose)) == list(COMPOSE_REPLICAS)
     assert len(COMPOSE_REPLICAS) == default_replicas
-    assert set(compose["services"]) == {"redis", "sink", "haproxy", *COMPOSE_REPLICAS}
+    assert set(compose["services"]) == {
+        "redis", "postgres", "sink", "haproxy", *COMPOSE_REPLICAS
+    }  # fmt: skip
     for name, service in engines(compose).items():
         env = service["environment"]
         assert env["ENGINE_INSTANCE"] == name  # stable identity, as in the cluster
@@ -82,6 +84,8 @@ def test_replicas_match_the_cluster(compose: dict[str, Any]) -> None:
         assert env["ENGINE_REDIS_URL"] == "redis://redis:6379/0"
         assert env["ENGINE_SMTP_URL"] == "smtp://sink:2525"
         assert service["depends_on"]["redis"] == {"condition": "service_healthy"}
+        assert service["depends_on"]["postgres"] == {"condition": "service_healthy"}
+        assert env["ENGINE_HISTORY_DSN"].startswith("postgresql://engine:")
 
 
 def test_balancer_config_is_the_generated_one(compose: dict[str, Any]) -> None:

@@ -109,7 +109,7 @@ async def test_stats_count_what_happens(client: httpx.AsyncClient) -> None:
         "at", "ready", "ready_by_lane", "processing", "delayed", "dead", "instances",
         "totals", "senders", "transports",
     }  # fmt: skip
-    assert first["transports"] == [{"name": "transport", "state": "up"}]
+    assert first["transports"] == [{"name": "smtp", "state": "up"}]
     assert set(first["totals"]) == {
         "enqueued", "sent", "failed", "cancelled", "throttled", "reaped",
     }  # fmt: skip

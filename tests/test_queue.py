@@ -110,7 +110,7 @@ async def test_redelivery_of_sent_job_is_skipped(redis: Redis) -> None:
     clock[0] += 3
     assert (await q.reap()).requeued == 1
     assert await redis.lrange(q.keys.ready(), 0, -1) == [job_id.encode()]
-    await q._flush_ack([(job_id, "")])
+    await q._flush_ack([(job_id, "", "", "")])
     rec = await q.get(job_id)
     assert rec is not None and rec.state == "sent"
     assert await q._claim(5) == []

@@ -359,7 +359,7 @@ class Model:
                 return ""
             job_id = sorted(inst.held)[int(op[2]) % len(inst.held)]  # type: ignore[call-overload]
             stale = job_id not in await self.owned(inst)
-            await q._flush_ack([(job_id, "")])
+            await q._flush_ack([(job_id, "", "", "")])
             if not stale:  # the owner's ack leaves no copy anywhere
                 snap = await self.snapshot()
                 lists = [snap.ready, snap.dead, list(snap.delayed), *snap.processing.values()]

@@ -231,7 +231,9 @@ async def test_transport_down_costs_no_attempt_and_opens_the_breaker(q: Queue) -
     async with trio.open_nursery() as nursery:
         await nursery.start(pool.serve)
         with trio.fail_after(10):
-            while (state := await pool.gate.breaker.state()) is None or state.trips < 3:
+            while (
+                state := await pool.router.routes["smtp"].gate.breaker.state()
+            ) is None or state.trips < 3:
                 await trio.sleep(0.01)
         assert "connection refused" in state.reason
         # Probes only: the senders do not keep hammering the dead server.
@@ -245,7 +247,7 @@ async def test_transport_down_costs_no_attempt_and_opens_the_breaker(q: Queue) -
         with trio.fail_after(10):
             await transport.wait_sent(20)
         pool.stop_claiming()
-    assert await pool.gate.breaker.state() is None
+    assert await pool.router.routes["smtp"].gate.breaker.state() is None
     assert sorted(m.job_id for m in transport.sent) == sorted(ids)
     for job_id in ids:
         rec = await q.get(job_id)

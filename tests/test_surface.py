@@ -36,9 +36,10 @@ def test_cli_verbs_and_flags() -> None:
     } <= _flags("serve")
     assert {"--bind", "--maildir"} <= _flags("sink")
     assert {"--to", "--subject", "--text", "--html", "--url"} <= _flags("send")
+    assert {"--dsn", "--config"} <= _flags("db")  # engine db migrate|status
 
 
-@pytest.mark.parametrize("verb", ["serve", "sink", "send"])
+@pytest.mark.parametrize("verb", ["serve", "sink", "send", "db"])
 def test_help_explains(verb: str) -> None:
     out = subprocess.run([sys.executable, "-m", "engine", verb, "--help"], capture_output=True,
                          text=True, check=True, cwd=ROOT).stdout  # fmt: skip

@@ -18,12 +18,14 @@ from engine.api.dead import DeadRoutes
 from engine.api.domains import DomainRoutes
 from engine.api.exchange import Reply, Request, json_reply
 from engine.api.guard import Guard, allowed_hosts
+from engine.api.history import HistoryRoutes
 from engine.api.hub import history_route
 from engine.api.ingest import Ingest
 from engine.api.limits import limits_route
 from engine.api.metrics import metrics_route
+from engine.api.provider_events import ProviderEventRoutes
 from engine.api.router import PROBES, Handler, Router, Socket
-from engine.api.routes import ROUTES, Health, Readiness, index, openapi
+from engine.api.routes import ROUTES, Health, HistoryReadiness, Readiness, index, openapi
 from engine.api.schedules import ScheduleRoutes
 from engine.api.suppression import MAX_IMPORT_BYTES, SuppressionRoutes
 from engine.api.templates import TemplateRoutes, Templates
@@ -32,7 +34,8 @@ from engine.api.unsubscribe import Unsubscribe
 from engine.api.webhooks import WebhookRoutes
 from engine.config import Settings
 from engine.errors import QueueError
-from engine.queue import AccessStore, SuppressionStore, TemplateStore
+from engine.provider_events import PROVIDERS
+from engine.queue import AccessStore, ProviderEventStore, SuppressionStore, TemplateStore
 
 # All a sender-only replica (role sender) serves.
 OPS_ONLY = PROBES
@@ -44,7 +47,9 @@ def body_limits(settings: Settings) -> tuple[tuple[str, int], ...]:
     return (
         (UPLOAD_PATH, settings.attachments.max_bytes),
         ("/v1/suppressions/import", MAX_IMPORT_BYTES),
-    )
+        *((f"/v1/providers/{name}/events", settings.provider_events.max_body_bytes)
+          for name in PROVIDERS),
+    )  # fmt: skip
 
 
 def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
@@ -69,6 +74,7 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         templates=templates,
         attachments=attachments,
         unsubscribe=unsubscribe,
+        history=backend.history,
     )
     dead = DeadRoutes(backend.queue)
     schedules = ScheduleRoutes(
@@ -79,6 +85,13 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
     )
     dashboard = DashboardRoutes(backend)
     suppressions = SuppressionRoutes(SuppressionStore(backend.queue.client, backend.queue.keys))
+    provider_events = ProviderEventRoutes(
+        ProviderEventStore(
+            backend.queue.client, backend.queue.keys, queue=settings.queue,
+            settings=settings.provider_events,
+        ),
+        settings.provider_events,
+    )  # fmt: skip
     spec = msgspec.json.encode(openapi())
     listing = msgspec.json.encode(index())
 
@@ -97,6 +110,9 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         draining = backend.stopping.is_set()
         ok = redis_ok and senders_ok and not draining
         ready = Readiness(ok, "ok" if redis_ok else "unavailable", senders, draining)
+        if backend.history is not None:
+            h = backend.history.writer.statistics()
+            ready.history = HistoryReadiness(h.up, h.lag_entries, h.lag_s, h.refusing)
         return json_reply(200 if ok else 503, ready)
 
     async def routes_index(_: Request) -> Reply:
@@ -137,8 +153,9 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         "render_template": template_routes.render_template,
         "unsubscribe_page": unsubscribe.unsubscribe_page,
         "unsubscribe": unsubscribe.unsubscribe,
+        "provider_events": provider_events.receive,
         "list_limits": limits_route(backend.limits),
-        "list_transports": transports_route(backend.breaker),
+        "list_transports": transports_route(backend.breakers),
         "stats": dashboard.stats,
         "sink_messages": dashboard.sink_messages,
         "dashboard": dashboard.dashboard,
@@ -181,6 +198,13 @@ def build_app(backend: ApiBackend, settings: Settings) -> ASGIApp:
         )  # fmt: skip
     else:
         routes = tuple(r for r in routes if r.tag != "domains")
+    if backend.history is not None:
+        history = HistoryRoutes(backend.history)
+        handlers.update(
+            search_history=history.search_history, history_message=history.history_message
+        )
+    else:
+        routes = tuple(r for r in routes if r.tag != "history")
     if backend.events is not None:
         handlers["watch_events"] = backend.events.websocket
         handlers["message_events"] = history_route(

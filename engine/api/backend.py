@@ -10,6 +10,7 @@ import trio
 
 from engine.api.hub import EventHub
 from engine.auth import AccessTable
+from engine.history import History
 from engine.metrics import Metrics
 from engine.queue import (
     Breaker,
@@ -39,8 +40,9 @@ class ApiBackend:
 
     queue: Queue
     limits: RateLimits
-    # The transport's circuit breaker (GET /v1/transports, the dashboard's banner).
-    breaker: Breaker
+    # Each transport's circuit breaker, in routing order (GET /v1/transports, the
+    # dashboard's banner).
+    breakers: list[Breaker]
     schedules: ScheduleStore
     senders: Senders
     # False for an ingest-only replica (role "api"): readiness does not wait for senders.
@@ -62,3 +64,5 @@ class ApiBackend:
     webhooks: WebhookStore | None = None
     # DKIM signing domains (/v1/domains); None: no such routes.
     domains: DomainStore | None = None
+    # The message history in PostgreSQL (/v1/history, fallbacks); None: no history.dsn.
+    history: History | None = None

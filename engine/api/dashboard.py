@@ -278,7 +278,7 @@ class DashboardRoutes:
                 reaped=c.reaped_total,
             ),
             senders=backend.senders.statistics().running,
-            transports=[await transport_view(backend.breaker)],
+            transports=[await transport_view(b) for b in backend.breakers],
         )
         return json_reply(200, body, [_NO_STORE])
 

@@ -8,7 +8,8 @@ The websocket, ``ws://HOST/v1/events?...`` (every parameter optional):
 
     id      a job id; repeat it or give a comma list for several
     type    an event type (queued, scheduled, processing, sent, retrying, failed,
-            cancelled, deleted, suppressed, expired); repeat or comma list
+            cancelled, deleted, suppressed, expired; a provider's delivered, bounced,
+            complained, delayed); repeat or comma list
     tenant  a tenant; repeat or comma list
     tag     a tag; repeat for several (a tag may hold a comma: no comma list)
     since   an event id: first replay the events after it that the stream still

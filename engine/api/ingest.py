@@ -26,12 +26,15 @@ from engine.api.exchange import (
     refuse_repeated_keys,
 )
 from engine.api.guard import presented_key
+from engine.api.history import HistoryRoutes, job_view_of, prior_result
+from engine.api.history import behind as history_behind
 from engine.api.preview import HTML_HEADERS, preview_of
 from engine.api.templates import Templates
 from engine.api.unsubscribe import Unsubscribe
 from engine.auth import UNCHECKED, AccessTable, Principal, check_may_send
 from engine.config import HttpSettings, IngestSettings
 from engine.errors import QueueError, QueueUnavailable, ValidationError
+from engine.history import History
 from engine.ids import is_id, new_ids
 from engine.metrics import IngestMetrics, Metrics
 from engine.models import (
@@ -204,6 +207,9 @@ class Ingest:
     unsubscribe: Unsubscribe | None = None
     # Stores and checks the blobs of messages with attachments; None: not offered.
     attachments: Attachments | None = None
+    # The message history (PostgreSQL): old records, old Idempotency-Keys, the lag that
+    # makes ingest wait (history.on_lag); None: no history.
+    history: History | None = None
     _trusted: TrustedProxies = dataclasses.field(default_factory=lambda: TrustedProxies([]))
 
     def __post_init__(self) -> None:
@@ -366,6 +372,10 @@ class Ingest:
                 503, "draining", "Shutting down",
                 "this instance is shutting down; retry on another", headers=_RETRY_AFTER,
             )  # fmt: skip
+        if self.history is not None and self.history.writer.refusing():
+            self.metrics.rejected("history-behind")
+            s = self.history.writer.statistics()
+            raise history_behind(s.lag_entries, s.lag_s)
 
     def _limit_headers(self, result: EnqueueResult) -> list[tuple[bytes, bytes]]:
         """RateLimit-* headers (IETF draft names) while per-client limits are on."""
@@ -389,9 +399,11 @@ class Ingest:
         if self.ingest.client_rate_per_s <= 0:
             client = ""  # not limited: skip the bucket
         result: EnqueueResult | None = None
+        if idem and self.history is not None:  # a key Redis forgot may be in the history
+            result = await prior_result(self.history, idem, fingerprint)
         try:
             with trio.move_on_after(self.http.enqueue_timeout_s):
-                result = await self.queue.enqueue(
+                result = result or await self.queue.enqueue(
                     jobs, idempotency_key=idem, fingerprint=fingerprint, client=client,
                     cost=cost,
                 )  # fmt: skip
@@ -474,6 +486,10 @@ class Ingest:
         """GET /v1/messages/{id} (another tenant's message does not exist for this key)."""
         job_id = req.params["id"]
         rec = await self.queue.get(job_id) if is_id(job_id) else None
+        if rec is None and self.history is not None:  # Redis has let it go: the history
+            kept = await HistoryRoutes(self.history).lookup(req, job_id, events=False)
+            if kept is not None:
+                return json_reply(200, job_view_of(kept), [(b"x-engine-source", b"history")])
         if rec is None or not req.principal.sees(rec.tenant):
             raise _no_such(job_id)
         if req.query("include") != "attachments":  # the hot status poll: the record only

@@ -31,6 +31,7 @@ from engine.api.domains import DomainIn, DomainList, DomainView
 from engine.api.ingest import MessageView
 from engine.api.limits import LimitsView
 from engine.api.preview import Preview
+from engine.api.provider_events import ProviderEventsTaken
 from engine.api.schedules import ScheduleIn, ScheduleList, ScheduleView
 from engine.api.suppression import (
     ImportResult,
@@ -53,6 +54,7 @@ from engine.api.webhooks import (
 )
 from engine.auth import PUBLIC, TenantRecord
 from engine.auth import SCOPES as KEY_SCOPES
+from engine.history import HistoryMessage, HistoryPage
 from engine.models import Accepted, BatchAccepted, BatchIn, Event, MessageIn, Problem
 from engine.templates import TemplateIn
 
@@ -64,11 +66,22 @@ class Health(msgspec.Struct):
     alive: bool
 
 
-class Readiness(msgspec.Struct):
+class HistoryReadiness(msgspec.Struct):
+    """The message history's writer as this replica sees it (not a readiness condition:
+    a PostgreSQL outage only makes it lag; ingest answers 503 itself when it must)."""
+
+    up: bool  # PostgreSQL took the last write
+    lag_entries: int  # stream entries not yet in PostgreSQL
+    lag_s: float  # age of the oldest of them
+    refusing: bool  # ingest answers 503 (history-behind)
+
+
+class Readiness(msgspec.Struct, omit_defaults=True):
     ready: bool
     redis: str
     senders: int
     draining: bool
+    history: HistoryReadiness | None = None  # absent: no history.dsn
 
 
 # Statuses every route may answer: 405 (wrong method), the server's limits (414, 431);
@@ -161,7 +174,8 @@ ROUTES: Final[tuple[Route, ...]] = (
                              "bytes say nothing",
                  "tenant": "whose messages may name it (a tenant this key acts for)"}),
     Route("get_message", "GET", "/v1/messages/{id}", "A message's state", "read",
-          {200: _ok("the message's record (and, when asked, the files it carries)",
+          {200: _ok("the message's record (and, when asked, the files it carries); once "
+                    "Redis has let it go, the history's (X-Engine-Source: history)",
                     MessageView),
            404: _ok("no such message"), **_QUEUE},
           query={"include": "attachments: also list the files the message carries "
@@ -184,6 +198,27 @@ ROUTES: Final[tuple[Route, ...]] = (
           "Cancel a queued, scheduled or retrying message",
           "send", {200: _ok("cancelled", Accepted), 404: _ok("no such message"),
                    409: _ok("too late: processing or finished"), **_QUEUE}),
+    Route("search_history", "GET", "/v1/history",
+          "Search the message history (PostgreSQL): newest first, a page at a time", "read",
+          {200: _ok("a page (next_cursor: the next one's ?cursor=); ?format=csv: the page as "
+                    "CSV, its next cursor in the Next-Cursor header", HistoryPage),
+           404: _ok("no history here (this engine has no history.dsn)"),
+           422: _ok("a bad filter, time, cursor or limit"),
+           503: _ok("the history (PostgreSQL) is unavailable (Retry-After)")},
+          query={"to": "a recipient (to, cc or bcc; any case)", "from": "the From address",
+                 "tenant": "a tenant this key acts for (default: all of them)",
+                 "tag": "one of the message's tags", "state": "its state now (sent, failed...)",
+                 "since": "made at or after: RFC 3339, or ms since the epoch",
+                 "until": "made before: RFC 3339, or ms since the epoch",
+                 "cursor": "next_cursor of the previous page",
+                 "limit": ("items (1-500, default 50; csv 1-10000, default 1000)",
+                           _int(1, 10_000)),
+                 "format": "json (default) or csv"}, tag="history"),
+    Route("history_message", "GET", "/v1/history/{id}",
+          "One message from the history, with its events", "read",
+          {200: _ok("the message and its events, oldest first", HistoryMessage),
+           404: _ok("not in the history (or no history here: no history.dsn)"),
+           503: _ok("the history (PostgreSQL) is unavailable (Retry-After)")}, tag="history"),
     Route("message_events", "GET", "/v1/messages/{id}/events",
           "A message's lifecycle events still kept",
           "events", {200: _ok("oldest first (Events-Complete: false if the scan stopped)",
@@ -403,6 +438,20 @@ ROUTES: Final[tuple[Route, ...]] = (
           "suppression list", "public",
           {200: _ok("unsubscribed", "text/html"), 404: _ok("not a valid link", "text/html"),
            413: _ok("body over 4 KiB")}, tag="unsubscribe"),
+    Route("provider_events", "POST", "/v1/providers/{name}/events",
+          "An email provider's delivery webhook (resend, sendgrid, ses, postmark, mailgun): "
+          "its delivered, bounced, complained and delayed events, verified by the "
+          "provider's own signature", "public",
+          {200: _ok("taken: what it held (repeats and other messages' events too: the "
+                    "provider need not retry)", ProviderEventsTaken),
+           400: _ok("signed, but not the provider's documented shape"),
+           401: _ok("not shown to be the provider's: no signature or a wrong one, wrong "
+                    "credentials, an old timestamp, a used token, an SNS certificate URL or "
+                    "topic not allowed (nothing stored)"),
+           404: _ok("no such provider"), 413: _ok("body over provider_events.max_body_bytes"),
+           503: _ok("the provider is not configured (the problem names the setting), an "
+                    "SNS URL could not be fetched, or Redis is unavailable (Retry-After)")},
+          request="application/json", tag="providers"),
     Route("healthz", "GET", "/healthz", "Liveness", "public", {200: _ok("alive", Health)},
           tag="operations"),
     Route("readyz", "GET", "/readyz", "Readiness (Redis reachable, senders running, not draining)",

@@ -3,7 +3,7 @@ open (the senders of every replica wait and probe it); the dashboard shows a ban
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 
@@ -36,8 +36,8 @@ class TransportList(msgspec.Struct):
     transports: list[TransportView]
 
 
-def transports_route(breaker: Breaker) -> Callable[[Request], Awaitable[Reply]]:
+def transports_route(breakers: Sequence[Breaker]) -> Callable[[Request], Awaitable[Reply]]:
     async def list_transports(_: Request) -> Reply:
-        return json_reply(200, TransportList([await transport_view(breaker)]))
+        return json_reply(200, TransportList([await transport_view(b) for b in breakers]))
 
     return list_transports

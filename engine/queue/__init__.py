@@ -13,6 +13,7 @@ from engine.queue.commit import GroupCommitter
 from engine.queue.domains import DomainStore
 from engine.queue.drain import DrainMeter
 from engine.queue.events import EventLog, EventPage, JobHistory
+from engine.queue.history import GroupLag, HistoryStream, IdempotencyProbe, StoredJob
 from engine.queue.jobs import (
     ClaimedJob,
     EnqueueRequest,
@@ -26,6 +27,7 @@ from engine.queue.jobs import (
     decode_message,
 )
 from engine.queue.limits import BucketState, RateLimits
+from engine.queue.provider_events import ProviderEventStore, Recorded
 from engine.queue.redis import SCRIPT_NAMES, Redis, load_script_sources, open_redis
 from engine.queue.resp import RespConnection
 from engine.queue.schedules import Schedule, ScheduleStore
@@ -59,18 +61,24 @@ __all__ = [
     "EventPage",
     "Failure",
     "GroupCommitter",
+    "GroupLag",
+    "HistoryStream",
+    "IdempotencyProbe",
     "JobHistory",
     "JobRecord",
     "NewJob",
     "Owed",
+    "ProviderEventStore",
     "Queue",
     "QueueCounts",
     "RateLimits",
     "ReapResult",
+    "Recorded",
     "Redis",
     "RespConnection",
     "Schedule",
     "ScheduleStore",
+    "StoredJob",
     "Suppression",
     "SuppressionPage",
     "SuppressionStore",

@@ -37,6 +37,7 @@ class ClaimedJob:
     first_try_ms: int = 0
     # Its deliver-by deadline (ms; 0 = none): the claim checked it, wait included.
     expires_ms: int = 0
+    tenant: str = DEFAULT_TENANT  # whose message (routing rules may name tenants)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +99,8 @@ class JobRecord:
     tenant: str = DEFAULT_TENANT
     bounce: str | None = None  # the class of the last failure (engine.bounce)
     expires_at_ms: int | None = None  # its deliver-by deadline, when it has one
+    transport: str | None = None  # the routing name that took it
+    provider_id: str | None = None  # the message id a provider's API gave it
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +188,7 @@ class Queue:
         self._enqueuer: GroupCommitter[EnqueueRequest, EnqueueResult] = GroupCommitter(
             self._flush_enqueue, max_weight=settings.enqueue_batch_max
         )
-        self._acker: GroupCommitter[tuple[str, str], None] = GroupCommitter(
+        self._acker: GroupCommitter[tuple[str, str, str, str], None] = GroupCommitter(
             self._flush_ack, max_weight=1000
         )
 
@@ -376,13 +379,13 @@ class Queue:
             )
         assert isinstance(out, list)
         jobs: list[ClaimedJob] = []
-        for i in range(0, len(out), 6):
+        for i in range(0, len(out), 7):
             payload, expires_ms = split_deadline(out[i + 1])
             jobs.append(
                 ClaimedJob(
                     out[i].decode(), payload, int(out[i + 2]),
                     out[i + 3].decode().split(",") if out[i + 3] else None,
-                    int(out[i + 4]) / 1000, int(out[i + 5]), expires_ms,
+                    int(out[i + 4]) / 1000, int(out[i + 5]), expires_ms, out[i + 6].decode(),
                 )
             )  # fmt: skip
         return jobs
@@ -396,20 +399,24 @@ class Queue:
         with translate_errors():
             return await self.client.get(self.keys.raw(job_id))
 
-    async def ack(self, job_id: str, note: str = "") -> None:
+    async def ack(
+        self, job_id: str, note: str = "", *, transport: str = "", provider_id: str = ""
+    ) -> None:
         """Record the job as sent (group-committed); returns once Redis has it.
 
-        ``note`` is kept as the job's last_error (e.g. recipients refused for good).
+        ``note`` is kept as the job's last_error (e.g. recipients refused for good);
+        ``transport`` (the routing name that took it) and ``provider_id`` (the message id
+        a provider's API gave it) are kept in its record when given.
         """
-        await self._acker.submit((job_id, note))
+        await self._acker.submit((job_id, note, transport, provider_id))
 
-    async def _flush_ack(self, acks: list[tuple[str, str]]) -> list[None]:
+    async def _flush_ack(self, acks: list[tuple[str, str, str, str]]) -> list[None]:
         k = self.keys
         args: list[str | int] = [
             k.job_prefix, self.now_ms(), self.settings.events_maxlen, self._keep_sent_s,
         ]  # fmt: skip
-        for job_id, note in acks:
-            args += [job_id, note]
+        for job_id, note, transport, provider_id in acks:
+            args += [job_id, note, transport, provider_id]
         with translate_errors():
             await self._scripts["ack"](
                 keys=[self._processing, k.leases, k.events, k.stats], args=args
@@ -624,7 +631,7 @@ class Queue:
 decode_message = msgspec.msgpack.Decoder(Message).decode
 _RECORD_FIELDS = [
     "state", "attempts", "created_at", "updated_at", "last_error", "next_attempt_at", "lane",
-    "tenant", "bounce", "expires_at",
+    "tenant", "bounce", "expires_at", "transport", "provider_id",
 ]  # fmt: skip
 # States of a job that has not been claimed yet (its record has no expires_at copy).
 _UNCLAIMED = frozenset({"queued", "scheduled"})
@@ -649,7 +656,8 @@ def split_deadline(stored: bytes) -> tuple[bytes, int]:
 
 
 def _record(job_id: str, row: Sequence[bytes | None]) -> JobRecord | None:
-    state, attempts, created, updated, error, next_at, lane, tenant, bounce, expires = row
+    state, attempts, created, updated, error, next_at, lane, tenant, bounce, expires = row[:10]
+    transport, provider_id = row[10:12]
     if state is None:
         return None
     return JobRecord(
@@ -664,4 +672,6 @@ def _record(job_id: str, row: Sequence[bytes | None]) -> JobRecord | None:
         tenant=tenant.decode() if tenant else DEFAULT_TENANT,
         bounce=bounce.decode() if bounce else None,
         expires_at_ms=int(expires) if expires else None,
+        transport=transport.decode() if transport else None,
+        provider_id=provider_id.decode() if provider_id else None,
     )

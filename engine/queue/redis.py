@@ -43,6 +43,8 @@ SCRIPT_NAMES = (
     "webhook_idle",
     "blob_hold",
     "blob_commit",
+    "provider_events",
+    "history_records",
 )
 
 # The scripts that move work out (claim, send, retry, recover, cancel, delete) run even

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Literal
 
 import trio
 
@@ -15,12 +14,10 @@ from engine.queue import Breaker, BreakerState, Queue
 
 log = logging.getLogger(__name__)
 
-Turn = Literal["claim", "probe"]
-
 
 class TransportGate:
-    """``turn()`` waits while the breaker is open; one sender of all replicas gets
-    "probe" when it is time to test the transport with one message."""
+    """One transport's breaker as this process sees it; ``engine.sender.routing`` decides
+    from it whether to claim, fail over, or probe."""
 
     def __init__(
         self,
@@ -44,7 +41,13 @@ class TransportGate:
     def is_open(self) -> bool:
         return self._state is not None
 
-    async def _current(self) -> BreakerState | None:
+    @property
+    def state(self) -> BreakerState | None:
+        """The breaker's state as last read (``current`` re-reads it when due)."""
+        return self._state
+
+    async def current(self) -> BreakerState | None:
+        """The breaker's state as last read (re-read at most every ``refresh_s``)."""
         async with self._lock:  # one Redis read per refresh for all senders
             if trio.current_time() - self._read_at >= self._refresh_s:
                 # Redis trouble shows in the claim; keep the last known state.
@@ -66,25 +69,12 @@ class TransportGate:
             log.warning("sender.transport.up transport=%s: senders claim again", self.breaker.name)
         self._metrics.transport(up=self._state is None)
 
-    async def turn(self, stopping: trio.Event) -> Turn | None:
-        """Wait until this sender may claim ("claim"), or test the open transport
-        ("probe"); None once ``stopping`` is set."""
-        while not stopping.is_set():
-            state = await self._current()
-            if state is None:
-                return "claim"
-            wait_s = (state.probe_at_ms - self.queue.now_ms()) / 1000
-            if wait_s <= 0:
-                try:
-                    if await self.breaker.take_probe(
-                        self.queue.instance, lease_s=self._probe_lease_s
-                    ):
-                        return "probe"
-                except QueueError:
-                    pass
-            with trio.move_on_after(min(max(wait_s, self._refresh_s), 1.0)):
-                await stopping.wait()
-        return None
+    async def take_probe(self) -> bool:
+        """Whether this sender (of all replicas) gets to test the open transport now."""
+        try:
+            return await self.breaker.take_probe(self.queue.instance, lease_s=self._probe_lease_s)
+        except QueueError:
+            return False
 
     async def failed(self, reason: str, *, probe: bool) -> None:
         """The transport failed (not a message): open the breaker, or, after a failed
@@ -95,7 +85,11 @@ class TransportGate:
             log.warning("sender.breaker.unrecorded error=%s", exc)
             return
         self._metrics.transport(up=False, tripped=opened or probe)
-        self._read_at = -float("inf")  # re-read at the next turn
+        # Seen open here at once: the senders in the middle of routing fail over now.
+        with contextlib.suppress(QueueError):
+            self._state = await self.breaker.state()
+        self._read_at = trio.current_time()
+        self._note()
 
     async def recovered(self) -> None:
         """The probe went through: close the breaker for every replica."""

@@ -8,7 +8,7 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Final
@@ -17,7 +17,7 @@ import msgspec
 import trio
 
 from engine.bounce import Bounce, bounce_of, classify
-from engine.config import QueueSettings, SenderSettings
+from engine.config import QueueSettings, RoutingSettings, SenderSettings
 from engine.errors import (
     EngineError,
     PermanentFailure,
@@ -42,6 +42,7 @@ from engine.queue import (
 from engine.sender.blobs import AttachmentCache
 from engine.sender.gate import TransportGate
 from engine.sender.ratelimit import RateLimiter
+from engine.sender.routing import Route, Router
 from engine.sender.signing import Signer
 from engine.transport import MissingAttachment, OutgoingMail, SendResult, Transport, compose
 
@@ -116,13 +117,24 @@ async def compose_mail(
     )
 
 
+def _against_transport(failure: TransportError) -> bool:
+    """Whether a message's temporary failure says the transport is in trouble (no answer
+    in time, a lost connection, a provider's 5xx, an SMTP 421) rather than this message
+    (greylisting, a full mailbox: 45x) or our pace (429: slowed down, not failed over)."""
+    if not isinstance(failure, TemporaryFailure) or isinstance(failure, TransportUnavailable):
+        return False
+    if failure.http_status is not None:
+        return failure.http_status >= 500
+    return failure.code is None or failure.code == 421
+
+
 class SenderPool:
-    """N sender tasks over one queue and one transport."""
+    """N sender tasks over one queue and its transports (one, or a ``Router``'s)."""
 
     def __init__(
         self,
         queue: Queue,
-        transport: Transport,
+        transport: Transport | None,
         settings: SenderSettings,
         queue_settings: QueueSettings,
         rate_limits: RateLimits | None = None,
@@ -130,9 +142,9 @@ class SenderPool:
         breaker: Breaker | None = None,
         attachments: AttachmentCache | None = None,
         signer: Signer | None = None,
+        router: Router | None = None,
     ) -> None:
         self.queue = queue
-        self.transport = transport
         self.settings = settings
         self.queue_settings = queue_settings
         self.rate_limits = (
@@ -147,11 +159,16 @@ class SenderPool:
         self._running = 0
         self._sent = self._retried = self._failed = self._released = 0
         self._metrics = metrics if metrics is not None else Metrics().sender
-        breaker = breaker or Breaker(
-            queue.client, queue.keys, "transport",
-            first_wait_s=settings.breaker_probe_s, max_wait_s=settings.breaker_probe_max_s,
-        )  # fmt: skip
-        self.gate = TransportGate(breaker, queue, self._metrics)
+        if router is None:  # one transport, "smtp"
+            if transport is None:
+                raise ValueError("a sender pool needs a transport or a router")
+            breaker = breaker or Breaker(
+                queue.client, queue.keys, "smtp",
+                first_wait_s=settings.breaker_probe_s, max_wait_s=settings.breaker_probe_max_s,
+            )  # fmt: skip
+            gate = TransportGate(breaker, queue, self._metrics)
+            router = Router({"smtp": Route("smtp", transport, gate)}, RoutingSettings(), queue)
+        self.router = router
         # DKIM: signs each composed mail whose From domain has a key (None: none do).
         self.signer = signer
         # The attachments of claimed messages, read and encoded once for many.
@@ -197,14 +214,15 @@ class SenderPool:
         try:
             failures = 0
             while not self._stopping.is_set():
-                turn = await self.gate.turn(self._stopping)
+                turn = await self.router.turn(self._stopping)
                 if turn is None:
                     break
+                _, probing = turn
                 try:
-                    jobs = await self._claim(1 if turn == "probe" else self.settings.claim_batch)
+                    jobs = await self._claim(1 if probing else self.settings.claim_batch)
                 except QueueUnavailable as exc:
-                    if turn == "probe":
-                        await self.gate.no_probe()
+                    if probing is not None:
+                        await probing.gate.no_probe()
                     failures += 1
                     delay = min(5.0, 0.1 * 2**failures)
                     if not self._redis_down:  # one line per outage, not one per sender
@@ -218,10 +236,10 @@ class SenderPool:
                     self._redis_down = False
                     log.warning("sender.claim.recovered senders claim again")
                 failures = 0
-                if turn == "probe" and not jobs:
-                    await self.gate.no_probe()
+                if probing is not None and not jobs:
+                    await probing.gate.no_probe()
                     continue
-                await self._work(jobs, probe=turn == "probe")
+                await self._work(jobs, probe=probing)
         finally:
             self._running -= 1
 
@@ -240,16 +258,18 @@ class SenderPool:
                 self._claim_scopes.discard(scope)
         return []
 
-    async def _work(self, jobs: list[ClaimedJob], *, probe: bool = False) -> None:
-        """Deliver claimed jobs over one pipelined SMTP connection, in claim order.
+    async def _work(self, jobs: list[ClaimedJob], *, probe: Route | None = None) -> None:
+        """Deliver claimed jobs, each through the first usable transport of its order;
+        the jobs of one transport go over one connection (SMTP: pipelined), in claim order.
 
         Failure records (and acks, with overlap_acks) go to their own tasks so the
         connection does not wait for Redis; _work returns once all are recorded.
-        ``probe``: the one job that tests a transport whose breaker is open.
+        ``probe``: the transport whose breaker is open, to be tested with this one job.
         """
         self._holding.update(j.id for j in jobs)
         mails: list[OutgoingMail] = []
         by_id: dict[str, tuple[ClaimedJob, Budget]] = {}
+        orders: dict[str, Sequence[str]] = {}
         # Rate-limited jobs go in slot order: a job waiting for its token must not hold
         # up one behind it in the pipeline that may go now.
         jobs = sorted(jobs, key=lambda j: j.wait_s)
@@ -292,17 +312,57 @@ class SenderPool:
                     message.max_attempts or q.max_attempts, message.retry_for_s or q.retry_for_s
                 )
                 by_id[job.id] = (job, budget)
+                orders[job.id] = self.router.order_of(message, job.tenant)
             if self.signer is not None:
                 mails = await self.signer.sign_many(mails)
             if sandboxed:
                 mails = await self._keep_sandboxed(mails, sandboxed, by_id)
-            down = await self._deliver(mails, by_id, records, claimed_at)
-        if down is not None:
-            await self.gate.failed(down, probe=probe)
-        elif probe and mails:
-            await self.gate.recovered()
-        elif probe:
-            await self.gate.no_probe()
+            groups, stranded, probes = await self._route(mails, orders, probe)
+            if stranded:  # every transport of their order is down: back, no attempt
+                await self._release([by_id[m.job_id][0] for m in stranded])
+            for route, group in groups:
+                down, failing = await self._deliver(group, by_id, records, claimed_at, route)
+                if route.name not in probes:
+                    if down is not None:
+                        await route.gate.failed(down, probe=False)
+                elif down is not None or failing is not None:
+                    await route.gate.failed(down or failing or "", probe=True)
+                else:
+                    await route.gate.recovered()
+        for route in (self.router.routes[n] for n in probes):
+            if all(r is not route for r, _ in groups):
+                await route.gate.no_probe()
+
+    async def _route(
+        self, mails: list[OutgoingMail], orders: Mapping[str, Sequence[str]], probe: Route | None
+    ) -> tuple[list[tuple[Route, list[OutgoingMail]]], list[OutgoingMail], set[str]]:
+        """Mails by the transport each takes, in claim order within each: the first of
+        its order whose breaker is closed -- or one that is open and due a test, which
+        this one mail makes (a probe: the mail would have gone to a later one anyway);
+        the mails none of whose transports is usable; and the transports probed."""
+        probes = {probe.name} if probe is not None else set()
+        groups: dict[str, tuple[Route, list[OutgoingMail]]] = {}
+        stranded: list[OutgoingMail] = []
+        for mail in mails:
+            chosen: Route | None = None
+            for name in orders[mail.job_id]:
+                route = self.router.routes.get(name)
+                if route is None:
+                    continue
+                if name in probes:
+                    if name in groups:
+                        continue  # a probe is one mail; the others go on down the order
+                elif route.gate.is_open():
+                    if not await self.router.probe_due(route):
+                        continue
+                    probes.add(name)
+                chosen = route
+                break
+            if chosen is None:
+                stranded.append(mail)
+            else:
+                groups.setdefault(chosen.name, (chosen, []))[1].append(mail)
+        return list(groups.values()), stranded, probes
 
     async def _deliver(
         self,
@@ -310,12 +370,15 @@ class SenderPool:
         by_id: dict[str, tuple[ClaimedJob, Budget]],
         records: trio.Nursery,
         claimed_at: float,
-    ) -> str | None:
-        """Send ``mails``; the reason the transport is down when it was (its jobs are
-        handed back untouched), else None."""
+        route: Route,
+    ) -> tuple[str | None, str | None]:
+        """Send ``mails`` through ``route``: (the reason the transport is down when it was
+        -- its jobs are handed back untouched --, the last failure that counts against the
+        transport rather than the message), each None when there was none."""
         pending = deque(mails)  # pending[0] is on the wire once iteration has started
         down: list[ClaimedJob] = []
         reason: str | None = None
+        failing: str | None = None
 
         async def pace() -> None:
             # The process-local limit, then the slot the shared buckets reserved.
@@ -327,9 +390,9 @@ class SenderPool:
         started = False
         try:
             if not pending or self._stopping.is_set():
-                return None
+                return None, None
             await pace()
-            async with aclosing(self.transport.send_many(mails)) as outcomes:
+            async with aclosing(route.transport.send_many(mails)) as outcomes:
                 started = True
                 async for mail, outcome in outcomes:
                     pending.popleft()
@@ -340,16 +403,25 @@ class SenderPool:
                         reason = reason or str(outcome)
                         continue
                     if isinstance(outcome, TransportError):
+                        if _against_transport(outcome):
+                            failing = str(outcome)
+                            await self.router.failed_temporarily(route, failing)
                         bounce = self._bounce(outcome)
-                        if outcome.code in SLOW_DOWN_CODES or bounce.decision == "slow-down":
+                        # A provider's 429 is about our account, not the recipients'
+                        # domains: its Retry-After paces the retry instead.
+                        if outcome.http_status is None and (
+                            outcome.code in SLOW_DOWN_CODES or bounce.decision == "slow-down"
+                        ):
                             records.start_soon(self._slow_down, mail.recipients)
                         records.start_soon(self._record_failure, job, outcome, budget, bounce)
                     elif self.settings.overlap_acks:
-                        records.start_soon(self._delivered, job, outcome, budget)
+                        self.router.succeeded(route)
+                        records.start_soon(self._delivered, job, outcome, budget, route.name)
                     else:
+                        self.router.succeeded(route)
                         # The next message's content waits until Redis has this
                         # ack: a crash duplicates at most one message per sender.
-                        await self._delivered(job, outcome, budget)
+                        await self._delivered(job, outcome, budget, route.name)
                     if not pending or self._stopping.is_set():
                         break  # stop: the next message's content was not sent yet
                     # Pace here: the next content is written when iteration resumes.
@@ -364,7 +436,7 @@ class SenderPool:
                 unsent = list(pending)[1:] if started else list(pending)
                 if unsent:
                     await self._release([by_id[m.job_id][0] for m in unsent])
-        return reason
+        return reason, failing
 
     async def _release(self, jobs: list[ClaimedJob]) -> None:
         ids = [j.id for j in jobs]
@@ -378,7 +450,9 @@ class SenderPool:
                 log.warning("sender.release.failed jobs=%d error=%s", len(ids), exc)
         self._holding.difference_update(ids)
 
-    async def _delivered(self, job: ClaimedJob, result: SendResult, budget: Budget) -> None:
+    async def _delivered(
+        self, job: ClaimedJob, result: SendResult, budget: Budget, transport: str = ""
+    ) -> None:
         """The server took the message; per-recipient refusals decide what is left."""
         temporary = [r for r in result.rejected if r.code < 500]
         note = "; ".join(f"{r.address}: {r.code} {r.text}" for r in result.rejected)
@@ -398,7 +472,10 @@ class SenderPool:
             retry = [r.address for r in temporary]
             await self._record_failure(job, failure, budget, recipients=retry)
             return
-        await self._ack(job, f"delivered in part; refused {note}" if note else "")
+        await self._ack(
+            job, f"delivered in part; refused {note}" if note else "", transport=transport,
+            provider_id=result.provider_id,
+        )  # fmt: skip
 
     async def _suppress_refused(self, job: ClaimedJob, dead: list[tuple[str, str, str]]) -> None:
         """Recipients refused as unknown while others took the message: suppressed like
@@ -453,7 +530,9 @@ class SenderPool:
             await self._ack(job, "sandbox: kept, not sent to a server (GET /v1/messages/{id}/raw)")
         return rest
 
-    async def _ack(self, job: ClaimedJob, note: str = "") -> None:
+    async def _ack(
+        self, job: ClaimedJob, note: str = "", *, transport: str = "", provider_id: str = ""
+    ) -> None:
         # The message is with the server: the duplicate window is open until Redis has
         # the ack, so keep trying (shielded: shutdown must not widen the window).
         delivered_ms = self.queue.now_ms()  # the 250 came just now
@@ -461,7 +540,7 @@ class SenderPool:
         with trio.CancelScope(shield=True):
             while True:
                 try:
-                    await self.queue.ack(job.id, note)
+                    await self.queue.ack(job.id, note, transport=transport, provider_id=provider_id)
                     break
                 except (QueueUnavailable, trio.ClosedResourceError) as exc:
                     if delay > 5:
@@ -504,6 +583,8 @@ class SenderPool:
         if outcome == "retry":
             q = self.queue_settings
             delay = backoff_s(job.attempt, base_s=q.backoff_base_s, max_s=q.backoff_max_s)
+            if isinstance(exc, TemporaryFailure) and exc.retry_after_s:
+                delay = max(delay, exc.retry_after_s)  # the server said when (Retry-After)
             due_ms += int(1000 * delay)
         error = str(exc)
         if exc.code is not None and str(exc.code) not in error:

@@ -9,6 +9,7 @@ from typing import NoReturn, Protocol, TypeAlias
 import trio
 
 from engine.errors import PermanentFailure, TransportError
+from engine.models import Message
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +52,8 @@ class OutgoingMail:
     dot-stuffing (the transport does that); ``recipients`` are bare addresses. ``data``
     is 7-bit ASCII unless a ``needs_*`` flag says otherwise: then it is the best form,
     for a server that offers that extension, and ``fallback`` says how to send it to
-    one that does not (``for_server`` picks).
+    one that does not (``for_server`` picks). ``message`` and ``parts`` are what it was
+    composed from, for transports that send the structured message (providers' JSON APIs).
     """
 
     job_id: str
@@ -63,6 +65,11 @@ class OutgoingMail:
     # An address in the envelope or the headers is UTF-8 (RFC 6531/6532: SMTPUTF8).
     needs_smtputf8: bool = False
     fallback: SevenBitForm | None = None
+    # The message ``data`` was composed from (None: built some other way).
+    message: Message | None = None
+    # Its attachments' part bodies by SHA-256 (``compose.attachment_body``: base64 in
+    # 76-character lines); may hold other messages' parts too.
+    parts: Mapping[bytes, bytes] | None = None
 
     def for_server(self, extensions: Collection[str]) -> OutgoingMail | PermanentFailure:
         """This mail as a server offering ``extensions`` (upper-case EHLO keywords) may
@@ -123,11 +130,13 @@ class RecipientRejected:
 
 @dataclass(frozen=True, slots=True)
 class SendResult:
-    """The server's final reply to DATA, and any recipients it refused at RCPT."""
+    """The server's final reply to DATA, and any recipients it refused at RCPT. A
+    provider's API accepting the mail is ``code`` 250, its message id ``provider_id``."""
 
     code: int
     text: str
     rejected: list[RecipientRejected] = field(default_factory=list)
+    provider_id: str = ""
 
 
 # One mail's outcome in a batch: accepted, or refused or failed (see ``Transport.send_many``).

@@ -99,7 +99,7 @@ def compose(
         not head.isascii() or not sender.isascii() or not all(r.isascii() for r in recipients)
     )
     if body_7bit is None and not needs_smtputf8:
-        return OutgoingMail(job_id, sender, recipients, data)
+        return OutgoingMail(job_id, sender, recipients, data, message=msg, parts=attachments)
     forms, unsendable = _ascii_forms(
         bare_address(a) for a in (msg.sender, *msg.to, *msg.cc, *msg.bcc, *msg.reply_to)
     )
@@ -123,6 +123,8 @@ def compose(
         needs_8bitmime=body_7bit is not None,
         needs_smtputf8=needs_smtputf8,
         fallback=fallback,
+        message=msg,
+        parts=attachments,
     )
 
 

@@ -29,7 +29,7 @@ MAX_BATCH: Final = 1000
 MAX_BATCH_BYTES: Final = 1024 * 1024
 EVENT_TYPES: Final = (
     "queued", "scheduled", "processing", "sent", "retrying", "failed", "cancelled", "deleted",
-    "suppressed", "expired",
+    "suppressed", "expired", "delivered", "bounced", "complained", "delayed",
 )  # fmt: skip
 
 

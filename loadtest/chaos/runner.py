@@ -27,7 +27,7 @@ from pathlib import Path
 from engine.embedded import ChildError, redis_run
 from engine.queue import Redis
 from fixtures.auth import TEST_ADMIN_KEY
-from loadtest.chaos import webhooks
+from loadtest.chaos import history, webhooks
 from loadtest.chaos.scenarios import Fault, Scenario
 from loadtest.cluster import Cluster
 from loadtest.load import (
@@ -166,7 +166,11 @@ def run(settings: ChaosSettings) -> int:
     lease_s = s.lease_s if s.lease_s is not None else default_lease_s()
     if sc.webhooks:
         env.update(webhooks.ENGINE_ENV)
+    pg = history.start() if sc.history else None
+    if pg is not None:
+        env.update(history.ENGINE_ENV, ENGINE_HISTORY_DSN=pg.dsn)
     cluster = Cluster(run_dir, replicas=s.replicas, senders=s.senders, engine_env=env)
+    cluster.history_postgres = pg
     receiver = webhooks.Receiver(run_dir) if sc.webhooks else None
     cluster.webhook_receiver = receiver
     faults: list[Fault] = []
@@ -192,6 +196,7 @@ def run(settings: ChaosSettings) -> int:
             host=cluster.lb_url,
         )
         tally = Tally(run_dir, cluster.sink.log_file)
+        sampler = history.LagSampler(cluster.replica_urls).start() if pg is not None else None
         if receiver is not None:
             receiver.start()
             hook = receiver.subscribe(cluster.lb_url, {"Authorization": f"Bearer {TEST_ADMIN_KEY}"})
@@ -248,6 +253,19 @@ def run(settings: ChaosSettings) -> int:
         tally.poll()
         states = read_states(cluster, sorted(tally.accepted))
         write_json(run_dir / "states.json", states)
+        if pg is not None:
+            kept = history.reconcile(
+                pg.dsn, tally.accepted, states,
+                history.stream_events(cluster.redis_url, cluster.keys.events),
+                cluster.replica_urls, wait_s=120,
+            )  # fmt: skip
+            kept["peak_lag_entries"] = sampler.stop() if sampler is not None else 0
+            write_json(run_dir / "history.json", kept)
+            say(
+                f"history: {kept['messages_in_postgres']:,} messages of {kept['accepted']:,} "
+                f"accepted, {kept['missing']:,} missing, {kept['duplicate_events']:,} duplicate "
+                f"events, {kept['stream_events_missing']:,} stream events missing"
+            )
         if receiver is not None:
             hooks = webhooks.reconcile(receiver, tally.delivered, wait_s=120)
             write_json(run_dir / "webhooks.json", hooks)
@@ -263,9 +281,17 @@ def run(settings: ChaosSettings) -> int:
         if receiver is not None:
             receiver.stop()
         stopped = cluster.down(graceful=True)
+        if pg is not None:
+            pg.close()
         say(f"cluster down (stopped {', '.join(stopped) or 'nothing'}); logs in {cluster.logs}")
     report = write_report(run_dir)
     exit_code = report.exit_code
+    if (run_dir / "history.json").exists():
+        kept = json.loads((run_dir / "history.json").read_text())
+        with (run_dir / "report.md").open("a", encoding="utf-8") as f:
+            f.write(history.markdown(kept, kept.get("peak_lag_entries", 0)))
+        if not history.ok(kept):
+            exit_code = max(exit_code, 1)
     if (run_dir / "webhooks.json").exists():
         hooks = json.loads((run_dir / "webhooks.json").read_text())
         with (run_dir / "report.md").open("a", encoding="utf-8") as f:

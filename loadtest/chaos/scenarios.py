@@ -33,6 +33,7 @@ class Scenario:
     min_seconds: float  # shortest load that leaves room to see recovery after the last step
     replicas: int = 2
     webhooks: bool = False  # a webhook receiver and endpoint, reconciled at the end
+    history: bool = False  # a PostgreSQL the replicas write their history to, reconciled
 
 
 def _fault(
@@ -156,6 +157,40 @@ def receiver_down(seconds: float) -> Callable[[Cluster], Fault]:
     return run
 
 
+def postgres_restart() -> Callable[[Cluster], Fault]:
+    """PostgreSQL restarted (fast shutdown: sessions cut, then started again at once):
+    the writers' connections break mid-batch and come back."""
+
+    def run(c: Cluster) -> Fault:
+        pg = c.history_postgres
+        assert pg is not None, "a history scenario starts a PostgreSQL"
+        at = time.time()
+        pg.stop()
+        pg.start()
+        return _fault("PostgreSQL restarted", "postgres-restart", "postgres", at, time.time())
+
+    return run
+
+
+def postgres_outage(seconds: float) -> Callable[[Cluster], Fault]:
+    """PostgreSQL killed (-9: crash recovery at its start), down ``seconds`` under load:
+    the writers retry, their lag grows, nothing may be lost."""
+
+    def run(c: Cluster) -> Fault:
+        pg = c.history_postgres
+        assert pg is not None, "a history scenario starts a PostgreSQL"
+        at = time.time()
+        pg.kill()
+        time.sleep(seconds)
+        pg.start()
+        return _fault(
+            f"PostgreSQL killed, down {seconds:g} s", "postgres-outage", "postgres", at,
+            time.time(),
+        )  # fmt: skip
+
+    return run
+
+
 def redis_cut(replica: int, seconds: float) -> Callable[[Cluster], Fault]:
     """Reset one replica's connections to Redis and refuse new ones for ``seconds``
     (a network partition between that replica and Redis)."""
@@ -224,6 +259,13 @@ SCENARIOS: dict[str, Scenario] = {
             (Step(15, kill9(1, 3.0)), Step(25, receiver_down(30.0))),
             min_seconds=75,
             webhooks=True,
+        ),
+        Scenario(
+            "history",
+            "the message history under load: PostgreSQL restarted, then killed and down 30 s",
+            (Step(15, postgres_restart()), Step(30, postgres_outage(30.0))),
+            min_seconds=90,
+            history=True,
         ),
         Scenario(
             "kill9-twice",

@@ -15,7 +15,7 @@
   const CLOSE_TOO_SLOW = 4008; // the hub dropped this page: it fell behind the feed
   const EVENT_TYPES = new Set([
     "queued", "scheduled", "processing", "sent", "retrying", "failed", "cancelled", "deleted",
-    "suppressed", "expired",
+    "suppressed", "expired", "delivered", "bounced", "complained", "delayed",
   ]);
   const ID_RE = /^[0-9a-f]{32}$/;
 
@@ -396,7 +396,9 @@
     if (ev.error) detail.push(String(ev.error));
     if (Array.isArray(ev.tags) && ev.tags.length) detail.push(`tags: ${ev.tags.join(", ")}`);
     if (Array.isArray(ev.recipients) && ev.recipients.length) {
-      detail.push(`suppressed: ${ev.recipients.join(", ")}`);
+      // A suppressed event's dropped recipients; a provider's event's recipient.
+      const label = ev.type === "suppressed" ? "suppressed" : "recipient";
+      detail.push(`${label}: ${ev.recipients.join(", ")}`);
     }
     return el(
       "tr",
@@ -621,6 +623,78 @@
         el("td", { className: "time" }, last ? fmtDateTime(last.at) : "—"),
       );
     }));
+  }
+
+  // ---- history (PostgreSQL; only on an engine with history.dsn) ------------------------
+  // Every value is set through textContent (el()), never parsed as HTML.
+
+  let historyCursor = null;
+
+  function historyQuery(cursor) {
+    const q = new URLSearchParams();
+    for (const name of ["to", "from", "tag", "state"]) {
+      const value = $(`history-${name}`).value.trim();
+      if (value) q.set(name, value);
+    }
+    const since = $("history-since").value; // YYYY-MM-DD, a UTC day
+    if (since) q.set("since", `${since}T00:00:00Z`);
+    if (cursor) q.set("cursor", cursor);
+    return q;
+  }
+
+  async function searchHistory(more) {
+    const q = historyQuery(more ? historyCursor : null);
+    const csv = historyQuery(null);
+    csv.set("format", "csv");
+    $("history-csv").href = `/v1/history?${csv}`;
+    const body = $("history").tBodies[0];
+    try {
+      const page = await api("GET", `/v1/history?${q}`);
+      clearProblem("history");
+      const rows = page.items.map((m) => el(
+        "tr",
+        { dataset: { id: m.id } },
+        el("td", { className: "time" }, fmtDateTime(m.created_at)),
+        el("td", {}, idButton(m.id)),
+        el("td", {}, badge(m.state), m.provider_state ? " " : null,
+           m.provider_state ? badge(m.provider_state) : null),
+        el("td", { className: "detail", title: (m.recipients || []).join(", ") },
+           (m.recipients || []).join(", ") || "—"),
+        el("td", { className: "detail" }, m.subject === null ? "—" : m.subject),
+        el("td", {}, m.tenant),
+      ));
+      if (more) body.append(...rows);
+      else if (rows.length) body.replaceChildren(...rows);
+      else body.replaceChildren(el("tr", {}, el("td", { colSpan: 6, className: "muted" },
+        "no message matches")));
+      historyCursor = page.next_cursor;
+      $("history-more").hidden = !historyCursor;
+    } catch (err) {
+      if (err instanceof ApiError && (err.status === 403 || err.status === 404)) {
+        $("history-note").textContent = err.status === 403
+          ? "this key lacks the read scope"
+          : "no history on this engine (history.dsn is not set: messages are kept in Redis only)";
+        $("history-note").hidden = false;
+        $("history-form").hidden = true;
+        return "stop";
+      }
+      showProblem("history", err);
+    }
+    return null;
+  }
+
+  async function pollHistoryLag() {
+    try {
+      const res = await fetch("/readyz", { headers: { Accept: "application/json" } });
+      const ready = await res.json();
+      const h = ready && ready.history;
+      if (!h) { $("history-lag").textContent = ""; return; }
+      const lag = `writer lag ${fmt(h.lag_entries)} entries · ${h.lag_s.toFixed(1)} s`;
+      $("history-lag").textContent = h.up ? lag : `PostgreSQL down · ${lag}`;
+      $("history-lag").className = h.up && !h.refusing ? "muted" : "problem";
+    } catch (err) {
+      $("history-lag").textContent = "";
+    }
   }
 
   // ---- DKIM domains (admin keys only) --------------------------------------------------
@@ -1022,6 +1096,14 @@
     $("feed-clear").addEventListener("click", clearFeed);
     $("feed-pause").addEventListener("change", () => {
       if (!$("feed-pause").checked) flushFeed();
+    });
+    $("history-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      searchHistory(false);
+    });
+    $("history-more").addEventListener("click", () => searchHistory(true));
+    searchHistory(false).then((stop) => {
+      if (stop !== "stop") every(STATS_EVERY_MS, pollHistoryLag);
     });
     every(STATS_EVERY_MS, pollStats);
     every(DEAD_EVERY_MS, pollDead);

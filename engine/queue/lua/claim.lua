@@ -10,7 +10,7 @@
 -- ARGV[11] seconds to keep an expired record (0 = forever)
 -- Returns a flat array: id, stored message (msgpack, its deadline in front if any),
 -- attempt number, recipients override ('' = all), ms to wait before sending (the
--- reserved slot), first attempt's time (ms), ... per job claimed.
+-- reserved slot), first attempt's time (ms), tenant, ... per job claimed.
 --
 -- Lanes: slot k of the claim counter prefers the lane pattern[k]; an empty lane's slot
 -- goes to the others, most urgent first. Tenants: each pop rotates the lane's ring, so
@@ -227,6 +227,7 @@ local function mark(id)
   out[#out + 1] = rec[4] or ''
   out[#out + 1] = wait
   out[#out + 1] = first_at
+  out[#out + 1] = rec[5] or 'default'
   claimed = claimed + 1
 end
 -- Deferred and dropped jobs do not fill a slot; bound the pops so one call stays short.

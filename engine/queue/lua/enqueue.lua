@@ -21,6 +21,8 @@
 -- {3, retry_after_ms} the client is over its rate (-1: larger than the burst);
 -- {4, backlog} the backlog is full; {5, backlog} Redis's memory is over its budget.
 -- Idempotent per id too: a job whose record exists is skipped (a lost reply retried).
+-- A job of a request with a key keeps 'idem' = '<fingerprint>|<position>|<count>|<key>'
+-- in its record: the history writer copies it to PostgreSQL (checked there past the TTL).
 -- Events: one 'queued' (or 'scheduled') entry per up to 100 jobs of one (lane, tenant)
 -- group -- a stream entry per job cost 40 % of the enqueue time with AOF on. 'ids' lists
 -- them (comma-separated), 'tenant' is the group's (absent = default) and, when any of
@@ -207,6 +209,11 @@ while i <= #ARGV do
         if tenant ~= 'default' then fields[#fields + 1] = 'tenant'; fields[#fields + 1] = tenant end
         if doms ~= '' then fields[#fields + 1] = 'doms'; fields[#fields + 1] = doms end
         if tags ~= '' then fields[#fields + 1] = 'tags'; fields[#fields + 1] = tags end
+        -- The request's key, for the history (engine.history keeps it past idem_ttl).
+        if idem ~= '' then
+          fields[#fields + 1] = 'idem'
+          fields[#fields + 1] = fingerprint .. '|' .. ((j - first) / 8) .. '|' .. n .. '|' .. idem
+        end
         if drop and #keep == 0 then
           redis.call('HSET', key, 'state', 'suppressed', 'last_error',
             'every recipient is suppressed: ' .. table.concat(drop, ', '), unpack(fields))
