@@ -124,13 +124,13 @@ class SenderMetrics:
         self._trips = trips
         self._up = up
 
-    def transport(self, *, up: bool, tripped: bool = False) -> None:
+    def transport(self, name: str, *, up: bool, tripped: bool = False) -> None:
         """The transport's breaker as this replica sees it (tripped: this replica saw
         the failure that opened it, or a failed probe)."""
         if self._up is not None:
-            self._up.set(1 if up else 0)
+            self._up.labels(name).set(1 if up else 0)
         if tripped and self._trips is not None:
-            self._trips.inc()
+            self._trips.labels(name).inc()
 
     def sent(self, attempt: int, latency_s: float | None) -> None:
         """A 250 acknowledged; ``latency_s`` from enqueue (the id's time) to the 250."""
@@ -374,11 +374,13 @@ class Metrics:
             Counter(
                 "engine_transport_trips",
                 "Transport failures seen here that opened its breaker or failed its probe",
+                ["transport"],
                 registry=r,
             ),
             Gauge(
                 "engine_transport_up",
-                "1 while the transport's breaker is closed, 0 while senders wait for it",
+                "1 while the transport's breaker is closed, 0 while its mail fails over or waits",
+                ["transport"],
                 registry=r,
             ),
             Counter(

@@ -372,6 +372,9 @@ class JobView(msgspec.Struct):
     expires_at: str | None = None  # its deadline (deliver-by), when it has one
     transport: str | None = None  # the routing name that took it (once sent)
     provider_id: str | None = None  # the message id a provider's API gave it
+    # What the provider last reported of it (POST /v1/providers/{name}/events): delivered,
+    # bounced, complained or delayed; the state stays "sent".
+    provider_state: str | None = None
 
 
 # Every event type (= the job state it leaves the job in; "deleted": dropped from the

@@ -694,6 +694,7 @@ async def test_the_store_records_once_keeps_the_state_and_suppresses_the_jobs_re
 
     rec = await queue.get(job.id)
     assert rec is not None and rec.state == "queued"  # never moved by a provider's event
+    assert (rec.provider_state, rec.provider_id) == ("complained", "ses-1")  # in its view too
     fields = await queue.client.hmget(queue.keys.job(job.id), ["provider_state", "provider_id"])
     assert list(fields) == [b"complained", b"ses-1"]
     suppressions = SuppressionStore(queue.client, queue.keys)

@@ -101,6 +101,7 @@ class JobRecord:
     expires_at_ms: int | None = None  # its deliver-by deadline, when it has one
     transport: str | None = None  # the routing name that took it
     provider_id: str | None = None  # the message id a provider's API gave it
+    provider_state: str | None = None  # what the provider last reported (delivered, ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -631,7 +632,7 @@ class Queue:
 decode_message = msgspec.msgpack.Decoder(Message).decode
 _RECORD_FIELDS = [
     "state", "attempts", "created_at", "updated_at", "last_error", "next_attempt_at", "lane",
-    "tenant", "bounce", "expires_at", "transport", "provider_id",
+    "tenant", "bounce", "expires_at", "transport", "provider_id", "provider_state",
 ]  # fmt: skip
 # States of a job that has not been claimed yet (its record has no expires_at copy).
 _UNCLAIMED = frozenset({"queued", "scheduled"})
@@ -657,7 +658,7 @@ def split_deadline(stored: bytes) -> tuple[bytes, int]:
 
 def _record(job_id: str, row: Sequence[bytes | None]) -> JobRecord | None:
     state, attempts, created, updated, error, next_at, lane, tenant, bounce, expires = row[:10]
-    transport, provider_id = row[10:12]
+    transport, provider_id, provider_state = row[10:13]
     if state is None:
         return None
     return JobRecord(
@@ -674,4 +675,5 @@ def _record(job_id: str, row: Sequence[bytes | None]) -> JobRecord | None:
         expires_at_ms=int(expires) if expires else None,
         transport=transport.decode() if transport else None,
         provider_id=provider_id.decode() if provider_id else None,
+        provider_state=provider_state.decode() if provider_state else None,
     )

@@ -77,7 +77,7 @@ def job_view(rec: JobRecord) -> JobView:
         rec.id, rec.state, rec.attempts, ms_to_iso(rec.created_at_ms),
         ms_to_iso(rec.updated_at_ms), rec.last_error, next_attempt_at, rec.lane, rec.tenant,
         rec.bounce, expires_at=ms_to_iso(rec.expires_at_ms) if rec.expires_at_ms else None,
-        transport=rec.transport, provider_id=rec.provider_id,
+        transport=rec.transport, provider_id=rec.provider_id, provider_state=rec.provider_state,
     )  # fmt: skip
 
 

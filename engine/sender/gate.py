@@ -37,6 +37,7 @@ class TransportGate:
         self._read_at = -float("inf")
         self._lock = trio.Lock()
         self._down_logged = False
+        metrics.transport(breaker.name, up=True)
 
     def is_open(self) -> bool:
         return self._state is not None
@@ -67,7 +68,7 @@ class TransportGate:
         elif self._state is None and self._down_logged:
             self._down_logged = False
             log.warning("sender.transport.up transport=%s: senders claim again", self.breaker.name)
-        self._metrics.transport(up=self._state is None)
+        self._metrics.transport(self.breaker.name, up=self._state is None)
 
     async def take_probe(self) -> bool:
         """Whether this sender (of all replicas) gets to test the open transport now."""
@@ -84,7 +85,7 @@ class TransportGate:
         except QueueError as exc:
             log.warning("sender.breaker.unrecorded error=%s", exc)
             return
-        self._metrics.transport(up=False, tripped=opened or probe)
+        self._metrics.transport(self.breaker.name, up=False, tripped=opened or probe)
         # Seen open here at once: the senders in the middle of routing fail over now.
         with contextlib.suppress(QueueError):
             self._state = await self.breaker.state()

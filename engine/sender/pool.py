@@ -175,7 +175,6 @@ class SenderPool:
         self.attachments = attachments or AttachmentCache(
             BlobStore(queue.client, queue.keys, queue_settings)
         )
-        self._metrics.transport(up=True)
 
     # -- shared state ------------------------------------------------------------------
 

@@ -207,16 +207,21 @@
     renderTransports(s.transports || []);
   }
 
-  // A transport is down: the senders of every replica wait and probe it; nothing is lost.
+  // A transport is down: its mail fails over to the next transport of each message's
+  // order, or waits in the queue when there is none; the senders of every replica probe it.
   function renderTransports(list) {
     const down = list.filter((t) => t.state === "down");
+    const up = list.filter((t) => t.state !== "down").map((t) => t.name);
     const banner = $("transport-banner");
     banner.hidden = down.length === 0;
+    const where = up.length
+      ? `Its mail goes to the next transport of its order (up: ${up.join(", ")}), ` +
+        `or waits in the queue when its order has none (no attempts are spent)`
+      : "Mail waits in the queue (no attempts are spent)";
     banner.textContent = down.map((t) =>
       `Transport ${t.name} is down since ${fmtTime(Date.parse(t.down_since))} ` +
       `(${t.failures} failure${t.failures === 1 ? "" : "s"} in a row): ${t.reason}. ` +
-      `Mail waits in the queue (no attempts are spent); next probe ` +
-      `${fmtTime(Date.parse(t.next_probe_at))}.`).join(" ");
+      `${where}; next probe ${fmtTime(Date.parse(t.next_probe_at))}.`).join(" ");
   }
 
   function addRateSample(s) {
