@@ -137,6 +137,7 @@ class Cluster:
         # scenario uses one; its faults reach it through here.
         self.webhook_receiver: Any = None
         self.history_postgres: Any = None  # a PostgresServer (chaos scenario history)
+        self.provider_emulator: Any = None  # a ProviderEmulator (provider-outage)
         self._lock = threading.RLock()
         self.procs: dict[str, Child] = {}
         self._define()

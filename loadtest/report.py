@@ -26,6 +26,7 @@ from loadtest.reconcile import (
     Recovery,
     Report,
     RunData,
+    SinkLog,
     assemble,
     parse_accepted,
     parse_faults,
@@ -84,6 +85,15 @@ def load_run(run_dir: Path) -> RunData:
     sink = parse_sink(
         _required(run_dir / "sink.jsonl", "no record of deliveries (run the sink with --log)")
     )
+    # Mail a provider (emulator) took is delivered too: chaos scenario provider-outage.
+    routed = _optional(run_dir / "provider-emails.jsonl")
+    if routed is not None:
+        more = parse_sink(routed)
+        sink = SinkLog(
+            sink.deliveries + more.deliveries,
+            sink.truncated_lines + more.truncated_lines,
+            sink.malformed_lines + more.malformed_lines,
+        )
     faults_text = _optional(run_dir / "faults.json")
     history_text = _optional(run_dir / "locust_stats_history.csv")
     stats_text = _optional(run_dir / "locust_stats.csv")

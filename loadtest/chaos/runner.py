@@ -20,14 +20,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.embedded import ChildError, redis_run
 from engine.queue import Redis
 from fixtures.auth import TEST_ADMIN_KEY
-from loadtest.chaos import history, webhooks
+from loadtest.chaos import history, providers, webhooks
 from loadtest.chaos.scenarios import Fault, Scenario
 from loadtest.cluster import Cluster
 from loadtest.load import (
@@ -67,11 +67,16 @@ class ChaosSettings:
 
 
 class Tally:
-    """Accepted ids (Locust's files) and deliveries (the sink's log), read incrementally."""
+    """Accepted ids (Locust's files) and deliveries (the sink's log, and ``extra``: ids
+    delivered elsewhere since its last call, e.g. at a provider emulator), read
+    incrementally."""
 
-    def __init__(self, run_dir: Path, sink_log: Path) -> None:
+    def __init__(
+        self, run_dir: Path, sink_log: Path, extra: Callable[[], Iterable[str]] | None = None
+    ) -> None:
         self.run_dir = run_dir
         self.sink_log = sink_log
+        self.extra = extra
         self.accepted: set[str] = set()
         self.delivered: set[str] = set()
         self._offsets: dict[Path, int] = {}
@@ -100,6 +105,8 @@ class Tally:
                 continue
             if job_id:
                 self.delivered.add(job_id)
+        if self.extra is not None:
+            self.delivered.update(self.extra())
 
     def undelivered(self) -> set[str]:
         return self.accepted - self.delivered
@@ -169,8 +176,12 @@ def run(settings: ChaosSettings) -> int:
     pg = history.start() if sc.history else None
     if pg is not None:
         env.update(history.ENGINE_ENV, ENGINE_HISTORY_DSN=pg.dsn)
+    emulator = providers.ProviderEmulator(run_dir) if sc.providers else None
+    if emulator is not None:
+        env.update(providers.engine_env(emulator.port))
     cluster = Cluster(run_dir, replicas=s.replicas, senders=s.senders, engine_env=env)
     cluster.history_postgres = pg
+    cluster.provider_emulator = emulator
     receiver = webhooks.Receiver(run_dir) if sc.webhooks else None
     cluster.webhook_receiver = receiver
     faults: list[Fault] = []
@@ -180,6 +191,9 @@ def run(settings: ChaosSettings) -> int:
         f"{os.cpu_count()} cores; load {seconds:g} s, {s.users} users"
     )
     try:
+        if emulator is not None:
+            emulator.start()
+            say(f"{providers.PROVIDER} emulator at {emulator.base}, routed first; smtp second")
         cluster.up()
         say(f"cluster up: balancer {cluster.lb_url}, replicas {', '.join(cluster.replica_urls)}")
         update_meta(
@@ -195,7 +209,9 @@ def run(settings: ChaosSettings) -> int:
             ),
             host=cluster.lb_url,
         )
-        tally = Tally(run_dir, cluster.sink.log_file)
+        sink_log = cluster.sink.log_file
+        assert sink_log is not None, "the cluster's sink logs every delivery"
+        tally = Tally(run_dir, sink_log, emulator.new_ids if emulator is not None else None)
         sampler = history.LagSampler(cluster.replica_urls).start() if pg is not None else None
         if receiver is not None:
             receiver.start()
@@ -273,6 +289,11 @@ def run(settings: ChaosSettings) -> int:
                 f"webhooks: {hooks['distinct']:,} of {hooks['delivered_messages']:,} deliveries "
                 f"told, {hooks['missing']:,} missing, {hooks['repeats']:,} repeats"
             )
+        if emulator is not None:
+            routed = providers.reconcile(emulator, tally.accepted, sink_log, faults)
+            emulator.write_log(run_dir / "provider-emails.jsonl")
+            write_json(run_dir / "providers.json", routed)
+            say(providers.verdict(routed))
         update_meta(run_dir, ended_at=time.time())
     except ChildError as exc:  # a ClusterError, or a process that did not start
         say(f"cluster failed: {exc}")
@@ -280,6 +301,8 @@ def run(settings: ChaosSettings) -> int:
     finally:
         if receiver is not None:
             receiver.stop()
+        if emulator is not None:
+            emulator.stop()
         stopped = cluster.down(graceful=True)
         if pg is not None:
             pg.close()
@@ -298,8 +321,17 @@ def run(settings: ChaosSettings) -> int:
             f.write(webhooks.markdown(hooks))
         if hooks["missing"]:
             exit_code = max(exit_code, 1)
+    verdict = report.verdict
+    if (run_dir / "providers.json").exists():
+        routed = json.loads((run_dir / "providers.json").read_text())
+        with (run_dir / "report.md").open("a", encoding="utf-8") as f:
+            f.write(providers.markdown(routed))
+        if not providers.ok(routed):
+            exit_code = max(exit_code, 1)
+            verdict = verdict.replace("PASS", "FAIL", 1)
+        verdict += "\n" + providers.verdict(routed)
     say(f"report: {run_dir / 'report.md'}")
-    print(report.verdict, flush=True)
+    print(verdict, flush=True)
     return exit_code
 
 

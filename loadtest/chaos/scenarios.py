@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from loadtest.chaos import providers
 from loadtest.cluster import Cluster
 
 Fault = dict[str, Any]
@@ -34,6 +35,7 @@ class Scenario:
     replicas: int = 2
     webhooks: bool = False  # a webhook receiver and endpoint, reconciled at the end
     history: bool = False  # a PostgreSQL the replicas write their history to, reconciled
+    providers: bool = False  # a Resend emulator routed first, the sink second, reconciled
 
 
 def _fault(
@@ -266,6 +268,18 @@ SCENARIOS: dict[str, Scenario] = {
             (Step(15, postgres_restart()), Step(30, postgres_outage(30.0))),
             min_seconds=90,
             history=True,
+        ),
+        Scenario(
+            "provider-outage",
+            "Resend emulator first, sink second: Resend answers 500 for 20 s, then "
+            "accepts 5 requests without answering, then kill -9 of a replica",
+            (
+                Step(15, providers.outage(20.0)),
+                Step(40, providers.accept_then_hang(5)),
+                Step(55, kill9(1, 3.0)),
+            ),
+            min_seconds=75,
+            providers=True,
         ),
         Scenario(
             "kill9-twice",
