@@ -163,7 +163,7 @@ def build(
     queue = Queue(
         client, settings.queue, instance, rate_limits=settings.limits, ingest=settings.ingest
     )
-    rate_limits = RateLimits(client, queue.keys, settings.limits)
+    rate_limits = RateLimits(client, queue.keys, settings.limits, settings.routing.rates)
     # One registry per process, shared by the parts that count (GET /metrics).
     metrics = Metrics(instance=instance, role=settings.role)
     router = _router(settings, client, queue, metrics, smtp_url=smtp_url, smtp=transport)

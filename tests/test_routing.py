@@ -11,13 +11,20 @@ import msgspec
 import pytest
 import trio
 
-from engine.config import QueueSettings, RouteRule, RoutingSettings, SenderSettings, load_settings
+from engine.config import (
+    QueueSettings,
+    RateLimitSettings,
+    RouteRule,
+    RoutingSettings,
+    SenderSettings,
+    load_settings,
+)
 from engine.errors import ConfigError, PermanentFailure, TemporaryFailure, TransportUnavailable
 from engine.ids import new_ids
 from engine.metrics import Metrics
 from engine.models import Message
 from engine.policy import route_order
-from engine.queue import Breaker, NewJob, Queue, Redis
+from engine.queue import Breaker, NewJob, Queue, RateLimits, Redis
 from engine.sender import Route, Router, SenderPool, TransportGate
 from engine.transport.base import OutgoingMail
 from engine.transport.memory import MemoryTransport
@@ -192,3 +199,40 @@ async def test_rules_route_a_tenants_mail_and_every_transport_down_holds_it(q: Q
     # Its only transport is down: waiting, not failed, no attempt spent.
     states = [(r.state, r.attempts) if r else None for r in recs]
     assert all(s == ("queued", 0) for s in states), states
+
+
+async def test_a_transports_rate_holds_and_its_429_halves_it(q: Queue) -> None:
+    # routing.rates: 20 messages/s through "a" across replicas (a bucket in Redis, burst
+    # 10): 30 messages take about a second. A provider's 429 halves that bucket.
+    limits = RateLimits(q.client, q.keys, RateLimitSettings(), {"a": 20.0})
+    await limits.publish()
+    a = MemoryTransport()
+    settings = SenderSettings(senders=4, claim_batch=10)
+    gate = TransportGate(_breaker(q, "a"), q, Metrics().sender)
+    router = Router({"a": Route("a", a, gate)}, RoutingSettings(order=["a"]), q)
+    pool = SenderPool(q, None, settings, q.settings, limits, router=router)
+    ids = await _enqueue(q, 30)
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.serve)
+        await _all_sent(q, ids)
+        took = trio.current_time() - start
+        pool.stop_claiming()
+    assert 0.8 <= took <= 5, took  # (30 - 10 burst) / 20 per s = 1 s
+    assert "transport:a" in {b.name for b in await limits.state()}
+    # A 429 from the provider: the bucket's rate halves (once per cooldown).
+    limited = TemporaryFailure("resend: 429 rate_limit_exceeded", retry_after_s=0.05)
+    limited.http_status = 429
+    a.script(limited)
+    more = await _enqueue(q, 1)
+    pool = SenderPool(q, None, settings, q.settings, limits, router=router)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.serve)
+        with trio.fail_after(10):
+            while not (rates := {b.name: b.rate_per_s for b in await limits.state()}) or (
+                rates.get("transport:a", 20.0) >= 20.0
+            ):
+                await trio.sleep(0.02)
+        await _all_sent(q, more)
+        pool.stop_claiming()
+    assert rates["transport:a"] < 20.0

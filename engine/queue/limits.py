@@ -8,7 +8,7 @@ this module owns what happens around it; the arithmetic both share is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,16 +30,44 @@ class BucketState:
 class RateLimits:
     """One shard's rate limits, as one replica sees them."""
 
-    def __init__(self, client: Redis, keys: Keys, settings: RateLimitSettings) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        keys: Keys,
+        settings: RateLimitSettings,
+        transport_rates: Mapping[str, float] | None = None,
+    ) -> None:
         self.client = client
         self.keys = keys
         self.settings = settings
+        # Messages per second per transport (routing.rates), all replicas together.
+        self.transport_rates = {n: r for n, r in (transport_rates or {}).items() if r > 0}
         self._scripts = Scripts(client)
+
+    def table(self) -> dict[str, str]:
+        """Bucket name -> "rate burst", as the scripts read it: the configured limits and
+        each transport's bucket (``transport:<name>``)."""
+        table = self.settings.table()
+        for name, rate in self.transport_rates.items():
+            table[f"transport:{name}"] = f"{rate:g} {max(1.0, rate * self.settings.burst_s):g}"
+        return table
+
+    async def transport_slots(self, name: str, n: int) -> list[float]:
+        """Reserve ``n`` send slots in transport ``name``'s shared bucket: the seconds to
+        wait before each, in order ([] when that transport has no rate)."""
+        if name not in self.transport_rates or n <= 0:
+            return []
+        args: list[str | int | float] = [
+            self.keys.prefix, f"transport:{name}", n, self.settings.recovery_per_s,
+        ]  # fmt: skip
+        with translate_errors():
+            out: Any = await self._scripts["transport_slots"](keys=[self.keys.limits], args=args)
+        return [int(ms) / 1000 for ms in out]
 
     async def publish(self) -> None:
         """Write this replica's limits to Redis (replicas are expected to share them;
         the last one started wins). Atomic: claims never see half a table."""
-        table = self.settings.table()
+        table = self.table()
         with translate_errors():
             async with self.client.pipeline(transaction=True) as p:
                 p.delete([self.keys.limits])

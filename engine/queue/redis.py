@@ -45,6 +45,7 @@ SCRIPT_NAMES = (
     "blob_commit",
     "provider_events",
     "history_records",
+    "transport_slots",
 )
 
 # The scripts that move work out (claim, send, retry, recover, cancel, delete) run even
@@ -54,7 +55,7 @@ SCRIPT_NAMES = (
 # (ingest.max_memory_ratio); this is the guarantee behind it. Script flags: Redis >= 7.
 ALLOW_OOM = frozenset(
     {"claim", "ack", "fail", "release", "renew", "reap", "dead_delete", "cancel", "slowdown",
-     "schedule_delete", "webhook_claim", "suppress_refused"}
+     "schedule_delete", "webhook_claim", "suppress_refused", "transport_slots"}
 )  # fmt: skip
 
 Redis = coredis.Redis[bytes]

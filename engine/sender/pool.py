@@ -148,7 +148,10 @@ class SenderPool:
         self.settings = settings
         self.queue_settings = queue_settings
         self.rate_limits = (
-            rate_limits if rate_limits is not None and rate_limits.settings.configured() else None
+            rate_limits
+            if rate_limits is not None
+            and (rate_limits.settings.configured() or rate_limits.transport_rates)
+            else None
         )
         self._slowed: dict[str, float] = {}  # bucket -> when we last asked Redis to halve it
         self.limiter = RateLimiter(settings.rate_per_s, settings.burst)
@@ -379,12 +382,23 @@ class SenderPool:
         reason: str | None = None
         failing: str | None = None
 
+        # The transport's own shared bucket (routing.rates): a slot for each mail, in order.
+        slots: dict[str, float] = {}
+        if self.rate_limits is not None and route.name in self.rate_limits.transport_rates:
+            now = trio.current_time()
+            try:
+                waits = await self.rate_limits.transport_slots(route.name, len(mails))
+            except QueueUnavailable:
+                waits = []  # Redis trouble shows in the claim; the local limiter still holds
+            slots = {m.job_id: now + w for m, w in zip(mails, waits, strict=False)}
+
         async def pace() -> None:
-            # The process-local limit, then the slot the shared buckets reserved.
+            # The process-local limit, then the slots the shared buckets reserved.
             await self.limiter.acquire()
-            wait_s = by_id[pending[0].job_id][0].wait_s
-            if wait_s > 0:
-                await trio.sleep_until(claimed_at + wait_s)
+            job_id = pending[0].job_id
+            at = max(claimed_at + by_id[job_id][0].wait_s, slots.get(job_id, 0.0))
+            if at > trio.current_time():
+                await trio.sleep_until(at)
 
         started = False
         try:
@@ -412,6 +426,8 @@ class SenderPool:
                             outcome.code in SLOW_DOWN_CODES or bounce.decision == "slow-down"
                         ):
                             records.start_soon(self._slow_down, mail.recipients)
+                        elif outcome.http_status == 429:  # the provider's bucket halves
+                            records.start_soon(self._slow_buckets, {f"transport:{route.name}"})
                         records.start_soon(self._record_failure, job, outcome, budget, bounce)
                     elif self.settings.overlap_acks:
                         self.router.succeeded(route)
@@ -487,11 +503,14 @@ class SenderPool:
     async def _slow_down(self, recipients: list[str]) -> None:
         """A 421/451: halve the shared rate of these recipients' domains (Redis applies
         it at most once per cooldown; we skip asking again within it)."""
+        await self._slow_buckets({"domain:" + r.rpartition("@")[2].lower() for r in recipients})
+
+    async def _slow_buckets(self, names: set[str]) -> None:
+        """Halve these shared buckets' rates (AIMD; those without a limit are skipped)."""
         if self.rate_limits is None:
             return
         now = trio.current_time()
         cooldown = self.rate_limits.settings.slowdown_cooldown_s
-        names = {"domain:" + r.rpartition("@")[2].lower() for r in recipients}
         names = {n for n in names if now - self._slowed.get(n, -cooldown) >= cooldown}
         if not names:
             return
