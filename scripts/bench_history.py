@@ -205,6 +205,10 @@ def phase_search(args: argparse.Namespace) -> dict[str, Any]:
         }
         for name, s in cases.items():
             sql, params = compile_search(s)
+            # What HistoryStore.search sets in its transaction (session-wide here).
+            on = "history_terms" in sql
+            conn.execute(f"SET enable_sort = {'off' if on else 'on'}")
+            conn.execute(f"SET enable_bitmapscan = {'off' if on else 'on'}")
             timed(conn, sql, params, 2)  # warm
             ms = timed(conn, sql, params, args.search_runs)
             plan = conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql, params).fetchall()

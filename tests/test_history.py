@@ -378,3 +378,58 @@ def test_refusing_rule(ratio: float) -> None:
     assert w.refusing()
     w.settings = HistorySettings(on_lag="trim")
     assert not w.refusing()
+
+
+async def test_free_text_survives_copy(
+    redis_server: RedisServer, queue: Queue, pg_dsn: str
+) -> None:
+    """Tabs and backslashes (allowed in subjects, tags and display names) go through
+    COPY's text format and come back as they were."""
+    job = _job(
+        "a@example.com", subject="tab\there \\ back\\slash", tags=["t\tag\\"],
+        **{"from_": "Ann \\ Co <ann@example.com>"},
+    )  # fmt: skip
+    await queue.enqueue([job])
+    async with running_writer(redis_server, queue, pg_dsn):
+        await wait_events(pg_dsn, 1)
+    (row,) = _rows(
+        pg_dsn, "SELECT subject, tags, sender, metadata->>'priority' FROM history_messages"
+    )
+    assert row == ("tab\there \\ back\\slash", ["t\tag\\"], "Ann \\ Co <ann@example.com>", "normal")
+    db = Database(pg_dsn, size=1)
+    page = await HistoryStore(db).search(Search(tag="t\tag\\"))
+    await db.aclose()
+    assert [m.id for m in page.items] == [job.id]
+
+
+async def test_ingest_waits_before_unwritten_history_is_trimmed(
+    redis_server: RedisServer,
+) -> None:
+    """PostgreSQL unreachable from the start: entries pile up unwritten; at half of
+    queue.events_maxlen ingest answers 503 history-behind, and /readyz shows the lag."""
+    from engine.queue import open_redis
+
+    async with open_redis(redis_server.url) as r:
+        await r.flushall()
+    bind = f"127.0.0.1:{free_port()}"
+    settings = load_settings(
+        environ={},
+        overrides={"http": {"bind": bind}, "queue": {"events_maxlen": 40},
+                   "history": {"dsn": f"postgresql://nobody@127.0.0.1:{free_port()}/x",
+                               "connect_timeout_s": 1}},
+    )  # fmt: skip
+    async with (
+        inprocess_engine(settings, redis_server.url, MemoryTransport()),
+        httpx.AsyncClient(base_url=f"http://{bind}", headers=AUTH, timeout=10) as client,
+    ):
+        statuses = []
+        with trio.fail_after(15):
+            while 503 not in statuses:
+                r = await client.post("/v1/messages", json={"to": "a@x.org", "text": "x"})
+                statuses.append(r.status_code)
+                await trio.sleep(0.1)
+        assert r.json()["type"].endswith("history-behind") and r.headers["retry-after"] == "5"
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200  # not a readiness condition
+        h = ready.json()["history"]
+        assert h["refusing"] is True and h["up"] is False and h["lag_entries"] >= 20

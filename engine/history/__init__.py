@@ -7,8 +7,8 @@ threads: ``db``). Never imports the API, senders or transports. Callers use this
 """
 
 from engine.history.db import Database
-from engine.history.schema import applied_versions, migrate, migrations
 from engine.history.parts import History, build_history
+from engine.history.schema import applied_versions, migrate, migrations
 from engine.history.search import (
     MAX_EXPORT_LIMIT,
     MAX_LIMIT,

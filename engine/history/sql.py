@@ -16,35 +16,42 @@ from engine.history.rows import Batch
 if TYPE_CHECKING:
     from psycopg import Connection
 
-_INSERT_EVENTS: Final = """
+# Where a batch is COPY-ed first: per connection, emptied at each commit.
+_STAGING: Final = (
+    "CREATE TEMP TABLE IF NOT EXISTS history_in_events (m text, c bigint, e text, a bigint,"
+    " t text, s text, n int, tn text, er text, b text, r text) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS history_in_messages (i text, c bigint, tn text, sn text,"
+    " rc text, sj text, tg text, md text, st text, at int, u bigint, sa bigint, le text,"
+    " bo text, ps text, pm text, ik text, ifp text, ip int, inn int, em bigint, es bigint)"
+    " ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS history_in_terms (t text, m text, c bigint, tn text)"
+    " ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS history_in_bodies (m text, c bigint, t text, h text)"
+    " ON COMMIT DELETE ROWS",
+)
+
+_EPOCH: Final = "timestamptz 'epoch'"
+
+# Ordered by key: concurrent writers lock rows in one order (no deadlock between them).
+_INSERT_EVENTS: Final = f"""
 INSERT INTO history_events (message_id, created_at, event_id, at, type, state, attempt,
                             tenant, error, bounce, recipients)
-SELECT m::uuid, (timestamptz 'epoch' + c * interval '1 ms'), e,
-       (timestamptz 'epoch' + a * interval '1 ms'), t, s, n, tn, er, b, string_to_array(r, ',')
-FROM unnest(%(message_id)s::text[], %(created_ms)s::bigint[], %(event_id)s::text[],
-            %(at_ms)s::bigint[], %(type)s::text[], %(state)s::text[], %(attempt)s::int[],
-            %(tenant)s::text[], %(error)s::text[], %(bounce)s::text[], %(recipients)s::text[])
-     AS x(m, c, e, a, t, s, n, tn, er, b, r)
+SELECT m::uuid, {_EPOCH} + c * interval '1 ms', e, {_EPOCH} + a * interval '1 ms', t, s, n,
+       tn, er, b, string_to_array(r, ',')
+FROM history_in_events ORDER BY m, e
 ON CONFLICT DO NOTHING
 """
 
 # The row already there and the batch's are merged: the later event (by stream position)
 # sets state, error and class; what only an announce's record gives is kept once set.
-_UPSERT_MESSAGES: Final = """
+_UPSERT_MESSAGES: Final = f"""
 INSERT INTO history_messages AS h (id, created_at, tenant, sender, recipients, subject, tags,
     metadata, state, attempts, updated_at, sent_at, last_error, bounce, provider_state,
     provider_message_id, idem_key, idem_fp, idem_pos, idem_n, ev_ms, ev_seq)
-SELECT i::uuid, (timestamptz 'epoch' + c * interval '1 ms'), tn, sn, string_to_array(rc, ','), sj,
-       string_to_array(tg, E'\\n'), md::jsonb, st, at, (timestamptz 'epoch' + u * interval '1 ms'),
-       (timestamptz 'epoch' + sa * interval '1 ms'), le, bo, ps, pm, ik, ifp, ip, inn, em, es
-FROM unnest(%(id)s::text[], %(created_ms)s::bigint[], %(tenant)s::text[], %(sender)s::text[],
-            %(recipients)s::text[], %(subject)s::text[], %(tags)s::text[],
-            %(metadata)s::text[], %(state)s::text[], %(attempts)s::int[],
-            %(updated_ms)s::bigint[], %(sent_ms)s::bigint[], %(last_error)s::text[],
-            %(bounce)s::text[], %(provider_state)s::text[], %(provider_message_id)s::text[],
-            %(idem_key)s::text[], %(idem_fp)s::text[], %(idem_pos)s::int[],
-            %(idem_n)s::int[], %(ev_ms)s::bigint[], %(ev_seq)s::bigint[])
-     AS x(i, c, tn, sn, rc, sj, tg, md, st, at, u, sa, le, bo, ps, pm, ik, ifp, ip, inn, em, es)
+SELECT i::uuid, {_EPOCH} + c * interval '1 ms', tn, sn, string_to_array(rc, ','), sj,
+       string_to_array(tg, E'\\n'), md::jsonb, st, at, {_EPOCH} + u * interval '1 ms',
+       {_EPOCH} + sa * interval '1 ms', le, bo, ps, pm, ik, ifp, ip, inn, em, es
+FROM history_in_messages ORDER BY i
 ON CONFLICT (id, created_at) DO UPDATE SET
     state = CASE WHEN (excluded.ev_ms, excluded.ev_seq) > (h.ev_ms, h.ev_seq)
                  THEN excluded.state ELSE h.state END,
@@ -67,7 +74,7 @@ ON CONFLICT (id, created_at) DO UPDATE SET
     recipients = coalesce(h.recipients, excluded.recipients),
     subject = coalesce(h.subject, excluded.subject),
     metadata = coalesce(h.metadata, excluded.metadata),
-    tags = CASE WHEN h.tags = '{}' THEN excluded.tags ELSE h.tags END,
+    tags = CASE WHEN h.tags = '{{}}' THEN excluded.tags ELSE h.tags END,
     provider_message_id = coalesce(excluded.provider_message_id, h.provider_message_id),
     idem_key = coalesce(h.idem_key, excluded.idem_key),
     idem_fp = coalesce(h.idem_fp, excluded.idem_fp),
@@ -75,39 +82,47 @@ ON CONFLICT (id, created_at) DO UPDATE SET
     idem_n = coalesce(h.idem_n, excluded.idem_n)
 """
 
-_INSERT_TERMS: Final = """
+_INSERT_TERMS: Final = f"""
 INSERT INTO history_terms (term, message_id, created_at, tenant)
-SELECT t, m::uuid, (timestamptz 'epoch' + c * interval '1 ms'), tn
-FROM unnest(%(term)s::text[], %(message_id)s::text[], %(created_ms)s::bigint[],
-            %(tenant)s::text[]) AS x(t, m, c, tn)
+SELECT t, m::uuid, {_EPOCH} + c * interval '1 ms', tn FROM history_in_terms ORDER BY t, m
 ON CONFLICT DO NOTHING
 """
 
-_INSERT_BODIES: Final = """
+_INSERT_BODIES: Final = f"""
 INSERT INTO history_bodies (message_id, created_at, text_body, html_body)
-SELECT m::uuid, (timestamptz 'epoch' + c * interval '1 ms'), t, h
-FROM unnest(%(message_id)s::text[], %(created_ms)s::bigint[], %(text)s::text[],
-            %(html)s::text[]) AS x(m, c, t, h)
+SELECT m::uuid, {_EPOCH} + c * interval '1 ms', t, h FROM history_in_bodies
 ON CONFLICT DO NOTHING
 """
+
+
+def _copy(conn: Connection[Any], table: str, text: str) -> None:
+    with conn.cursor() as cur, cur.copy(f"COPY {table} FROM STDIN") as copy:
+        copy.write(text)
 
 
 def write_batch(conn: Connection[Any], batch: Batch, new_days: list[dt.date]) -> int:
     """One transaction: the days' partitions (``new_days``: those not known to exist),
-    then events, messages, terms, bodies. Returns the events newly stored (the rest
-    were stored before: a re-delivered entry)."""
+    then events, messages, terms, bodies (COPY into temporary tables, then INSERT ... ON
+    CONFLICT). Returns the events newly stored (the rest were stored before: a
+    re-delivered entry)."""
     with conn.transaction():
+        for statement in _STAGING:
+            conn.execute(statement)
         for day in new_days:
             conn.execute("SELECT history_ensure_day(%s)", [day])
         stored = 0
-        if batch.events["message_id"]:
-            stored = conn.execute(_INSERT_EVENTS, batch.events).rowcount
-        if batch.messages["id"]:
-            conn.execute(_UPSERT_MESSAGES, batch.messages)
-        if batch.terms["term"]:
-            conn.execute(_INSERT_TERMS, batch.terms)
-        if batch.bodies["message_id"]:
-            conn.execute(_INSERT_BODIES, batch.bodies)
+        if batch.events:
+            _copy(conn, "history_in_events", batch.events)
+            stored = conn.execute(_INSERT_EVENTS).rowcount
+        if batch.messages:
+            _copy(conn, "history_in_messages", batch.messages)
+            conn.execute(_UPSERT_MESSAGES)
+        if batch.terms:
+            _copy(conn, "history_in_terms", batch.terms)
+            conn.execute(_INSERT_TERMS)
+        if batch.bodies:
+            _copy(conn, "history_in_bodies", batch.bodies)
+            conn.execute(_INSERT_BODIES)
     return max(stored, 0)
 
 

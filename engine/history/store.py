@@ -12,6 +12,7 @@ from engine.history.search import (
     EVENTS_SQL,
     IDEMPOTENCY_SQL,
     MESSAGE_SQL,
+    TERM_SEARCH_SETTINGS,
     HistoryMessage,
     HistoryPage,
     Search,
@@ -41,7 +42,15 @@ class HistoryStore:
 
     async def search(self, s: Search) -> HistoryPage:
         sql, params = compile_search(s)
-        rows = await self.db.run(lambda conn: conn.execute(sql, params).fetchall())
+
+        def read(conn: Any) -> list[Any]:
+            if "history_terms" in sql:
+                for setting in TERM_SEARCH_SETTINGS:
+                    conn.execute(setting)
+            rows: list[Any] = conn.execute(sql, params).fetchall()
+            return rows
+
+        rows = await self.db.run(read)
         return page_of(rows, s.limit)
 
     async def message(self, message_id: str, *, events: bool = False) -> HistoryMessage | None:

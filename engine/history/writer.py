@@ -31,8 +31,8 @@ from engine.config import HistorySettings
 from engine.errors import HistoryError, HistoryUnavailable, QueueError
 from engine.history import sql
 from engine.history.db import Database
-from engine.history.schema import migrate
 from engine.history.rows import build, day_of, oldest_kept_day, plan
+from engine.history.schema import migrate
 from engine.metrics import HistoryMetrics, Metrics
 from engine.models import Event
 from engine.queue import GroupLag, HistoryStream, StoredJob
@@ -95,6 +95,8 @@ class HistoryWriter:
         self._missed = 0
         self._missed_base: int | None = None
         self._last_error = ""
+        self._was_refusing = False
+        self._refusal_logged = False
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -187,7 +189,7 @@ class HistoryWriter:
         now_s = self._clock()
         delays = [max(0.0, now_s - int(e.partition("-")[0]) / 1000) for e, _ in entries]
         self._events += stored_events
-        self.metrics.written(stored_events, len(batch.messages["id"]), delays)
+        self.metrics.written(stored_events, batch.counts[1], delays)
 
     def _failure(self, exc: Exception) -> None:
         self._failed += 1
@@ -246,6 +248,10 @@ class HistoryWriter:
     async def _watch(self) -> NoReturn:
         while True:
             try:
+                if self._lag.unread is None and not self._lag.pending:
+                    # The group from the start, PostgreSQL up or not: its lag counts
+                    # what is unwritten even before the first write.
+                    await self.stream.ensure_group()
                 self._lag = await self.stream.lag()
                 s = self.statistics()
                 self.metrics.behind(s.lag_entries, s.lag_s)
@@ -261,11 +267,18 @@ class HistoryWriter:
                         "= %d) before they were written; that history is lost",
                         lost, self.events_maxlen,
                     )  # fmt: skip
-                if s.refusing:
+                if s.refusing != self._was_refusing:  # logged when it turns, not each second
+                    self._was_refusing = s.refusing
+                    if not s.refusing:
+                        log.info("history.caught_up: ingest takes messages again")
+                if s.refusing and self._was_refusing and not self._refusal_logged:
+                    self._refusal_logged = True
                     log.warning(
                         "history.behind unwritten=%d oldest=%.1fs: ingest answers 503 until "
                         "PostgreSQL catches up", s.lag_entries, s.lag_s,
                     )  # fmt: skip
+                if not s.refusing:
+                    self._refusal_logged = False
             except QueueError as exc:
                 log.warning("history.watch.failed error=%s", exc)
             await trio.sleep(_WATCH_EVERY_S)
