@@ -155,10 +155,10 @@ def build(
     smtp_url: str,
     transport: Transport | None = None,
     sink_maildir: str | None = None,
-    redis_url: str | None = None,
+    redis_url: str,
 ) -> Components:
     """Build every component of one process on one Redis client; starts nothing.
-    ``redis_url``: the client's, for the webhook dispatcher's own lean stream reader."""
+    ``redis_url``: the client's, for the lean stream readers (webhooks, history)."""
     instance = instance_id(settings)
     queue = Queue(
         client, settings.queue, instance, rate_limits=settings.limits, ingest=settings.ingest
@@ -194,12 +194,10 @@ def build(
     )
     hooks = None
     if settings.webhooks.enabled:
-        reader = None
-        if redis_url is not None and settings.role in ("all", "sender"):
-            reader = RespConnection(
-                redis_url, connect_timeout_s=settings.redis.connect_timeout_s,
-                command_timeout_s=settings.redis.command_timeout_s,
-            )  # fmt: skip
+        reader = RespConnection(  # connects only when the dispatcher first reads
+            redis_url, connect_timeout_s=settings.redis.connect_timeout_s,
+            command_timeout_s=settings.redis.command_timeout_s,
+        )  # fmt: skip
         hooks = WebhookStore(client, queue.keys, reader)
     history = build_history(settings, queue, metrics, redis_url=redis_url)
     backend = ApiBackend(

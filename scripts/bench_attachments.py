@@ -33,7 +33,16 @@ from engine.embedded import RedisServer, SinkProcess
 from engine.queue import open_redis
 from fixtures.auth import AUTH
 from fixtures.engine import EngineProcess
-from scripts.benchlib import TAG, cpu_seconds, publish, say, stop_engine, wait_until, workdir
+from scripts.benchlib import (
+    TAG,
+    cpu_seconds,
+    publish,
+    say,
+    stop_engine,
+    target_table,
+    wait_until,
+    workdir,
+)
 
 TEXT = "Hello from the attachment benchmark. Your documents are attached. " * 4
 ATTACHMENT_BYTES = 100 * 1024
@@ -192,9 +201,7 @@ def main() -> None:
          f"{mem_ratio:.2f} ×; with the blob spread over {args.memory_messages:,}: "
          f"{mem_blob:.0f} B ({mem_blob / mem_plain:.2f} ×)", "≤ 2 ×", mem_ratio <= 2),
     ]  # fmt: skip
-    table = ["| measurement | measured | detail | target | met |", "|---|---:|---|---|---|"]
-    table += [f"| {a} | {b} | {c} | {d} | {'yes' if e else '**NO**'} |" for a, b, c, d, e in rows]
-    publish(table, {"runs": runs}, args.json, args, started)
+    publish(target_table(rows), {"runs": runs}, args.json, args, started)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,15 @@ import httpx
 from engine.embedded import RedisServer, SinkProcess, free_port
 from fixtures.auth import AUTH
 from fixtures.engine import EngineProcess
-from scripts.benchlib import cpu_seconds, publish, say, stop_engine, wait_until, workdir
+from scripts.benchlib import (
+    cpu_seconds,
+    publish,
+    say,
+    stop_engine,
+    target_table,
+    wait_until,
+    workdir,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "re_bench_key"
@@ -138,9 +146,7 @@ def main() -> None:
         ("Engine CPU per message, SMTP / Resend (µs, median)", f"{cpu[0]:.0f} / {cpu[1]:.0f}",
          f"{cpu[1] / cpu[0]:.2f} ×", "", True),
     ]  # fmt: skip
-    table = ["| measurement | measured | detail | target | met |", "|---|---:|---|---|---|"]
-    table += [f"| {a} | {b} | {c} | {d} | {'yes' if e else '**NO**'} |" for a, b, c, d, e in rows]
-    publish(table, {"runs": runs}, args.json, args, started)
+    publish(target_table(rows), {"runs": runs}, args.json, args, started)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,15 @@ import httpx
 from engine.embedded import RedisServer, SinkProcess, free_port
 from fixtures.auth import AUTH
 from fixtures.engine import EngineProcess
-from scripts.benchlib import cpu_seconds, publish, say, stop_engine, wait_until, workdir
+from scripts.benchlib import (
+    cpu_seconds,
+    publish,
+    say,
+    stop_engine,
+    target_table,
+    wait_until,
+    workdir,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "Hello from the webhook benchmark. " * 8
@@ -137,9 +145,7 @@ def main() -> None:
          ", ".join(f"{r['events_received']:,} received (with repeats)" for r in runs["hook"]), "all",
          all(r["distinct_events"] >= 3 * r["posted"] for r in runs["hook"])),
     ]  # fmt: skip
-    table = ["| measurement | measured | detail | target | met |", "|---|---:|---|---|---|"]
-    table += [f"| {a} | {b} | {c} | {d} | {'yes' if e else '**NO**'} |" for a, b, c, d, e in rows]
-    publish(table, {"runs": runs}, args.json, args, started)
+    publish(target_table(rows), {"runs": runs}, args.json, args, started)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -59,6 +59,12 @@ def cpu_seconds(pid: int) -> float:
 
 def yes(ok: bool) -> str:
     return "yes" if ok else "**NO**"
+
+
+def target_table(rows: Sequence[tuple[str, str, str, str, bool]]) -> list[str]:
+    """Markdown lines of (measurement, measured, detail, target, met) rows."""
+    table = ["| measurement | measured | detail | target | met |", "|---|---:|---|---|---|"]
+    return table + [f"| {a} | {b} | {c} | {d} | {yes(e)} |" for a, b, c, d, e in rows]
 
 
 def interrupt(signum: int, frame: FrameType | None) -> None:

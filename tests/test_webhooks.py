@@ -20,7 +20,7 @@ from standardwebhooks.webhooks import Webhook
 from engine.config import Settings, load_settings
 from engine.embedded import RedisServer, free_port
 from engine.keys import Keys
-from engine.queue import WebhookStore, open_redis
+from engine.queue import RespConnection, WebhookStore, open_redis
 from engine.transport.memory import MemoryTransport
 from engine.webhooks import Endpoint, sign
 from engine.webhooks.target import Refused, check_address, forbidden, parse_url
@@ -215,7 +215,7 @@ async def test_every_event_arrives_at_least_once_across_a_dispatcher_crash(
 async def test_claims_are_leased_not_taken(redis_server: RedisServer) -> None:
     async with open_redis(redis_server.url) as r:
         await r.flushall()
-        store = WebhookStore(r, Keys())
+        store = WebhookStore(r, Keys(), RespConnection(redis_server.url))
         await store.ensure_group()
         await store.ensure_group()  # a second replica finds it made: no error
         ep = Endpoint("wh_1", "default", "http://x.org/", "whsec_AAAA", "now")
@@ -246,6 +246,7 @@ async def test_claims_are_leased_not_taken(redis_server: RedisServer) -> None:
         assert await store.idle() is True and (await store.lag())[0] in (0, None)
         await store.put_endpoint("wh_1", msgspec.json.encode(ep))
         assert await store.idle() is False
+        await store.aclose()
 
 
 async def test_batches_carry_many_events_in_one_signed_request(env: tuple[str, Receiver]) -> None:

@@ -28,15 +28,13 @@ class History:
 
 
 def build_history(
-    settings: Settings, queue: Queue, metrics: Metrics, *, redis_url: str | None
+    settings: Settings, queue: Queue, metrics: Metrics, *, redis_url: str
 ) -> History | None:
     h = settings.history
     if not h.dsn:
         return None
     if h.dsn == "local":
         raise ConfigError('history.dsn = "local" is resolved by `engine serve` (it starts one)')
-    if redis_url is None:
-        raise ConfigError("history needs the Redis URL for its own stream reader")
     db = Database(
         h.dsn, size=h.pool_size, connect_timeout_s=h.connect_timeout_s,
         statement_timeout_s=h.statement_timeout_s, name=f"engine-{queue.instance}"[:63],

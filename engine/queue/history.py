@@ -16,18 +16,16 @@ from typing import Any, Final
 import coredis.exceptions
 import msgspec
 
-from engine.errors import QueueError
 from engine.keys import Keys
-from engine.models import Event, Message
+from engine.models import Message
+from engine.queue.groups import Entry, StreamGroup
 from engine.queue.jobs import decode_message, split_deadline
 from engine.queue.redis import Redis, Scripts, translate_errors
 from engine.queue.resp import RespConnection
-from engine.queue.webhooks import _flat_entries
 
 GROUP: Final = "history"
 
 # A stream entry read: its id and the events it holds.
-Entry = tuple[str, list[Event]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,41 +79,27 @@ class HistoryStream:
     def __init__(self, client: Redis, keys: Keys, reader: RespConnection) -> None:
         self.client = client
         self.keys = keys
-        self.reader = reader
-        self._runner = reader.twin()
+        self.group = StreamGroup(keys.events, GROUP, reader)
         self._scripts = Scripts(client)
 
     async def aclose(self) -> None:
-        await self.reader.aclose()
-        await self._runner.aclose()
+        await self.group.aclose()
 
     async def ensure_group(self) -> None:
         """The group starts at the stream's oldest entry: turned on, history takes in
         whatever the stream still holds."""
-        try:
-            await self._runner.call("XGROUP", "CREATE", self.keys.events, GROUP, "0", "MKSTREAM")
-        except QueueError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        await self.group.create("0")
 
     async def read(self, consumer: str, *, count: int, block_ms: int) -> list[Entry]:
         """New entries for this writer (pending until ``ack``)."""
-        flat: Any = await self.reader.call(
-            "XREADGROUP", "GROUP", GROUP, consumer, "COUNT", count, "BLOCK", block_ms,
-            "STREAMS", self.keys.events, ">", block_s=block_ms / 1000,
-        )  # fmt: skip
-        return _flat_entries(flat[0][1]) if flat else []
+        return await self.group.read(consumer, count=count, block_ms=block_ms)
 
     async def reclaim(self, consumer: str, *, idle_ms: int, count: int) -> list[Entry]:
         """Entries another writer read and never acknowledged (idle ``idle_ms``)."""
-        flat: Any = await self._runner.call(
-            "XAUTOCLAIM", self.keys.events, GROUP, consumer, idle_ms, "0-0", "COUNT", count
-        )
-        return _flat_entries(flat[1]) if flat and len(flat) > 1 else []
+        return await self.group.reclaim(consumer, idle_ms=idle_ms, count=count)
 
     async def ack(self, entry_ids: Sequence[str]) -> None:
-        if entry_ids:
-            await self._runner.call("XACK", self.keys.events, GROUP, *entry_ids)
+        await self.group.ack(entry_ids)
 
     async def records(
         self, job_ids: Sequence[str], provider_only: Sequence[str] = ()
@@ -124,14 +108,8 @@ class HistoryStream:
         message id (one script call; nothing is written)."""
         if not job_ids and not provider_only:
             return []
-        script = self._scripts["history_records"]
         args: list[str | int] = [self.keys.prefix, len(job_ids), *job_ids, *provider_only]
-        try:
-            flat: Any = await self._runner.call("EVALSHA", script.sha, 0, *args)
-        except QueueError as exc:
-            if "NOSCRIPT" not in str(exc):
-                raise
-            flat = await self._runner.call("EVAL", script.script, 0, *args)
+        flat: Any = await self.group.run(self._scripts["history_records"], [], args)
         out: list[StoredJob] = []
         for i in range(0, len(flat), 4):
             msg = flat[i] if isinstance(flat[i], bytes) else None
@@ -168,10 +146,10 @@ class HistoryStream:
             missed = max(0, int(added) - int(read) - int(stream.get(b"length") or 0))
         oldest: str | None = None
         if pending:
-            summary: Any = await self._runner.call("XPENDING", self.keys.events, GROUP)
+            summary: Any = await self.group.runner.call("XPENDING", self.keys.events, GROUP)
             oldest = _text(summary[1]) if summary and len(summary) > 1 else None
         if oldest is None and (unread is None or unread > 0):
-            after: Any = await self._runner.call(
+            after: Any = await self.group.runner.call(
                 "XRANGE", self.keys.events, f"({last}", "+", "COUNT", 1
             )
             oldest = _text(after[0][0]) if after else None

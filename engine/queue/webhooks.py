@@ -12,18 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Any, Final
 
-import coredis.exceptions
-from coredis.response.types import StreamEntry
 from coredis.tokens import PureToken
 
-from engine.errors import QueueError
 from engine.keys import Keys
-from engine.models import Event
+from engine.queue.groups import Entry, StreamGroup
 from engine.queue.redis import Redis, Scripts, translate_errors
 from engine.queue.resp import RespConnection
-from engine.queue.wire import parse_entry, parse_flat_entry
 
 GROUP: Final = "webhooks"
 _NX: Final = PureToken.NX
@@ -50,64 +46,19 @@ class Owed:
         return self.member.partition("|")[2]
 
 
-# A stream entry read: its id and the events it holds.
-Entry = tuple[str, list[Event]]
-
-
-def _entries(entries: Sequence[StreamEntry]) -> list[Entry]:
-    out = []
-    for entry in entries:
-        raw = entry.identifier
-        entry_id = raw.decode() if isinstance(raw, bytes) else str(raw)
-        fields = cast(Mapping[bytes, bytes], entry.field_values)
-        out.append((entry_id, parse_entry(entry_id, fields)))
-    return out
-
-
-def _flat_entries(entries: Sequence[Any] | None) -> list[Entry]:
-    """Entries as the lean connection gives them: ``[id, [field, value, ...]]`` each
-    (fields None: an entry deleted while pending -- nothing to deliver, only to ack)."""
-    out: list[Entry] = []
-    for raw_id, flat in entries or ():
-        entry_id = raw_id.decode()
-        if not flat:
-            out.append((entry_id, []))
-            continue
-        out.append((entry_id, parse_flat_entry(entry_id, flat)))
-    return out
-
-
 class WebhookStore:
-    """``reader``: a lean connection (engine.queue.resp) for the dispatcher's hot path --
-    the stream reads on it, the per-read scripts (idle, fan_out) on a twin of it, so a
-    blocking read never holds a script up. Without one they go through coredis: ~10x the
-    CPU per stream entry, ~4x per script call (measured, README)."""
+    """Endpoints, the stream's "webhooks" consumer group and the deliveries owed. The
+    group is read over ``reader``, a lean connection (``engine.queue.groups``); it opens
+    a socket only when the dispatcher first reads (an api-only replica never does)."""
 
-    def __init__(self, client: Redis, keys: Keys, reader: RespConnection | None = None) -> None:
+    def __init__(self, client: Redis, keys: Keys, reader: RespConnection) -> None:
         self.client = client
         self.keys = keys
-        self.reader = reader
-        self._runner = reader.twin() if reader is not None else None
+        self.group = StreamGroup(keys.events, GROUP, reader)
         self._scripts = Scripts(client)
 
     async def aclose(self) -> None:
-        for conn in (self.reader, self._runner):
-            if conn is not None:
-                await conn.aclose()
-
-    async def _run(self, name: str, keys: list[str], args: Sequence[str | bytes | int]) -> Any:
-        """Run script ``name`` on the lean twin if there is one (EVALSHA, EVAL when Redis
-        does not have it: that loads it too), else through coredis."""
-        script = self._scripts[name]
-        if self._runner is None:
-            with translate_errors():
-                return await script(keys=keys, args=args)
-        try:
-            return await self._runner.call("EVALSHA", script.sha, len(keys), *keys, *args)
-        except QueueError as exc:
-            if "NOSCRIPT" not in str(exc):
-                raise
-        return await self._runner.call("EVAL", script.script, len(keys), *keys, *args)
+        await self.group.aclose()
 
     # -- endpoints ---------------------------------------------------------------------
 
@@ -148,36 +99,17 @@ class WebhookStore:
 
     async def ensure_group(self) -> None:
         """The group starts at the stream's end: endpoints get events from now on."""
-        with translate_errors():
-            try:
-                await self.client.xgroup_create(self.keys.events, GROUP, "$", mkstream=True)
-            except coredis.exceptions.RedisError as exc:
-                # BUSYGROUP: another replica made it (coredis drops the code from the text)
-                text = str(exc)
-                if "BUSYGROUP" not in text and "already exists" not in text:
-                    raise
+        await self.group.create("$")
 
-    async def read(
-        self, consumer: str, *, count: int, block_ms: int
-    ) -> list[tuple[str, list[Event]]]:
+    async def read(self, consumer: str, *, count: int, block_ms: int) -> list[Entry]:
         """New entries for this consumer (they stay pending until ``fan_out`` acks them)."""
-        if self.reader is not None:
-            flat: Any = await self.reader.call(
-                "XREADGROUP", "GROUP", GROUP, consumer, "COUNT", count, "BLOCK", block_ms,
-                "STREAMS", self.keys.events, ">", block_s=block_ms / 1000,
-            )  # fmt: skip
-            return _flat_entries(flat[0][1]) if flat else []
-        with translate_errors():
-            reply = await self.client.xreadgroup(
-                GROUP, consumer, {self.keys.events: ">"}, count=count, block=block_ms
-            )
-        if not reply:
-            return []
-        return _entries(next(iter(reply.values())))
+        return await self.group.read(consumer, count=count, block_ms=block_ms)
 
     async def idle(self) -> bool:
         """With no endpoint at all, skip the group to the stream's end (True); else False."""
-        moved = await self._run("webhook_idle", [self.keys.webhooks, self.keys.events], [GROUP])
+        moved = await self.group.run(
+            self._scripts["webhook_idle"], [self.keys.webhooks, self.keys.events], [GROUP]
+        )
         return bool(moved)
 
     async def lag(self) -> tuple[int | None, int]:
@@ -191,20 +123,9 @@ class WebhookStore:
                 return (None if lag is None else int(lag)), int(g.get(b"pending") or 0)
         return None, 0
 
-    async def reclaim(
-        self, consumer: str, *, idle_ms: int, count: int
-    ) -> list[tuple[str, list[Event]]]:
+    async def reclaim(self, consumer: str, *, idle_ms: int, count: int) -> list[Entry]:
         """Entries a dead dispatcher read and never acknowledged (idle ``idle_ms``)."""
-        if self.reader is not None:
-            flat: Any = await self.reader.call(
-                "XAUTOCLAIM", self.keys.events, GROUP, consumer, idle_ms, "0-0", "COUNT", count
-            )
-            return _flat_entries(flat[1]) if flat and len(flat) > 1 else []
-        with translate_errors():
-            reply: Any = await self.client.xautoclaim(
-                self.keys.events, GROUP, consumer, idle_ms, "0-0", count=count
-            )
-        return _entries(reply[1]) if reply and len(reply) > 1 else []
+        return await self.group.reclaim(consumer, idle_ms=idle_ms, count=count)
 
     async def fan_out(
         self,
@@ -235,7 +156,9 @@ class WebhookStore:
                 args += [self.keys.webhook_attempts(endpoint_id), len(made), *made]
             for member, event in chunk:
                 args += [member, event]
-            out = await self._run("webhook_owe", [self.keys.webhook_due, self.keys.events], args)
+            out = await self.group.run(
+                self._scripts["webhook_owe"], [self.keys.webhook_due, self.keys.events], args
+            )
             owed += int(out)
         return owed
 
